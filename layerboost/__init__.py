@@ -1,0 +1,24 @@
+"""layerboost: make a pretrained LLM cheaper to serve by reducing attention layer by layer
+(LayerBoost, arXiv 2604.22050)."""
+
+__version__ = "0.1.0"
+
+from .cache import HybridCache, expected_cache_bytes  # noqa: E402
+from .models import load_model  # noqa: E402
+from .plan import KINDS, LayerPlan, LayerSpec, PlanError  # noqa: E402
+from .surgery import CheckpointError, UnsupportedModelError, convert, load, save  # noqa: E402
+
+__all__ = [
+    "KINDS",
+    "CheckpointError",
+    "HybridCache",
+    "LayerPlan",
+    "LayerSpec",
+    "PlanError",
+    "UnsupportedModelError",
+    "convert",
+    "expected_cache_bytes",
+    "load",
+    "load_model",
+    "save",
+]

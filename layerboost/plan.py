@@ -1,0 +1,168 @@
+"""Layer plans: which attention kind each decoder layer gets.
+
+A plan is a list of `LayerSpec` (one per decoder layer) saved as JSON with a schema version:
+
+    {"schema_version": 1, "layers": [{"kind": "softmax"}, {"kind": "swa", "window": 64}, {"kind": "none"}]}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+# The attention kinds a layer can take. `attention.ATTENTION_KINDS` maps each to its module.
+KINDS = ("softmax", "swa", "linear_swa", "none")
+WINDOWED_KINDS = ("swa", "linear_swa")
+
+
+class PlanError(ValueError):
+    """A plan is invalid; the message lists every problem found."""
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One decoder layer's attention.
+
+    Args:
+        kind: one of `KINDS`.
+        window: tokens of softmax context for `swa` / `linear_swa` (the token itself included).
+        feature_dim: linear-attention features per head for `linear_swa` (default: head_dim).
+    """
+
+    kind: str
+    window: int | None = None
+    feature_dim: int | None = None
+
+    def problems(self, where: str = "layer") -> list[str]:
+        out = []
+        if self.kind not in KINDS:
+            out.append(f"{where}: unknown kind {self.kind!r}; known kinds: {', '.join(KINDS)}")
+            return out
+        if self.kind in WINDOWED_KINDS:
+            if not isinstance(self.window, int) or isinstance(self.window, bool):
+                out.append(f"{where}: kind {self.kind!r} needs an integer 'window', got {self.window!r}")
+            elif self.window <= 0:
+                out.append(f"{where}: window must be > 0, got {self.window}")
+        elif self.window is not None:
+            out.append(f"{where}: kind {self.kind!r} takes no 'window' (got {self.window})")
+        if self.feature_dim is not None:
+            if self.kind != "linear_swa":
+                out.append(f"{where}: 'feature_dim' only applies to 'linear_swa', not {self.kind!r}")
+            elif not isinstance(self.feature_dim, int) or self.feature_dim <= 0:
+                out.append(f"{where}: feature_dim must be a positive integer, got {self.feature_dim!r}")
+        return out
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """Attention kind per decoder layer. Construction validates and reports every problem at once."""
+
+    layers: tuple[LayerSpec, ...]
+    num_layers: int | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(self.layers))
+        problems = []
+        for i, spec in enumerate(self.layers):
+            if not isinstance(spec, LayerSpec):
+                problems.append(f"layer {i}: expected a LayerSpec, got {type(spec).__name__}")
+            else:
+                problems += spec.problems(f"layer {i}")
+        if not self.layers:
+            problems.append("the plan has no layers")
+        if self.num_layers is not None and len(self.layers) != self.num_layers:
+            problems.append(
+                f"the plan has {len(self.layers)} layers but the model has {self.num_layers} decoder layers: "
+                "give exactly one entry per decoder layer"
+            )
+        if problems:
+            raise PlanError("invalid layer plan:\n  - " + "\n  - ".join(problems))
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_kinds(cls, kinds: list[str], window: int | None = None, num_layers: int | None = None) -> "LayerPlan":
+        """`["softmax", "swa", "none"]` -> plan; `window` applies to the windowed kinds."""
+        return cls(
+            tuple(LayerSpec(k, window if k in WINDOWED_KINDS else None) for k in kinds), num_layers=num_layers
+        )
+
+    @classmethod
+    def uniform(cls, kind: str, num_layers: int, window: int | None = None) -> "LayerPlan":
+        return cls.from_kinds([kind] * num_layers, window=window)
+
+    @classmethod
+    def from_dict(cls, data: dict, num_layers: int | None = None) -> "LayerPlan":
+        if not isinstance(data, dict) or "layers" not in data:
+            raise PlanError("a plan must be a JSON object with a 'layers' list (and 'schema_version')")
+        version = data.get("schema_version", SCHEMA_VERSION)
+        if version != SCHEMA_VERSION:
+            raise PlanError(f"plan schema_version {version} is not supported (this layerboost reads {SCHEMA_VERSION})")
+        problems, specs = [], []
+        for i, entry in enumerate(data["layers"]):
+            if isinstance(entry, str):
+                entry = {"kind": entry}
+            if not isinstance(entry, dict):
+                problems.append(f"layer {i}: expected an object like {{'kind': 'swa', 'window': 64}}, got {entry!r}")
+                continue
+            unknown = set(entry) - {"kind", "window", "feature_dim"}
+            if unknown:
+                problems.append(f"layer {i}: unknown field(s) {sorted(unknown)}; allowed: kind, window, feature_dim")
+            if "kind" not in entry:
+                problems.append(f"layer {i}: missing 'kind'")
+                continue
+            specs.append(LayerSpec(entry["kind"], entry.get("window"), entry.get("feature_dim")))
+        if problems:
+            # Collect the per-spec problems too, so the user sees everything at once.
+            problems += [p for i, s in enumerate(specs) for p in s.problems(f"entry {i}")]
+            raise PlanError("invalid layer plan:\n  - " + "\n  - ".join(problems))
+        return cls(tuple(specs), num_layers=num_layers)
+
+    @classmethod
+    def load(cls, path: str | Path, num_layers: int | None = None) -> "LayerPlan":
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"plan file {path} does not exist")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan file {path} is not valid JSON: {e}") from e
+        return cls.from_dict(data, num_layers=num_layers)
+
+    # ---- output ---------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "layers": [s.to_dict() for s in self.layers]}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> LayerSpec:
+        return self.layers[i]
+
+    @property
+    def kinds(self) -> list[str]:
+        return [s.kind for s in self.layers]
+
+    def counts(self) -> dict[str, int]:
+        return {k: self.kinds.count(k) for k in KINDS}
+
+    def table(self, scores: list[float] | None = None) -> str:
+        """A readable table: layer, kind, window (and a score column if given)."""
+        head = f"{'layer':>5}  {'kind':<10} {'window':>6}" + ("  score" if scores is not None else "")
+        rows = [head]
+        for i, s in enumerate(self.layers):
+            row = f"{i:>5}  {s.kind:<10} {s.window if s.window else '-':>6}"
+            if scores is not None:
+                row += f"  {scores[i]:.4f}"
+            rows.append(row)
+        c = self.counts()
+        rows.append("total: " + ", ".join(f"{c[k]} {k}" for k in KINDS if c[k]))
+        return "\n".join(rows)

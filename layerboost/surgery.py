@@ -1,0 +1,200 @@
+"""Model surgery: turn a pretrained model into a hybrid by replacing attention modules, and
+save / load hybrids (safetensors + the plan inside config.json; no pickles, no remote code).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .attention import build_attention
+from .cache import install_cache_hook
+from .compat import detach_gguf_quantizer
+from .plan import LayerPlan
+
+# model_type -> attribute path of the decoder layer list. Each listed family has `self_attn`
+# with q/k/v/o_proj, `head_dim`, `scaling`, `num_key_value_groups`, `layer_idx` and a decoder
+# layer that adds the attention output to the residual.
+ARCHITECTURES = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "qwen3": "model.layers",
+}
+SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture or settings are not ones `convert` knows."""
+
+
+class CheckpointError(RuntimeError):
+    """A saved hybrid is missing, corrupt or does not match its plan."""
+
+
+@dataclass(frozen=True)
+class Replacement:
+    layer: int
+    kind: str
+    window: int | None
+    old: str
+    new: str
+
+
+def _get(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+def decoder_parts(model: nn.Module):
+    """`(decoder_model, layers)` of a supported causal LM.
+
+    Raises:
+        UnsupportedModelError: unknown architecture.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"layerboost does not know the architecture {model_type!r} ({type(model).__name__}); "
+            f"supported model_type values: {', '.join(ARCHITECTURES)}"
+        )
+    path = ARCHITECTURES[model_type]
+    return _get(model, path.rsplit(".", 1)[0]), _get(model, path)
+
+
+def convert(model: nn.Module, plan: LayerPlan) -> list[Replacement]:
+    """Give each decoder layer of `model` the attention kind `plan` names, in place.
+
+    New modules reuse the original projections and the model's rotary embeddings; `none` layers
+    also drop their input norm (its output would be unused). The plan is stored in
+    `model.config.layerboost_plan` so `save_pretrained` writes it, and a pre-hook makes every
+    forward/generate use a `HybridCache`.
+
+    Returns:
+        what was replaced, one `Replacement` per layer (also kept as `model.layerboost_replacements`).
+
+    Raises:
+        UnsupportedModelError: unknown architecture, attention implementation, or an already converted model.
+        PlanError: the plan does not fit the model.
+    """
+    decoder, layers = decoder_parts(model)
+    if getattr(model.config, "layerboost_plan", None) is not None or hasattr(model, "layerboost_plan"):
+        raise UnsupportedModelError("this model is already a layerboost hybrid: convert the original model instead")
+    impl = model.config._attn_implementation
+    if impl not in SUPPORTED_ATTN_IMPLEMENTATIONS:
+        raise UnsupportedModelError(
+            f"attention implementation {impl!r} is not supported by hybrid layers; load the model with "
+            f"attn_implementation in {SUPPORTED_ATTN_IMPLEMENTATIONS}"
+        )
+    plan = LayerPlan(plan.layers, num_layers=len(layers))  # validates the length
+    record = []
+    for i, (layer, spec) in enumerate(zip(layers, plan.layers)):
+        old = layer.self_attn
+        new = build_attention(old, spec)
+        layer.self_attn = new
+        if spec.kind == "none":
+            layer.input_layernorm = nn.Identity()
+        record.append(Replacement(i, spec.kind, spec.window, type(old).__name__, type(new).__name__))
+    model.config.layerboost_plan = plan.to_dict()
+    model.config.layerboost_version = __version__
+    model.layerboost_plan = plan
+    model.layerboost_replacements = record
+    model._layerboost_hook = install_cache_hook(decoder, plan)
+    return record
+
+
+def plan_of(model: nn.Module) -> LayerPlan | None:
+    return getattr(model, "layerboost_plan", None)
+
+
+# ---- save / load --------------------------------------------------------------------------------
+
+
+def save(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
+    """Write a hybrid: config.json (with the plan), safetensors weights, plan.json, tokenizer."""
+    out = Path(out_dir)
+    detach_gguf_quantizer(model)
+    model.save_pretrained(out)
+    if plan_of(model) is not None:
+        plan_of(model).save(out / "plan.json")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["model.safetensors"]
+    state = {}
+    for name in files:
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing: the checkpoint is incomplete; save it again with layerboost.save")
+        try:
+            state.update(load_file(f))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{f} is not a readable safetensors file ({e}); the file is corrupt, save it again") from e
+    return state
+
+
+def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a hybrid saved by `save` / `save_pretrained`: same modules, same weights, same logits.
+
+    Raises:
+        CheckpointError: missing/corrupt files, missing or unexpected weights, or no plan in config.json.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json: not a saved model folder")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(f"{path / 'config.json'} could not be read: {e}") from e
+    plan_data = getattr(config, "layerboost_plan", None)
+    if plan_data is None:
+        raise CheckpointError(
+            f"{path} is a plain transformers model (no layerboost_plan in config.json): load it with "
+            "layerboost.load_model or convert it first"
+        )
+    plan = LayerPlan.from_dict(plan_data)
+    del config.layerboost_plan
+    state = _read_state_dict(path)
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    convert(model, plan)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in result.missing_keys if k not in tied and not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path} does not match its plan: missing weights {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected weights {result.unexpected_keys[:8]}; the files were changed or saved from another model"
+        )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    _rebuild_rotary(model)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{path}: no values for {leftover[:8]}")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model.to(device).eval()
+
+
+def _rebuild_rotary(model: nn.Module) -> None:
+    """Rotary inverse frequencies are computed buffers, not saved: recompute them off the meta device."""
+    decoder, _ = decoder_parts(model)
+    rot = decoder.rotary_emb
+    decoder.rotary_emb = type(rot)(config=model.config)

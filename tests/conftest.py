@@ -1,0 +1,45 @@
+import copy
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
+
+
+def tiny_model(arch: str = "llama", layers: int = 4, seed: int = 0, vocab: int = 128):
+    """A tiny random fp32 model of a real architecture (GQA: 4 query heads, 2 kv heads)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  attn_implementation="sdpa", pad_token_id=0)
+    cls, cfg = {
+        "llama": (LlamaForCausalLM, lambda: LlamaConfig(**common)),
+        "mistral": (MistralForCausalLM, lambda: MistralConfig(**common, sliding_window=None)),
+        "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**common, use_sliding_window=False)),
+        "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**common, head_dim=16)),
+    }[arch]
+    torch.manual_seed(seed)
+    model = cls(cfg()).eval()
+    # Random init gives near-uniform attention; sharpen q/k so windows and positions matter.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+    return model
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def clone():
+    return copy.deepcopy

@@ -1,0 +1,225 @@
+"""Numerical parity of hybrid models against the original (tiny random models, fp32, CPU)."""
+
+import copy
+
+import pytest
+import torch
+
+import layerboost as lb
+from layerboost import HybridCache, LayerPlan, LayerSpec, expected_cache_bytes
+from layerboost.attention import LinearSlidingWindowAttention
+
+from conftest import tiny_model
+
+T = 40
+W = 8
+
+
+def converted(base, kinds, window=W):
+    m = copy.deepcopy(base)
+    lb.convert(m, LayerPlan.from_kinds(kinds, window=window))
+    return m
+
+
+def ids(batch=2, length=T, vocab=128, seed=1):
+    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def activate_linear(model, seed=0):
+    """Make linear attention matter: gate 0.5 and random feature maps (init hides bugs)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if isinstance(layer.self_attn, LinearSlidingWindowAttention):
+                a = layer.self_attn
+                a.gate.zero_()
+                for fm in (a.feature_map_q, a.feature_map_k):
+                    fm.weight.add_(0.3 * torch.randn(fm.weight.shape, generator=g))
+                    fm.bias.add_(0.3 * torch.randn(fm.bias.shape, generator=g))
+
+
+@torch.no_grad()
+def test_all_softmax_reproduces_original(arch):
+    base = tiny_model(arch)
+    x = ids()
+    m = converted(base, ["softmax"] * 4)
+    assert (m(x).logits - base(x).logits).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_swa_wider_than_sequence_is_full_attention(arch):
+    base = tiny_model(arch)
+    x = ids()
+    m = converted(base, ["swa"] * 4, window=T)
+    assert (m(x).logits - base(x).logits).abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_swa_equals_explicit_banded_mask(arch):
+    base = tiny_model(arch)
+    x = ids()
+    i, j = torch.arange(T)[:, None], torch.arange(T)[None]
+    band = ((j <= i) & (j > i - 5))[None, None].expand(2, 1, T, T)
+    ref = base(x, attention_mask=band).logits  # transformers passes a 4D mask through unchanged
+    m = converted(base, ["swa"] * 4, window=5)
+    out = m(x).logits
+    assert (out - ref).abs().max() <= 1e-5
+    assert (out - base(x).logits).abs().max() > 1e-2  # the window really changes the output
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("layer", [0, 2])
+def test_none_equals_zeroed_attention_output(arch, layer):
+    base = tiny_model(arch)
+    x = ids()
+    handle = base.model.layers[layer].self_attn.register_forward_hook(
+        lambda mod, inp, out: (torch.zeros_like(out[0]),) + tuple(out[1:])
+    )
+    ref = base(x).logits
+    handle.remove()
+    kinds = ["softmax"] * 4
+    kinds[layer] = "none"
+    m = converted(base, kinds)
+    assert not any(n.startswith(f"model.layers.{layer}.self_attn") for n, _ in m.named_parameters())
+    assert (m(x).logits - ref).abs().max() <= 1e-5
+    assert (m(x).logits - base(x).logits).abs().max() > 1e-3
+
+
+def decode_token_by_token(model, x, prefill):
+    cache = HybridCache(model.layerboost_plan)
+    out = model(x[:, :prefill], cache=cache, use_cache=True)
+    logits = [out.logits]
+    for t in range(prefill, x.shape[1]):
+        out = model(x[:, t : t + 1], cache=out.cache, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, 1), out.cache
+
+
+PLANS = {
+    "softmax": ["softmax"] * 4,
+    "swa": ["swa"] * 4,
+    "linear_swa": ["linear_swa"] * 4,
+    "none": ["none"] * 4,
+    "mixed": ["none", "swa", "linear_swa", "softmax"],
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("prefill", [1, 13])
+def test_cached_decoding_equals_full_forward(arch, plan, prefill):
+    base = tiny_model(arch)
+    m = converted(base, PLANS[plan])
+    activate_linear(m)
+    x = ids()
+    full = m(x, use_cache=False).logits
+    inc, cache = decode_token_by_token(m, x, prefill)
+    assert cache.get_seq_length() == T  # > W: decoding went past the window
+    assert (inc - full).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_linear_swa_uses_old_tokens_and_starts_close_to_swa():
+    base = tiny_model("llama")
+    x = ids(length=64)
+    swa = converted(base, ["swa"] * 4)(x).logits
+    lin = converted(base, ["linear_swa"] * 4)
+    fresh = lin(x).logits
+    none = converted(base, ["none"] * 4)(x).logits
+    # a fresh linear_swa is much closer to swa than removing attention is
+    assert (fresh - swa).abs().max() < 0.1 * (none - swa).abs().max()
+    activate_linear(lin)
+    assert (lin(x).logits - swa).abs().max() > 1e-3  # and its linear branch does contribute
+
+
+@torch.no_grad()
+def test_cache_memory_matches_formula():
+    base = tiny_model("llama")
+    kinds = ["none", "swa", "linear_swa", "softmax"]
+    m = converted(base, kinds)
+    x = ids(batch=3, length=30)
+    _, cache = decode_token_by_token(m, x, prefill=5)
+    layers = cache.layers
+    assert layers[0].keys is None and layers[0].nbytes() == 0
+    assert layers[1].keys.shape[-2] == W and layers[2].keys.shape[-2] == W
+    assert layers[3].keys.shape[-2] == 30
+    assert layers[2].state.dtype == torch.float32 and layers[2].state.shape == (3, 4, 32, 16)
+    assert cache.nbytes() == expected_cache_bytes(m.layerboost_plan, m.config, batch=3, seq_len=30)
+    assert cache.get_seq_length(0) == 30  # read from an attention-free layer 0
+
+
+def left_pad(seqs, pad=0):
+    n = max(len(s) for s in seqs)
+    x = torch.full((len(seqs), n), pad)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        x[r, n - len(s):] = torch.tensor(s)
+        mask[r, n - len(s):] = 1
+    return x, mask
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch_name", ["llama", "qwen3"])
+def test_generate_left_padded_with_none_layer0_equals_reforward(arch_name):
+    base = tiny_model(arch_name)
+    m = converted(base, ["none", "swa", "linear_swa", "softmax"], window=6)
+    activate_linear(m)
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(1, 128, (n,), generator=g).tolist() for n in (12, 5, 9)]
+    x, mask = left_pad(seqs)
+    new = 14
+    out = m.generate(input_ids=x, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                     pad_token_id=0, eos_token_id=None)
+    # reference: full re-forward of the padded batch at every step, positions as generate sets them
+    ref, ref_mask = x.clone(), mask.clone()
+    for _ in range(new):
+        pos = (ref_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = m(ref, attention_mask=ref_mask, position_ids=pos, use_cache=False).logits[:, -1]
+        ref = torch.cat([ref, logits.argmax(-1, keepdim=True)], 1)
+        ref_mask = torch.cat([ref_mask, torch.ones_like(ref_mask[:, :1])], 1)
+    assert torch.equal(out, ref)
+    # and each row equals generating it alone, unpadded
+    for r, s in enumerate(seqs):
+        alone = m.generate(input_ids=torch.tensor([s]), max_new_tokens=new, do_sample=False,
+                           pad_token_id=0, eos_token_id=None)
+        assert alone[0, len(s):].tolist() == out[r, x.shape[1]:].tolist()
+
+
+@torch.no_grad()
+def test_default_forward_and_generate_use_hybrid_cache():
+    m = converted(tiny_model("llama"), ["none", "swa", "linear_swa", "softmax"])
+    out = m(ids(), use_cache=True)
+    assert isinstance(out.cache, HybridCache)
+    from transformers import DynamicCache
+
+    with pytest.raises(TypeError, match="HybridCache"):
+        cache = DynamicCache()
+        cache.update(torch.zeros(2, 2, 3, 16), torch.zeros(2, 2, 3, 16), 0)
+        m(ids(), cache=cache, use_cache=True)
+
+
+def test_convert_rejects_bad_input():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(lb.UnsupportedModelError, match="supported model_type values: llama"):
+        lb.convert(gpt2, LayerPlan.uniform("none", 2))
+    base = tiny_model("llama")
+    with pytest.raises(lb.PlanError, match="3 layers but the model has 4"):
+        lb.convert(copy.deepcopy(base), LayerPlan.uniform("none", 3))
+    m = converted(base, ["softmax"] * 4)
+    with pytest.raises(lb.UnsupportedModelError, match="already a layerboost hybrid"):
+        lb.convert(m, LayerPlan.uniform("none", 4))
+
+
+def test_replacement_record():
+    m = tiny_model("llama")
+    orig_q = m.model.layers[1].self_attn.q_proj
+    rec = lb.convert(m, LayerPlan((LayerSpec("softmax"), LayerSpec("swa", 4), LayerSpec("linear_swa", 4), LayerSpec("none"))))
+    assert [(r.layer, r.kind, r.old, r.new) for r in rec] == [
+        (0, "softmax", "LlamaAttention", "LlamaAttention"),
+        (1, "swa", "LlamaAttention", "SlidingWindowAttention"),
+        (2, "linear_swa", "LlamaAttention", "LinearSlidingWindowAttention"),
+        (3, "none", "LlamaAttention", "NoAttention"),
+    ]
+    assert m.model.layers[1].self_attn.q_proj is orig_q  # projections are reused, not copied

@@ -1,0 +1,85 @@
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import layerboost as lb
+from layerboost import CheckpointError, LayerPlan
+
+from conftest import tiny_model
+from test_hybrid import activate_linear, ids
+
+
+@pytest.fixture
+def saved(tmp_path):
+    m = tiny_model("llama")
+    lb.convert(m, LayerPlan.from_kinds(["none", "swa", "linear_swa", "softmax"], window=8))
+    activate_linear(m)
+    lb.save(m, tmp_path / "hybrid")
+    return m, tmp_path / "hybrid"
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_roundtrip_identical_logits(tmp_path, arch):
+    m = tiny_model(arch)
+    lb.convert(m, LayerPlan.from_kinds(["none", "swa", "linear_swa", "softmax"], window=8))
+    activate_linear(m)
+    m.save_pretrained(tmp_path / "h")  # the plain HF call works too
+    assert not list(tmp_path.glob("h/*.bin")) and not list(tmp_path.glob("h/*.pt"))
+    r = lb.load(tmp_path / "h")
+    assert r.layerboost_plan == m.layerboost_plan
+    x = ids()
+    assert torch.equal(r(x).logits, m(x).logits)
+    assert torch.equal(r.generate(x[:, :5], max_new_tokens=6, do_sample=False),
+                       m.generate(x[:, :5], max_new_tokens=6, do_sample=False))
+
+
+def test_plan_json_written(saved):
+    _, d = saved
+    assert LayerPlan.load(d / "plan.json").kinds == ["none", "swa", "linear_swa", "softmax"]
+    assert json.loads((d / "config.json").read_text())["layerboost_plan"]["layers"][1] == {"kind": "swa", "window": 8}
+
+
+def test_corrupt_weights(saved):
+    _, d = saved
+    (d / "model.safetensors").write_bytes(b"garbage" * 10)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        lb.load(d)
+
+
+def test_missing_weights_file(saved):
+    _, d = saved
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        lb.load(d)
+
+
+def test_mismatched_weights(saved):
+    _, d = saved
+    state = load_file(d / "model.safetensors")
+    del state["model.layers.2.self_attn.gate"]
+    state["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(64, 64)
+    save_file(state, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as e:
+        lb.load(d)
+    assert "model.layers.2.self_attn.gate" in str(e.value) and "model.layers.0.self_attn.q_proj.weight" in str(e.value)
+
+
+def test_mismatched_plan(saved):
+    _, d = saved
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["layerboost_plan"]["layers"][0] = {"kind": "softmax"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="missing weights"):
+        lb.load(d)
+
+
+def test_plain_model_folder_is_refused(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "plain")
+    with pytest.raises(CheckpointError, match="plain transformers model"):
+        lb.load(tmp_path / "plain")
+    with pytest.raises(CheckpointError, match="no config.json"):
+        lb.load(tmp_path)

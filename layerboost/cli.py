@@ -51,6 +51,102 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _plan_from_args(args, scores, config):
+    """The plan a policy's arguments describe (None if no policy was given)."""
+    from . import plan as P
+
+    swa_kind = "linear_swa" if args.linear else "swa"
+    if args.budget is not None:
+        return P.plan_by_budget(scores, config, args.budget, context=args.context, window=args.window,
+                                measure=args.budget_measure, none_below=args.none_below, swa_kind=swa_kind)
+    if args.softmax_above is not None:
+        if args.none_below is None:
+            raise SystemExit("--softmax-above needs --none-below")
+        return P.plan_by_thresholds(scores, args.softmax_above, args.none_below, args.window, swa_kind)
+    if args.fractions:
+        f = [float(v) for v in args.fractions.split(",")]
+        if len(f) != 2:
+            raise SystemExit("--fractions takes SOFTMAX,SWA (the rest is none), e.g. 0.34,0.33")
+        return P.plan_by_fractions(scores, f[0], f[1], args.window, swa_kind)
+    if any(v is not None for v in (args.softmax, args.swa, args.none)):
+        return P.plan_by_counts(scores, args.softmax, args.swa, args.none, args.window, swa_kind)
+    return None
+
+
+def _policy_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("plan policy (most sensitive layers keep softmax, least sensitive lose attention)")
+    g.add_argument("--softmax", type=int, help="number of softmax layers (counts: give two of three)")
+    g.add_argument("--swa", type=int, help="number of sliding-window layers")
+    g.add_argument("--none", type=int, help="number of attention-free layers")
+    g.add_argument("--fractions", help="SOFTMAX,SWA fractions of layers, the rest none (e.g. 0.34,0.33)")
+    g.add_argument("--softmax-above", type=float, help="threshold policy: drop (fraction, 0.01 = 1 point) >= this keeps softmax")
+    g.add_argument("--none-below", type=float, help="drop < this becomes none (threshold and budget policies)")
+    g.add_argument("--budget", type=float, help="budget policy: max cost relative to the base (e.g. 0.33)")
+    g.add_argument("--budget-measure", choices=["kv", "decode"], default="kv",
+                   help="kv: KV-cache bytes; decode: bytes read per decoded token (weights + KV)")
+    g.add_argument("--context", type=int, default=4096, help="context length the budget is computed at")
+    g.add_argument("--window", type=int, default=64, help="window of the sliding-window layers")
+    g.add_argument("--linear", action="store_true", help="use linear_swa instead of swa for windowed layers")
+
+
+def cmd_analyze(args) -> int:
+    import json
+    from pathlib import Path
+
+    import layerboost as lb
+    from .report import plot_sensitivity
+    from .sensitivity import analyze, sensitivity_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = lb.load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    limit = None if not args.limit else int(args.limit) if args.limit >= 1 else args.limit
+    res = analyze(model, tok, args.tasks.split(","), out_dir=args.out, limit=limit, seed=args.seed,
+                  data_dir=args.data_dir, swa_window=args.swa_window, proxies=not args.no_proxies,
+                  calib_seqs=args.calib_seqs, iterative_steps=args.iterative, batch_tokens=args.batch_tokens,
+                  reuse_prefix=not args.naive)
+    plan = _plan_from_args(args, res["sensitivity"], model.config)
+    if plan is None:
+        plan = lb.plan.plan_by_fractions(res["sensitivity"], 1 / 3, 1 / 3, args.window)
+    plan.save(Path(args.out) / "plan.json")
+    plot_sensitivity(res, plan, Path(args.out) / "sensitivity.png")
+    print(sensitivity_table(res, plan))
+    print(f"wrote {args.out}/sensitivity.json, sensitivity.png, plan.json "
+          f"({res['timing']['total_seconds']:.0f} s)")
+    if "iterative" in res:
+        print("iterative removal order:", [h["removed"] for h in res["iterative"]["history"]],
+              "| disagreements with one-shot:", json.dumps(res["iterative"]["disagreements"]))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from transformers import AutoConfig
+
+    import layerboost as lb
+
+    res = json.loads(open(args.sensitivity).read())
+    scores = res["sensitivity_margin"] if args.score == "margin" else res["sensitivity"]
+    config = None
+    if args.budget is not None:
+        if not args.model:
+            raise SystemExit("--budget needs --model (or a config folder) to know the layer sizes")
+        config = lb.load_model(args.model)[0].config if args.model == "smollm2-135m" else AutoConfig.from_pretrained(args.model)
+    plan = _plan_from_args(args, scores, config)
+    if plan is None:
+        raise SystemExit("give a policy: --softmax/--swa/--none counts, --fractions, --softmax-above/--none-below, or --budget")
+    plan.save(args.out)
+    print(plan.table(scores))
+    if config is not None:
+        from .plan import relative_cost
+
+        print(f"relative KV cache at {args.context} tokens: {relative_cost(plan, config, args.context, 'kv'):.3f}; "
+              f"relative decode bytes/token: {relative_cost(plan, config, args.context, 'decode'):.3f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layerboost",
@@ -74,13 +170,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.set_defaults(func=cmd_generate)
 
-    if False:  # EVAL
-        from .evaluate import add_eval_arguments, run_eval_cli
+    from .evaluate import add_eval_arguments, run_eval_cli
 
-        p = sub.add_parser("eval", help="zero-shot benchmarks scored like lm-evaluation-harness",
-                           description="Evaluate a model on multiple-choice tasks and perplexity; JSON + table.")
-        add_eval_arguments(p)
-        p.set_defaults(func=run_eval_cli)
+    p = sub.add_parser("eval", help="zero-shot benchmarks scored like lm-evaluation-harness",
+                       description="Evaluate a model on multiple-choice tasks and perplexity; JSON + table.")
+    add_eval_arguments(p)
+    p.set_defaults(func=run_eval_cli)
+    p = sub.add_parser("analyze", help="layer sensitivity: benchmark drop when each layer's attention is removed",
+                       description="For each decoder layer, score the model with only that layer's attention removed "
+                       "(and optionally windowed) on the tasks; write sensitivity.json, sensitivity.png and plan.json "
+                       "to --out. Per-layer results are saved as they finish: re-running resumes. MEMORY: the hidden "
+                       "states entering the current layer are kept for every scored sequence (tokens x hidden x 4 "
+                       "bytes, ~0.5 GB for 1000 items on SmolLM2-135M); lower --limit to bound it.")
+    _model_args(p)
+    p.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,winogrande,mmlu")
+    p.add_argument("--limit", type=float, default=200, help="items per task (stratified, seeded); 0 = all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", help="local data folder (default: $LAYERBOOST_DATA_DIR or ../shared/data)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--swa-window", type=int, help="also measure each layer with a sliding window of this size")
+    p.add_argument("--no-proxies", action="store_true", help="skip the KL and cosine proxies")
+    p.add_argument("--calib-seqs", type=int, default=8, help="calibration sequences (x256 tokens) for the proxies")
+    p.add_argument("--iterative", type=int, default=0, metavar="K",
+                   help="also remove layers one at a time K times, re-measuring after each")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward")
+    p.add_argument("--naive", action="store_true", help="recompute every layer for every variant (for checking)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    _policy_args(p)
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("plan", help="turn a sensitivity.json into a layer plan",
+                       description="Choose each layer's kind from its sensitivity by counts, fractions, thresholds, "
+                       "or a KV-cache / decode-cost budget; print the plan table and write plan JSON.")
+    p.add_argument("--sensitivity", required=True, help="sensitivity.json from `layerboost analyze`")
+    p.add_argument("--out", default="plan.json")
+    p.add_argument("--score", choices=["drop", "margin"], default="drop",
+                   help="rank by accuracy drop or by the (less noisy) log-likelihood margin drop")
+    p.add_argument("--model", help="model (for --budget: layer sizes)")
+    _policy_args(p)
+    p.set_defaults(func=cmd_plan)
+
     return parser
 
 

@@ -166,3 +166,109 @@ class LayerPlan:
         c = self.counts()
         rows.append("total: " + ", ".join(f"{c[k]} {k}" for k in KINDS if c[k]))
         return "\n".join(rows)
+
+
+# ---- policies: sensitivity scores -> plan ---------------------------------------------------------
+# `scores[i]` is layer i's sensitivity (benchmark drop when its attention is removed): higher means
+# more sensitive, so the most sensitive layers keep softmax and the least sensitive lose attention.
+
+
+def _by_rank(scores: list[float], n_softmax: int, n_swa: int, window: int, swa_kind: str = "swa") -> LayerPlan:
+    order = sorted(range(len(scores)), key=lambda i: (-scores[i], i))  # most sensitive first
+    kinds = ["none"] * len(scores)
+    for r, i in enumerate(order):
+        kinds[i] = "softmax" if r < n_softmax else swa_kind if r < n_softmax + n_swa else "none"
+    return LayerPlan.from_kinds(kinds, window=window)
+
+
+def plan_by_counts(scores, softmax: int | None = None, swa: int | None = None, none: int | None = None,
+                   window: int = 64, swa_kind: str = "swa") -> LayerPlan:
+    """Exact counts per kind; one count may be left out (None) and takes the remaining layers."""
+    n = len(scores)
+    given = [c for c in (softmax, swa, none) if c is not None]
+    if any(c < 0 for c in given):
+        raise PlanError(f"layer counts must be >= 0, got softmax={softmax} swa={swa} none={none}")
+    missing = 3 - len(given)
+    if missing > 1:
+        raise PlanError("give at least two of the counts --softmax/--swa/--none")
+    rest = n - sum(given)
+    softmax, swa, none = (c if c is not None else rest for c in (softmax, swa, none))
+    if softmax + swa + none != n or min(softmax, swa, none) < 0:
+        raise PlanError(f"counts softmax={softmax} + swa={swa} + none={none} must add up to the {n} layers")
+    return _by_rank(scores, softmax, swa, window, swa_kind)
+
+
+def plan_by_fractions(scores, softmax: float, swa: float, window: int = 64, swa_kind: str = "swa") -> LayerPlan:
+    """Fractions of layers for softmax and swa (the rest: none), rounded to whole layers."""
+    if not (0 <= softmax <= 1 and 0 <= swa <= 1 and softmax + swa <= 1 + 1e-9):
+        raise PlanError(f"fractions must be in [0, 1] and add up to at most 1, got softmax={softmax} swa={swa}")
+    n = len(scores)
+    n_soft = round(softmax * n)
+    n_swa = min(n - n_soft, round(swa * n))
+    return _by_rank(scores, n_soft, n_swa, window, swa_kind)
+
+
+def plan_by_thresholds(scores, softmax_above: float, none_below: float, window: int = 64,
+                       swa_kind: str = "swa") -> LayerPlan:
+    """softmax where the drop >= softmax_above, none where it is < none_below, swa in between."""
+    if none_below > softmax_above:
+        raise PlanError(f"none_below ({none_below}) must be <= softmax_above ({softmax_above})")
+    kinds = ["softmax" if s >= softmax_above else "none" if s < none_below else swa_kind for s in scores]
+    return LayerPlan.from_kinds(kinds, window=window)
+
+
+def relative_cost(plan: LayerPlan, config, context: int, measure: str = "kv") -> float:
+    """Cost of `plan` relative to all-softmax at `context` tokens.
+
+    measure="kv": KV-cache bytes. measure="decode": bytes read per decoded token (weights of
+    each layer + its KV cache), the quantity memory-bound decoding pays for.
+    """
+    nh, nkv, d = config.num_attention_heads, config.num_key_value_heads, config.hidden_size
+    hs = getattr(config, "head_dim", None) or d // nh
+    kv_per_tok = 2 * nkv * hs
+
+    def kv(spec):
+        return {"softmax": context, "swa": min(context, spec.window or 0),
+                "linear_swa": min(context, spec.window or 0), "none": 0}[spec.kind] * kv_per_tok
+
+    if measure == "kv":
+        return sum(kv(s) for s in plan.layers) / (len(plan) * context * kv_per_tok)
+    if measure != "decode":
+        raise PlanError(f"unknown cost measure {measure!r}; use 'kv' or 'decode'")
+    attn_w = d * (nh * hs) * 2 + d * kv_per_tok
+    mlp_w = 3 * d * config.intermediate_size
+
+    def layer(spec):
+        lin = 2 * nh * 2 * (spec.feature_dim or hs) * hs if spec.kind == "linear_swa" else 0
+        return mlp_w + (0 if spec.kind == "none" else attn_w + kv(spec) + lin)
+
+    base = len(plan) * (mlp_w + attn_w + context * kv_per_tok)
+    return sum(layer(s) for s in plan.layers) / base
+
+
+def plan_by_budget(scores, config, budget: float, context: int = 4096, window: int = 64, measure: str = "kv",
+                   none_below: float | None = None, swa_kind: str = "swa") -> LayerPlan:
+    """The plan with the most softmax layers (the most sensitive ones) whose relative cost <= budget.
+
+    Layers leave softmax least-sensitive first; if every layer is windowed and the cost is still
+    over budget, windowed layers become `none`, least-sensitive first. Layers whose drop is below
+    `none_below` are made `none` from the start.
+
+    Raises:
+        PlanError: no plan meets the budget.
+    """
+    order = sorted(range(len(scores)), key=lambda i: (scores[i], i))  # least sensitive first
+    kinds = ["none" if none_below is not None and scores[i] < none_below else "softmax" for i in range(len(scores))]
+
+    def cost():
+        return relative_cost(LayerPlan.from_kinds(kinds, window=window), config, context, measure)
+
+    for target_from, target in (("softmax", swa_kind), (swa_kind, "none")):
+        for i in order:
+            if cost() <= budget:
+                return LayerPlan.from_kinds(kinds, window=window)
+            if kinds[i] == target_from:
+                kinds[i] = target
+    if cost() <= budget:
+        return LayerPlan.from_kinds(kinds, window=window)
+    raise PlanError(f"no plan reaches a relative {measure} cost of {budget} (all-none costs {cost():.3f})")

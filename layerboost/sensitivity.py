@@ -1,0 +1,607 @@
+"""Layer sensitivity (the paper's Eq. 3): the benchmark drop when one layer's attention is removed.
+
+For each decoder layer i, the model with only layer i changed (`none`, or `swa` with a window) is
+scored on the same multiple-choice items as the unmodified model, with the evaluator's requests
+and scoring rules. sensitivity_i = mean over tasks of (base score - variant score).
+
+Exact prefix reuse: layers < i are the same in the base and in variant i, so the hidden states
+entering layer i are computed once, by running the base model one layer further after each
+variant. Variant i then runs only layers >= i (plus the final norm and the LM head, evaluated at
+the continuation positions only). Cost: L + L(L+1)/2 layer passes instead of L(L+1) (~0.53x for
+L=30). Memory: the hidden states entering the current layer are kept for every scored sequence,
+tokens x hidden_size x 4 bytes (fp32), e.g. ~0.5 GB for 1000 items of SmolLM2-135M.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .attention import build_attention
+from .plan import LayerSpec
+from .surgery import decoder_parts
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class MCItem:
+    """One multiple-choice request in token ids, as `evaluate.prepare_tasks` builds it."""
+
+    task: str
+    contexts: list[list[int]]
+    continuations: list[list[int]]
+    gold: int
+    metric: str  # the task's reported column: "acc" or "acc_norm"
+    source: object  # the evaluator's MCItem (choices, for acc_norm's length normalisation)
+
+
+def items_from_tasks(prepared) -> list[MCItem]:
+    """Flatten `evaluate.PreparedTask`s (multiple-choice ones) into token-level items."""
+    out = []
+    for pt in prepared:
+        if pt.items is None:
+            raise ValueError(f"task {pt.task.name!r} is not multiple choice: sensitivity needs scored choices")
+        for req in pt.requests:
+            out.append(MCItem(pt.task.name, [list(c) for c in req.context_tokens],
+                              [list(c) for c in req.continuation_tokens], req.item.gold, pt.task.column, req.item))
+    return out
+
+
+# ---- a batched, layer-by-layer forward ------------------------------------------------------------
+
+
+@dataclass
+class _Seqs:
+    """Unique scored sequences, right-padded, and where each request reads its log-probs."""
+
+    ids: list[torch.Tensor]  # per batch: (B, T) right-padded
+    reads: list[tuple[int, int, int, list[int]]]  # per request: (batch, row, first position, target tokens)
+    n_tokens: int
+
+
+def _pack(items: list[MCItem], batch_tokens: int) -> _Seqs:
+    """Deduplicate sequences (choices with one-token continuations share their context) and batch by length."""
+    seq_index: dict[tuple[int, ...], int] = {}
+    reads_raw = []
+    for it in items:
+        for ctx, cont in zip(it.contexts, it.continuations):
+            whole = (ctx + cont)[:-1]  # the last target token is never an input
+            key = tuple(whole)
+            if key not in seq_index:
+                seq_index[key] = len(seq_index)
+            reads_raw.append((seq_index[key], len(ctx) - 1, cont))
+    seqs = list(seq_index)
+    order = sorted(range(len(seqs)), key=lambda s: -len(seqs[s]))
+    where, batches, cur, cur_len = {}, [], [], 0
+    for s in order:
+        n = len(seqs[s])
+        if cur and (len(cur) + 1) * max(cur_len, n) > batch_tokens:
+            batches.append(cur)
+            cur, cur_len = [], 0
+        cur.append(s)
+        cur_len = max(cur_len, n)
+    if cur:
+        batches.append(cur)
+    ids = []
+    for b, group in enumerate(batches):
+        t = max(len(seqs[s]) for s in group)
+        x = torch.zeros((len(group), t), dtype=torch.long)
+        for r, s in enumerate(group):
+            x[r, : len(seqs[s])] = torch.tensor(seqs[s])
+            where[s] = (b, r)
+        ids.append(x)
+    reads = [(*where[s], start, cont) for s, start, cont in reads_raw]
+    return _Seqs(ids, reads, sum(len(s) for s in seqs))
+
+
+class LayerRunner:
+    """Runs a model's decoder one layer at a time on right-padded batches (no mask needed: padding
+    sits after every scored position, so causal attention never reaches it)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.decoder, self.layers = decoder_parts(model)
+        self.device = next(model.parameters()).device
+
+    def embed(self, ids: torch.Tensor):
+        ids = ids.to(self.device)
+        h = self.decoder.embed_tokens(ids)
+        pos = torch.arange(ids.shape[1], device=self.device)[None]
+        return h, (self.decoder.rotary_emb(h, position_ids=pos), pos)
+
+    def layer(self, i: int, h: torch.Tensor, rope) -> torch.Tensor:
+        pe, pos = rope
+        out = self.layers[i](h, attention_mask=None, position_embeddings=pe, position_ids=pos, use_cache=False)
+        return out[0] if isinstance(out, tuple) else out
+
+    def logprobs(self, h: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor):
+        """log p(target) at the given (row, position) pairs; the LM head runs on those positions only."""
+        x = self.decoder.norm(h[rows, positions])
+        logits = self.model.lm_head(x).float()
+        return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+
+
+@contextlib.contextmanager
+def variant(runner: LayerRunner, layer: int, spec: LayerSpec):
+    """Temporarily give one layer another attention kind (built from its original module)."""
+    block = runner.layers[layer]
+    orig = block.self_attn
+    block.self_attn = build_attention(orig, spec)
+    try:
+        yield
+    finally:
+        block.self_attn = orig
+
+
+def _loglikelihoods(runner: LayerRunner, seqs: _Seqs, hidden: list[torch.Tensor], rope: list, start: int) -> list[float]:
+    """Per-request loglikelihood, running layers `start`.. on the given hidden states."""
+    per_batch_out = []
+    for b, h in enumerate(hidden):
+        for i in range(start, len(runner.layers)):
+            h = runner.layer(i, h, rope[b])
+        per_batch_out.append(h)
+    return _read(runner, seqs, per_batch_out)
+
+
+def _read(runner: LayerRunner, seqs: _Seqs, outs: list[torch.Tensor]) -> list[float]:
+    by_batch: dict[int, list[tuple[int, int, int, int]]] = {}
+    for r_idx, (b, row, start, cont) in enumerate(seqs.reads):
+        for k, tok in enumerate(cont):
+            by_batch.setdefault(b, []).append((r_idx, row, start + k, tok))
+    total = [0.0] * len(seqs.reads)
+    for b, entries in by_batch.items():
+        e = torch.tensor([x[1:] for x in entries], device=runner.device)
+        lp = runner.logprobs(outs[b], e[:, 0], e[:, 1], e[:, 2]).double().cpu().tolist()
+        for (r_idx, *_), v in zip(entries, lp):
+            total[r_idx] += v
+    return total
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+
+def item_scores(items: list[MCItem], lls: list[float]) -> dict[str, list[float]]:
+    """Per item: correct (0/1) under the task's column, and the gold margin (gold score - best other),
+    with the evaluator's own prediction rule."""
+    from .evaluate import ItemScore, item_predictions
+
+    correct, margin, k = [], [], 0
+    for it in items:
+        n = len(it.continuations)
+        p = item_predictions(it.source, ItemScore(tuple(lls[k : k + n]), ()))
+        k += n
+        key = "_norm" if it.metric == "acc_norm" else ""
+        correct.append(float(p["pred" + key] == it.gold))
+        margin.append(p["margin" + key])
+    return {"correct": correct, "margin": margin}
+
+
+def _mean_se(x: list[float]) -> tuple[float, float]:
+    n = len(x)
+    m = sum(x) / n
+    var = sum((v - m) ** 2 for v in x) / (n - 1) if n > 1 else 0.0
+    return m, math.sqrt(var / n)
+
+
+def compare(items: list[MCItem], base: dict, var: dict) -> dict:
+    """Drop of a variant against the base, per task and averaged, with paired 95% intervals."""
+    tasks = sorted({it.task for it in items})
+    per_task = {}
+    for t in tasks:
+        idx = [j for j, it in enumerate(items) if it.task == t]
+        d_acc = [base["correct"][j] - var["correct"][j] for j in idx]
+        d_mar = [base["margin"][j] - var["margin"][j] for j in idx]
+        b_acc = sum(base["correct"][j] for j in idx) / len(idx)
+        m, se = _mean_se(d_acc)
+        mm, mse = _mean_se(d_mar)
+        per_task[t] = {"n": len(idx), "base": b_acc, "score": b_acc - m, "drop": m, "drop_se": se,
+                       "drop_rel": m / b_acc if b_acc > 0 else float("nan"), "margin_drop": mm, "margin_drop_se": mse}
+    k = len(tasks)
+    drop = sum(p["drop"] for p in per_task.values()) / k
+    se = math.sqrt(sum(p["drop_se"] ** 2 for p in per_task.values())) / k
+    mdrop = sum(p["margin_drop"] for p in per_task.values()) / k
+    mse = math.sqrt(sum(p["margin_drop_se"] ** 2 for p in per_task.values())) / k
+    base_avg = sum(p["base"] for p in per_task.values()) / k
+    return {
+        "drop": drop, "drop_ci95": [drop - 1.96 * se, drop + 1.96 * se],
+        "drop_rel": drop / base_avg if base_avg > 0 else float("nan"),
+        "margin_drop": mdrop, "margin_drop_ci95": [mdrop - 1.96 * mse, mdrop + 1.96 * mse],
+        "tasks": per_task,
+    }
+
+
+# ---- the analysis -------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerResult:
+    layer: int
+    variant: str
+    seconds: float
+    drop: float
+    drop_ci95: list[float]
+    drop_rel: float
+    margin_drop: float
+    margin_drop_ci95: list[float]
+    tasks: dict = field(default_factory=dict)
+
+
+class Store:
+    """Per-layer results on disk, written as each layer finishes (atomic), for resuming."""
+
+    def __init__(self, out_dir: Path | None, fingerprint: dict):
+        self.dir = Path(out_dir) / "layers" if out_dir else None
+        self.fingerprint = fingerprint
+        if self.dir:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fp = self.dir / "fingerprint.json"
+            if fp.is_file() and json.loads(fp.read_text()) != fingerprint:
+                raise RuntimeError(
+                    f"{self.dir} holds results of a different analysis (model, items or variants changed): "
+                    "use another --out folder or delete it"
+                )
+            _atomic_write(fp, fingerprint)
+
+    def get(self, name: str):
+        if self.dir and (self.dir / f"{name}.json").is_file():
+            return json.loads((self.dir / f"{name}.json").read_text())
+        return None
+
+    def put(self, name: str, data) -> None:
+        if self.dir:
+            _atomic_write(self.dir / f"{name}.json", data)
+
+
+def _atomic_write(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def layer_sensitivity(
+    model: nn.Module,
+    items: list[MCItem],
+    *,
+    variants: tuple[LayerSpec, ...] = (LayerSpec("none"),),
+    layers: list[int] | None = None,
+    reuse_prefix: bool = True,
+    batch_tokens: int = 8192,
+    out_dir: str | Path | None = None,
+    fingerprint: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Score the base model and, for each layer and variant, the model with only that layer changed.
+
+    Args:
+        model: a supported causal LM (unconverted, or a hybrid: variants then change one more layer).
+        items: the multiple-choice items (see `MCItem`).
+        variants: attention kinds to try per layer (`none`, and e.g. `LayerSpec("swa", 64)`).
+        layers: which layers (default: all).
+        reuse_prefix: share the base hidden states entering each layer (exact; False = naive recompute).
+        batch_tokens: padded tokens per forward batch.
+        out_dir: if set, per-layer results are written there as they finish and reused on restart.
+
+    Returns:
+        {"base": per-item scores, "layers": [LayerResult dicts], "n_tokens": ...}
+    """
+    runner = LayerRunner(model)
+    n_layers = len(runner.layers)
+    layers = list(range(n_layers)) if layers is None else layers
+    seqs = _pack(items, batch_tokens)
+    store = Store(out_dir, fingerprint or {"n_items": len(items), "variants": [s.to_dict() for s in variants]})
+
+    base = store.get("base")
+    embedded = [runner.embed(x) for x in seqs.ids]
+    rope = [e[1] for e in embedded]
+    if base is None:
+        lls = _loglikelihoods(runner, seqs, [e[0] for e in embedded], rope, 0)
+        base = {"loglikelihoods": lls, **item_scores(items, lls)}
+        store.put("base", base)
+    todo = [(i, v) for i in layers for v in variants]
+    names = {(i, v): f"layer{i:03d}_{v.kind}{v.window or ''}" for i, v in todo}
+    results = {k: store.get(names[k]) for k in todo}
+    bar = tqdm(total=len(todo), desc="layers", unit="variant", disable=not progress, dynamic_ncols=True)
+    bar.update(sum(r is not None for r in results.values()))
+
+    hidden = [e[0] for e in embedded]  # hidden states entering layer `at`
+    at = 0
+    for i in sorted(set(i for i, _ in todo)):
+        pending = [v for v in variants if results[(i, v)] is None]
+        if not pending:
+            continue
+        if reuse_prefix:
+            for b in range(len(hidden)):
+                for j in range(at, i):
+                    hidden[b] = runner.layer(j, hidden[b], rope[b])
+            at = i
+        for v in pending:
+            t0 = time.perf_counter()
+            with variant(runner, i, v):
+                if reuse_prefix:
+                    lls = _loglikelihoods(runner, seqs, hidden, rope, i)
+                else:
+                    lls = _loglikelihoods(runner, seqs, [runner.embed(x)[0] for x in seqs.ids], rope, 0)
+            scores = item_scores(items, lls)
+            res = LayerResult(i, v.kind if v.kind == "none" else f"{v.kind}{v.window}", time.perf_counter() - t0,
+                              **compare(items, base, scores))
+            results[(i, v)] = asdict(res) | {"loglikelihoods": lls}
+            store.put(names[(i, v)], results[(i, v)])
+            bar.update(1)
+            bar.set_postfix(layer=i, drop=f"{res.drop:+.3f}")
+    bar.close()
+    return {"base": base, "layers": [results[k] for k in todo], "n_tokens": seqs.n_tokens}
+
+
+# ---- cheap proxies --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def kl_proxy(model: nn.Module, calib: torch.Tensor, *, layers: list[int] | None = None, batch: int = 4,
+             progress: bool = True) -> list[float]:
+    """Mean KL(base || variant) of next-token distributions on calibration text, per layer (`none`),
+    with the same prefix reuse. calib: (N, T) token ids without padding."""
+    runner = LayerRunner(model)
+    layers = list(range(len(runner.layers))) if layers is None else layers
+    chunks = [calib[i : i + batch] for i in range(0, len(calib), batch)]
+    emb = [runner.embed(c) for c in chunks]
+    rope = [e[1] for e in emb]
+
+    def logp(h):
+        return torch.log_softmax(runner.model.lm_head(runner.decoder.norm(h)).float(), dim=-1)
+
+    def finish(h, b, start):
+        for j in range(start, len(runner.layers)):
+            h = runner.layer(j, h, rope[b])
+        return h
+
+    base_lp = [logp(finish(e[0], b, 0)) for b, e in enumerate(emb)]
+    hidden, at, out = [e[0] for e in emb], 0, {}
+    for i in tqdm(sorted(layers), desc="KL proxy", disable=not progress, dynamic_ncols=True):
+        for b in range(len(hidden)):
+            for j in range(at, i):
+                hidden[b] = runner.layer(j, hidden[b], rope[b])
+        at = i
+        total, count = 0.0, 0
+        with variant(runner, i, LayerSpec("none")):
+            for b, h in enumerate(hidden):
+                lp = logp(finish(h, b, i))
+                total += (base_lp[b].exp() * (base_lp[b] - lp)).sum().item()
+                count += lp.shape[0] * lp.shape[1]
+        out[i] = total / count
+    return [out[i] for i in layers]
+
+
+@torch.no_grad()
+def cosine_proxy(model: nn.Module, calib: torch.Tensor, *, batch: int = 4) -> list[float]:
+    """Per layer, 1 - cos(x, x + attn(x)): how much the attention sublayer changes the residual
+    stream (LLM-Drop's importance score; higher = more important). One base forward with hooks."""
+    runner = LayerRunner(model)
+    sums = [0.0] * len(runner.layers)
+    count = 0
+    inputs: dict[int, torch.Tensor] = {}
+    handles = []
+    for i, block in enumerate(runner.layers):
+        handles.append(block.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])))
+
+        def after_attn(m, args, out, i=i):
+            x = inputs[i]
+            sums[i] += torch.nn.functional.cosine_similarity(x, x + out[0], dim=-1).sum().item()
+
+        handles.append(block.self_attn.register_forward_hook(after_attn))
+    try:
+        for s in range(0, len(calib), batch):
+            h, rope = runner.embed(calib[s : s + batch])
+            for i in range(len(runner.layers)):
+                h = runner.layer(i, h, rope)
+            count += calib[s : s + batch].numel()
+    finally:
+        for hd in handles:
+            hd.remove()
+    return [1.0 - v / count for v in sums]
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (average ranks for ties)."""
+
+    def ranks(x):
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = math.sqrt(sum((x - ma) ** 2 for x in ra))
+    vb = math.sqrt(sum((y - mb) ** 2 for y in rb))
+    return cov / (va * vb) if va > 0 and vb > 0 else float("nan")
+
+
+# ---- interactions: iterative removal ---------------------------------------------------------------
+
+
+@torch.no_grad()
+def iterative_removal(model: nn.Module, items: list[MCItem], steps: int, *, batch_tokens: int = 8192,
+                      score: str = "drop", out_dir: str | Path | None = None, progress: bool = True) -> list[dict]:
+    """Remove the least sensitive layer's attention, re-measure the remaining layers on the modified
+    model, and repeat `steps` times. Each step is saved (and resumed) under out_dir/iterative/step_k.
+
+    Returns:
+        one dict per step: the layer removed, its drop when removed, and all remaining layers' drops.
+    """
+    runner = LayerRunner(model)
+    removed: list[int] = []
+    history = []
+    with contextlib.ExitStack() as stack:
+        for step in range(steps):
+            remaining = [i for i in range(len(runner.layers)) if i not in removed]
+            sub = Path(out_dir) / "iterative" / f"step_{step:02d}" if out_dir else None
+            res = layer_sensitivity(model, items, layers=remaining, batch_tokens=batch_tokens, out_dir=sub,
+                                    fingerprint={"n_items": len(items), "removed": removed}, progress=progress)
+            drops = {r["layer"]: r[score] for r in res["layers"]}
+            pick = min(remaining, key=lambda i: (drops[i], i))
+            history.append({"step": step, "removed": pick, "drop": drops[pick], "drops": drops,
+                            "removed_before": list(removed)})
+            removed.append(pick)
+            stack.enter_context(variant(runner, pick, LayerSpec("none")))
+    return history
+
+
+def ranking_disagreements(one_shot: dict[int, float], history: list[dict]) -> list[dict]:
+    """Steps where iterative removal picks another layer than the one-shot ranking would (the least
+    sensitive one-shot layer among those not yet removed)."""
+    out = []
+    for h in history:
+        left = [i for i in one_shot if i not in h["removed_before"]]
+        expected = min(left, key=lambda i: (one_shot[i], i))
+        if expected != h["removed"]:
+            out.append({"step": h["step"], "one_shot": expected, "iterative": h["removed"],
+                        "one_shot_drop": one_shot[expected], "iterative_drop": h["drop"]})
+    return out
+
+
+# ---- the `analyze` stage ----------------------------------------------------------------------------
+
+
+def calibration_tokens(tokenizer, data_dir=None, n_seqs: int = 8, seq_len: int = 256) -> torch.Tensor:
+    """(n_seqs, seq_len) token ids of held-out prose (corpus/wikipedia_paragraphs.txt, never an eval split).
+
+    Raises:
+        FileNotFoundError: the corpus file is missing (names the path and how to point at it).
+    """
+    from .data import resolve_data_dir
+
+    root = resolve_data_dir(data_dir)
+    path = (root / "corpus" / "wikipedia_paragraphs.txt") if root else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"calibration text {path or 'corpus/wikipedia_paragraphs.txt'} not found: pass --data-dir or set "
+            "LAYERBOOST_DATA_DIR to a folder holding corpus/wikipedia_paragraphs.txt"
+        )
+    need = n_seqs * seq_len
+    text, ids = "", []
+    with path.open(encoding="utf-8") as f:
+        while len(ids) < need:
+            chunk = f.read(200_000)
+            if not chunk:
+                raise ValueError(f"{path} holds fewer than {need} tokens")
+            text += chunk
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids[:need]).view(n_seqs, seq_len)
+
+
+def analyze(
+    model,
+    tokenizer,
+    tasks: list[str],
+    *,
+    out_dir: str | Path,
+    limit: int | float | None = 200,
+    seed: int = 0,
+    data_dir=None,
+    swa_window: int | None = None,
+    proxies: bool = True,
+    calib_seqs: int = 8,
+    calib_len: int = 256,
+    iterative_steps: int = 0,
+    batch_tokens: int = 8192,
+    reuse_prefix: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Full sensitivity analysis; writes `out_dir/sensitivity.json` (resumable per layer) and returns it."""
+    from .evaluate import prepare_tasks
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    prepared = prepare_tasks(tokenizer, tasks, data_dir=data_dir, limit=limit, seed=seed)
+    items = items_from_tasks(prepared)
+    variants = (LayerSpec("none"),) + ((LayerSpec("swa", swa_window),) if swa_window else ())
+    fingerprint = {"model": getattr(model.config, "_name_or_path", ""), "tasks": tasks, "limit": limit, "seed": seed,
+                   "n_items": len(items), "variants": [v.to_dict() for v in variants]}
+    res = layer_sensitivity(model, items, variants=variants, batch_tokens=batch_tokens, out_dir=out,
+                            fingerprint=fingerprint, reuse_prefix=reuse_prefix, progress=progress)
+    n_layers = len(decoder_parts(model)[1])
+    rows = [r for r in res["layers"] if r["variant"] == "none"]
+    drops = [r["drop"] for r in rows]
+    result = {
+        "schema_version": SCHEMA_VERSION,
+        "model": fingerprint["model"],
+        "n_layers": n_layers,
+        "tasks": tasks,
+        "limit": limit,
+        "seed": seed,
+        "items_per_task": {pt.task.name: len(pt.requests) for pt in prepared},
+        "data_sources": {pt.task.name: pt.source for pt in prepared},
+        "columns": {pt.task.name: pt.task.column for pt in prepared},
+        "n_tokens": res["n_tokens"],
+        "base": {t: res["layers"][0]["tasks"][t]["base"] for t in res["layers"][0]["tasks"]},
+        "layers": [{k: v for k, v in r.items() if k != "loglikelihoods"} for r in res["layers"]],
+        "sensitivity": drops,
+        "sensitivity_margin": [r["margin_drop"] for r in rows],
+        "timing": {"layers_seconds": sum(r["seconds"] for r in res["layers"])},
+    }
+    if proxies:
+        t1 = time.perf_counter()
+        calib = calibration_tokens(tokenizer, data_dir, calib_seqs, calib_len)
+        kl = kl_proxy(model, calib, progress=progress)
+        cos = cosine_proxy(model, calib)
+        result["proxies"] = {
+            "calibration": {"sequences": calib_seqs, "length": calib_len, "file": "corpus/wikipedia_paragraphs.txt"},
+            "kl": kl, "cosine": cos,
+            "spearman_vs_drop": {"kl": spearman(kl, drops), "cosine": spearman(cos, drops),
+                                 "margin": spearman(result["sensitivity_margin"], drops)},
+        }
+        result["timing"]["proxies_seconds"] = time.perf_counter() - t1
+    if iterative_steps:
+        t1 = time.perf_counter()
+        hist = iterative_removal(model, items, iterative_steps, batch_tokens=batch_tokens, out_dir=out,
+                                 progress=progress)
+        result["iterative"] = {
+            "history": [{k: (v if k != "drops" else {str(a): b for a, b in v.items()}) for k, v in h.items()}
+                        for h in hist],
+            "disagreements": ranking_disagreements(dict(enumerate(drops)), hist),
+        }
+        result["timing"]["iterative_seconds"] = time.perf_counter() - t1
+    result["timing"]["total_seconds"] = time.perf_counter() - t0
+    _atomic_write(out / "sensitivity.json", result)
+    return result
+
+
+def sensitivity_table(result: dict, plan=None) -> str:
+    """One row per layer: drop (points) with its 95% interval, margin drop, proxies, planned kind."""
+    p = result.get("proxies", {})
+    rows = [f"{'layer':>5} {'drop(pts)':>10} {'95% CI':>17} {'rel%':>7} {'margin':>8}"
+            + (f" {'KL':>8} {'1-cos':>7}" if p else "") + ("  plan" if plan else "")]
+    none_rows = [r for r in result["layers"] if r["variant"] == "none"]
+    for r in none_rows:
+        i = r["layer"]
+        lo, hi = r["drop_ci95"]
+        row = (f"{i:>5} {100 * r['drop']:>10.2f} {f'[{100 * lo:.1f}, {100 * hi:.1f}]':>17} "
+               f"{100 * r['drop_rel']:>7.1f} {r['margin_drop']:>8.3f}")
+        if p:
+            row += f" {p['kl'][i]:>8.4f} {p['cosine'][i]:>7.4f}"
+        if plan:
+            row += f"  {plan[i].kind}"
+        rows.append(row)
+    if p:
+        s = p["spearman_vs_drop"]
+        rows.append(f"Spearman vs drop: KL {s['kl']:.2f}, 1-cos {s['cosine']:.2f}, margin {s['margin']:.2f}")
+    return "\n".join(rows)

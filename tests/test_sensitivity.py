@@ -1,0 +1,170 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import layerboost as lb
+from layerboost import LayerSpec
+from layerboost import plan as P
+from layerboost import sensitivity as S
+from layerboost.evaluate import prepare_tasks, score_requests
+
+from conftest import tiny_model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return lb.load_model("smollm2-135m")[1]
+
+
+@pytest.fixture(scope="module")
+def prepared(tok):
+    return prepare_tasks(tok, ["piqa", "arc_challenge", "mmlu"], limit=4, seed=0)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return tiny_model("llama", layers=4, vocab=len(tok))
+
+
+@torch.no_grad()
+def test_prefix_reuse_is_exact(model, prepared):
+    items = S.items_from_tasks(prepared)
+    v = (LayerSpec("none"), LayerSpec("swa", 4))
+    a = S.layer_sensitivity(model, items, variants=v, progress=False, batch_tokens=512)
+    b = S.layer_sensitivity(model, items, variants=v, progress=False, reuse_prefix=False, batch_tokens=512)
+    assert [r["loglikelihoods"] for r in a["layers"]] == [r["loglikelihoods"] for r in b["layers"]]
+    assert a["base"] == b["base"]
+    # the variants really change the model
+    assert any(r["loglikelihoods"] != a["base"]["loglikelihoods"] for r in a["layers"])
+
+
+@torch.no_grad()
+def test_variant_equals_converted_model_and_evaluator(model, prepared):
+    """Variant i scores like a model converted with layer i = none, scored by the evaluator."""
+    import copy
+
+    items = S.items_from_tasks(prepared)
+    res = S.layer_sensitivity(model, items, layers=[2], progress=False)
+    base_eval = [ll for sc in score_requests(model, [r for pt in prepared for r in pt.requests], progress=False)
+                 for ll in sc.logliks]
+    assert max(abs(x - y) for x, y in zip(res["base"]["loglikelihoods"], base_eval)) <= 1e-4
+    m = copy.deepcopy(model)
+    lb.convert(m, lb.LayerPlan.from_kinds(["softmax", "softmax", "none", "softmax"]))
+    conv = [ll for sc in score_requests(m, [r for pt in prepared for r in pt.requests], progress=False)
+            for ll in sc.logliks]
+    assert max(abs(x - y) for x, y in zip(res["layers"][0]["loglikelihoods"], conv)) <= 1e-4
+
+
+def test_drop_and_interval_math():
+    base = {"correct": [1, 1, 0, 1], "margin": [1.0, 2.0, -1.0, 0.5]}
+    var = {"correct": [0, 1, 0, 0], "margin": [-1.0, 1.0, -1.0, -0.5]}
+
+    class It:
+        def __init__(self, t):
+            self.task = t
+
+    items = [It("a"), It("a"), It("b"), It("b")]
+    c = S.compare(items, base, var)
+    assert c["tasks"]["a"]["drop"] == 0.5 and c["tasks"]["b"]["drop"] == 0.5
+    assert c["drop"] == 0.5 and c["drop_ci95"][0] < 0.5 < c["drop_ci95"][1]
+    assert c["tasks"]["a"]["drop_rel"] == 0.5 and c["tasks"]["b"]["drop_rel"] == 1.0
+    assert c["margin_drop"] == pytest.approx((1.5 + 0.5) / 2)
+
+
+def test_resume_skips_finished_layers(model, prepared, tmp_path, monkeypatch):
+    items = S.items_from_tasks(prepared)
+    full = S.layer_sensitivity(model, items, progress=False, out_dir=tmp_path / "full")
+    # "kill" the run after two layers have been written
+    real_put, calls = S.Store.put, {"n": 0}
+
+    def dying_put(self, name, data):
+        real_put(self, name, data)
+        calls["n"] += 1
+        if calls["n"] == 3:  # base + 2 layers
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(S.Store, "put", dying_put)
+    with pytest.raises(KeyboardInterrupt):
+        S.layer_sensitivity(model, items, progress=False, out_dir=tmp_path / "run")
+    monkeypatch.setattr(S.Store, "put", real_put)
+    built = []
+    real_variant = S.variant
+    monkeypatch.setattr(S, "variant", lambda r, i, spec: built.append(i) or real_variant(r, i, spec))
+    resumed = S.layer_sensitivity(model, items, progress=False, out_dir=tmp_path / "run")
+    assert built == [2, 3]  # layers 0 and 1 were not redone
+    strip = lambda res: [{k: v for k, v in r.items() if k != "seconds"} for r in res["layers"]]
+    assert strip(resumed) == strip(full)
+    with pytest.raises(RuntimeError, match="different analysis"):
+        S.layer_sensitivity(model, items[:3], progress=False, out_dir=tmp_path / "run")
+
+
+def test_proxies_and_spearman(model, tok):
+    calib = S.calibration_tokens(tok, n_seqs=2, seq_len=32)
+    assert calib.shape == (2, 32)
+    kl = S.kl_proxy(model, calib, progress=False)
+    cos = S.cosine_proxy(model, calib)
+    assert len(kl) == len(cos) == 4 and all(k > 0 for k in kl) and all(0 < c < 2 for c in cos)
+    assert S.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert S.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert S.spearman([1, 1, 2], [1, 1, 2]) == pytest.approx(1.0)
+
+
+def test_iterative_removal(model, prepared):
+    items = S.items_from_tasks(prepared)
+    hist = S.iterative_removal(model, items, 2, progress=False)
+    assert len(hist) == 2 and hist[0]["removed"] != hist[1]["removed"]
+    assert hist[1]["removed"] not in hist[1]["drops"] or hist[1]["removed"] != hist[0]["removed"]
+    assert hist[0]["removed"] not in hist[1]["drops"]  # re-measured without the removed layer
+    one_shot = {int(k): v for k, v in hist[0]["drops"].items()}
+    dis = S.ranking_disagreements(one_shot, hist)
+    assert all(d["step"] == 1 for d in dis)  # step 0 follows the one-shot ranking by construction
+
+
+SCORES = [0.05, 0.001, 0.02, 0.0, 0.03, 0.01]
+
+
+def test_plan_by_counts_and_fractions():
+    plan = P.plan_by_counts(SCORES, softmax=2, swa=2, window=16)
+    assert plan.kinds == ["softmax", "none", "swa", "none", "softmax", "swa"]
+    assert plan[2].window == 16
+    assert P.plan_by_fractions(SCORES, 1 / 3, 1 / 3, window=16) == plan
+    with pytest.raises(lb.PlanError, match="add up"):
+        P.plan_by_counts(SCORES, softmax=4, swa=4, none=0)
+
+
+def test_plan_by_thresholds_and_budget():
+    plan = P.plan_by_thresholds(SCORES, softmax_above=0.03, none_below=0.005)
+    assert plan.kinds == ["softmax", "none", "swa", "none", "softmax", "swa"]
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                      num_key_value_heads=2)
+    plan = P.plan_by_budget(SCORES, cfg, budget=0.35, context=4096, window=64)
+    assert P.relative_cost(plan, cfg, 4096) <= 0.35
+    assert plan.kinds[0] == "softmax" and plan.kinds[4] == "softmax"  # the two most sensitive kept
+    assert plan.counts()["softmax"] == 2
+    tight = P.plan_by_budget(SCORES, cfg, budget=0.005, context=4096, window=64)
+    assert tight.counts()["softmax"] == 0 and tight.counts()["none"] >= 1
+    assert P.relative_cost(tight, cfg, 4096) <= 0.005
+    assert P.relative_cost(tight, cfg, 4096, "decode") < 1
+
+
+def test_cli_analyze_and_plan(tmp_path, tok, model):
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "layerboost.cli", *a], capture_output=True, text=True)
+    r = run("analyze", "--model", str(tmp_path / "m"), "--tasks", "piqa,arc_easy", "--limit", "4",
+            "--out", str(tmp_path / "a"), "--calib-seqs", "2", "--softmax", "2", "--swa", "1")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "a" / "sensitivity.json").read_text())
+    assert len(res["sensitivity"]) == 4 and set(res["proxies"]["spearman_vs_drop"]) == {"kl", "cosine", "margin"}
+    assert (tmp_path / "a" / "sensitivity.png").stat().st_size > 1000
+    assert lb.LayerPlan.load(tmp_path / "a" / "plan.json").counts() == {"softmax": 2, "swa": 1, "linear_swa": 0, "none": 1}
+    assert "Spearman" in r.stdout
+    r = run("plan", "--sensitivity", str(tmp_path / "a" / "sensitivity.json"), "--fractions", "0.5,0.25",
+            "--out", str(tmp_path / "p.json"))
+    assert r.returncode == 0, r.stderr
+    assert lb.LayerPlan.load(tmp_path / "p.json").counts()["softmax"] == 2

@@ -147,6 +147,25 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from .run import RunConfig, run
+
+    cfg = RunConfig.load(args.config)
+    overrides = {k: v for k, v in (("out", args.out), ("data_dir", args.data_dir), ("model", args.model)) if v}
+    if overrides:
+        cfg = RunConfig.from_dict({**cfg.to_dict(), **overrides})
+    report = run(cfg, log=lambda m: print(m, flush=True))
+    print(f"report: {report}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    print(f"wrote {write_report(args.run)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layerboost",
@@ -209,6 +228,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model (for --budget: layer sizes)")
     _policy_args(p)
     p.set_defaults(func=cmd_plan)
+
+    from .heal import add_heal_arguments, run_heal_cli
+
+    p = sub.add_parser("heal", help="heal a hybrid by distillation from the original model (LoRA + attention transfer)",
+                       description="Convert the model to the plan, then distil: attention transfer for windowed layers "
+                       "(stage 1), LoRA logit distillation (stage 2); merge adapters and save. Resumable.")
+    add_heal_arguments(p)
+    p.set_defaults(func=run_heal_cli)
+
+    from .bench import add_bench_arguments, run_bench_cli
+
+    p = sub.add_parser("bench", help="decode latency, memory and throughput: hybrid vs base in one run",
+                       description="Benchmarks that measure the base model and its hybrid alternately in one process.")
+    add_bench_arguments(p)
+    p.set_defaults(func=run_bench_cli)
+
+    p = sub.add_parser("run", help="the whole pipeline: analyze, plan, convert, heal, eval, bench, report",
+                       description="Run every stage from a YAML config into one run folder, ending with report.md. "
+                       "Stages already done with the same settings are skipped, so re-running resumes.")
+    p.add_argument("config", nargs="?", help="YAML config, or a shipped name (default, paper); default: default")
+    p.add_argument("--out", help="run folder (overrides the config's out)")
+    p.add_argument("--data-dir", help="local data folder (overrides the config's data_dir)")
+    p.add_argument("--model", help="model (overrides the config's model)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("report", help="rebuild report.md of a run folder from its stage outputs",
+                       description="Write RUN/report.md from the JSON and PNG files the stages wrote.")
+    p.add_argument("--run", required=True, help="run folder")
+    p.set_defaults(func=cmd_report)
 
     return parser
 

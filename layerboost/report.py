@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 KIND_COLOURS = {"softmax": "#1f77b4", "swa": "#ff7f0e", "linear_swa": "#9467bd", "none": "#2ca02c"}
@@ -45,3 +46,112 @@ def plot_sensitivity(result: dict, plan, path: str | Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _load(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def accuracy_table(evals: dict[str, dict]) -> list[str]:
+    """Markdown rows: one per model, accuracy per task (with stderr) and the average."""
+    names = [n for n in evals if evals[n]]
+    if not names:
+        return ["(no evaluation results)"]
+    first = evals[names[0]]
+    tasks = [t for t, v in first["tasks"].items() if v.get("column") in ("acc", "acc_norm")]
+    head = "| model | " + " | ".join(f"{t} ({first['tasks'][t]['column']})" for t in tasks) + " | average |"
+    rows = [head, "|" + "---|" * (len(tasks) + 2)]
+    for n in names:
+        ev = evals[n]
+        cells = []
+        for t in tasks:
+            v = ev["tasks"][t]
+            col = v["column"]
+            se = v.get(f"{col}_stderr")
+            cells.append(f"{_pct(v[col])} ± {_pct(se)}" if se is not None else _pct(v[col]))
+        avg = ev.get("average") or {}
+        rows.append(f"| {n} | " + " | ".join(cells) + f" | {_pct(avg.get('value'))} |")
+    n_items = {t: first["tasks"][t]["n"] for t in tasks}
+    rows.append("")
+    rows.append("Items per task: " + ", ".join(f"{t} {n}" for t, n in n_items.items())
+                + ". Values are percentages ± standard error.")
+    return rows
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Build `report.md` in a run folder from the JSON each stage wrote (numbers are copied, not recomputed)."""
+    import platform
+
+    import torch
+    import transformers
+    import yaml
+
+    d = Path(run_dir)
+    lines = [f"# layerboost run report: `{d.name}`", ""]
+    cfg_path = d / "config.yaml"
+    cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
+    lines += [f"Model: `{cfg.get('model', '?')}`; tasks: {', '.join(cfg.get('tasks', []))}.", ""]
+
+    sens = _load(d / "analyze" / "sensitivity.json")
+    lines += ["## 1. Layer sensitivity", ""]
+    if sens:
+        n = sens["items_per_task"]
+        lines += [f"Drop in average accuracy when one layer's attention is removed ({min(n.values())}-"
+                  f"{max(n.values())} items per task, seed {sens['seed']}; {sens['timing']['total_seconds']:.0f} s).", ""]
+        if (d / "sensitivity.png").is_file():
+            lines += ["![sensitivity](sensitivity.png)", ""]
+        if "proxies" in sens:
+            s = sens["proxies"]["spearman_vs_drop"]
+            lines += [f"Spearman rank correlation with the accuracy drop: KL proxy {s['kl']:.2f}, "
+                      f"1-cosine proxy {s['cosine']:.2f}, log-likelihood margin drop {s['margin']:.2f}.", ""]
+    else:
+        lines += ["(not run)", ""]
+
+    plan_path = d / "plan.json"
+    lines += ["## 2. Plan", ""]
+    if plan_path.is_file():
+        from .plan import LayerPlan
+
+        plan = LayerPlan.load(plan_path)
+        scores = sens["sensitivity"] if sens else None
+        lines += ["```", plan.table([100 * s for s in scores] if scores else None), "```", "",
+                  "(score: accuracy drop in points when the layer's attention is removed)", ""]
+    else:
+        lines += ["(not run)", ""]
+
+    lines += ["## 3. Accuracy", ""]
+    evals = {n: _load(d / "eval" / f"{n}.json") for n in ("base", "converted", "healed")}
+    lines += accuracy_table(evals) + [""]
+    heal = _load(d / "heal" / "heal.json")
+    if heal:
+        st = heal.get("stage_tokens", {})
+        lines += [f"Healing: {st.get('attn', 0):,} tokens of attention transfer (stage 1), {st.get('kd', 0):,} "
+                  f"tokens of LoRA logit distillation (stage 2), on `{heal.get('data')}`.", ""]
+
+    lines += ["## 4. Speed and memory", ""]
+    for name, title in (("latency", "Decode latency and memory vs decode length"), ("throughput", "Throughput")):
+        b = _load(d / "bench" / f"{name}.json")
+        if not b:
+            continue
+        lines += [f"### {title}", ""]
+        if b.get("table"):
+            lines += ["```", b["table"], "```", ""]
+        for png in sorted((d / "bench").glob(f"{name}*.png")):
+            lines += [f"![{png.stem}](bench/{png.name})", ""]
+    lines += ["## 5. Time per stage", "", "| stage | seconds |", "|---|---|"]
+    for st in ("analyze", "plan", "convert", "heal", "eval", "bench"):
+        rec = _load(d / "stages" / f"{st}.json")
+        if rec:
+            lines.append(f"| {st} | {rec['seconds']:.1f} |")
+    lines += ["", "## 6. Environment", "",
+              f"- {platform.platform()}, {platform.processor() or platform.machine()}, "
+              f"{torch.get_num_threads()} torch threads",
+              f"- Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
+              f"- GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}", ""]
+    out = d / "report.md"
+    out.write_text("\n".join(lines))
+    return out

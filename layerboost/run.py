@@ -1,0 +1,410 @@
+"""`layerboost run`: analyze -> plan -> convert -> heal -> eval -> bench -> report in one run folder.
+
+Each stage writes its outputs into the run folder plus `stages/<stage>.json` holding a hash of the
+settings it depends on (its own and its upstream stages'). A stage whose record exists with the
+same hash is skipped, so a killed run resumes at the stage it was in; analyze and heal also
+resume inside themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .plan import PlanError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+STAGES = ("analyze", "plan", "convert", "heal", "eval", "bench", "report")
+
+
+class ConfigError(ValueError):
+    """A run config is invalid; the message lists every problem."""
+
+
+@dataclass
+class AnalyzeConfig:
+    limit: int | None = 20  # items per task; None = full splits
+    seed: int = 0
+    swa_window: int | None = None
+    proxies: bool = True
+    calib_seqs: int = 4
+    iterative: int = 0
+    batch_tokens: int = 8192
+
+
+@dataclass
+class PlanConfig:
+    policy: str = "counts"  # counts | fractions | thresholds | budget
+    softmax: int | None = None
+    swa: int | None = None
+    none: int | None = None
+    fractions: list[float] | None = None  # [softmax, swa]
+    softmax_above: float | None = None
+    none_below: float | None = None
+    budget: float | None = None
+    budget_measure: str = "kv"
+    context: int = 4096
+    window: int = 64
+    kind: str = "swa"  # swa | linear_swa for the windowed layers
+    score: str = "drop"  # drop | margin
+
+
+@dataclass
+class HealConfig:
+    enabled: bool = True
+    data: str = "corpus"  # relative to the data dir, a path, or a hub dataset
+    tokens: str | int = "200k"
+    attn_distill: bool = True
+    options: dict = field(default_factory=dict)  # passed to layerboost.heal.HealConfig
+
+
+@dataclass
+class EvalConfig:
+    limit: int | None = 100
+    seed: int = 0
+    batch_size: int = 32
+
+
+@dataclass
+class BenchConfig:
+    enabled: bool = True
+    latency: dict = field(default_factory=dict)  # passed to layerboost.bench.bench_latency
+    throughput: dict = field(default_factory=dict)  # passed to layerboost.bench.bench_throughput
+
+
+@dataclass
+class RunConfig:
+    model: str = "smollm2-135m"
+    out: str = "runs/smollm2-135m"
+    data_dir: str | None = None
+    tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy", "arc_challenge", "winogrande", "mmlu"])
+    dtype: str = "float32"
+    device: str = "auto"
+    threads: int | None = None
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    heal: HealConfig = field(default_factory=HealConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    # ---- loading and validation ------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunConfig":
+        problems: list[str] = []
+        cfg = _build(cls, data or {}, "", problems)
+        problems += cfg.problems()
+        if problems:
+            raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
+        return cfg
+
+    @classmethod
+    def load(cls, path_or_name: str | None) -> "RunConfig":
+        """A YAML file, or the name of a shipped config (`default`, `paper`); None = `default`."""
+        path = Path(path_or_name) if path_or_name else CONFIG_DIR / "default.yaml"
+        if not path.is_file() and (CONFIG_DIR / f"{path_or_name}.yaml").is_file():
+            path = CONFIG_DIR / f"{path_or_name}.yaml"
+        if not path.is_file():
+            shipped = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise ConfigError(f"config {path_or_name!r} not found (a YAML path, or a shipped name: {shipped})")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from e
+        return cls.from_dict(data)
+
+    def problems(self) -> list[str]:
+        from .evaluate import get_task
+
+        out = []
+        for t in self.tasks:
+            try:
+                get_task(t)
+            except (KeyError, ValueError, FileNotFoundError) as e:
+                out.append(f"tasks: {e}")
+        p = self.plan
+        if p.policy not in ("counts", "fractions", "thresholds", "budget"):
+            out.append(f"plan.policy: {p.policy!r} is not one of counts, fractions, thresholds, budget")
+        if p.policy == "counts" and sum(v is None for v in (p.softmax, p.swa, p.none)) > 1:
+            out.append("plan: the counts policy needs at least two of softmax, swa, none")
+        if p.policy == "fractions" and (not p.fractions or len(p.fractions) != 2):
+            out.append("plan.fractions: give [softmax_fraction, swa_fraction]")
+        if p.policy == "thresholds" and (p.softmax_above is None or p.none_below is None):
+            out.append("plan: the thresholds policy needs softmax_above and none_below")
+        if p.policy == "budget" and p.budget is None:
+            out.append("plan: the budget policy needs budget")
+        if p.kind not in ("swa", "linear_swa"):
+            out.append(f"plan.kind: {p.kind!r} must be swa or linear_swa")
+        if p.window <= 0:
+            out.append(f"plan.window must be > 0, got {p.window}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            out.append(f"dtype: {self.dtype!r} must be float32, bfloat16 or float16")
+        return out
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, data: Any, where: str, problems: list[str]):
+    """Dataclass from a dict, recording unknown keys and wrong types instead of stopping at the first."""
+    if not isinstance(data, dict):
+        problems.append(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+        return cls()
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        problems.append(f"{where or 'config'}: unknown key(s) {unknown}; allowed: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        value, key = data[name], f"{where}{name}"
+        if isinstance(f.default_factory, type) and dataclasses.is_dataclass(f.default_factory):
+            kwargs[name] = _build(f.default_factory, value, key + ".", problems)
+            continue
+        if not _type_ok(f.type, value):
+            problems.append(f"{key}: {value!r} is not a {f.type}")
+            continue
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _type_ok(annotation: str, value) -> bool:
+    if value is None:
+        return "None" in annotation
+    checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool), "str": lambda v: isinstance(v, str),
+              "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "bool": lambda v: isinstance(v, bool),
+              "dict": lambda v: isinstance(v, dict), "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+              "list[float]": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)}
+    return any(checks[t](value) for t in (a.strip() for a in annotation.split("|")) if t in checks)
+
+
+# ---- stage bookkeeping ----------------------------------------------------------------------------
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Run:
+    """The run folder and its stage records."""
+
+    def __init__(self, cfg: RunConfig, log=print):
+        self.cfg, self.log = cfg, log
+        self.dir = Path(cfg.out)
+        (self.dir / "stages").mkdir(parents=True, exist_ok=True)
+        self.hashes: dict[str, str] = {}
+
+    def stage_hash(self, stage: str) -> str:
+        c = self.cfg
+        own = {
+            "analyze": [c.model, c.tasks, c.data_dir, c.analyze],
+            "plan": [c.plan],
+            "convert": [],
+            "heal": [c.heal, c.data_dir],
+            "eval": [c.eval, c.tasks, c.data_dir],
+            "bench": [c.bench],
+            "report": [],
+        }[stage]
+        upstream = [self.hashes[s] for s in STAGES[: STAGES.index(stage)] if s in self.hashes]
+        return _hash([c.model, c.dtype, own, upstream])
+
+    def record(self, stage: str) -> dict | None:
+        f = self.dir / "stages" / f"{stage}.json"
+        if not f.is_file():
+            return None
+        rec = json.loads(f.read_text())
+        return rec if rec.get("hash") == self.hashes.get(stage) else None
+
+    def run_stage(self, stage: str, fn) -> dict:
+        self.hashes[stage] = self.stage_hash(stage)
+        rec = self.record(stage)
+        if rec is not None:
+            self.log(f"[{stage}] up to date, skipped ({rec['seconds']:.0f} s when it ran)")
+            return rec
+        self.log(f"[{stage}] running")
+        t0 = time.perf_counter()
+        outputs = fn() or {}
+        rec = {"hash": self.hashes[stage], "seconds": time.perf_counter() - t0, "outputs": outputs}
+        tmp = self.dir / "stages" / f"{stage}.json.tmp"
+        tmp.write_text(json.dumps(rec, indent=1, default=str))
+        tmp.replace(self.dir / "stages" / f"{stage}.json")
+        self.log(f"[{stage}] done in {rec['seconds']:.0f} s")
+        return rec
+
+
+def _dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def make_plan(pc: PlanConfig, scores: list[float], config):
+    from . import plan as P
+
+    if pc.policy == "counts":
+        return P.plan_by_counts(scores, pc.softmax, pc.swa, pc.none, pc.window, pc.kind)
+    if pc.policy == "fractions":
+        return P.plan_by_fractions(scores, pc.fractions[0], pc.fractions[1], pc.window, pc.kind)
+    if pc.policy == "thresholds":
+        return P.plan_by_thresholds(scores, pc.softmax_above, pc.none_below, pc.window, pc.kind)
+    if pc.policy == "budget":
+        return P.plan_by_budget(scores, config, pc.budget, pc.context, pc.window, pc.budget_measure, pc.none_below, pc.kind)
+    raise PlanError(f"unknown plan policy {pc.policy!r}")
+
+
+# ---- the pipeline -----------------------------------------------------------------------------------
+
+
+def run(cfg: RunConfig, log=print) -> Path:
+    """Run (or resume) every stage of `cfg`; returns the path of report.md."""
+    import copy
+
+    import torch
+
+    from . import convert, load_model, save
+    from .evaluate import evaluate
+    from .plan import LayerPlan
+    from .report import plot_sensitivity, write_report
+    from .sensitivity import analyze
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    r = Run(cfg, log)
+    (r.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    dtype, device = _dtype(cfg.dtype), _device(cfg.device)
+    cache: dict = {}
+
+    def base():
+        if "base" not in cache:
+            cache["base"] = load_model(cfg.model, dtype=dtype, device=device)
+        return cache["base"]
+
+    def do_analyze():
+        model, tok = base()
+        a = cfg.analyze
+        analyze(model, tok, cfg.tasks, out_dir=r.dir / "analyze", limit=a.limit, seed=a.seed, data_dir=cfg.data_dir,
+                swa_window=a.swa_window, proxies=a.proxies, calib_seqs=a.calib_seqs, iterative_steps=a.iterative,
+                batch_tokens=a.batch_tokens)
+        return {"sensitivity": str(r.dir / "analyze" / "sensitivity.json")}
+
+    r.run_stage("analyze", do_analyze)
+    sens = json.loads((r.dir / "analyze" / "sensitivity.json").read_text())
+
+    def do_plan():
+        scores = sens["sensitivity_margin"] if cfg.plan.score == "margin" else sens["sensitivity"]
+        plan = make_plan(cfg.plan, scores, base()[0].config)
+        plan.save(r.dir / "plan.json")
+        plot_sensitivity(sens, plan, r.dir / "sensitivity.png")
+        log(plan.table([100 * s for s in sens["sensitivity"]]))
+        return {"plan": str(r.dir / "plan.json"), "counts": plan.counts()}
+
+    r.run_stage("plan", do_plan)
+    plan = LayerPlan.load(r.dir / "plan.json")
+
+    def do_convert():
+        model, tok = base()
+        hybrid = copy.deepcopy(model)
+        record = convert(hybrid, plan)
+        save(hybrid, r.dir / "converted", tokenizer=tok)
+        return {"model": str(r.dir / "converted"), "replaced": sum(x.old != x.new for x in record)}
+
+    r.run_stage("convert", do_convert)
+
+    def do_heal():
+        import shutil
+
+        from .heal import heal
+
+        h = cfg.heal
+        if not h.enabled:
+            return {"skipped": True}
+        work, mark = r.dir / "heal", r.dir / "heal.stage_hash"
+        if work.exists() and (not mark.is_file() or mark.read_text() != r.hashes["heal"]):
+            shutil.rmtree(work)  # made with other settings: its checkpoints cannot be resumed
+        mark.write_text(r.hashes["heal"])
+        out = heal(cfg.model, plan, data=_heal_data(h.data, cfg.data_dir), tokens=h.tokens, out=work,
+                   attn_distill=h.attn_distill, data_dir=cfg.data_dir, resume=True, **h.options)
+        return {"model": str(out)}
+
+    heal_rec = r.run_stage("heal", do_heal)
+
+    def do_eval():
+        e = cfg.eval
+        models = {"base": None, "converted": r.dir / "converted"}
+        if not heal_rec["outputs"].get("skipped"):
+            models["healed"] = Path(heal_rec["outputs"]["model"])
+        (r.dir / "eval").mkdir(exist_ok=True)
+        done = {}
+        for name, path in models.items():
+            f = r.dir / "eval" / f"{name}.json"
+            if f.is_file() and json.loads(f.read_text()).get("stage_hash") == r.hashes["eval"]:
+                done[name] = str(f)  # finished before an interruption
+                continue
+            model, tok = base() if path is None else load_model(str(path), dtype=dtype, device=device)
+            res = evaluate(model, tok, cfg.tasks, data_dir=cfg.data_dir, limit=e.limit, seed=e.seed,
+                           batch_size=e.batch_size)
+            res["model"], res["stage_hash"] = str(path or cfg.model), r.hashes["eval"]
+            f.write_text(json.dumps(res, indent=1))
+            done[name] = str(f)
+        return done
+
+    r.run_stage("eval", do_eval)
+
+    def do_bench():
+        b = cfg.bench
+        if not b.enabled:
+            return {"skipped": True}
+        acc = None
+        if (r.dir / "eval" / "base.json").is_file():
+            ev = {n: json.loads(f.read_text()) for n in ("base", "healed", "converted")
+                  if (f := r.dir / "eval" / f"{n}.json").is_file()}
+            hyb = ev.get("healed") or ev.get("converted")
+            acc = {"base": ev["base"]["average"]["value"], "hybrid": hyb["average"]["value"]} if hyb else None
+        return bench_stage(base()[0], plan, r.dir / "bench", b, accuracy=acc)
+
+    r.run_stage("bench", do_bench)
+    r.run_stage("report", lambda: {"report": str(write_report(r.dir))})
+    return r.dir / "report.md"
+
+
+def _heal_data(data: str, data_dir) -> str:
+    """`corpus` (or any relative name) resolves inside the data dir when it exists there."""
+    from .data import resolve_data_dir
+
+    root = resolve_data_dir(data_dir)
+    if root is not None and (root / data).exists():
+        return str(root / data)
+    return data
+
+
+def bench_stage(model, plan, out: Path, b: BenchConfig, accuracy: dict | None = None) -> dict:
+    """Latency and throughput of `model` vs its hybrid, side by side; JSON, tables and PNGs in `out`."""
+    from .bench import (bench_latency, bench_throughput, environment, hybrid_of, latency_table, plot_latency,
+                        plot_throughput, throughput_table)
+
+    out.mkdir(parents=True, exist_ok=True)
+    hybrid = hybrid_of(model, plan)
+    p = next(model.parameters())
+    env = environment(p.device, p.dtype)
+    lat = bench_latency(model, hybrid, **b.latency)
+    lat.update(environment=env, plan=plan.to_dict(), table=latency_table(lat))
+    (out / "latency.json").write_text(json.dumps(lat, indent=1))
+    plot_latency(lat, out / "latency.png")
+    thr = bench_throughput(model, hybrid, **b.throughput)
+    thr.update(environment=env, plan=plan.to_dict(), table=throughput_table(thr), accuracy=accuracy)
+    (out / "throughput.json").write_text(json.dumps(thr, indent=1))
+    plot_throughput(thr, out / "throughput.png", accuracy)
+    return {"latency": str(out / "latency.json"), "throughput": str(out / "throughput.json")}

@@ -1,0 +1,111 @@
+"""The whole pipeline on a tiny random model: artefacts exist, agree with each other, and resume."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import layerboost as lb
+from layerboost import run as R
+
+from conftest import tiny_model
+
+
+def test_shipped_configs_parse():
+    for name in ("default", "paper"):
+        cfg = R.RunConfig.load(name)
+        assert cfg.tasks == ["piqa", "arc_easy", "arc_challenge", "winogrande", "mmlu"]
+    assert R.RunConfig.load(None).model == "smollm2-135m"
+
+
+def test_config_errors_reported_together(tmp_path):
+    with pytest.raises(R.ConfigError) as e:
+        R.RunConfig.from_dict({"modell": "x", "tasks": ["piqa", "nope"], "plan": {"policy": "magic", "window": 0},
+                               "analyze": {"limit": "many"}})
+    msg = str(e.value)
+    for part in ("unknown key(s) ['modell']", "unknown task 'nope'", "'magic' is not one of", "window must be > 0",
+                 "analyze.limit"):
+        assert part in msg
+    (tmp_path / "bad.yaml").write_text("model: [unclosed")
+    with pytest.raises(R.ConfigError, match="not valid YAML"):
+        R.RunConfig.load(str(tmp_path / "bad.yaml"))
+    with pytest.raises(R.ConfigError, match="shipped name"):
+        R.RunConfig.load("nonexistent")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    tok = lb.load_model("smollm2-135m")[1]
+    d = tmp_path_factory.mktemp("tiny")
+    tiny_model("llama", layers=4, vocab=len(tok)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def tiny_config(model_dir, out):
+    return R.RunConfig.from_dict({
+        "model": str(model_dir), "out": str(out), "tasks": ["piqa", "arc_easy"], "threads": 2,
+        "analyze": {"limit": 4, "calib_seqs": 2},
+        "plan": {"policy": "counts", "softmax": 2, "swa": 1, "none": 1, "window": 8},
+        "heal": {"tokens": 2048, "options": {"seq_len": 64, "batch_size": 2, "checkpoint_every": 2, "progress": False}},
+        "eval": {"limit": 4},
+        "bench": {"latency": {"batch": 2, "prompt": 8, "lengths": [8, 16], "repeats": 1, "warmup": 1},
+                  "throughput": {"concurrency": [2, 4], "prompt": 8, "output": 4}},
+    })
+
+
+def test_pipeline_artefacts_consistent_and_resumable(tiny_dir, tmp_path, monkeypatch):
+    import layerboost.heal as H
+
+    cfg = tiny_config(tiny_dir, tmp_path / "run")
+    real_heal = H.heal
+
+    def killed_heal(*a, **k):
+        raise KeyboardInterrupt("killed mid-heal")
+
+    monkeypatch.setattr(H, "heal", killed_heal)
+    logs = []
+    with pytest.raises(KeyboardInterrupt):
+        R.run(cfg, log=logs.append)
+    assert "[analyze] done" in " ".join(logs) and not (tmp_path / "run" / "stages" / "heal.json").exists()
+    analyze_rec = (tmp_path / "run" / "stages" / "analyze.json").read_text()
+
+    monkeypatch.setattr(H, "heal", real_heal)
+    logs = []
+    report = R.run(cfg, log=logs.append)
+    text = " | ".join(logs)
+    for stage in ("analyze", "plan", "convert"):
+        assert f"[{stage}] up to date, skipped" in text  # resumed: analysis not redone
+    assert "[heal] running" in text and "[report] done" in text
+    assert (tmp_path / "run" / "stages" / "analyze.json").read_text() == analyze_rec
+
+    d = tmp_path / "run"
+    for f in ("report.md", "sensitivity.png", "plan.json", "config.yaml", "analyze/sensitivity.json",
+              "converted/model.safetensors", "heal/model.safetensors", "eval/base.json", "eval/converted.json",
+              "eval/healed.json", "bench/latency.json", "bench/throughput.json", "bench/latency.png",
+              "bench/throughput.png"):
+        assert (d / f).is_file(), f
+    for png in [d / "sensitivity.png", *d.glob("bench/*.png")]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the report copies numbers from the stage outputs
+    md = report.read_text()
+    plan = lb.LayerPlan.load(d / "plan.json")
+    assert plan.counts() == {"softmax": 2, "swa": 1, "linear_swa": 0, "none": 1}
+    sens = json.loads((d / "analyze" / "sensitivity.json").read_text())
+    assert plan.table([100 * s for s in sens["sensitivity"]]) in md
+    for name in ("base", "converted", "healed"):
+        ev = json.loads((d / "eval" / f"{name}.json").read_text())
+        assert f"| {name} | " in md and f"{100 * ev['average']['value']:.1f} |" in md
+    lat = json.loads((d / "bench" / "latency.json").read_text())
+    assert lat["table"] in md
+    # the healed model loads and differs from the unhealed conversion
+    healed, conv = lb.load(d / "heal"), lb.load(d / "converted")
+    x = torch.randint(1, 1000, (1, 12))
+    assert not torch.equal(healed(x).logits, conv(x).logits)
+    # a finished run is all skipped
+    logs = []
+    R.run(cfg, log=logs.append)
+    assert all("skipped" in l for l in logs if l.startswith("[") and "up to date" in l)
+    assert sum("running" in l for l in logs) == 0
+    assert yaml.safe_load((d / "config.yaml").read_text())["model"] == str(tiny_dir)

@@ -1,0 +1,262 @@
+"""Training text for healing: stream plain-text files (or a hub dataset), tokenize, pack into
+fixed-length rows, shuffle deterministically, and refuse evaluation splits.
+
+Local files are cut into segments of about `segment_chars` characters at blank lines; the segment
+list of every file is shuffled with the seed and segments are read (seek + read) and tokenized one
+at a time, so memory stays small for big corpora. Each segment ends with EOS; the token stream is
+packed into rows of `seq_len` tokens, and rows pass through a seeded shuffle buffer.
+
+The stream is a pure function of (sources, tokenizer, seq_len, seed): a run that stopped after `n`
+rows resumes by `skip(n)` (re-tokenizing what it skips, ~1M tokens/s).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+TEXT_SUFFIXES = (".txt", ".text", ".md")
+HUB_PREFIX = "hub:"
+
+
+class TrainingDataError(ValueError):
+    """The training data is missing, empty, or is an evaluation split."""
+
+
+# ---- evaluation splits ---------------------------------------------------------------------------
+
+
+def _evaluation_files(data_dir) -> set[Path]:
+    from .data import evaluation_files
+
+    out = set(evaluation_files(data_dir))
+    out |= set(evaluation_files(None))  # also the default data dir: never train on what `eval` reads
+    return out
+
+
+def _eval_hub_datasets() -> set[str]:
+    from .data import DATASETS
+
+    return {s.hub_path for s in DATASETS.values()}
+
+
+def refuse_evaluation_data(files: list[Path], data_dir=None) -> None:
+    """Raise if any of `files` is an evaluation split (a file `layerboost eval` reads).
+
+    Raises:
+        TrainingDataError: listing every evaluation file found.
+    """
+    evals = _evaluation_files(data_dir)
+    bad = sorted(str(f) for f in files if f.resolve() in evals)
+    if bad:
+        raise TrainingDataError(
+            "refusing to train on evaluation splits (they are what `layerboost eval` scores): "
+            + ", ".join(bad)
+            + ". Use the distillation corpus (e.g. <data-dir>/corpus) or your own text."
+        )
+
+
+# ---- sources ---------------------------------------------------------------------------------------
+
+
+def text_files(data: str | os.PathLike, data_dir=None) -> list[Path]:
+    """The text files `data` names (a file or a folder, searched recursively), sorted.
+
+    Raises:
+        TrainingDataError: nothing found, or an evaluation split among them.
+    """
+    path = Path(data).expanduser()
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        refuse_evaluation_data(files, data_dir)  # a folder holding eval splits is refused, not filtered
+        files = [p for p in files if p.suffix in TEXT_SUFFIXES]
+    else:
+        raise TrainingDataError(f"training data {str(data)!r} is neither a file nor a folder")
+    refuse_evaluation_data(files, data_dir)
+    if not files:
+        raise TrainingDataError(f"no text files ({', '.join(TEXT_SUFFIXES)}) under {path}")
+    return files
+
+
+def segment_index(files: list[Path], segment_chars: int = 8192) -> list[tuple[int, int, int]]:
+    """(file number, byte offset, byte length) of segments of about `segment_chars`, cut at blank lines."""
+    index = []
+    for n, f in enumerate(files):
+        data = f.read_bytes()
+        start, size = 0, len(data)
+        while start < size:
+            end = min(size, start + segment_chars)
+            if end < size:
+                cut = data.rfind(b"\n\n", start + segment_chars // 2, end)
+                end = cut + 2 if cut >= 0 else end
+            index.append((n, start, end - start))
+            start = end
+    return index
+
+
+def _file_documents(files: list[Path], seed: int, segment_chars: int) -> Iterator[str]:
+    index = segment_index(files, segment_chars)
+    random.Random(seed).shuffle(index)
+    handles: dict[int, object] = {}
+    try:
+        for n, offset, length in index:
+            fh = handles.get(n)
+            if fh is None:
+                fh = handles[n] = open(files[n], "rb")  # noqa: SIM115 - closed in finally
+            fh.seek(offset)
+            text = fh.read(length).decode("utf-8", errors="replace")
+            if text.strip():
+                yield text
+    finally:
+        for fh in handles.values():
+            fh.close()
+
+
+def parse_hub_spec(data: str) -> tuple[str, str | None, str]:
+    """`hub:path[:config][:split]` -> (path, config, split); split defaults to `train`."""
+    parts = data[len(HUB_PREFIX):].split(":")
+    if not parts[0] or len(parts) > 3:
+        raise TrainingDataError(f"hub data must look like hub:PATH[:CONFIG][:SPLIT], got {data!r}")
+    path = parts[0]
+    config = parts[1] or None if len(parts) > 1 else None
+    split = parts[2] if len(parts) > 2 else "train"
+    return path, config, split
+
+
+def _hub_documents(data: str, seed: int, text_field: str, buffer: int) -> Iterator[str]:
+    path, config, split = parse_hub_spec(data)
+    if path in _eval_hub_datasets() and split != "train":
+        raise TrainingDataError(f"refusing to train on the evaluation split {split!r} of {path!r}")
+    return _hub_stream(path, config, split, seed, text_field, buffer)
+
+
+def _hub_stream(path, config, split, seed, text_field, buffer) -> Iterator[str]:
+    import datasets  # heavy: only for hub data
+
+    ds = datasets.load_dataset(path, config, split=split, streaming=True).shuffle(seed=seed, buffer_size=buffer)
+    for row in ds:
+        text = row[text_field]
+        if text and text.strip():
+            yield text
+
+
+def documents(data: str, *, seed: int, data_dir=None, segment_chars: int = 8192, text_field: str = "text",
+              hub_buffer: int = 10_000) -> Iterator[str]:
+    """Text documents of `data` in a seeded order: local files/folders, or `hub:PATH[:CONFIG][:SPLIT]`.
+
+    A string that is not an existing path and has no `hub:` prefix is read as a hub dataset too
+    (split `train`), so `--data HuggingFaceFW/fineweb-edu` works for online users.
+    """
+    if str(data).startswith(HUB_PREFIX):
+        return _hub_documents(str(data), seed, text_field, hub_buffer)
+    if not Path(data).expanduser().exists() and not str(data).startswith((".", "/", "~")):
+        if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+            raise TrainingDataError(f"training data {str(data)!r} is not a local file or folder, and the hub is offline "
+                                    "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) so it cannot be a hub dataset either")
+        return _hub_documents(HUB_PREFIX + str(data), seed, text_field, hub_buffer)
+    return _file_documents(text_files(data, data_dir), seed, segment_chars)
+
+
+# ---- packing -----------------------------------------------------------------------------------------
+
+
+class PackedRows:
+    """An endless-until-exhausted iterator of (seq_len,) int64 rows; `position` = rows yielded so far.
+
+    Args:
+        docs_factory: a zero-argument callable that returns a fresh document iterator (same order each call).
+        tokenizer: a Hugging Face tokenizer; its EOS token separates documents.
+        seq_len: tokens per row.
+        seed: seeds the row shuffle buffer.
+        shuffle_rows: shuffle-buffer size in rows (0 or 1: no row shuffling).
+    """
+
+    def __init__(self, docs_factory, tokenizer, seq_len: int, seed: int, shuffle_rows: int = 256):
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        self.docs_factory, self.tok, self.seq_len = docs_factory, tokenizer, seq_len
+        self.seed, self.shuffle_rows = seed, max(1, shuffle_rows)
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise TrainingDataError("the tokenizer has no EOS token to separate documents")
+        self.eos = eos
+        self.position = 0
+        self._it = self._rows()
+
+    def _packed(self) -> Iterator[list[int]]:
+        buf: list[int] = []
+        for text in self.docs_factory():
+            buf.extend(self.tok(text, add_special_tokens=False)["input_ids"])
+            buf.append(self.eos)
+            while len(buf) >= self.seq_len:
+                yield buf[: self.seq_len]
+                del buf[: self.seq_len]
+
+    def _rows(self) -> Iterator[list[int]]:
+        rng = random.Random(f"rows:{self.seed}")
+        pool: list[list[int]] = []
+        for row in self._packed():
+            pool.append(row)
+            if len(pool) >= self.shuffle_rows:
+                j = rng.randrange(len(pool))
+                pool[j], pool[-1] = pool[-1], pool[j]
+                yield pool.pop()
+        rng.shuffle(pool)
+        yield from pool
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        row = next(self._it)
+        self.position += 1
+        return torch.tensor(row, dtype=torch.long)
+
+    def skip(self, n: int) -> None:
+        """Advance `n` rows (used to resume); raises if the data runs out first."""
+        for _ in range(n):
+            try:
+                next(self._it)
+            except StopIteration:
+                raise TrainingDataError(f"the data ran out after {self.position} rows while resuming") from None
+            self.position += 1
+
+
+def parse_tokens(value: str | int | float) -> int:
+    """`10M`, `1.5M`, `200k`, `3B`, `5000` -> an int number of tokens.
+
+    Raises:
+        ValueError: not a positive count.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"not a token count: {value!r}")
+    if isinstance(value, (int, float)):
+        n = value
+    else:
+        s = str(value).strip().replace("_", "").replace(",", "")
+        mult = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}.get(s[-1:].lower(), 1)
+        try:
+            n = float(s[:-1] if mult != 1 else s) * mult
+        except ValueError:
+            raise ValueError(f"not a token count: {value!r} (use e.g. 10M, 1.5M, 200k or 5000)") from None
+    if n != int(n) or n <= 0:
+        raise ValueError(f"a token count must be a positive whole number, got {value!r}")
+    return int(n)
+
+
+__all__ = [
+    "PackedRows",
+    "TrainingDataError",
+    "documents",
+    "parse_hub_spec",
+    "parse_tokens",
+    "refuse_evaluation_data",
+    "segment_index",
+    "text_files",
+]

@@ -1,0 +1,304 @@
+"""A static-cache decode engine for base and hybrid models (gpt-fast style).
+
+    engine = Engine(model, batch_size=16, max_seq_len=4224)
+    tokens = engine.generate(input_ids, max_new_tokens=4096)        # greedy, == model.generate
+
+`prefill` runs the prompt through the model's own decoder layers (so prompt processing is
+exactly the HF forward) and copies what each layer keeps into preallocated buffers;
+`decode_one_token` then runs the decoder itself, one token per step, over those buffers:
+
+    softmax     FullKV         (B, nkv, Tmax, hs) keys and values, token t written at slot t;
+                               attention reads only the filled part [:t+1]
+    swa         WindowKV       a ring of W slots, token t at slot t % W; the ring holds exactly
+                               the window, so attention reads every filled slot, no mask
+    linear_swa  LinearWindowKV the ring + fp32 state S (B, nh, F, hs) and normaliser z (B, nh, F);
+                               the key leaving the window (it sits in the slot about to be
+                               overwritten) is folded into S, z first
+    none        nothing        the layer's attention and input norm are skipped
+
+Nothing is allocated per step except activations; no masks are built while decoding, and the
+decode loop never synchronises with the host. Decoding reuses the model's embeddings, norms,
+MLPs, q/k/v/o projections (and Qwen3's q_norm/k_norm), rotary tables and lm_head, so greedy
+tokens equal `model.generate(do_sample=False)` (tests/test_engine.py).
+
+Shapes: B batch, T tokens, nh query heads, nkv key/value heads, G = nh // nkv, hs head size,
+F linear-attention features. Prompts must have equal length (no padding): benchmarks use
+equal-length prompts, and a padding mask raises `ValueError`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import LinearSlidingWindowAttention, _repeat_kv
+from .cache import FullLayer, HybridCache, LinearWindowLayer, WindowLayer
+from .compat import apply_rope
+from .plan import LayerPlan, LayerSpec
+from .surgery import UnsupportedModelError, decoder_parts, plan_of
+
+
+class FullKV(nn.Module):
+    """softmax layers: every token's keys and values, (B, nkv, Tmax, hs)."""
+
+    def __init__(self, b, nkv, tmax, hs, dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(b, nkv, tmax, hs, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(b, nkv, tmax, hs, dtype=dtype, device=device), persistent=False)
+
+    def load(self, layer: FullLayer) -> None:
+        n = layer.keys.shape[-2]
+        self.k[:, :, :n].copy_(layer.keys)
+        self.v[:, :, :n].copy_(layer.values)
+
+    def held_bytes(self, n_tokens: int) -> int:
+        return 2 * self.k[:, :, :n_tokens].numel() * self.k.element_size()
+
+
+class WindowKV(nn.Module):
+    """swa layers: a ring buffer of `slots` = min(W, Tmax) positions, token t at slot t % slots."""
+
+    def __init__(self, b, nkv, slots, hs, dtype, device):
+        super().__init__()
+        self.slots = slots
+        self.register_buffer("k", torch.zeros(b, nkv, slots, hs, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(b, nkv, slots, hs, dtype=dtype, device=device), persistent=False)
+
+    def load(self, layer: WindowLayer) -> None:
+        n = layer.keys.shape[-2]  # the last min(seen, W) tokens, oldest first
+        pos = torch.arange(layer.seen - n, layer.seen, device=self.k.device)
+        self.k[:, :, pos % self.slots] = layer.keys
+        self.v[:, :, pos % self.slots] = layer.values
+
+    def held_bytes(self, n_tokens: int) -> int:
+        return 2 * self.k[:, :, : min(n_tokens, self.slots)].numel() * self.k.element_size()
+
+
+class LinearWindowKV(WindowKV):
+    """linear_swa layers: the ring plus the fp32 linear-attention state of every older token."""
+
+    def __init__(self, b, nkv, slots, hs, dtype, device, nh, features):
+        super().__init__(b, nkv, slots, hs, dtype, device)
+        self.register_buffer("state", torch.zeros(b, nh, features, hs, dtype=torch.float32, device=device),
+                             persistent=False)
+        self.register_buffer("normalizer", torch.zeros(b, nh, features, dtype=torch.float32, device=device),
+                             persistent=False)
+
+    def load(self, layer: LinearWindowLayer) -> None:
+        super().load(layer)
+        if layer.state is None:
+            self.state.zero_()
+            self.normalizer.zero_()
+        else:
+            self.state.copy_(layer.state)
+            self.normalizer.copy_(layer.normalizer)
+
+    def held_bytes(self, n_tokens: int) -> int:
+        return super().held_bytes(n_tokens) + (self.state.numel() + self.normalizer.numel()) * 4
+
+
+def _native_window(config, layer_idx: int) -> int | None:
+    """A sliding window the original model itself applies to this layer (Mistral, Qwen2/3 options)."""
+    types = getattr(config, "layer_types", None)
+    if types is not None and types[layer_idx] == "sliding_attention":
+        return config.sliding_window
+    if config.model_type == "mistral":
+        return getattr(config, "sliding_window", None)
+    return None
+
+
+class Engine:
+    """Greedy prefill + decode of a base or layerboost hybrid model over static per-layer buffers.
+
+    Args:
+        model: an HF causal LM (llama, mistral, qwen2, qwen3), original or converted by `layerboost.convert`.
+        batch_size: sequences decoded together (B).
+        max_seq_len: prompt + generated tokens the buffers hold (Tmax).
+
+    Raises:
+        UnsupportedModelError: unknown architecture, or an original layer with its own sliding window.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, max_seq_len: int):
+        self.model = model
+        self.decoder, self.layers = decoder_parts(model)
+        cfg = model.config
+        self.plan = plan_of(model) or LayerPlan.uniform("softmax", len(self.layers))
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.hs = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
+        self.groups = self.nh // self.nkv
+        self.eager = cfg._attn_implementation == "eager"
+        problems = [f"layer {i}: the original attention uses a sliding window of {_native_window(cfg, i)}"
+                    for i, s in enumerate(self.plan.layers) if s.kind == "softmax" and _native_window(cfg, i)]
+        if problems:
+            raise UnsupportedModelError(
+                "the engine treats softmax layers as full attention: " + "; ".join(problems)
+                + " (load the model with sliding_window=None / use_sliding_window=False, or convert those layers to swa)")
+        self.caches: list[nn.Module | None] = [self._make_cache(s, layer.self_attn) for s, layer
+                                               in zip(self.plan.layers, self.layers)]
+        # Rotary tables for every position, computed once by the model's own rotary module: (1, Tmax, hs)
+        pos = torch.arange(max_seq_len, device=self.device)[None]
+        dummy = torch.empty(0, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            self.cos, self.sin = self.decoder.rotary_emb(dummy, pos)
+        self.pos = 0  # tokens held so far
+
+    def _make_cache(self, spec: LayerSpec, attn):
+        b, t, args = self.batch_size, self.max_seq_len, (self.dtype, self.device)
+        if spec.kind == "softmax":
+            return FullKV(b, self.nkv, t, self.hs, *args)
+        if spec.kind == "swa":
+            return WindowKV(b, self.nkv, min(spec.window, t), self.hs, *args)
+        if spec.kind == "linear_swa":
+            features = attn.feature_map_q.weight.shape[-1] * 2
+            return LinearWindowKV(b, self.nkv, min(spec.window, t), self.hs, *args, nh=self.nh, features=features)
+        return None
+
+    # ---- memory ---------------------------------------------------------------------------------
+    def cache_bytes(self) -> int:
+        """Bytes of every preallocated cache buffer (what the engine holds, sized for Tmax)."""
+        return sum(b.numel() * b.element_size() for c in self.caches if c is not None for b in c.buffers())
+
+    def held_bytes(self, n_tokens: int | None = None) -> int:
+        """Bytes of the buffers that hold tokens after `n_tokens` (default: now), linear states included."""
+        n = self.pos if n_tokens is None else n_tokens
+        return sum(c.held_bytes(n) for c in self.caches if c is not None)
+
+    # ---- prefill --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the prompt (B, T) through the model's decoder layers, fill the buffers; logits (B, V) of the last token.
+
+        A single prompt (1, T) is shared: computed once and copied into every row of the buffers
+        (logits (1, V)); decoding then costs the same as for B distinct prompts.
+
+        Raises:
+            ValueError: wrong batch size, too long, or a padding mask (prompts must have equal length).
+        """
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("the engine decodes equal-length prompts only: the attention mask has padding; "
+                             "use model.generate for padded batches")
+        b, t = input_ids.shape
+        if b not in (1, self.batch_size):
+            raise ValueError(f"the engine was built for batch {self.batch_size}, got {b} prompts")
+        if t >= self.max_seq_len:
+            raise ValueError(f"a prompt of {t} tokens leaves no room to decode in max_seq_len={self.max_seq_len}")
+        hc = HybridCache(self.plan)  # each layer module writes its own cache entry exactly as in HF forward
+        mask = None
+        if self.eager:  # eager attention needs an explicit (additive) causal mask; sdpa uses is_causal
+            mask = torch.full((t, t), float("-inf"), dtype=self.dtype, device=self.device).triu(1)[None, None]
+        cos, sin = self.cos[:, :t].expand(b, -1, -1), self.sin[:, :t].expand(b, -1, -1)
+        position_ids = torch.arange(t, device=self.device)[None].expand(b, -1)
+        h = self.decoder.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, attention_mask=mask, position_ids=position_ids, cache=hc, use_cache=True,
+                      position_embeddings=(cos, sin))
+            h = h[0] if isinstance(h, tuple) else h
+            if self.caches[i] is not None:
+                self.caches[i].load(hc.layers[i])
+                hc.layers[i].reset()  # free the prompt's copy now
+        self.pos = t
+        return self.model.lm_head(self.decoder.norm(h[:, -1:]))[:, 0]
+
+    # ---- decode ---------------------------------------------------------------------------------
+    def _qkv(self, attn, x, cos, sin):
+        """q (B, nh, 1, hs), k and v (B, nkv, 1, hs) for one new token, RoPE applied."""
+        b = x.shape[0]
+        q = attn.q_proj(x).view(b, 1, self.nh, self.hs)
+        k = attn.k_proj(x).view(b, 1, self.nkv, self.hs)
+        v = attn.v_proj(x).view(b, self.nkv, 1, self.hs)  # T = 1: (B, 1, nkv, hs) has the same layout
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rope(q.view(b, self.nh, 1, self.hs), k.view(b, self.nkv, 1, self.hs), cos, sin)
+        return q, k, v
+
+    def _attend(self, q, k, v, scale):
+        """Grouped softmax attention of one query per head over n keys: q (B, nh, 1, hs), k/v (B, nkv, n, hs).
+
+        The G query heads sharing a kv head become G query rows (no key/value copies); every key is
+        visible, so no mask is needed.
+        """
+        b = q.shape[0]
+        y = F.scaled_dot_product_attention(q.reshape(b, self.nkv, self.groups, self.hs), k, v, scale=scale)
+        return y.reshape(b, 1, self.nh * self.hs)
+
+    def _linear_attend(self, attn: LinearSlidingWindowAttention, cache: LinearWindowKV, q, k, v):
+        """LinearSlidingWindowAttention's formula for one query: window softmax + gated linear state."""
+        b = q.shape[0]
+        qg = q.reshape(b, self.nkv, self.groups, self.hs)  # (B, nkv, G, hs)
+        s = torch.matmul(qg, k.transpose(-1, -2)).float() * attn.scaling  # (B, nkv, G, n)
+        a = torch.exp(s - s.amax(dim=-1, keepdim=True))
+        num = torch.matmul(a, v.float()).view(b, self.nh, 1, self.hs)
+        den = a.sum(dim=-1).view(b, self.nh, 1, 1)
+        fq = attn.feature_map_q(q)  # (B, nh, 1, F)
+        g = torch.sigmoid(attn.gate.float())[None, :, None, None]
+        num = num + g * torch.matmul(fq, cache.state)
+        den = den + g * torch.matmul(fq, cache.normalizer.unsqueeze(-1))
+        return (num / den).to(q.dtype).view(b, 1, self.nh * self.hs)
+
+    def _attention(self, i: int, attn, x, cos, sin, t: int):
+        cache = self.caches[i]
+        q, k, v = self._qkv(attn, x, cos, sin)
+        if isinstance(cache, FullKV):
+            cache.k[:, :, t : t + 1].copy_(k)
+            cache.v[:, :, t : t + 1].copy_(v)
+            y = self._attend(q, cache.k[:, :, : t + 1], cache.v[:, :, : t + 1], attn.scaling)
+            return attn.o_proj(y)
+        slot = t % cache.slots
+        if isinstance(cache, LinearWindowKV) and t >= attn.window:
+            # The key at position t - W leaves the window now; it sits in `slot` (slots == W here).
+            k_old = _repeat_kv(cache.k[:, :, slot : slot + 1], self.groups)  # (B, nh, 1, hs)
+            v_old = _repeat_kv(cache.v[:, :, slot : slot + 1], self.groups).float()
+            fk = attn.feature_map_k(k_old)  # (B, nh, 1, F)
+            cache.state.add_(torch.matmul(fk.transpose(-1, -2), v_old))
+            cache.normalizer.add_(fk[:, :, 0])
+        cache.k[:, :, slot : slot + 1].copy_(k)
+        cache.v[:, :, slot : slot + 1].copy_(v)
+        n = min(t + 1, cache.slots)
+        if isinstance(cache, LinearWindowKV):
+            y = self._linear_attend(attn, cache, q, cache.k[:, :, :n], cache.v[:, :, :n])
+        else:
+            y = self._attend(q, cache.k[:, :, :n], cache.v[:, :, :n], attn.scaling)
+        return attn.o_proj(y)
+
+    @torch.no_grad()
+    def decode_one_token(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, 1) at position `self.pos` -> logits (B, V); advances `self.pos`."""
+        t = self.pos
+        if t >= self.max_seq_len:
+            raise ValueError(f"the buffers hold {self.max_seq_len} tokens; they are full")
+        h = self.decoder.embed_tokens(tokens)  # (B, 1, D)
+        cos, sin = self.cos[:, t : t + 1], self.sin[:, t : t + 1]  # (1, 1, hs): broadcast over the batch
+        for i, layer in enumerate(self.layers):
+            if self.caches[i] is not None:  # `none` layers: no input norm, no attention
+                h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, t)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        self.pos = t + 1
+        return self.model.lm_head(self.decoder.norm(h))[:, 0]
+
+    @torch.no_grad()
+    def decode_n_tokens(self, token: torch.Tensor, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy-decode `n` tokens after `token` (B, 1); returns them (B, n) (written into `out` if given)."""
+        out = torch.empty(self.batch_size, n, dtype=torch.long, device=self.device) if out is None else out
+        for j in range(n):
+            token = self.decode_one_token(token).argmax(dim=-1, keepdim=True)
+            out[:, j : j + 1] = token
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy generation: prompt + `max_new_tokens` tokens, (B, T + max_new_tokens). No early stop at EOS."""
+        t = input_ids.shape[1]
+        if t + max_new_tokens > self.max_seq_len + 1:
+            raise ValueError(f"{t} + {max_new_tokens} tokens do not fit max_seq_len={self.max_seq_len}")
+        first = self.prefill(input_ids, attention_mask).argmax(dim=-1, keepdim=True)
+        rest = self.decode_n_tokens(first, max_new_tokens - 1) if max_new_tokens > 1 else first[:, :0]
+        return torch.cat([input_ids, first, rest], dim=1)
+
+
+__all__ = ["Engine", "FullKV", "LinearWindowKV", "WindowKV"]

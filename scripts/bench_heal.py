@@ -1,0 +1,144 @@
+"""Healing throughput (tokens/hour) on SmolLM2-135M: a naive peft + KD loop against layerboost.heal's steps.
+
+    naive       separate fp32 teacher copy + converted student with LoRA r=16 on q/k/v/o of every layer;
+                full-vocabulary logits of both, F.kl_div, backward, AdamW (what FACTS.md measured)
+    ours-same   layerboost.heal's stage-2 step with the naive run's LoRA targets (sharing + chunked KD only)
+    ours        layerboost.heal's stage-2 step with its default LoRA targets (modified layers +- 1, attn + MLP)
+    stage1      layerboost.heal's stage-1 step (attention transfer)
+    mix         the default budget split (attn_fraction of tokens in stage 1, the rest in stage 2)
+
+The variants run interleaved on the same batches (warm-up excluded, medians over repeats), so the shared
+machine's load hits them alike; the ratios are printed last. Timing goes to stderr, results to stdout.
+
+    python scripts/bench_heal.py [--repeats 5] [--batch 4] [--seq 256] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def hand_plan(n: int, window: int):
+    """About 1/3 each: softmax on layers 0, 3, 6, ...; swa on 1, 4, ...; none on 2, 5, ... (layer 0 stays softmax)."""
+    from layerboost import LayerPlan
+
+    return LayerPlan.from_kinds([("softmax", "swa", "none")[i % 3] for i in range(n)], window=window)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default=None, help="training text (default: <data-dir>/corpus/novels)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import layerboost as lb
+    from layerboost.corpus import PackedRows, documents
+    from layerboost.data import default_data_dir
+    from layerboost.heal import HealConfig, attn_step, build_hybrid, kd_step, stage_params
+    from peft import LoraConfig, get_peft_model
+
+    base, tok = lb.load_model(args.model)
+    n_layers = base.config.num_hidden_layers
+    plan = hand_plan(n_layers, args.window)
+    data = args.data or str(default_data_dir() / "corpus" / "novels")
+    stream = PackedRows(lambda: documents(data, seed=0), tok, args.seq, seed=0)
+    batches = [torch.stack([next(stream) for _ in range(args.batch)]) for _ in range(args.repeats + 1)]
+    n_tok = args.batch * args.seq
+
+    # naive: two full copies
+    teacher = copy.deepcopy(base).eval()
+    student = copy.deepcopy(base)
+    lb.convert(student, plan)
+    names = [n for n, m in student.named_modules()
+             if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    torch.manual_seed(0)
+    student = get_peft_model(student, LoraConfig(r=16, lora_alpha=32, target_modules=names))
+    student.train()
+    opt_n = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-4)
+
+    def naive(ids):
+        with torch.no_grad():
+            t = teacher(input_ids=ids, use_cache=False).logits
+        s = student(input_ids=ids, use_cache=False).logits
+        loss = F.kl_div(F.log_softmax(s.float(), -1).flatten(0, 1), F.log_softmax(t.float(), -1).flatten(0, 1),
+                        log_target=True, reduction="batchmean")
+        loss.backward()
+        opt_n.step()
+        opt_n.zero_grad(set_to_none=True)
+
+    def ours_factory(cfg):
+        h = build_hybrid(copy.deepcopy(base), plan, cfg)
+        h.peft_model.train()
+        steps = {}
+        for stage in ("attn", "kd"):
+            params = stage_params(h, stage, cfg)
+            opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+
+            def step(ids, stage=stage, params=params, opt=opt):
+                for p in h.peft_model.parameters():
+                    p.requires_grad_(False)
+                for p in params:
+                    p.requires_grad_(True)
+                if stage == "kd":
+                    kd_step(h, ids, ids.numel(), ids.numel(), cfg, "fp32")
+                else:
+                    attn_step(h, ids, ids.numel(), "fp32")
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            steps[stage] = step
+        return steps
+
+    cfg = HealConfig(tokens=1000, seq_len=args.seq, batch_size=args.batch, progress=False)
+    same = ours_factory(HealConfig(tokens=1000, seq_len=args.seq, lora_layers="all",
+                                   lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), progress=False))
+    ours = ours_factory(cfg)
+    variants = {"naive": naive, "ours-same": same["kd"], "ours": ours["kd"], "stage1": ours["attn"]}
+    times = {k: [] for k in variants}
+    for r, ids in enumerate(batches):
+        for name, fn in variants.items():
+            t = time.perf_counter()
+            fn(ids)
+            dt = time.perf_counter() - t
+            if r > 0:  # the first round is warm-up
+                times[name].append(dt)
+            print(f"round {r} {name:10s} {dt:6.2f} s", file=sys.stderr, flush=True)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tph = {k: n_tok / v * 3600 for k, v in med.items()}
+    f = cfg.attn_fraction
+    tph["mix"] = 3600 / (f * med["stage1"] / n_tok + (1 - f) * med["ours"] / n_tok)
+    res = {"model": args.model, "plan": plan.counts(), "batch": [args.batch, args.seq], "threads": args.threads,
+           "repeats": args.repeats, "median_step_s": med, "tokens_per_hour": tph,
+           "env": {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}}
+    print(f"model {args.model}, plan {plan.counts()}, batch {args.batch}x{args.seq}, {args.threads} threads, "
+          f"medians of {args.repeats}")
+    for k in ("naive", "ours-same", "ours", "stage1", "mix"):
+        s = f"{med[k]:6.2f} s/step" if k in med else " " * 11
+        print(f"{k:10s} {s}  {tph[k] / 1e6:5.2f}M tokens/hour")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    print(f"ratio ours/naive {tph['ours'] / tph['naive']:.2f}x, ours-same/naive {tph['ours-same'] / tph['naive']:.2f}x, "
+          f"mix/naive {tph['mix'] / tph['naive']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

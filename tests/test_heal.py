@@ -1,0 +1,313 @@
+"""Healing on tiny random models: stage 1 lowers the attention MSE, stage 2 lowers the KL, exact
+resume after SIGKILL, 2-process data parallel == 1 process, merge-and-reload equality, budgets, data refusal.
+
+This file doubles as the child-process entry point for the kill and multi-process tests:
+    python tests/test_heal.py OUT_DIR JSON_OPTIONS
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from conftest import tiny_model  # noqa: E402
+
+import layerboost as lb  # noqa: E402
+from layerboost.corpus import PackedRows, TrainingDataError, documents, parse_tokens  # noqa: E402
+from layerboost.heal import (HealConfig, HealConfigError, add_heal_arguments, attention_mse,  # noqa: E402
+                             build_hybrid, distill_kl, heal, merge_and_save)
+
+KINDS = ["softmax", "swa", "none", "linear_swa"]
+WINDOW = 8
+TEXT = (Path(os.environ.get("LAYERBOOST_DATA_DIR", HERE.parent.parent / "shared" / "data"))
+        / "corpus" / "novels" / "Anon_Clara_1864.txt")
+
+
+class ByteTok:
+    """Bytes as token ids (1..127; 0 is EOS) so text fits a 128-token tiny model."""
+
+    eos_token_id = 0
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [min(127, b) or 1 for b in text.encode()]}
+
+    def save_pretrained(self, path):
+        Path(path, "bytetok.json").write_text("{}")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread: these tiny models gain nothing from two, and the machine is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _plan():
+    return lb.LayerPlan.from_kinds(KINDS, window=WINDOW)
+
+
+def _corpus(tmp: Path) -> Path:
+    """A 200 KB training file: a real novel when the shared corpus exists, else generated prose."""
+    f = tmp / "train.txt"
+    if not f.exists():
+        if TEXT.is_file():
+            f.write_bytes(TEXT.read_bytes()[:200_000])
+        else:
+            words = "the of and a to in was he she it that his her with as had for not but at on said".split()
+            g = torch.Generator().manual_seed(0)
+            idx = torch.randint(len(words), (40_000,), generator=g).tolist()
+            f.write_text("\n\n".join(" ".join(words[i] for i in idx[j:j + 80]) for j in range(0, len(idx), 80)))
+    return f
+
+
+FAST = dict(seq_len=64, batch_size=4, progress=False, checkpoint_every=0, lora_rank=4, lora_alpha=8)
+
+
+def _heal(tmp, out, tokens, **opts):
+    return heal(tiny_model("llama", layers=4), _plan(), data=_corpus(tmp), out=tmp / out, tokens=tokens,
+                tokenizer=ByteTok(), **{**FAST, **opts})
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "heal_state" / "log.jsonl").read_text().splitlines()]
+
+
+def _heldout(n=4, t=64) -> torch.Tensor:
+    text = _corpus_text()[-20_000:]
+    ids = ByteTok()(text)["input_ids"]
+    return torch.tensor(ids[: n * t]).view(n, t)
+
+
+def _corpus_text() -> str:
+    return TEXT.read_text(errors="replace")[200_000:260_000] if TEXT.is_file() else "held out text " * 2000
+
+
+# ---- configuration and data --------------------------------------------------------------------------
+
+
+def test_parse_tokens():
+    assert parse_tokens("10M") == 10_000_000
+    assert parse_tokens("1.5M") == 1_500_000
+    assert parse_tokens("200k") == 200_000
+    assert parse_tokens(5000) == 5000
+    for bad in ("abc", "0", "-3k", "1.00001k"):
+        with pytest.raises(ValueError):
+            parse_tokens(bad)
+
+
+def test_config_reports_every_problem():
+    with pytest.raises(HealConfigError) as e:
+        HealConfig(tokens="x", seq_len=0, lr=-1, precision="fp8", lora_layers="some")
+    msg = str(e.value)
+    for word in ("tokens", "seq_len", "lr", "precision", "lora_layers"):
+        assert word in msg
+    assert HealConfig(tokens="200k").stage_tokens == {"attn": 50_000, "kd": 150_000}
+    assert HealConfig(tokens="200k", attn_distill=False).stage_tokens == {"attn": 0, "kd": 200_000}
+
+
+def test_cli_arguments_build_a_config():
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_heal_arguments(p)
+    a = p.parse_args(["--model", "m", "--plan", "p.json", "--data", "d", "--out", "o", "--tokens", "1.5M",
+                      "--no-attn-distill", "--lora-targets", "q_proj,v_proj"])
+    assert a.tokens == "1.5M" and a.no_attn_distill and a.lora_targets == "q_proj,v_proj" and a.seq_len == 512
+
+
+def test_refuses_evaluation_splits(tmp_path):
+    data = tmp_path / "data"
+    (data / "piqa").mkdir(parents=True)
+    (data / "piqa" / "validation.jsonl").write_text('{"goal": "g", "sol1": "a", "sol2": "b", "label": 0}\n')
+    (data / "corpus").mkdir()
+    (data / "corpus" / "a.txt").write_text("some prose\n" * 100)
+    for bad in (data / "piqa" / "validation.jsonl", data):
+        with pytest.raises(TrainingDataError, match="evaluation split"):
+            heal(tiny_model(), _plan(), data=bad, out=tmp_path / "o", tokens=1000, tokenizer=ByteTok(),
+                 data_dir=str(data), progress=False)
+    with pytest.raises(TrainingDataError, match="evaluation split"):
+        documents("hub:cais/mmlu:all:test", seed=0)
+    assert next(iter(documents(str(data / "corpus"), seed=0, data_dir=str(data)))).startswith("some prose")
+
+
+def test_packing_is_deterministic_and_resumable(tmp_path):
+    f = _corpus(tmp_path)
+
+    def rows(seed):
+        return PackedRows(lambda: documents(str(f), seed=seed, segment_chars=2000), ByteTok(), 64, seed, 16)
+
+    a = [next(rows(0)) for _ in range(1)]
+    r1, r2 = rows(0), rows(0)
+    first = [next(r1) for _ in range(40)]
+    r2.skip(25)
+    assert all(torch.equal(x, next(r2)) for x in first[25:])
+    assert all(len(x) == 64 for x in first) and torch.equal(a[0], first[0])
+    assert not torch.equal(torch.stack(first[:10]), torch.stack([next(rows(1)) for _ in range(10)]))
+
+
+def test_budget_stops_exactly(tmp_path):
+    out = _heal(tmp_path, "o", 1000, attn_fraction=0.3)
+    log = _log(out)
+    by_stage = {s: [r for r in log if r["stage"] == s] for s in ("attn", "kd")}
+    assert by_stage["attn"][-1]["tokens"] == 300 and by_stage["kd"][-1]["tokens"] == 700
+    assert [r["step"] for r in by_stage["kd"]] == [1, 2, 3]  # 256 + 256 + 188 tokens
+    assert lb.load(out).layerboost_plan.kinds == KINDS
+
+
+# ---- the two stages ------------------------------------------------------------------------------------
+
+
+def test_stage1_reduces_attention_mse(tmp_path):
+    ids = _heldout()
+    teacher = tiny_model("llama", layers=4)
+    unhealed = tiny_model("llama", layers=4)
+    lb.convert(unhealed, _plan())
+    windowed = [1, 3]
+    before = attention_mse(teacher, unhealed, ids, windowed)
+    out = _heal(tmp_path, "o", 16_000, attn_fraction=1.0, attn_lr=3e-3)
+    after = attention_mse(teacher, lb.load(out), ids, windowed)
+    for i in windowed:
+        assert after[i] < 0.8 * before[i], (before, after)
+    log = [r for r in _log(out) if r["stage"] == "attn"]
+    assert sum(r["loss"] for r in log[-5:]) < sum(r["loss"] for r in log[:5])
+
+
+def test_stage2_reduces_kl(tmp_path):
+    ids = _heldout()
+    teacher = tiny_model("llama", layers=4)
+    unhealed = tiny_model("llama", layers=4)
+    lb.convert(unhealed, _plan())
+    before = distill_kl(teacher, unhealed, ids)
+    out = _heal(tmp_path, "o", 16_000, attn_distill=False, lr=3e-3)
+    after = distill_kl(teacher, lb.load(out), ids)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_merge_and_reload_equals_unmerged(tmp_path):
+    torch.manual_seed(1)
+    h = build_hybrid(tiny_model("llama", layers=4), _plan(), HealConfig(tokens=1000, lora_rank=4))
+    with torch.no_grad():  # a trained-looking adapter and gate so a no-op merge cannot pass
+        for name, p in h.peft_model.named_parameters():
+            if "lora_B" in name or name.endswith(".gate"):
+                p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(1, 128, (2, 40))
+    h.peft_model.eval()
+    with torch.no_grad():
+        unmerged = h.peft_model(input_ids=ids, use_cache=False).logits
+        with h.teacher():
+            teacher = h.peft_model(input_ids=ids, use_cache=False).logits
+    ref = tiny_model("llama", layers=4)
+    with torch.no_grad():
+        assert torch.allclose(teacher, ref(input_ids=ids).logits, atol=1e-5)  # teacher mode == original model
+    merged = merge_and_save(h, tmp_path / "m")
+    reloaded = lb.load(tmp_path / "m")
+    with torch.no_grad():
+        merged_logits = merged(input_ids=ids, use_cache=False).logits
+        reloaded_logits = reloaded(input_ids=ids, use_cache=False).logits
+    assert torch.allclose(unmerged, merged_logits, atol=1e-4)
+    assert torch.allclose(merged_logits, reloaded_logits, atol=1e-6)
+    assert not torch.allclose(unmerged, teacher, atol=1e-3)
+
+
+# ---- long-job behaviour (child processes) ---------------------------------------------------------------
+
+
+def _child(out: Path, opts: dict, env: dict | None = None) -> subprocess.Popen:
+    e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, str(HERE / "test_heal.py"), str(out), json.dumps(opts)], env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _child_main(out: str, opts: str) -> None:
+    o = json.loads(opts)
+    torch.set_num_threads(o.pop("threads", 1))
+    tmp = Path(o.pop("tmp"))
+    heal(tiny_model("llama", layers=4), _plan(), data=_corpus(tmp), out=out, tokenizer=ByteTok(), **o)
+
+
+def test_resume_after_sigkill_continues_the_loss_curve(tmp_path):
+    opts = dict(FAST, tokens=40_000, attn_fraction=0.1, checkpoint_every=3, tmp=str(tmp_path), threads=1)
+    _corpus(tmp_path)
+    killed = tmp_path / "killed"
+    p = _child(killed, opts)
+    state = killed / "heal_state" / "checkpoint" / "state.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and p.poll() is None:  # kill once stage 2 has a mid-stage checkpoint
+        try:
+            s = json.loads(state.read_text())
+            if s["stage"] == "kd" and s["step"] >= 6:
+                break
+        except (OSError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.02)
+    assert p.poll() is None, "the run finished before it could be killed: raise its budget\n" + p.stdout.read()
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    at_kill = _log(killed)
+    ck = json.loads(state.read_text())
+    assert at_kill[-1]["step"] - ck["step"] <= opts["checkpoint_every"] or at_kill[-1]["stage"] != "kd"
+    with pytest.raises(FileExistsError):
+        _child_main(str(killed), json.dumps({k: v for k, v in opts.items()}))
+    ref = tmp_path / "ref"
+    _child_main(str(ref), json.dumps(opts))
+    _child_main(str(killed), json.dumps({**opts, "resume": True}))
+    a, b = _log(ref), _log(killed)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert (x["stage"], x["step"], x["tokens"]) == (y["stage"], y["step"], y["tokens"])
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-6, abs=1e-9)
+    ra, rb = lb.load(ref), lb.load(killed)
+    for (n, t), (_, u) in zip(ra.state_dict().items(), rb.state_dict().items()):
+        assert torch.allclose(t, u, atol=1e-6), n
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    out = _heal(tmp_path, "o", 600, checkpoint_every=1)
+    (out / "heal_state" / "checkpoint" / "params.safetensors").write_bytes(b"garbage")
+    with pytest.raises(lb.CheckpointError, match="corrupt"):
+        _heal(tmp_path, "o", 600, checkpoint_every=1, resume=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one(tmp_path):
+    opts = dict(FAST, tokens=3000, attn_fraction=0.4, tmp=str(tmp_path), threads=1)
+    _corpus(tmp_path)
+    port = _free_port()
+    procs = [
+        _child(tmp_path / "ddp", {**opts, "batch_size": 2},
+               {"WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port)})
+        for r in range(2)
+    ]
+    _child_main(str(tmp_path / "single"), json.dumps(opts))
+    for p in procs:
+        assert p.wait(timeout=180) == 0, p.stdout.read()
+    a, b = _log(tmp_path / "single"), _log(tmp_path / "ddp")
+    assert [(r["stage"], r["tokens"]) for r in a] == [(r["stage"], r["tokens"]) for r in b]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-8)
+    sa, sb = lb.load(tmp_path / "single").state_dict(), lb.load(tmp_path / "ddp").state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
+
+
+if __name__ == "__main__":
+    _child_main(sys.argv[1], sys.argv[2])

@@ -43,3 +43,12 @@ def arch(request):
 @pytest.fixture
 def clone():
     return copy.deepcopy
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for tiny models: two threads spin and run 10-30x slower on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

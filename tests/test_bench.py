@@ -11,12 +11,7 @@ from layerboost.bench import (RANDOM_CONFIGS, _interp, hybrid_of, hybrid_plan, i
 from layerboost.engine import Engine
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = ["--random-config", "tiny", "--threads", "1", "--window", "8"]

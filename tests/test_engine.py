@@ -15,13 +15,7 @@ from test_hybrid import activate_linear
 W = 4
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is ~10-30x faster than two on a busy 2-core machine (no OpenMP spinning)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MIXED = ["none", "linear_swa", "swa", "softmax"]  # layer 0 without attention, every kind once
 

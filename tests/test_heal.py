@@ -47,13 +47,7 @@ class ByteTok:
         Path(path, "bytetok.json").write_text("{}")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: these tiny models gain nothing from two, and the machine is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _plan():

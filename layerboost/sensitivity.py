@@ -204,7 +204,7 @@ def compare(items: list[MCItem], base: dict, var: dict) -> dict:
         m, se = _mean_se(d_acc)
         mm, mse = _mean_se(d_mar)
         per_task[t] = {"n": len(idx), "base": b_acc, "score": b_acc - m, "drop": m, "drop_se": se,
-                       "drop_rel": m / b_acc if b_acc > 0 else float("nan"), "margin_drop": mm, "margin_drop_se": mse}
+                       "drop_rel": m / b_acc if b_acc > 0 else None, "margin_drop": mm, "margin_drop_se": mse}
     k = len(tasks)
     drop = sum(p["drop"] for p in per_task.values()) / k
     se = math.sqrt(sum(p["drop_se"] ** 2 for p in per_task.values())) / k
@@ -213,7 +213,7 @@ def compare(items: list[MCItem], base: dict, var: dict) -> dict:
     base_avg = sum(p["base"] for p in per_task.values()) / k
     return {
         "drop": drop, "drop_ci95": [drop - 1.96 * se, drop + 1.96 * se],
-        "drop_rel": drop / base_avg if base_avg > 0 else float("nan"),
+        "drop_rel": drop / base_avg if base_avg > 0 else None,  # undefined: None, not NaN (valid JSON)
         "margin_drop": mdrop, "margin_drop_ci95": [mdrop - 1.96 * mse, mdrop + 1.96 * mse],
         "tasks": per_task,
     }
@@ -229,7 +229,7 @@ class LayerResult:
     seconds: float
     drop: float
     drop_ci95: list[float]
-    drop_rel: float
+    drop_rel: float | None
     margin_drop: float
     margin_drop_ci95: list[float]
     tasks: dict = field(default_factory=dict)
@@ -594,8 +594,9 @@ def sensitivity_table(result: dict, plan=None) -> str:
     for r in none_rows:
         i = r["layer"]
         lo, hi = r["drop_ci95"]
+        rel = f"{100 * r['drop_rel']:>7.1f}" if r["drop_rel"] is not None else f"{'n/a':>7}"
         row = (f"{i:>5} {100 * r['drop']:>10.2f} {f'[{100 * lo:.1f}, {100 * hi:.1f}]':>17} "
-               f"{100 * r['drop_rel']:>7.1f} {r['margin_drop']:>8.3f}")
+               f"{rel} {r['margin_drop']:>8.3f}")
         if p:
             row += f" {p['kl'][i]:>8.4f} {p['cosine'][i]:>7.4f}"
         if plan:

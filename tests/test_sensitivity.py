@@ -72,6 +72,11 @@ def test_drop_and_interval_math():
     assert c["drop"] == 0.5 and c["drop_ci95"][0] < 0.5 < c["drop_ci95"][1]
     assert c["tasks"]["a"]["drop_rel"] == 0.5 and c["tasks"]["b"]["drop_rel"] == 1.0
     assert c["margin_drop"] == pytest.approx((1.5 + 0.5) / 2)
+    # a task the base model gets all wrong has no relative drop: None (valid JSON, equal after a
+    # save/load round trip), never NaN
+    zero = S.compare(items[:2], {"correct": [0, 0], "margin": [0.0, 0.0]}, {"correct": [0, 0], "margin": [0.0, 0.0]})
+    assert zero["tasks"]["a"]["drop_rel"] is None and zero["drop_rel"] is None
+    assert json.loads(json.dumps(zero)) == zero
 
 
 def test_resume_skips_finished_layers(model, prepared, tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .attention import build_attention
+from .attention import LinearSlidingWindowAttention, SlidingWindowAttention, build_attention
 from .plan import LayerSpec
 from .surgery import decoder_parts
 
@@ -61,66 +61,115 @@ def items_from_tasks(prepared) -> list[MCItem]:
 
 @dataclass
 class _Seqs:
-    """Unique scored sequences, right-padded, and where each request reads its log-probs."""
+    """Rows to score, right-padded and batched by length, and where each request reads its log-probs."""
 
-    ids: list[torch.Tensor]  # per batch: (B, T) right-padded
-    reads: list[tuple[int, int, int, list[int]]]  # per request: (batch, row, first position, target tokens)
+    ids: list[torch.Tensor]  # per batch: (B, T) token ids
+    pos: list[torch.Tensor]  # per batch: (B, T) position ids
+    segs: list[torch.Tensor | None]  # per batch: (B, T) segment ids (0 = shared by all), None = plain causal
+    reads: list[tuple[int, int, list[int], list[int]]]  # per request: (batch, row, positions, target tokens)
     n_tokens: int
 
 
-def _pack(items: list[MCItem], batch_tokens: int) -> _Seqs:
-    """Deduplicate sequences (choices with one-token continuations share their context) and batch by length."""
-    seq_index: dict[tuple[int, ...], int] = {}
-    reads_raw = []
+def _pack(items: list[MCItem], batch_tokens: int, share_context: bool = True) -> _Seqs:
+    """Rows to score, batched by length (longest first) within `batch_tokens` padded tokens.
+
+    share_context=True: one row per item. The tokens all its choices' inputs start with come once,
+    then each choice's remaining tokens, with position ids continuing from the shared part and a
+    segment id per choice, so that (with the mask `_tree_mask` builds) a choice sees the shared part
+    and itself only: the same log-likelihoods as scoring every choice alone, for the cost of one
+    context. False: one row per distinct choice input (plain causal attention), for attention kinds
+    that window by row index (`swa`, `linear_swa`).
+    """
+    rows: list[tuple[list[int], list[int], list[int]]] = []  # (tokens, positions, segments)
+    row_index: dict[tuple[int, ...], int] = {}
+    reads_raw = []  # (row, positions, targets)
     for it in items:
-        for ctx, cont in zip(it.contexts, it.continuations):
-            whole = (ctx + cont)[:-1]  # the last target token is never an input
-            key = tuple(whole)
-            if key not in seq_index:
-                seq_index[key] = len(seq_index)
-            reads_raw.append((seq_index[key], len(ctx) - 1, cont))
-    seqs = list(seq_index)
-    order = sorted(range(len(seqs)), key=lambda s: -len(seqs[s]))
-    where, batches, cur, cur_len = {}, [], [], 0
-    for s in order:
-        n = len(seqs[s])
+        inputs = [(ctx + cont)[:-1] for ctx, cont in zip(it.contexts, it.continuations)]  # the last target is never an input
+        if share_context:
+            p = _common_prefix(inputs)
+            toks, pos, seg = list(inputs[0][:p]), list(range(p)), [0] * p
+            r = len(rows)
+            for j, (inp, ctx, cont) in enumerate(zip(inputs, it.contexts, it.continuations)):
+                at = len(toks)  # where this choice's own tokens start in the row
+                toks += inp[p:]
+                pos += range(p, len(inp))
+                seg += [j + 1] * (len(inp) - p)
+                where = [u if u < p else at + u - p for u in range(len(ctx) - 1, len(inp))]
+                reads_raw.append((r, where, cont))
+            rows.append((toks, pos, seg))
+        else:
+            for inp, ctx, cont in zip(inputs, it.contexts, it.continuations):
+                key = tuple(inp)
+                if key not in row_index:
+                    row_index[key] = len(rows)
+                    rows.append((list(inp), list(range(len(inp))), [0] * len(inp)))
+                reads_raw.append((row_index[key], list(range(len(ctx) - 1, len(inp))), cont))
+    order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
+    batches, cur, cur_len = [], [], 0
+    for r in order:
+        n = len(rows[r][0])
         if cur and (len(cur) + 1) * max(cur_len, n) > batch_tokens:
             batches.append(cur)
             cur, cur_len = [], 0
-        cur.append(s)
+        cur.append(r)
         cur_len = max(cur_len, n)
     if cur:
         batches.append(cur)
-    ids = []
+    where, ids, pos, segs = {}, [], [], []
     for b, group in enumerate(batches):
-        t = max(len(seqs[s]) for s in group)
+        t = max(len(rows[r][0]) for r in group)
         x = torch.zeros((len(group), t), dtype=torch.long)
-        for r, s in enumerate(group):
-            x[r, : len(seqs[s])] = torch.tensor(seqs[s])
-            where[s] = (b, r)
+        ps = torch.arange(t).repeat(len(group), 1)  # padding: any position, it is never read
+        sg = torch.zeros((len(group), t), dtype=torch.long)  # padding: segment 0, sees only shared tokens and pads
+        for i, r in enumerate(group):
+            toks, p_, s_ = rows[r]
+            x[i, : len(toks)], ps[i, : len(toks)], sg[i, : len(toks)] = torch.tensor(toks), torch.tensor(p_), torch.tensor(s_)
+            where[r] = (b, i)
         ids.append(x)
-    reads = [(*where[s], start, cont) for s, start, cont in reads_raw]
-    return _Seqs(ids, reads, sum(len(s) for s in seqs))
+        pos.append(ps)
+        segs.append(sg if bool(sg.any()) else None)
+    reads = [(*where[r], w, cont) for r, w, cont in reads_raw]
+    return _Seqs(ids, pos, segs, reads, sum(len(r[0]) for r in rows))
+
+
+def _common_prefix(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+
+
+def _tree_mask(segs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) segment ids -> additive mask (B, 1, T, T): causal, and a token in segment j > 0 sees
+    only segment 0 and segment j."""
+    t = segs.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segs.device).tril()
+    same = (segs[:, None, :] == 0) | (segs[:, None, :] == segs[:, :, None])  # (B, Tq, Tk)
+    mask = torch.zeros(segs.shape[0], 1, t, t, dtype=dtype, device=segs.device)
+    return mask.masked_fill_(~(causal & same)[:, None], torch.finfo(dtype).min)
 
 
 class LayerRunner:
-    """Runs a model's decoder one layer at a time on right-padded batches (no mask needed: padding
-    sits after every scored position, so causal attention never reaches it)."""
+    """Runs a model's decoder one layer at a time on right-padded batches. Padding sits after every
+    scored position, so causal attention never reaches it; packed rows add a segment mask."""
 
     def __init__(self, model: nn.Module):
         self.model = model
         self.decoder, self.layers = decoder_parts(model)
         self.device = next(model.parameters()).device
 
-    def embed(self, ids: torch.Tensor):
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor | None = None, segments: torch.Tensor | None = None):
+        """Embeddings and what every layer needs for this batch: (RoPE, position ids, mask or None)."""
         ids = ids.to(self.device)
         h = self.decoder.embed_tokens(ids)
-        pos = torch.arange(ids.shape[1], device=self.device)[None]
-        return h, (self.decoder.rotary_emb(h, position_ids=pos), pos)
+        pos = torch.arange(ids.shape[1], device=self.device)[None] if positions is None else positions.to(self.device)
+        mask = None if segments is None else _tree_mask(segments.to(self.device), h.dtype)
+        return h, (self.decoder.rotary_emb(h, position_ids=pos), pos, mask)
 
     def layer(self, i: int, h: torch.Tensor, rope) -> torch.Tensor:
-        pe, pos = rope
-        out = self.layers[i](h, attention_mask=None, position_embeddings=pe, position_ids=pos, use_cache=False)
+        pe, pos, mask = rope
+        out = self.layers[i](h, attention_mask=mask, position_embeddings=pe, position_ids=pos, use_cache=False)
         return out[0] if isinstance(out, tuple) else out
 
     def logprobs(self, h: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor):
@@ -128,6 +177,10 @@ class LayerRunner:
         x = self.decoder.norm(h[rows, positions])
         logits = self.model.lm_head(x).float()
         return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+
+    def windowed(self) -> bool:
+        """Whether any layer attends by row index (swa, linear_swa): packed rows would be wrong there."""
+        return any(isinstance(b.self_attn, (SlidingWindowAttention, LinearSlidingWindowAttention)) for b in self.layers)
 
 
 @contextlib.contextmanager
@@ -154,9 +207,9 @@ def _loglikelihoods(runner: LayerRunner, seqs: _Seqs, hidden: list[torch.Tensor]
 
 def _read(runner: LayerRunner, seqs: _Seqs, outs: list[torch.Tensor]) -> list[float]:
     by_batch: dict[int, list[tuple[int, int, int, int]]] = {}
-    for r_idx, (b, row, start, cont) in enumerate(seqs.reads):
-        for k, tok in enumerate(cont):
-            by_batch.setdefault(b, []).append((r_idx, row, start + k, tok))
+    for r_idx, (b, row, positions, cont) in enumerate(seqs.reads):
+        for p, tok in zip(positions, cont):
+            by_batch.setdefault(b, []).append((r_idx, row, p, tok))
     total = [0.0] * len(seqs.reads)
     for b, entries in by_batch.items():
         e = torch.tensor([x[1:] for x in entries], device=runner.device)
@@ -297,11 +350,12 @@ def layer_sensitivity(
     runner = LayerRunner(model)
     n_layers = len(runner.layers)
     layers = list(range(n_layers)) if layers is None else layers
-    seqs = _pack(items, batch_tokens)
+    share = not runner.windowed() and all(v.kind == "none" for v in variants)
+    seqs = _pack(items, batch_tokens, share_context=share)
     store = Store(out_dir, fingerprint or {"n_items": len(items), "variants": [s.to_dict() for s in variants]})
 
     base = store.get("base")
-    embedded = [runner.embed(x) for x in seqs.ids]
+    embedded = [runner.embed(x, p, g) for x, p, g in zip(seqs.ids, seqs.pos, seqs.segs)]
     rope = [e[1] for e in embedded]
     if base is None:
         lls = _loglikelihoods(runner, seqs, [e[0] for e in embedded], rope, 0)
@@ -330,7 +384,7 @@ def layer_sensitivity(
                 if reuse_prefix:
                     lls = _loglikelihoods(runner, seqs, hidden, rope, i)
                 else:
-                    lls = _loglikelihoods(runner, seqs, [runner.embed(x)[0] for x in seqs.ids], rope, 0)
+                    lls = _loglikelihoods(runner, seqs, [runner.embed(x)[0] for x in seqs.ids], rope, 0)  # rope: ids only
             scores = item_scores(items, lls)
             res = LayerResult(i, v.kind if v.kind == "none" else f"{v.kind}{v.window}", time.perf_counter() - t0,
                               **compare(items, base, scores))

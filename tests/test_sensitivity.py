@@ -42,6 +42,24 @@ def test_prefix_reuse_is_exact(model, prepared):
 
 
 @torch.no_grad()
+def test_packed_context_equals_one_row_per_choice(model, tok):
+    """One packed row per item (shared context once, a segment mask per choice) scores like one row per choice."""
+    items = S.items_from_tasks(prepare_tasks(tok, ["piqa", "arc_easy", "winogrande", "mmlu"], limit=3, seed=1))
+    runner = S.LayerRunner(model)
+    out = {}
+    for share in (True, False):
+        seqs = S._pack(items, 512, share_context=share)
+        emb = [runner.embed(x, p, g) for x, p, g in zip(seqs.ids, seqs.pos, seqs.segs)]
+        out[share] = S._loglikelihoods(runner, seqs, [e[0] for e in emb], [e[1] for e in emb], 0), seqs.n_tokens
+    assert max(abs(a - b) for a, b in zip(out[True][0], out[False][0])) <= 1e-4
+    assert out[True][1] < 0.8 * out[False][1]  # the contexts really are computed once
+    # a model with a windowed layer is scored one row per choice (swa windows by row index)
+    m = tiny_model("llama", layers=4, vocab=len(tok))
+    lb.convert(m, lb.LayerPlan.from_kinds(["softmax", "swa", "softmax", "softmax"], window=4))
+    assert S.LayerRunner(m).windowed() and not S.LayerRunner(model).windowed()
+
+
+@torch.no_grad()
 def test_variant_equals_converted_model_and_evaluator(model, prepared):
     """Variant i scores like a model converted with layer i = none, scored by the evaluator."""
     import copy

@@ -106,9 +106,9 @@ def _pack(items: list[MCItem], batch_tokens: int, share_context: bool = True) ->
                 reads_raw.append((row_index[key], list(range(len(ctx) - 1, len(inp))), cont))
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
     batches, cur, cur_len = [], [], 0
-    for r in order:
+    for r in order:  # longest first; a batch closes when full or when padding to its longest row would waste much
         n = len(rows[r][0])
-        if cur and (len(cur) + 1) * max(cur_len, n) > batch_tokens:
+        if cur and ((len(cur) + 1) * cur_len > batch_tokens or cur_len - n > max(4, cur_len // 8)):
             batches.append(cur)
             cur, cur_len = [], 0
         cur.append(r)

@@ -6,9 +6,10 @@ and scoring rules. sensitivity_i = mean over tasks of (base score - variant scor
 
 Exact prefix reuse: layers < i are the same in the base and in variant i, so the hidden states
 entering layer i are computed once, by running the base model one layer further after each
-variant. Variant i then runs only layers >= i (plus the final norm and the LM head, evaluated at
-the continuation positions only). Cost: L + L(L+1)/2 layer passes instead of L(L+1) (~0.53x for
-L=30). Memory: the hidden states entering the current layer are kept for every scored sequence,
+variant; that same pass, run to the end, gives the base scores. Variant i then runs only layers
+>= i (plus the final norm and the LM head, evaluated at the continuation positions only). Cost:
+L + L(L+1)/2 layer passes instead of L(L+1) (~0.53x for L=30), plus one LM-head read per variant.
+Memory: the hidden states entering the current layer are kept for every scored sequence,
 tokens x hidden_size x 4 bytes (fp32), e.g. ~0.5 GB for 1000 items of SmolLM2-135M.
 """
 
@@ -354,45 +355,60 @@ def layer_sensitivity(
     seqs = _pack(items, batch_tokens, share_context=share)
     store = Store(out_dir, fingerprint or {"n_items": len(items), "variants": [s.to_dict() for s in variants]})
 
-    base = store.get("base")
     embedded = [runner.embed(x, p, g) for x, p, g in zip(seqs.ids, seqs.pos, seqs.segs)]
     rope = [e[1] for e in embedded]
-    if base is None:
-        lls = _loglikelihoods(runner, seqs, [e[0] for e in embedded], rope, 0)
+    hidden = [e[0] for e in embedded]  # base hidden states entering layer `at`
+    at = 0
+
+    def advance(to: int) -> None:  # run the base model on from layer `at` to layer `to`
+        nonlocal at
+        for b in range(len(hidden)):
+            for j in range(at, to):
+                hidden[b] = runner.layer(j, hidden[b], rope[b])
+        at = to
+
+    def base_scores(lls: list[float]) -> dict:
         base = {"loglikelihoods": lls, **item_scores(items, lls)}
         store.put("base", base)
+        return base
+
+    base = store.get("base")
+    if base is None and not reuse_prefix:
+        base = base_scores(_loglikelihoods(runner, seqs, hidden, rope, 0))
     todo = [(i, v) for i in layers for v in variants]
     names = {(i, v): f"layer{i:03d}_{v.kind}{v.window or ''}" for i, v in todo}
-    results = {k: store.get(names[k]) for k in todo}
+    raw = {k: store.get(names[k]) for k in todo}  # {"seconds", "loglikelihoods"} per finished variant
     bar = tqdm(total=len(todo), desc="layers", unit="variant", disable=not progress, dynamic_ncols=True)
-    bar.update(sum(r is not None for r in results.values()))
-
-    hidden = [e[0] for e in embedded]  # hidden states entering layer `at`
-    at = 0
+    bar.update(sum(r is not None for r in raw.values()))
     for i in sorted(set(i for i, _ in todo)):
-        pending = [v for v in variants if results[(i, v)] is None]
+        pending = [v for v in variants if raw[(i, v)] is None]
         if not pending:
             continue
         if reuse_prefix:
-            for b in range(len(hidden)):
-                for j in range(at, i):
-                    hidden[b] = runner.layer(j, hidden[b], rope[b])
-            at = i
+            advance(i)  # the base pass itself: when it reaches the last layer it gives the base scores
         for v in pending:
             t0 = time.perf_counter()
             with variant(runner, i, v):
                 if reuse_prefix:
                     lls = _loglikelihoods(runner, seqs, hidden, rope, i)
                 else:
-                    lls = _loglikelihoods(runner, seqs, [runner.embed(x)[0] for x in seqs.ids], rope, 0)  # rope: ids only
-            scores = item_scores(items, lls)
-            res = LayerResult(i, v.kind if v.kind == "none" else f"{v.kind}{v.window}", time.perf_counter() - t0,
-                              **compare(items, base, scores))
-            results[(i, v)] = asdict(res) | {"loglikelihoods": lls}
-            store.put(names[(i, v)], results[(i, v)])
+                    lls = _loglikelihoods(runner, seqs, [e[0] for e in embedded], rope, 0)
+            raw[(i, v)] = {"seconds": time.perf_counter() - t0, "loglikelihoods": lls}
+            store.put(names[(i, v)], raw[(i, v)])
             bar.update(1)
-            bar.set_postfix(layer=i, drop=f"{res.drop:+.3f}")
+            if base is not None:  # known up front when resuming or recomputing naively
+                bar.set_postfix(layer=i, drop=f"{compare(items, base, item_scores(items, lls))['drop']:+.3f}")
+            else:
+                bar.set_postfix(layer=i)
     bar.close()
+    if base is None:
+        advance(n_layers)
+        base = base_scores(_read(runner, seqs, hidden))
+    results = {}
+    for (i, v), r in raw.items():
+        res = LayerResult(i, v.kind if v.kind == "none" else f"{v.kind}{v.window}", r["seconds"],
+                          **compare(items, base, item_scores(items, r["loglikelihoods"])))
+        results[(i, v)] = asdict(res) | {"loglikelihoods": r["loglikelihoods"]}
     return {"base": base, "layers": [results[k] for k in todo], "n_tokens": seqs.n_tokens}
 
 

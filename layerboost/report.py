@@ -95,6 +95,9 @@ def write_report(run_dir: str | Path) -> Path:
     cfg_path = d / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
     lines += [f"Model: `{cfg.get('model', '?')}`; tasks: {', '.join(cfg.get('tasks', []))}.", ""]
+    if cfg:
+        lines += ["<details><summary>config</summary>", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(),
+                  "```", "", "</details>", ""]
 
     sens = _load(d / "analyze" / "sensitivity.json")
     lines += ["## 1. Layer sensitivity", ""]
@@ -117,9 +120,12 @@ def write_report(run_dir: str | Path) -> Path:
         from .plan import LayerPlan
 
         plan = LayerPlan.load(plan_path)
-        scores = sens["sensitivity"] if sens else None
-        lines += ["```", plan.table([100 * s for s in scores] if scores else None), "```", "",
-                  "(score: accuracy drop in points when the layer's attention is removed)", ""]
+        by_margin = (cfg.get("plan") or {}).get("score") == "margin"
+        scores = (sens["sensitivity_margin"] if by_margin else sens["sensitivity"]) if sens else None
+        what = ("log-likelihood margin drop of the gold answer (nats)" if by_margin
+                else "accuracy drop in points")
+        lines += ["```", plan.table([s if by_margin else 100 * s for s in scores] if scores else None), "```", "",
+                  f"(score, used to choose the plan: {what} when the layer's attention is removed)", ""]
     else:
         lines += ["(not run)", ""]
 

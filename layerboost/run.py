@@ -145,6 +145,16 @@ class RunConfig:
             out.append(f"plan.window must be > 0, got {p.window}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             out.append(f"dtype: {self.dtype!r} must be float32, bfloat16 or float16")
+        if p.score not in ("drop", "margin"):
+            out.append(f"plan.score: {p.score!r} must be drop or margin")
+        import inspect
+
+        from .bench import bench_latency, bench_throughput
+
+        for name, fn in (("latency", bench_latency), ("throughput", bench_throughput)):
+            known = set(inspect.signature(fn).parameters) - {"base", "hybrid", "device"}
+            for key in sorted(set(getattr(self.bench, name)) - known):
+                out.append(f"bench.{name}.{key}: unknown setting (known: {', '.join(sorted(known))})")
         return out
 
     def to_dict(self) -> dict:

@@ -22,10 +22,10 @@ def test_shipped_configs_parse():
 def test_config_errors_reported_together(tmp_path):
     with pytest.raises(R.ConfigError) as e:
         R.RunConfig.from_dict({"modell": "x", "tasks": ["piqa", "nope"], "plan": {"policy": "magic", "window": 0},
-                               "analyze": {"limit": "many"}})
+                               "analyze": {"limit": "many"}, "bench": {"latency": {"sampel_steps": 4}}})
     msg = str(e.value)
     for part in ("unknown key(s) ['modell']", "unknown task 'nope'", "'magic' is not one of", "window must be > 0",
-                 "analyze.limit"):
+                 "analyze.limit", "bench.latency.sampel_steps: unknown setting"):
         assert part in msg
     (tmp_path / "bad.yaml").write_text("model: [unclosed")
     with pytest.raises(R.ConfigError, match="not valid YAML"):

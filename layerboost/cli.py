@@ -87,6 +87,8 @@ def _policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context", type=int, default=4096, help="context length the budget is computed at")
     g.add_argument("--window", type=int, default=64, help="window of the sliding-window layers")
     g.add_argument("--linear", action="store_true", help="use linear_swa instead of swa for windowed layers")
+    g.add_argument("--score", choices=["drop", "margin"], default="drop",
+                   help="rank layers by accuracy drop or by the (less noisy) gold-answer log-likelihood margin drop")
 
 
 def cmd_analyze(args) -> int:
@@ -105,9 +107,10 @@ def cmd_analyze(args) -> int:
                   data_dir=args.data_dir, swa_window=args.swa_window, proxies=not args.no_proxies,
                   calib_seqs=args.calib_seqs, iterative_steps=args.iterative, batch_tokens=args.batch_tokens,
                   reuse_prefix=not args.naive)
-    plan = _plan_from_args(args, res["sensitivity"], model.config)
+    scores = res["sensitivity_margin"] if args.score == "margin" else res["sensitivity"]
+    plan = _plan_from_args(args, scores, model.config)
     if plan is None:
-        plan = lb.plan.plan_by_fractions(res["sensitivity"], 1 / 3, 1 / 3, args.window)
+        plan = lb.plan.plan_by_fractions(scores, 1 / 3, 1 / 3, args.window)
     plan.save(Path(args.out) / "plan.json")
     plot_sensitivity(res, plan, Path(args.out) / "sensitivity.png")
     print(sensitivity_table(res, plan))
@@ -223,8 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
                        "or a KV-cache / decode-cost budget; print the plan table and write plan JSON.")
     p.add_argument("--sensitivity", required=True, help="sensitivity.json from `layerboost analyze`")
     p.add_argument("--out", default="plan.json")
-    p.add_argument("--score", choices=["drop", "margin"], default="drop",
-                   help="rank by accuracy drop or by the (less noisy) log-likelihood margin drop")
     p.add_argument("--model", help="model (for --budget: layer sizes)")
     _policy_args(p)
     p.set_defaults(func=cmd_plan)

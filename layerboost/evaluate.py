@@ -641,7 +641,7 @@ def _choices_of(requests: Sequence[MCRequest], max_length: int) -> list[list[_Ch
     return out
 
 
-def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
     n = min(len(s) for s in seqs)
     first = seqs[0]
     for i in range(n):
@@ -666,7 +666,7 @@ class _Unit:
 def _units(choices: list[list[_Choice]]) -> list[_Unit]:
     units = []
     for row in choices:
-        p = _common_prefix_len([c.inp for c in row])
+        p = common_prefix_len([c.inp for c in row])
         if p == 0:  # choices differ from the first token: nothing to share
             units.extend(_Unit(c.inp, [c]) for c in row)
         else:

@@ -8,6 +8,14 @@ from pathlib import Path
 KIND_COLOURS = {"softmax": "#1f77b4", "swa": "#ff7f0e", "linear_swa": "#9467bd", "none": "#2ca02c"}
 
 
+def _span(counts: dict) -> str:
+    """Items per task as "10" when all tasks have the same count, else "min-max"."""
+    if not counts:
+        return "?"
+    lo, hi = min(counts.values()), max(counts.values())
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 def _plt():
     import matplotlib
 
@@ -33,7 +41,7 @@ def plot_sensitivity(result: dict, plan, path: str | Path) -> Path:
     ax.set_ylabel("avg. accuracy drop (points)")
     n = result.get("items_per_task", {})
     ax.set_title(f"Attention removal sensitivity ({', '.join(result['tasks'])}; "
-                 f"{min(n.values()) if n else '?'}-{max(n.values()) if n else '?'} items/task)", fontsize=8)
+                 f"{_span(n)} items/task)", fontsize=8)
     ax.set_xticks(x)
     ax.tick_params(axis="x", labelsize=6)
     if plan is not None:
@@ -103,8 +111,8 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["## 1. Layer sensitivity", ""]
     if sens:
         n = sens["items_per_task"]
-        lines += [f"Drop in average accuracy when one layer's attention is removed ({min(n.values())}-"
-                  f"{max(n.values())} items per task, seed {sens['seed']}; {sens['timing']['total_seconds']:.0f} s).", ""]
+        lines += [f"Drop in average accuracy when one layer's attention is removed ({_span(n)} items per task, "
+                  f"seed {sens['seed']}; {sens['timing']['total_seconds']:.0f} s).", ""]
         if (d / "sensitivity.png").is_file():
             lines += ["![sensitivity](sensitivity.png)", ""]
         if "proxies" in sens:

@@ -27,6 +27,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .attention import LinearSlidingWindowAttention, SlidingWindowAttention, build_attention
+from .evaluate import common_prefix_len
 from .plan import LayerSpec
 from .surgery import decoder_parts
 
@@ -87,7 +88,7 @@ def _pack(items: list[MCItem], batch_tokens: int, share_context: bool = True) ->
     for it in items:
         inputs = [(ctx + cont)[:-1] for ctx, cont in zip(it.contexts, it.continuations)]  # the last target is never an input
         if share_context:
-            p = _common_prefix(inputs)
+            p = common_prefix_len(inputs)
             toks, pos, seg = list(inputs[0][:p]), list(range(p)), [0] * p
             r = len(rows)
             for j, (inp, ctx, cont) in enumerate(zip(inputs, it.contexts, it.continuations)):
@@ -131,14 +132,6 @@ def _pack(items: list[MCItem], batch_tokens: int, share_context: bool = True) ->
         segs.append(sg if bool(sg.any()) else None)
     reads = [(*where[r], w, cont) for r, w, cont in reads_raw]
     return _Seqs(ids, pos, segs, reads, sum(len(r[0]) for r in rows))
-
-
-def _common_prefix(seqs: list[list[int]]) -> int:
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != seqs[0][i] for s in seqs[1:]):
-            return i
-    return n
 
 
 def _tree_mask(segs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -97,7 +97,7 @@ def cmd_analyze(args) -> int:
 
     import layerboost as lb
     from .report import plot_sensitivity
-    from .sensitivity import analyze, sensitivity_table
+    from .sensitivity import analyze, plan_scores, sensitivity_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -107,7 +107,7 @@ def cmd_analyze(args) -> int:
                   data_dir=args.data_dir, swa_window=args.swa_window, proxies=not args.no_proxies,
                   calib_seqs=args.calib_seqs, iterative_steps=args.iterative, batch_tokens=args.batch_tokens,
                   reuse_prefix=not args.naive)
-    scores = res["sensitivity_margin"] if args.score == "margin" else res["sensitivity"]
+    scores = plan_scores(res, args.score)
     plan = _plan_from_args(args, scores, model.config)
     if plan is None:
         plan = lb.plan.plan_by_fractions(scores, 1 / 3, 1 / 3, args.window)
@@ -128,9 +128,10 @@ def cmd_plan(args) -> int:
     from transformers import AutoConfig
 
     import layerboost as lb
+    from .sensitivity import plan_scores
 
     res = json.loads(open(args.sensitivity).read())
-    scores = res["sensitivity_margin"] if args.score == "margin" else res["sensitivity"]
+    scores = plan_scores(res, args.score)
     config = None
     if args.budget is not None:
         if not args.model:

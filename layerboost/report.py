@@ -126,10 +126,11 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["## 2. Plan", ""]
     if plan_path.is_file():
         from .plan import LayerPlan
+        from .sensitivity import plan_scores
 
         plan = LayerPlan.load(plan_path)
         by_margin = (cfg.get("plan") or {}).get("score") == "margin"
-        scores = (sens["sensitivity_margin"] if by_margin else sens["sensitivity"]) if sens else None
+        scores = plan_scores(sens, "margin" if by_margin else "drop") if sens else None
         what = ("log-likelihood margin drop of the gold answer (nats)" if by_margin
                 else "accuracy drop in points")
         lines += ["```", plan.table([s if by_margin else 100 * s for s in scores] if scores else None), "```", "",

@@ -288,7 +288,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     from .evaluate import evaluate
     from .plan import LayerPlan
     from .report import plot_sensitivity, write_report
-    from .sensitivity import analyze
+    from .sensitivity import analyze, plan_scores
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -314,7 +314,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     sens = json.loads((r.dir / "analyze" / "sensitivity.json").read_text())
 
     def do_plan():
-        scores = sens["sensitivity_margin"] if cfg.plan.score == "margin" else sens["sensitivity"]
+        scores = plan_scores(sens, cfg.plan.score)
         plan = make_plan(cfg.plan, scores, base()[0].config)
         plan.save(r.dir / "plan.json")
         plot_sensitivity(sens, plan, r.dir / "sensitivity.png")

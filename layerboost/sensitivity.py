@@ -167,10 +167,12 @@ class LayerRunner:
         return out[0] if isinstance(out, tuple) else out
 
     def logprobs(self, h: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor):
-        """log p(target) at the given (row, position) pairs; the LM head runs on those positions only."""
-        x = self.decoder.norm(h[rows, positions])
-        logits = self.model.lm_head(x).float()
-        return torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+        """log p(target) at the given (row, position) pairs; the LM head runs once per distinct position
+        (the choices of a packed item, and MMLU's four letters, read the same position)."""
+        where, inverse = torch.unique(rows * h.shape[1] + positions, return_inverse=True)
+        x = self.decoder.norm(h.reshape(-1, h.shape[-1])[where])
+        logp = torch.log_softmax(self.model.lm_head(x).float(), dim=-1)
+        return logp[inverse, targets]
 
     def windowed(self) -> bool:
         """Whether any layer attends by row index (swa, linear_swa): packed rows would be wrong there."""
@@ -214,6 +216,13 @@ def _read(runner: LayerRunner, seqs: _Seqs, outs: list[torch.Tensor]) -> list[fl
 
 
 # ---- metrics ------------------------------------------------------------------------------------
+
+
+def plan_scores(result: dict, score: str) -> list[float]:
+    """Per-layer scores a plan is chosen from: `drop` (accuracy, the paper's Eq. 3) or `margin`."""
+    if score not in ("drop", "margin"):
+        raise ValueError(f"score must be drop or margin, not {score!r}")
+    return result["sensitivity_margin"] if score == "margin" else result["sensitivity"]
 
 
 def item_scores(items: list[MCItem], lls: list[float]) -> dict[str, list[float]]:

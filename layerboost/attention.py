@@ -106,14 +106,18 @@ class HedgehogFeatureMap(nn.Module):
 class LinearSlidingWindowAttention(_ProjectedAttention):
     """Softmax over the last `window` tokens plus linear attention over all older ones.
 
-    y_i = (sum_win e^(s_ij - m_i) v_j + g * phi(q_i) . sum_old phi(k_j) v_j)
-          / (sum_win e^(s_ij - m_i) + g * phi(q_i) . sum_old phi(k_j))
-    with m_i the row max over the window and g = sigmoid(gate) per head. The gate starts at
-    sigmoid(-4) ~ 0.018, so a fresh module is close to `swa`. Keys leaving the window are folded
-    into the cache's fp32 state, so decoding costs O(window + F) per token.
+    y_i = (a * sum_win e^(s_ij - m_i) v_j + g * phi(q_i) . sum_old phi(k_j) v_j)
+          / (a * sum_win e^(s_ij - m_i) + g * phi(q_i) . sum_old phi(k_j))
+    with m_i the row max over the window and (a, g) per head from `mix_factors()`:
+      mix "gate" (default): a = 1, g = sigmoid(gate), gate starting at -4 (g ~ 0.018), so a fresh
+          module is close to `swa` and older tokens can never outweigh the window much;
+      mix "lolcats": a = sigmoid(gate), gate starting at 0 (a = 0.5), g = 1: LoLCATs' learned
+          factor on the window term, the linear term unscaled.
+    Keys leaving the window are folded into the cache's fp32 state, so decoding costs
+    O(window + F) per token.
     """
 
-    GATE_INIT = -4.0
+    GATE_INIT = {"gate": -4.0, "lolcats": 0.0}
 
     def __init__(self, orig: nn.Module, spec: LayerSpec):
         super().__init__(orig, spec)
@@ -122,7 +126,14 @@ class LinearSlidingWindowAttention(_ProjectedAttention):
         dev = orig.q_proj.weight.device
         self.feature_map_q = HedgehogFeatureMap(nh, self.head_dim, fdim).to(dev)
         self.feature_map_k = HedgehogFeatureMap(nh, self.head_dim, fdim).to(dev)
-        self.gate = nn.Parameter(torch.full((nh,), self.GATE_INIT, device=dev))
+        self.mix = spec.mix or "gate"
+        self.gate = nn.Parameter(torch.full((nh,), self.GATE_INIT[self.mix], device=dev))
+
+    def mix_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(window factor, linear factor), each (nh,) fp32: the weights of the two terms."""
+        g = torch.sigmoid(self.gate.float())
+        one = torch.ones_like(g)
+        return (one, g) if self.mix == "gate" else (g, one)
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
         b, t, _ = hidden_states.shape
@@ -150,13 +161,13 @@ class LinearSlidingWindowAttention(_ProjectedAttention):
         a_win = torch.exp(s - s.amax(dim=-1, keepdim=True))
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)  # (B, nh, T, F), (B, nh, n, F)
         a_old = torch.matmul(fq, fk.transpose(-1, -2)) * old_mask  # (B, nh, T, n)
-        g = torch.sigmoid(self.gate.float())[None, :, None, None]
-        weights = a_win + g * a_old
+        fw, fl = (f[None, :, None, None] for f in self.mix_factors())
+        weights = fw * a_win + fl * a_old
         num = torch.matmul(weights, v.float())  # (B, nh, T, hs)
         den = weights.sum(dim=-1, keepdim=True)
         if state is not None:
-            num = num + g * torch.matmul(fq, state)
-            den = den + g * torch.matmul(fq, normalizer.unsqueeze(-1))
+            num = num + fl * torch.matmul(fq, state)
+            den = den + fl * torch.matmul(fq, normalizer.unsqueeze(-1))
         y = (num / den).to(q.dtype)
 
         n_evict = n - self.window  # keys that have now left every future query's window

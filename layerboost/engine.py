@@ -227,17 +227,17 @@ class Engine:
         return y.reshape(b, 1, self.nh * self.hs)
 
     def _linear_attend(self, attn: LinearSlidingWindowAttention, cache: LinearWindowKV, q, k, v):
-        """LinearSlidingWindowAttention's formula for one query: window softmax + gated linear state."""
+        """LinearSlidingWindowAttention's formula for one query: weighted window softmax + linear state."""
         b = q.shape[0]
         qg = q.reshape(b, self.nkv, self.groups, self.hs)  # (B, nkv, G, hs)
         s = torch.matmul(qg, k.transpose(-1, -2)).float() * attn.scaling  # (B, nkv, G, n)
         a = torch.exp(s - s.amax(dim=-1, keepdim=True))
-        num = torch.matmul(a, v.float()).view(b, self.nh, 1, self.hs)
-        den = a.sum(dim=-1).view(b, self.nh, 1, 1)
+        fw, fl = (f[None, :, None, None] for f in attn.mix_factors())
+        num = fw * torch.matmul(a, v.float()).view(b, self.nh, 1, self.hs)
+        den = fw * a.sum(dim=-1).view(b, self.nh, 1, 1)
         fq = attn.feature_map_q(q)  # (B, nh, 1, F)
-        g = torch.sigmoid(attn.gate.float())[None, :, None, None]
-        num = num + g * torch.matmul(fq, cache.state)
-        den = den + g * torch.matmul(fq, cache.normalizer.unsqueeze(-1))
+        num = num + fl * torch.matmul(fq, cache.state)
+        den = den + fl * torch.matmul(fq, cache.normalizer.unsqueeze(-1))
         return (num / den).to(q.dtype).view(b, 1, self.nh * self.hs)
 
     def _attention(self, i: int, attn, x, cos, sin, t: int):

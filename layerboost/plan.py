@@ -16,6 +16,10 @@ SCHEMA_VERSION = 1
 # The attention kinds a layer can take. `attention.ATTENTION_KINDS` maps each to its module.
 KINDS = ("softmax", "swa", "linear_swa", "none")
 WINDOWED_KINDS = ("swa", "linear_swa")
+# How linear_swa weighs its two terms: "gate" scales the linear term by sigmoid(gate) (starts near
+# swa); "lolcats" scales the window term by a learned sigmoid factor and leaves the linear term
+# unscaled (LoLCATs' published setting).
+LINEAR_MIXES = ("gate", "lolcats")
 
 
 class PlanError(ValueError):
@@ -30,11 +34,13 @@ class LayerSpec:
         kind: one of `KINDS`.
         window: tokens of softmax context for `swa` / `linear_swa` (the token itself included).
         feature_dim: linear-attention features per head for `linear_swa` (default: head_dim).
+        mix: how `linear_swa` weighs window and linear terms, one of `LINEAR_MIXES` (default "gate").
     """
 
     kind: str
     window: int | None = None
     feature_dim: int | None = None
+    mix: str | None = None
 
     def problems(self, where: str = "layer") -> list[str]:
         out = []
@@ -53,6 +59,11 @@ class LayerSpec:
                 out.append(f"{where}: 'feature_dim' only applies to 'linear_swa', not {self.kind!r}")
             elif not isinstance(self.feature_dim, int) or self.feature_dim <= 0:
                 out.append(f"{where}: feature_dim must be a positive integer, got {self.feature_dim!r}")
+        if self.mix is not None:
+            if self.kind != "linear_swa":
+                out.append(f"{where}: 'mix' only applies to 'linear_swa', not {self.kind!r}")
+            elif self.mix not in LINEAR_MIXES:
+                out.append(f"{where}: mix must be one of {', '.join(LINEAR_MIXES)}, got {self.mix!r}")
         return out
 
     def to_dict(self) -> dict:
@@ -110,13 +121,13 @@ class LayerPlan:
             if not isinstance(entry, dict):
                 problems.append(f"layer {i}: expected an object like {{'kind': 'swa', 'window': 64}}, got {entry!r}")
                 continue
-            unknown = set(entry) - {"kind", "window", "feature_dim"}
+            unknown = set(entry) - {"kind", "window", "feature_dim", "mix"}
             if unknown:
-                problems.append(f"layer {i}: unknown field(s) {sorted(unknown)}; allowed: kind, window, feature_dim")
+                problems.append(f"layer {i}: unknown field(s) {sorted(unknown)}; allowed: kind, window, feature_dim, mix")
             if "kind" not in entry:
                 problems.append(f"layer {i}: missing 'kind'")
                 continue
-            specs.append(LayerSpec(entry["kind"], entry.get("window"), entry.get("feature_dim")))
+            specs.append(LayerSpec(entry["kind"], entry.get("window"), entry.get("feature_dim"), entry.get("mix")))
         if problems:
             # Collect the per-spec problems too, so the user sees everything at once.
             problems += [p for i, s in enumerate(specs) for p in s.problems(f"entry {i}")]

@@ -8,10 +8,16 @@ packed into rows of `seq_len` tokens, and rows pass through a seeded shuffle buf
 
 The stream is a pure function of (sources, tokenizer, seq_len, seed): a run that stopped after `n`
 rows resumes by `skip(n)` (re-tokenizing what it skips, ~1M tokens/s).
+
+Held-out text: one 64 KiB block in `HELDOUT_EVERY` of every local file (chosen by a hash of the
+file name and block number, so the choice does not depend on paths or segment sizes) never enters
+training; `heldout_rows` reads those blocks as the text on which KL to the base model and
+perplexity are measured. The start of the calibration file is never held out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from collections.abc import Iterator
@@ -100,8 +106,56 @@ def segment_index(files: list[Path], segment_chars: int = 8192) -> list[tuple[in
     return index
 
 
+# ---- held-out text ---------------------------------------------------------------------------------
+
+HELDOUT_BLOCK = 1 << 16
+HELDOUT_EVERY = 100
+CALIBRATION_FILE, CALIBRATION_BYTES = "wikipedia_paragraphs.txt", 1 << 18  # sensitivity.calibration_tokens reads it
+
+
+def _block_hash(name: str, block: int) -> int:
+    return int(hashlib.sha256(f"{name}:{block}".encode()).hexdigest()[:12], 16)
+
+
+def is_heldout_block(name: str, block: int) -> bool:
+    """Whether bytes [block * 64 KiB, (block + 1) * 64 KiB) of the file called `name` are held out."""
+    if name == CALIBRATION_FILE and block * HELDOUT_BLOCK < CALIBRATION_BYTES:
+        return False
+    return _block_hash(name, block) % HELDOUT_EVERY == 0
+
+
+def overlaps_heldout(name: str, offset: int, length: int) -> bool:
+    first, last = offset // HELDOUT_BLOCK, (offset + max(length, 1) - 1) // HELDOUT_BLOCK
+    return any(is_heldout_block(name, b) for b in range(first, last + 1))
+
+
+def heldout_rows(tokenizer, data: str | os.PathLike, n_tokens: int, seq_len: int = 512) -> torch.Tensor:
+    """(n_rows, seq_len) token ids of held-out text of the local files under `data` (training never sees it).
+
+    Blocks are taken in a fixed hash order (mixing files), each tokenized and ended with EOS, packed
+    into rows; `n_rows` = ceil(n_tokens / seq_len). Deterministic for the same files and tokenizer.
+
+    Raises:
+        TrainingDataError: no local files, or not enough held-out text.
+    """
+    files = text_files(data)
+    blocks = sorted(((_block_hash(f.name, b), f, b) for f in files
+                     for b in range((f.stat().st_size + HELDOUT_BLOCK - 1) // HELDOUT_BLOCK)
+                     if b > 0 and is_heldout_block(f.name, b)), key=lambda x: x[0])  # block 0: front matter
+    n_rows = -(-n_tokens // seq_len)
+    buf: list[int] = []
+    for _, f, b in blocks:
+        with open(f, "rb") as fh:
+            fh.seek(b * HELDOUT_BLOCK)
+            text = fh.read(HELDOUT_BLOCK).decode("utf-8", errors="ignore")
+        buf += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(buf) >= n_rows * seq_len:
+            return torch.tensor(buf[: n_rows * seq_len]).view(n_rows, seq_len)
+    raise TrainingDataError(f"{data} holds {len(buf)} held-out tokens, fewer than the {n_rows * seq_len} asked for")
+
+
 def _file_documents(files: list[Path], seed: int, segment_chars: int) -> Iterator[str]:
-    index = segment_index(files, segment_chars)
+    index = [(n, o, ln) for n, o, ln in segment_index(files, segment_chars) if not overlaps_heldout(files[n].name, o, ln)]
     random.Random(seed).shuffle(index)
     handles: dict[int, object] = {}
     try:
@@ -252,6 +306,8 @@ def parse_tokens(value: str | int | float) -> int:
 
 __all__ = [
     "PackedRows",
+    "heldout_rows",
+    "overlaps_heldout",
     "TrainingDataError",
     "documents",
     "parse_hub_spec",

@@ -332,6 +332,7 @@ class PreparedTask:
         doc_ids: indices of the selected documents in the split.
         items: `MCItem`s (multiple choice) or None (perplexity).
         requests: `MCRequest`s or `RollingRequest`s, aligned with `doc_ids`.
+        partition: which part of the split the items come from (see `Partition`), or None (all of it).
     """
 
     task: MCTask | PerplexityTask
@@ -340,6 +341,7 @@ class PreparedTask:
     doc_ids: list[int]
     items: list[MCItem] | None
     requests: list
+    partition: dict | None = None
 
 
 def build_items(task: MCTask, docs: Sequence[dict], doc_ids: Sequence[int] | None = None) -> list[MCItem]:
@@ -548,8 +550,54 @@ def load_task_docs(task: MCTask | PerplexityTask, data_dir=None) -> tuple[list[d
     return docs, loaded.source
 
 
+@dataclass(frozen=True)
+class Partition:
+    """Selection items (layer choice, any tuning) and evaluation items (reported) of a split, disjoint.
+
+    The selection part is a seeded stratified sample of `size` documents per task (key
+    `selection:<task>`), drawn before any other sampling; the evaluation part is every other document.
+    `analyze` draws from `part="selection"`, a comparison reports `part="evaluation"`.
+
+    Args:
+        part: "selection" or "evaluation".
+        size: documents per task reserved for selection.
+        seed: the partition's seed (independent of the subsample seed).
+    """
+
+    part: str
+    size: int = 100
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.part not in ("selection", "evaluation"):
+            raise ValueError(f"partition part must be selection or evaluation, got {self.part!r}")
+        if not isinstance(self.size, int) or self.size < 1:
+            raise ValueError(f"partition size must be a positive integer, got {self.size!r}")
+
+    def ids(self, task_name: str, strata: Sequence[str]) -> list[int]:
+        """Sorted document indices of this part."""
+        chosen = set(stratified_subsample(strata, self.size, self.seed, f"selection:{task_name}"))
+        if len(chosen) >= len(strata):
+            raise ValueError(f"task {task_name!r} has {len(strata)} documents: a selection partition of {self.size} "
+                             "leaves nothing to evaluate; use a smaller selection size")
+        return [i for i in range(len(strata)) if (i in chosen) == (self.part == "selection")]
+
+    def to_dict(self) -> dict:
+        return {"part": self.part, "size": self.size, "seed": self.seed}
+
+
+def per_stratum_sample(strata: Sequence[str], k: int, seed: int, key: str = "") -> list[int]:
+    """Seeded sample of `k` indices from every stratum (all of a smaller stratum), sorted."""
+    rng = random.Random(f"{seed}:{key}:per_stratum")
+    groups: dict[str, list[int]] = {}
+    for i, st in enumerate(strata):
+        groups.setdefault(st, []).append(i)
+    return sorted(i for g in sorted(groups) for i in rng.sample(groups[g], min(k, len(groups[g]))))
+
+
 def prepare_task(
-    tokenizer, task: str | MCTask | PerplexityTask, *, data_dir=None, limit: int | float | None = None, seed: int = 0, docs=None
+    tokenizer, task: str | MCTask | PerplexityTask, *, data_dir=None, limit: int | float | None = None, seed: int = 0, docs=None,
+    partition: Partition | None = None, per_stratum: int | None = None,
 ) -> PreparedTask:
     """Load, subsample and tokenise one task.
 
@@ -557,9 +605,11 @@ def prepare_task(
         tokenizer: Hugging Face tokenizer of the models to score.
         task: task name, definition file, or task object.
         data_dir: data directory (None: default).
-        limit: items per task (int), fraction (float < 1), or None for the full split.
+        limit: items per task (int), fraction (float < 1), or None for the full split (or partition).
         seed: subsample seed.
         docs: optional (docs, source) already loaded by `load_task_docs`.
+        partition: take the items from this part of the split only (multiple-choice tasks).
+        per_stratum: instead of `limit`, this many items from every stratum (MMLU: per subject).
 
     Returns:
         The prepared task, reusable across models sharing the tokenizer.
@@ -576,9 +626,16 @@ def prepare_task(
         ]
         return PreparedTask(task, source, len(all_docs), ids, None, reqs)
     strata = [task.stratum(d) if task.stratum else str(task.gold(d)) for d in all_docs]
-    ids = stratified_subsample(strata, limit, seed, task.name)
+    pool = partition.ids(task.name, strata) if partition is not None else list(range(len(all_docs)))
+    pool_strata = [strata[i] for i in pool]
+    if per_stratum is not None:
+        picked = per_stratum_sample(pool_strata, per_stratum, seed, task.name)
+    else:
+        picked = stratified_subsample(pool_strata, limit, seed, task.name)
+    ids = [pool[j] for j in picked]
     items = build_items(task, [all_docs[i] for i in ids], ids)
-    return PreparedTask(task, source, len(all_docs), ids, items, encode_items(tokenizer, items))
+    return PreparedTask(task, source, len(all_docs), ids, items, encode_items(tokenizer, items),
+                        partition.to_dict() if partition is not None else None)
 
 
 def prepare_tasks(tokenizer, tasks: Sequence[str | MCTask | PerplexityTask], **kwargs) -> list[PreparedTask]:
@@ -1097,6 +1154,8 @@ def evaluate(
                     for it, sc in zip(prep.items, scores)
                 ]
         res.update(n_total=prep.n_total, time_s=round(time.perf_counter() - t1, 3), data=prep.source)
+        if prep.partition is not None:
+            res["partition"] = prep.partition
         out_tasks[name] = res
     mc = {k: v for k, v in out_tasks.items() if v["column"] in ("acc", "acc_norm")}
     average = None

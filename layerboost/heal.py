@@ -511,6 +511,42 @@ def kd_step(h: Hybrid, ids: torch.Tensor, n_kl: int, n_ce: int, cfg: HealConfig,
     return torch.stack([kl, ce])
 
 
+# ---- held-out probes during healing ----------------------------------------------------------------
+
+
+@torch.no_grad()
+def probe(h: Hybrid, rows: torch.Tensor, precision: str = "fp32", batch: int = 4, chunk: int = 1024) -> dict:
+    """Student vs teacher on held-out rows (B, T): mean KL(teacher || student) per token, next-token
+    (argmax) agreement, and both perplexities of the text (positions 0..T-2 predicting 1..T-1)."""
+    kl = agree = nll_s = nll_t = 0.0
+    n = n_next = 0
+    w, b = h.lm_head.weight, h.lm_head.bias
+    for mb in rows.split(batch):
+        mb = mb.to(w.device)
+        with _autocast(mb.device, precision):
+            x, ctx = h.embed(mb)
+            x0 = h.run(x, 0, h.prefix, ctx)
+            with h.teacher():
+                ht = h.decoder.norm(h.run(x0, h.prefix, len(h.layers), ctx))
+            hs = h.decoder.norm(h.run(x0, h.prefix, len(h.layers), ctx))
+        d = hs.shape[-1]
+        targets = torch.cat([mb[:, 1:], torch.full_like(mb[:, :1], -1)], dim=1).reshape(-1)
+        hs, ht = hs.reshape(-1, d), ht.reshape(-1, d)
+        for a in range(0, hs.shape[0], chunk):
+            ls = nn.functional.linear(hs[a:a + chunk], w, b).float().log_softmax(-1)  # (C, V)
+            lt = nn.functional.linear(ht[a:a + chunk], w, b).float().log_softmax(-1)
+            kl += (lt.exp() * (lt - ls)).sum().item()
+            agree += (ls.argmax(-1) == lt.argmax(-1)).sum().item()
+            tg = targets[a:a + chunk]
+            ok = tg >= 0
+            nll_s -= ls[ok].gather(-1, tg[ok][:, None]).sum().item()
+            nll_t -= lt[ok].gather(-1, tg[ok][:, None]).sum().item()
+            n += ls.shape[0]
+            n_next += int(ok.sum())
+    return {"kl": kl / n, "agree": agree / n, "ppl": math.exp(nll_s / n_next), "ppl_teacher": math.exp(nll_t / n_next),
+            "tokens_scored": n}
+
+
 # ---- evaluation helpers (two separate models; for tests and reports) --------------------------------
 
 
@@ -652,6 +688,20 @@ class _Run:
     precision: str
     log_lines: int = 0
     state: dict = field(default_factory=dict)
+    probe_rows: torch.Tensor | None = None
+    probe_at: list[int] = field(default_factory=list)  # total tokens (both stages) at which to probe
+    offset: int = 0  # tokens of earlier stages
+
+    def maybe_probe(self, before: int, after: int) -> None:
+        """Probe held-out text at every point of `probe_at` in (before, after] (0 is probed when before == -1)."""
+        if self.probe_rows is None:
+            return
+        for at in self.probe_at:
+            if before < at <= after or (before == -1 and at == 0):
+                t0 = time.perf_counter()
+                rec = {"probe": True, "tokens": after if at else 0, **probe(self.h, self.probe_rows, self.precision)}
+                rec["probe_s"] = round(time.perf_counter() - t0, 3)
+                self.log(rec)
 
     def log(self, record: dict) -> None:
         if self.dist.main:
@@ -743,6 +793,7 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
         rec["lr"] = opt.param_groups[0]["lr"]
         rec["elapsed_s"] = round(time.perf_counter() - t_start, 3)
         run.log(rec)
+        run.maybe_probe(run.offset + done - n_global, run.offset + done)
         if bar is not None:
             bar.update(n_global)
             bar.set_postfix(loss=f"{rec['loss']:.4g}", step=f"{step}/{total}")
@@ -782,7 +833,8 @@ def _resolve_precision(p: str, device: torch.device) -> str:
 
 def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.PathLike, out: str | os.PathLike,
          tokens: int | str | None = None, attn_distill: bool = True, tokenizer=None, resume: bool = False,
-         config: HealConfig | None = None, **options) -> Path:
+         config: HealConfig | None = None, probe_rows: torch.Tensor | None = None,
+         probe_at: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0), **options) -> Path:
     """Convert the model to `plan`, heal it by distillation from the original, save the merged hybrid in `out`.
 
     Args:
@@ -796,6 +848,9 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
         tokenizer: needed when `model_or_name` is a model object.
         resume: continue from the checkpoint in `out/heal_state`.
         config / **options: a `HealConfig`, or its fields as keyword arguments.
+        probe_rows: held-out token rows (B, T): when given, KL(teacher || student), next-token agreement and
+            perplexity on them are logged (`"probe": true` lines of log.jsonl) at the fractions `probe_at` of
+            the budget, so a healing curve can be drawn.
 
     Returns:
         `out`, the saved hybrid's folder.
@@ -856,16 +911,20 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
         lines = log.read_text().splitlines(keepends=True)[:keep] if log.is_file() else []
         log.write_text("".join(lines))
     _barrier(d)
-    run = _Run(h, cfg, d, stream, work, _resolve_precision(cfg.precision, d.device), log_lines=state["log_lines"] if state else 0)
+    run = _Run(h, cfg, d, stream, work, _resolve_precision(cfg.precision, d.device), log_lines=state["log_lines"] if state else 0,
+               probe_rows=probe_rows if d.main else None, probe_at=sorted({round(f * cfg.tokens) for f in probe_at}))
     t0 = time.perf_counter()
     budgets = dict(cfg.stage_tokens)
     if not h.windowed:  # no swa / linear_swa layer: stage 1 has nothing to transfer
         budgets = {"attn": 0, "kd": cfg.tokens}
     stage = state["stage"] if state else ("attn" if budgets["attn"] > 0 else "kd")
+    if state is None:
+        run.maybe_probe(-1, 0)
     for s in ("attn", "kd"):
         if STAGES.index(stage) > STAGES.index(s):
             continue
         n = budgets[s]
+        run.offset = budgets["attn"] if s == "kd" else 0
         if n > 0:
             _train_stage(run, s, n, state if state and state["stage"] == s and state["step"] > 0 else None)
         stage = STAGES[STAGES.index(s) + 1]

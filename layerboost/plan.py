@@ -228,6 +228,40 @@ def plan_by_thresholds(scores, softmax_above: float, none_below: float, window: 
     return LayerPlan.from_kinds(kinds, window=window)
 
 
+# ---- policies without sensitivity scores (baselines: "w/o layer selection") ------------------------
+
+
+def _check_counts(n_layers: int, softmax: int, swa: int, none: int) -> None:
+    if min(softmax, swa, none) < 0 or softmax + swa + none != n_layers:
+        raise PlanError(f"counts softmax={softmax} + swa={swa} + none={none} must be >= 0 and add up to {n_layers} layers")
+
+
+def plan_random(n_layers: int, softmax: int, swa: int, none: int, seed: int, window: int = 64,
+                swa_kind: str = "swa") -> LayerPlan:
+    """The same counts placed uniformly at random (seeded): the "w/o layer selection" baseline."""
+    import random
+
+    _check_counts(n_layers, softmax, swa, none)
+    kinds = ["softmax"] * softmax + [swa_kind] * swa + ["none"] * none
+    random.Random(f"plan_random:{seed}").shuffle(kinds)
+    return LayerPlan.from_kinds(kinds, window=window)
+
+
+def plan_pattern(n_layers: int, softmax: int, swa: int, none: int, window: int = 64, swa_kind: str = "swa") -> LayerPlan:
+    """The same counts interleaved as evenly as possible, starting softmax, swa, none (10/10/10:
+    softmax, swa, none repeated): layer i takes the kind furthest behind its share of i + 1 layers."""
+    _check_counts(n_layers, softmax, swa, none)
+    want = {"softmax": softmax, swa_kind: swa, "none": none}
+    placed = dict.fromkeys(want, 0)
+    kinds = []
+    for i in range(n_layers):
+        k = max((k for k in want if placed[k] < want[k]),
+                key=lambda k: (want[k] * (i + 1) / n_layers - placed[k], -list(want).index(k)))
+        placed[k] += 1
+        kinds.append(k)
+    return LayerPlan.from_kinds(kinds, window=window)
+
+
 def relative_cost(plan: LayerPlan, config, context: int, measure: str = "kv") -> float:
     """Cost of `plan` relative to all-softmax at `context` tokens.
 

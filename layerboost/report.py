@@ -25,20 +25,28 @@ def _plt():
     return plt
 
 
-def plot_sensitivity(result: dict, plan, path: str | Path) -> Path:
-    """Bar chart of each layer's drop (points, 95% interval), coloured by the planned kind (paper Fig. 4)."""
+SCORE_LABELS = {"drop": "avg. accuracy drop (points)", "margin": "gold-margin drop (nats)",
+                "kl": "KL(base || variant), nats/token", "cosine": "1 - cos(x, x + attn(x))"}
+
+
+def plot_sensitivity(result: dict, plan, path: str | Path, score: str = "drop") -> Path:
+    """Bar chart of each layer's sensitivity under `score` (the one the plan was chosen by), coloured by
+    the planned kind (paper Fig. 4); the accuracy drop carries its 95% interval."""
+    from .sensitivity import plan_scores
+
     plt = _plt()
     rows = [r for r in result["layers"] if r["variant"] == "none"]
     x = [r["layer"] for r in rows]
-    y = [100 * r["drop"] for r in rows]
-    lo = [100 * (r["drop"] - r["drop_ci95"][0]) for r in rows]
-    hi = [100 * (r["drop_ci95"][1] - r["drop"]) for r in rows]
+    vals = plan_scores(result, score)
+    y = [100 * vals[i] if score == "drop" else vals[i] for i in x]
+    lo = [100 * (r["drop"] - r["drop_ci95"][0]) for r in rows] if score == "drop" else [0] * len(x)
+    hi = [100 * (r["drop_ci95"][1] - r["drop"]) for r in rows] if score == "drop" else [0] * len(x)
     colours = [KIND_COLOURS[plan[i].kind] if plan is not None else "#777777" for i in x]
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(x) + 2), 3.6), dpi=150)
     ax.bar(x, y, color=colours, yerr=[lo, hi], capsize=1.5, error_kw={"elinewidth": 0.6, "alpha": 0.6})
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xlabel("decoder layer")
-    ax.set_ylabel("avg. accuracy drop (points)")
+    ax.set_ylabel(SCORE_LABELS[score])
     n = result.get("items_per_task", {})
     ax.set_title(f"Attention removal sensitivity ({', '.join(result['tasks'])}; "
                  f"{_span(n)} items/task)", fontsize=8)

@@ -37,6 +37,8 @@ class AnalyzeConfig:
     calib_seqs: int = 4
     iterative: int = 0
     batch_tokens: int = 8192
+    selection_size: int = 100  # documents per task reserved for analysis; eval scores only the others
+    selection_seed: int = 0
 
 
 @dataclass
@@ -145,8 +147,12 @@ class RunConfig:
             out.append(f"plan.window must be > 0, got {p.window}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             out.append(f"dtype: {self.dtype!r} must be float32, bfloat16 or float16")
-        if p.score not in ("drop", "margin"):
-            out.append(f"plan.score: {p.score!r} must be drop or margin")
+        from .sensitivity import PLAN_SCORES
+
+        if p.score not in PLAN_SCORES:
+            out.append(f"plan.score: {p.score!r} must be one of {', '.join(PLAN_SCORES)}")
+        if p.score in ("kl", "cosine") and not self.analyze.proxies:
+            out.append(f"plan.score: {p.score!r} needs analyze.proxies: true")
         import inspect
 
         from .bench import bench_latency, bench_throughput
@@ -191,7 +197,8 @@ def _type_ok(annotation: str, value) -> bool:
     checks = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool), "str": lambda v: isinstance(v, str),
               "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "bool": lambda v: isinstance(v, bool),
               "dict": lambda v: isinstance(v, dict), "list[str]": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
-              "list[float]": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) for x in v)}
+              "list[float]": lambda v: isinstance(v, list) and all(isinstance(x, (int, float)) for x in v),
+              "list[int]": lambda v: isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v)}
     return any(checks[t](value) for t in (a.strip() for a in annotation.split("|")) if t in checks)
 
 
@@ -307,7 +314,7 @@ def run(cfg: RunConfig, log=print) -> Path:
         a = cfg.analyze
         analyze(model, tok, cfg.tasks, out_dir=r.dir / "analyze", limit=a.limit, seed=a.seed, data_dir=cfg.data_dir,
                 swa_window=a.swa_window, proxies=a.proxies, calib_seqs=a.calib_seqs, iterative_steps=a.iterative,
-                batch_tokens=a.batch_tokens)
+                batch_tokens=a.batch_tokens, selection_size=a.selection_size, selection_seed=a.selection_seed)
         return {"sensitivity": str(r.dir / "analyze" / "sensitivity.json")}
 
     r.run_stage("analyze", do_analyze)
@@ -317,7 +324,7 @@ def run(cfg: RunConfig, log=print) -> Path:
         scores = plan_scores(sens, cfg.plan.score)
         plan = make_plan(cfg.plan, scores, base()[0].config)
         plan.save(r.dir / "plan.json")
-        plot_sensitivity(sens, plan, r.dir / "sensitivity.png")
+        plot_sensitivity(sens, plan, r.dir / "sensitivity.png", score=cfg.plan.score)
         log(plan.table([100 * s for s in sens["sensitivity"]]))
         return {"plan": str(r.dir / "plan.json"), "counts": plan.counts()}
 

@@ -27,6 +27,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from .attention import LinearSlidingWindowAttention, SlidingWindowAttention, build_attention
+from .corpus import CALIBRATION_BYTES
 from .evaluate import common_prefix_len
 from .plan import LayerSpec
 from .surgery import decoder_parts
@@ -218,10 +219,23 @@ def _read(runner: LayerRunner, seqs: _Seqs, outs: list[torch.Tensor]) -> list[fl
 # ---- metrics ------------------------------------------------------------------------------------
 
 
+PLAN_SCORES = ("drop", "margin", "kl", "cosine")
+
+
 def plan_scores(result: dict, score: str) -> list[float]:
-    """Per-layer scores a plan is chosen from: `drop` (accuracy, the paper's Eq. 3) or `margin`."""
-    if score not in ("drop", "margin"):
-        raise ValueError(f"score must be drop or margin, not {score!r}")
+    """Per-layer scores a plan is chosen from (higher = more sensitive, keeps softmax):
+
+    `drop`: average accuracy drop when the layer's attention is removed (the paper's Eq. 3);
+    `margin`: drop of the mean gold-answer margin (continuous; fewer ties on few items);
+    `kl`: KL(base || variant) of next-token distributions on calibration text (proxy);
+    `cosine`: 1 - cos(x, x + attn(x)) on calibration text (LLM-Drop's importance).
+    """
+    if score not in PLAN_SCORES:
+        raise ValueError(f"score must be one of {', '.join(PLAN_SCORES)}, not {score!r}")
+    if score in ("kl", "cosine"):
+        if "proxies" not in result:
+            raise ValueError(f"score {score!r} needs the proxies: run analyze with proxies on")
+        return result["proxies"][score]
     return result["sensitivity_margin"] if score == "margin" else result["sensitivity"]
 
 
@@ -571,9 +585,12 @@ def calibration_tokens(tokenizer, data_dir=None, n_seqs: int = 8, seq_len: int =
     text, ids = "", []
     with path.open(encoding="utf-8") as f:
         while len(ids) < need:
-            chunk = f.read(200_000)
+            chunk = f.read(50_000)
             if not chunk:
                 raise ValueError(f"{path} holds fewer than {need} tokens")
+            if len((text + chunk).encode()) > CALIBRATION_BYTES:  # beyond it, text may be held out for evaluation
+                raise ValueError(f"{n_seqs} x {seq_len} calibration tokens need more than the first "
+                                 f"{CALIBRATION_BYTES} bytes of {path}, which are reserved for calibration: ask for fewer")
             text += chunk
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return torch.tensor(ids[:need]).view(n_seqs, seq_len)
@@ -596,18 +613,26 @@ def analyze(
     batch_tokens: int = 8192,
     reuse_prefix: bool = True,
     progress: bool = True,
+    selection_size: int = 100,
+    selection_seed: int = 0,
 ) -> dict:
-    """Full sensitivity analysis; writes `out_dir/sensitivity.json` (resumable per layer) and returns it."""
-    from .evaluate import prepare_tasks
+    """Full sensitivity analysis; writes `out_dir/sensitivity.json` (resumable per layer) and returns it.
+
+    Items come from the selection partition of each split (`evaluate.Partition`: `selection_size`
+    documents per task, seeded by `selection_seed`), which evaluation of a comparison never scores;
+    `limit` subsamples within it. The output records the partition and the document ids used.
+    """
+    from .evaluate import Partition, prepare_tasks
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    prepared = prepare_tasks(tokenizer, tasks, data_dir=data_dir, limit=limit, seed=seed)
+    part = Partition("selection", selection_size, selection_seed)
+    prepared = prepare_tasks(tokenizer, tasks, data_dir=data_dir, limit=limit, seed=seed, partition=part)
     items = items_from_tasks(prepared)
     variants = (LayerSpec("none"),) + ((LayerSpec("swa", swa_window),) if swa_window else ())
     fingerprint = {"model": getattr(model.config, "_name_or_path", ""), "tasks": tasks, "limit": limit, "seed": seed,
-                   "n_items": len(items), "variants": [v.to_dict() for v in variants]}
+                   "n_items": len(items), "variants": [v.to_dict() for v in variants], "partition": part.to_dict()}
     res = layer_sensitivity(model, items, variants=variants, batch_tokens=batch_tokens, out_dir=out,
                             fingerprint=fingerprint, reuse_prefix=reuse_prefix, progress=progress)
     n_layers = len(decoder_parts(model)[1])
@@ -621,6 +646,8 @@ def analyze(
         "limit": limit,
         "seed": seed,
         "items_per_task": {pt.task.name: len(pt.requests) for pt in prepared},
+        "partition": part.to_dict(),
+        "doc_ids": {pt.task.name: pt.doc_ids for pt in prepared},
         "data_sources": {pt.task.name: pt.source for pt in prepared},
         "columns": {pt.task.name: pt.task.column for pt in prepared},
         "n_tokens": res["n_tokens"],

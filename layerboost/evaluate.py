@@ -1105,6 +1105,7 @@ def evaluate(
     progress: bool = True,
     per_item: bool = False,
     prepared: Sequence[PreparedTask] | None = None,
+    wikitext_max_length: int | None = None,
 ) -> dict:
     """Evaluate a causal LM on benchmarks, scored like lm-eval 0.4.x.
 
@@ -1122,6 +1123,7 @@ def evaluate(
         progress: show progress bars.
         per_item: include per-item log-likelihoods, predictions and gold margins.
         prepared: already prepared tasks (skips loading and tokenising; `tasks` is then ignored).
+        wikitext_max_length: rolling-window length of perplexity tasks (None: the model's context, as lm-eval).
 
     Returns:
         JSON-able dict: `tasks` (per task: metrics, stderrs, n, n_total, column, time_s, data),
@@ -1141,8 +1143,9 @@ def evaluate(
         t1 = time.perf_counter()
         name = prep.task.name
         if isinstance(prep.task, PerplexityTask):
-            lls = score_rolling(model, tokenizer, prep.requests, progress=progress, desc=name)
+            lls = score_rolling(model, tokenizer, prep.requests, max_length=wikitext_max_length, progress=progress, desc=name)
             res = perplexity_metrics(prep.requests, lls)
+            res["max_length"] = wikitext_max_length
         else:
             scores = score_requests(
                 model, prep.requests, batch_size=batch_size, max_batch_tokens=max_batch_tokens, method=method, progress=progress, desc=name

@@ -98,6 +98,34 @@ def accuracy_table(evals: dict[str, dict]) -> list[str]:
     return rows
 
 
+def quality_table(evals: dict[str, dict]) -> list[str]:
+    """Markdown rows of the continuous measures that see what a few hundred items cannot."""
+    names = [n for n in evals if evals[n]]
+    if not names:
+        return []
+    first = evals[names[0]]
+    mc = [t for t, v in first["tasks"].items() if v.get("column") in ("acc", "acc_norm")]
+    rows = ["| model | WikiText-2 word ppl | held-out KL(base \|\| model) | next-token agreement | held-out ppl | "
+            "mean gold margin |", "|---|---|---|---|---|---|"]
+    for n in names:
+        ev = evals[n]
+        wt, h = ev["tasks"].get("wikitext"), ev.get("heldout")
+        margins = [ev["tasks"][t]["mean_margin"] for t in mc if "mean_margin" in ev["tasks"][t]]
+        rows.append(f"| {n} | {wt['word_perplexity']:.2f} |" if wt else f"| {n} | - |")
+        rows[-1] += (f" {h['kl']:.4f} | {h['agree']:.3f} | {h['ppl']:.2f} |" if h else " - | - | - |")
+        rows[-1] += f" {sum(margins) / len(margins):.3f} |" if margins else " - |"
+    notes = []
+    if first["tasks"].get("wikitext"):
+        w = first["tasks"]["wikitext"]
+        notes.append(f"WikiText-2: {w['n']} test documents, rolling windows of "
+                     f"{w.get('max_length') or 'the model context'} tokens")
+    if first.get("heldout"):
+        notes.append(f"held-out text: {first['heldout']['tokens']} tokens of the training corpus that healing and "
+                     "calibration never read")
+    notes.append("gold margin: gold-answer log-likelihood minus the best other choice's, averaged over tasks (nats)")
+    return rows + ["", "; ".join(notes) + "."]
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Build `report.md` in a run folder from the JSON each stage wrote (numbers are copied, not recomputed)."""
     import platform
@@ -137,18 +165,17 @@ def write_report(run_dir: str | Path) -> Path:
         from .sensitivity import plan_scores
 
         plan = LayerPlan.load(plan_path)
-        by_margin = (cfg.get("plan") or {}).get("score") == "margin"
-        scores = plan_scores(sens, "margin" if by_margin else "drop") if sens else None
-        what = ("log-likelihood margin drop of the gold answer (nats)" if by_margin
-                else "accuracy drop in points")
-        lines += ["```", plan.table([s if by_margin else 100 * s for s in scores] if scores else None), "```", "",
-                  f"(score, used to choose the plan: {what} when the layer's attention is removed)", ""]
+        score = (cfg.get("plan") or {}).get("score", "drop")
+        scores = plan_scores(sens, score) if sens else None
+        lines += ["```", plan.table([100 * s if score == "drop" else s for s in scores] if scores else None), "```", "",
+                  f"(score, used to choose the plan and shown in the figure: {SCORE_LABELS[score]})", ""]
     else:
         lines += ["(not run)", ""]
 
     lines += ["## 3. Accuracy", ""]
     evals = {n: _load(d / "eval" / f"{n}.json") for n in ("base", "converted", "healed")}
     lines += accuracy_table(evals) + [""]
+    lines += quality_table(evals) + [""]
     heal = _load(d / "heal" / "heal.json")
     if heal:
         st = heal.get("stage_tokens", {})

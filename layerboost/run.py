@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,9 +70,12 @@ class HealConfig:
 
 @dataclass
 class EvalConfig:
-    limit: int | None = 100
+    limit: int | None = 100  # items per task from the evaluation partition (never the analysis' items)
     seed: int = 0
     batch_size: int = 32
+    heldout_tokens: int = 4096  # held-out text for KL(base || model), agreement and perplexity; 0 = skip
+    wikitext_docs: int | None = 8  # WikiText-2 test documents for word perplexity; 0 = skip, null = all
+    wikitext_max_length: int | None = None  # rolling window (null: the model's context, as lm-eval)
 
 
 @dataclass
@@ -147,6 +151,14 @@ class RunConfig:
             out.append(f"plan.window must be > 0, got {p.window}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             out.append(f"dtype: {self.dtype!r} must be float32, bfloat16 or float16")
+        for k in ("limit", "wikitext_max_length"):
+            v = getattr(self.eval, k)
+            if v is not None and v < 1:
+                out.append(f"eval.{k} must be >= 1 or null, got {v}")
+        if self.eval.wikitext_docs is not None and self.eval.wikitext_docs < 0:
+            out.append(f"eval.wikitext_docs must be >= 0 or null, got {self.eval.wikitext_docs}")
+        if self.eval.heldout_tokens < 0:
+            out.append(f"eval.heldout_tokens must be >= 0, got {self.eval.heldout_tokens}")
         from .sensitivity import PLAN_SCORES
 
         if p.score not in PLAN_SCORES:
@@ -292,8 +304,10 @@ def run(cfg: RunConfig, log=print) -> Path:
     import torch
 
     from . import convert, load_model, save
-    from .evaluate import evaluate
+    from .corpus import heldout_rows
+    from .evaluate import Partition, evaluate, prepare_task
     from .plan import LayerPlan
+    from .quality import heldout_metrics
     from .report import plot_sensitivity, write_report
     from .sensitivity import analyze, plan_scores
 
@@ -371,8 +385,23 @@ def run(cfg: RunConfig, log=print) -> Path:
                 done[name] = str(f)  # finished before an interruption
                 continue
             model, tok = base() if path is None else load_model(str(path), dtype=dtype, device=device)
-            res = evaluate(model, tok, cfg.tasks, data_dir=cfg.data_dir, limit=e.limit, seed=e.seed,
-                           batch_size=e.batch_size)
+            part = Partition("evaluation", cfg.analyze.selection_size, cfg.analyze.selection_seed)
+            prepared = [prepare_task(tok, t, data_dir=cfg.data_dir, limit=e.limit, seed=e.seed, partition=part)
+                        for t in cfg.tasks]
+            if e.wikitext_docs != 0:
+                prepared.append(prepare_task(tok, "wikitext", data_dir=cfg.data_dir, limit=e.wikitext_docs, seed=e.seed))
+            res = evaluate(model, tok, [], prepared=prepared, batch_size=e.batch_size, per_item=True,
+                           wikitext_max_length=e.wikitext_max_length)
+            for t in res["tasks"].values():  # keep the mean gold margin under the task's column, not every item
+                items = t.pop("items", None)
+                if items:
+                    key = "margin_norm" if t["column"] == "acc_norm" else "margin"
+                    finite = [it[key] for it in items if math.isfinite(it[key])]
+                    t["mean_margin"] = sum(finite) / len(finite)
+            if e.heldout_tokens:
+                rows = heldout_rows(tok, _heal_data(cfg.heal.data, cfg.data_dir), e.heldout_tokens, 512)
+                res["heldout"] = {k: v for k, v in heldout_metrics(base()[0], model, rows).items()
+                                  if k not in ("kl_rows", "nll_rows")}
             res["model"], res["stage_hash"] = str(path or cfg.model), r.hashes["eval"]
             f.write_text(json.dumps(res, indent=1))
             done[name] = str(f)

@@ -223,3 +223,78 @@ def test_replacement_record():
         (3, "none", "LlamaAttention", "NoAttention"),
     ]
     assert m.model.layers[1].self_attn.q_proj is orig_q  # projections are reused, not copied
+
+
+# ---- linear_swa against a plain per-query reference ------------------------------------------------
+
+def _reference_linear_swa(attn, x, pe):
+    """y_i = (a sum_{i-W<j<=i} e^{s_ij - m_i} v_j + g sum_{j<=i-W} phi_q(q_i).phi_k(k_j) v_j) / (same without v),
+    m_i the max window score (as LoLCATs), one query at a time from the formula (no masks, no matmul tricks)."""
+    q, k, v = attn.qkv(x, pe)  # (B, nh, T, hs), (B, nkv, T, hs), (B, nkv, T, hs)
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
+    a, g = attn.mix_factors()
+    b, nh, t, hs = q.shape
+    y = torch.zeros(b, nh, t, hs)
+    for bi in range(b):
+        for h in range(nh):
+            fq = attn.feature_map_q(q[bi:bi + 1, h:h + 1].contiguous().expand(1, nh, t, hs))[0, h]
+            fk = attn.feature_map_k(k[bi:bi + 1, h:h + 1].contiguous().expand(1, nh, t, hs))[0, h]
+            for i in range(t):
+                num, den = torch.zeros(hs), torch.zeros(())
+                m_i = max(float(q[bi, h, i] @ k[bi, h, j]) * attn.scaling for j in range(max(0, i - attn.window + 1), i + 1))
+                for j in range(i + 1):
+                    if j > i - attn.window:
+                        w = a[h] * torch.exp(q[bi, h, i] @ k[bi, h, j] * attn.scaling - m_i)
+                    else:
+                        w = g[h] * (fq[i] @ fk[j])
+                    num, den = num + w * v[bi, h, j], den + w
+                y[bi, h, i] = num / den
+    return attn.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+@pytest.mark.parametrize("mix", ["gate", "lolcats"])
+@torch.no_grad()
+def test_linear_swa_matches_plain_reference(mix):
+    base = tiny_model("llama", layers=1)
+    m = copy.deepcopy(base)
+    lb.convert(m, LayerPlan((LayerSpec("linear_swa", 4, 8, mix),)))
+    activate_linear(m)
+    attn = m.model.layers[0].self_attn
+    with torch.no_grad():
+        attn.gate.copy_(torch.linspace(-1, 1, attn.gate.numel()))  # per-head factors differ
+    x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(12)[None]
+    pe = m.model.rotary_emb(x, position_ids=pos)
+    got = attn(hidden_states=x, position_embeddings=pe, attention_mask=None)[0]
+    ref = _reference_linear_swa(attn, x, pe)
+    assert (got - ref).abs().max() <= 1e-5
+    # the factors weigh the terms as documented: gate scales the linear term, lolcats the window term
+    a, g = attn.mix_factors()
+    s = torch.sigmoid(attn.gate)
+    assert torch.equal(a, torch.ones_like(s) if mix == "gate" else s) and torch.equal(g, s if mix == "gate" else torch.ones_like(s))
+
+
+@torch.no_grad()
+def test_linear_swa_gate_to_minus_infinity_is_swa():
+    base = tiny_model("llama")
+    x = ids()
+    lin = converted(base, ["linear_swa"] * 4)
+    activate_linear(lin)
+    for layer in lin.model.layers:
+        layer.self_attn.gate.fill_(-1e4)  # sigmoid(gate) = 0: the linear term vanishes
+    swa = converted(base, ["swa"] * 4)
+    assert (lin(x).logits - swa(x).logits).abs().max() <= 1e-5
+    # and with a live gate it differs (so the check above can fail)
+    activate_linear(lin)
+    assert (lin(x).logits - swa(x).logits).abs().max() > 1e-3
+
+
+def test_mix_is_validated_and_saved(tmp_path):
+    with pytest.raises(lb.plan.PlanError, match="mix must be one of"):
+        LayerPlan((LayerSpec("linear_swa", 4, None, "bogus"),))
+    with pytest.raises(lb.plan.PlanError, match="'mix' only applies"):
+        LayerPlan((LayerSpec("swa", 4, None, "gate"),))
+    p = LayerPlan((LayerSpec("linear_swa", 4, 8, "lolcats"), LayerSpec("none")))
+    p.save(tmp_path / "p.json")
+    assert LayerPlan.load(tmp_path / "p.json") == p

@@ -49,7 +49,7 @@ def tiny_config(model_dir, out):
         "analyze": {"limit": 4, "calib_seqs": 2},
         "plan": {"policy": "counts", "softmax": 2, "swa": 1, "none": 1, "window": 8},
         "heal": {"tokens": 2048, "options": {"seq_len": 64, "batch_size": 2, "checkpoint_every": 2, "progress": False}},
-        "eval": {"limit": 4},
+        "eval": {"limit": 4, "wikitext_docs": 1, "wikitext_max_length": 64, "heldout_tokens": 128},
         "bench": {"latency": {"batch": 2, "prompt": 8, "lengths": [8, 16], "repeats": 1, "warmup": 1},
                   "throughput": {"concurrency": [2, 4], "prompt": 8, "output": 4}},
     })
@@ -97,6 +97,12 @@ def test_pipeline_artefacts_consistent_and_resumable(tiny_dir, tmp_path, monkeyp
     for name in ("base", "converted", "healed"):
         ev = json.loads((d / "eval" / f"{name}.json").read_text())
         assert f"| {name} | " in md and f"{100 * ev['average']['value']:.1f} |" in md
+        # continuous measures next to accuracy; evaluation items come from the evaluation partition
+        assert f"{ev['heldout']['kl']:.4f} | {ev['heldout']['agree']:.3f} |" in md
+        assert f"| {name} | {ev['tasks']['wikitext']['word_perplexity']:.2f} |" in md
+        assert ev["tasks"]["piqa"]["partition"]["part"] == "evaluation"
+    assert json.loads((d / "eval" / "base.json").read_text())["heldout"]["kl"] == pytest.approx(0, abs=1e-6)
+    assert json.loads((d / "eval" / "converted.json").read_text())["heldout"]["kl"] > 1e-4
     lat = json.loads((d / "bench" / "latency.json").read_text())
     assert lat["table"] in md
     # the healed model loads and differs from the unhealed conversion
@@ -106,6 +112,6 @@ def test_pipeline_artefacts_consistent_and_resumable(tiny_dir, tmp_path, monkeyp
     # a finished run is all skipped
     logs = []
     R.run(cfg, log=logs.append)
-    assert all("skipped" in l for l in logs if l.startswith("[") and "up to date" in l)
-    assert sum("running" in l for l in logs) == 0
+    stage_lines = [l for l in logs if l.startswith("[")]
+    assert len(stage_lines) == len(R.STAGES) and all(l.endswith(")") and "up to date, skipped" in l for l in stage_lines)
     assert yaml.safe_load((d / "config.yaml").read_text())["model"] == str(tiny_dir)

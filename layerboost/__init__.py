@@ -4,6 +4,7 @@
 __version__ = "0.1.0"
 
 from .cache import HybridCache, expected_cache_bytes  # noqa: E402
+from .export import ExportError, export  # noqa: E402
 from .models import load_model  # noqa: E402
 from .plan import KINDS, LayerPlan, LayerSpec, PlanError  # noqa: E402
 from .surgery import CheckpointError, UnsupportedModelError, convert, load, save  # noqa: E402
@@ -11,6 +12,7 @@ from .surgery import CheckpointError, UnsupportedModelError, convert, load, save
 __all__ = [
     "KINDS",
     "CheckpointError",
+    "ExportError",
     "HybridCache",
     "LayerPlan",
     "LayerSpec",
@@ -18,6 +20,7 @@ __all__ = [
     "UnsupportedModelError",
     "convert",
     "expected_cache_bytes",
+    "export",
     "load",
     "load_model",
     "save",

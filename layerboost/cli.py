@@ -87,8 +87,9 @@ def _policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context", type=int, default=4096, help="context length the budget is computed at")
     g.add_argument("--window", type=int, default=64, help="window of the sliding-window layers")
     g.add_argument("--linear", action="store_true", help="use linear_swa instead of swa for windowed layers")
-    g.add_argument("--score", choices=["drop", "margin"], default="drop",
-                   help="rank layers by accuracy drop or by the (less noisy) gold-answer log-likelihood margin drop")
+    g.add_argument("--score", choices=["drop", "margin", "kl", "cosine"], default="drop",
+                   help="rank layers by accuracy drop (default), the (less noisy) gold-answer margin drop, or the KL / "
+                        "cosine proxy on calibration text")
 
 
 def cmd_analyze(args) -> int:
@@ -106,13 +107,13 @@ def cmd_analyze(args) -> int:
     res = analyze(model, tok, args.tasks.split(","), out_dir=args.out, limit=limit, seed=args.seed,
                   data_dir=args.data_dir, swa_window=args.swa_window, proxies=not args.no_proxies,
                   calib_seqs=args.calib_seqs, iterative_steps=args.iterative, batch_tokens=args.batch_tokens,
-                  reuse_prefix=not args.naive)
+                  reuse_prefix=not args.naive, selection_size=args.selection_size, selection_seed=args.selection_seed)
     scores = plan_scores(res, args.score)
     plan = _plan_from_args(args, scores, model.config)
     if plan is None:
         plan = lb.plan.plan_by_fractions(scores, 1 / 3, 1 / 3, args.window)
     plan.save(Path(args.out) / "plan.json")
-    plot_sensitivity(res, plan, Path(args.out) / "sensitivity.png")
+    plot_sensitivity(res, plan, Path(args.out) / "sensitivity.png", score=args.score)
     print(sensitivity_table(res, plan))
     print(f"wrote {args.out}/sensitivity.json, sensitivity.png, plan.json "
           f"({res['timing']['total_seconds']:.0f} s)")
@@ -163,10 +164,42 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import CompareConfig, compare
+    from .run import ConfigError
+
+    try:
+        cfg = CompareConfig.load(args.config)
+        overrides = {k: v for k, v in (("out", args.out), ("data_dir", args.data_dir), ("model", args.model)) if v}
+        if overrides:
+            import dataclasses
+
+            cfg = CompareConfig.from_dict({**dataclasses.asdict(cfg), **overrides})
+        md = compare(cfg, log=lambda m: print(m, flush=True))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"comparison: {md}")
+    return 0
+
+
 def cmd_report(args) -> int:
     from .report import write_report
 
     print(f"wrote {write_report(args.run)}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import ExportError, export
+
+    try:
+        out = export(args.model, args.out, format=args.format, dtype=DTYPES[args.dtype])
+    except ExportError as e:
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.format} format)")
     return 0
 
 
@@ -207,8 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "bytes, ~0.5 GB for 1000 items on SmolLM2-135M); lower --limit to bound it.")
     _model_args(p)
     p.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,winogrande,mmlu")
-    p.add_argument("--limit", type=float, default=200, help="items per task (stratified, seeded); 0 = all")
+    p.add_argument("--limit", type=float, default=200,
+                   help="items per task (stratified, seeded) from the selection partition; 0 = all of it")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--selection-size", type=int, default=100,
+                   help="documents per task reserved for selection (analysis); evaluation of a comparison never scores them")
+    p.add_argument("--selection-seed", type=int, default=0, help="seed of the selection partition")
     p.add_argument("--data-dir", help="local data folder (default: $LAYERBOOST_DATA_DIR or ../shared/data)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--swa-window", type=int, help="also measure each layer with a sliding window of this size")
@@ -255,10 +292,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model (overrides the config's model)")
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("compare", help="the paper's comparison table: LayerBoost vs ablations and baselines",
+                       description="Analyze on the selection partition, then measure every row (base, converted, "
+                       "LayerBoost, w/o attention distillation, random/pattern placements, LoLCATs-style and "
+                       "LLM-Drop-style baselines, other selection signals) on the evaluation partition at equal "
+                       "healing budgets; writes comparison.md with paired tests and figures. Resumes row by row.")
+    p.add_argument("config", nargs="?", help="YAML config or a shipped name (compare); default: compare")
+    p.add_argument("--out", help="comparison folder (overrides the config's out)")
+    p.add_argument("--data-dir", help="local data folder (overrides the config's data_dir)")
+    p.add_argument("--model", help="model (overrides the config's model)")
+    p.set_defaults(func=cmd_compare)
+
     p = sub.add_parser("report", help="rebuild report.md of a run folder from its stage outputs",
                        description="Write RUN/report.md from the JSON and PNG files the stages wrote.")
     p.add_argument("--run", required=True, help="run folder")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write a hybrid in a format other engines load without layerboost",
+                       description="transformers: softmax + swa plans (one window) as a native class with "
+                       "config.layer_types (Llama/Mistral -> Ministral, Qwen2/Qwen3 keep theirs). deci: softmax + none "
+                       "plans in the DeciLM / Nemotron-NAS block_configs format (vLLM, SGLang, TensorRT-LLM, mlx-lm). "
+                       "Plans a format cannot hold exactly are refused before anything is written.")
+    p.add_argument("--model", required=True, help="a saved hybrid folder (layerboost convert / heal output)")
+    p.add_argument("--format", required=True, choices=["transformers", "deci"])
+    p.add_argument("--out", required=True, help="new output folder (must not exist, or be empty)")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype written (default float32)")
+    p.set_defaults(func=cmd_export)
 
     return parser
 

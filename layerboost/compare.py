@@ -62,6 +62,7 @@ class CompareHeal:
 
 @dataclass
 class CompareEval:
+    multiple_choice: bool = True  # false: rows get only the continuous measures (a quick first look)
     limit: int | None = None  # items per task from the evaluation partition; None = all of it
     mmlu_per_subject: int | None = 20  # MMLU: this many items per subject instead of `limit`
     seed: int = 0
@@ -282,9 +283,13 @@ class Comparison:
 
     def _check_config(self) -> None:
         """A folder made with other settings is never mixed into: refuse, naming the fix."""
+        from .heal import HealConfig
+
         f = self.dir / "config.yaml"
         mine = dataclasses.asdict(self.cfg)
         mine.pop("rows")  # adding rows later is fine
+        # every healing setting, defaults included: rows healed by another recipe must not be mixed in
+        mine["heal_resolved"] = HealConfig(tokens=self.cfg.heal.tokens, **self.cfg.heal.options).resume_key("", None, "")["config"]
         if f.is_file():
             old = yaml.safe_load(f.read_text()) or {}
             old.pop("rows", None)
@@ -292,7 +297,8 @@ class Comparison:
                 diff = sorted(k for k in set(old) | set(mine) if old.get(k) != json.loads(json.dumps(mine)).get(k))
                 raise ConfigError(f"{self.dir} holds a comparison made with other settings ({', '.join(diff)}): "
                                   "use another `out`, or restore those settings to resume it")
-        f.write_text(yaml.safe_dump(dataclasses.asdict(self.cfg), sort_keys=False))
+        f.write_text(yaml.safe_dump({**dataclasses.asdict(self.cfg), "heal_resolved": mine["heal_resolved"]},
+                                    sort_keys=False))
 
     # ---- shared inputs ---------------------------------------------------------------------------
     def analysis(self) -> dict:
@@ -443,9 +449,10 @@ class Comparison:
                  f"ppl {res['heldout']['ppl']:.2f}")
         if not light:
             res["wikitext"] = self.wikitext_row(name, model)
-            res["eval"] = self.evaluate_row(name, model)
-            cols = [v[v["column"]] for v in res["eval"].values()]
-            res["average"] = sum(cols) / len(cols)
+            if self.cfg.eval.multiple_choice:
+                res["eval"] = self.evaluate_row(name, model)
+                cols = [v[v["column"]] for v in res["eval"].values()]
+                res["average"] = sum(cols) / len(cols)
             res["bench"] = self.bench_plan(plan)
         res["seconds"] = round(time.perf_counter() - t0, 1)
         _write(f, res)
@@ -515,7 +522,7 @@ def _fmt_sig(s: dict, what: str) -> str:
 
 def write_comparison(out: Path, results: dict, cfg: CompareConfig, sens: dict) -> Path:
     full = {n: r for n, r in results.items() if "eval" in r}
-    tasks = list(cfg.tasks)
+    tasks = list(cfg.tasks) if full else []
     lines = [f"# Comparison: `{cfg.model}`", ""]
     any_row = next(iter(full.values()), None)
     if any_row:

@@ -112,7 +112,8 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
         from .surgery import load
 
         model = load(path, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(path)
+        # config=: the folder's config.json names a model_type transformers does not know (surgery.save)
+        tok = AutoTokenizer.from_pretrained(path, config=model.config)
     elif path.is_dir():
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         tok = AutoTokenizer.from_pretrained(path)

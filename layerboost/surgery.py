@@ -5,6 +5,7 @@ save / load hybrids (safetensors + the plan inside config.json; no pickles, no r
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,16 +117,63 @@ def plan_of(model: nn.Module) -> LayerPlan | None:
 # ---- save / load --------------------------------------------------------------------------------
 
 
+# A saved hybrid names a model_type that transformers does not know, so plain
+# `AutoModelForCausalLM.from_pretrained(DIR)` (and `lm_eval --model hf`) stops with "... has model type
+# `layerboost-hybrid (load with layerboost.load)` but Transformers does not recognize this architecture"
+# instead of building the base architecture with random weights in the changed layers. The base model's
+# model_type and architectures are kept under `layerboost_model_type` / `layerboost_architectures`;
+# `load` puts them back. Folders written before this tag (base model_type + layerboost_plan) still load.
+HYBRID_MODEL_TYPE = "layerboost-hybrid (load with layerboost.load)"
+HYBRID_ARCHITECTURE = "LayerboostHybridForCausalLM"
+
+
 def save(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write a hybrid: config.json (with the plan), safetensors weights, plan.json, tokenizer."""
+    """Write a hybrid: config.json (with the plan, tagged as above), safetensors weights, plan.json, tokenizer."""
     out = Path(out_dir)
     detach_gguf_quantizer(model)
     model.save_pretrained(out)
     if plan_of(model) is not None:
         plan_of(model).save(out / "plan.json")
+        _tag_config(out / "config.json")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+def _tag_config(path: Path) -> None:
+    data = json.loads(path.read_text())
+    data["layerboost_model_type"] = data["model_type"]
+    data["layerboost_architectures"] = data.get("architectures")
+    data["model_type"], data["architectures"] = HYBRID_MODEL_TYPE, [HYBRID_ARCHITECTURE]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_config(path: str | Path):
+    """The base model's transformers config stored in a saved hybrid's config.json (tagged or older folders).
+
+    Raises:
+        CheckpointError: no readable config.json, or a model_type transformers does not know.
+    """
+    from transformers import CONFIG_MAPPING
+
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{path} has no config.json: not a saved model folder")
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg} could not be read: {e}") from e
+    if data.get("model_type") == HYBRID_MODEL_TYPE:
+        data["model_type"] = data.pop("layerboost_model_type", None)
+        data["architectures"] = data.pop("layerboost_architectures", None)
+    if data.get("model_type") not in CONFIG_MAPPING:
+        raise CheckpointError(f"{cfg}: model_type {data.get('model_type')!r} is not one transformers knows")
+    try:
+        return CONFIG_MAPPING[data["model_type"]].from_dict(data)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{cfg} could not be read: {e}") from e
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -152,15 +200,10 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
     Raises:
         CheckpointError: missing/corrupt files, missing or unexpected weights, or no plan in config.json.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"{path} has no config.json: not a saved model folder")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (ValueError, OSError) as e:
-        raise CheckpointError(f"{path / 'config.json'} could not be read: {e}") from e
+    config = read_config(path)
     plan_data = getattr(config, "layerboost_plan", None)
     if plan_data is None:
         raise CheckpointError(

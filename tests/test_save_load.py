@@ -7,6 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import layerboost as lb
 from layerboost import CheckpointError, LayerPlan
+from layerboost.surgery import HYBRID_MODEL_TYPE
 
 from conftest import tiny_model
 from test_hybrid import activate_linear, ids
@@ -83,3 +84,41 @@ def test_plain_model_folder_is_refused(tmp_path):
         lb.load(tmp_path / "plain")
     with pytest.raises(CheckpointError, match="no config.json"):
         lb.load(tmp_path)
+
+
+def test_plain_transformers_refuses_a_saved_hybrid(saved, tmp_path):
+    """config.json names a model_type of its own, so transformers stops (naming layerboost.load) instead of
+    building a Llama with random weights in the changed layers; checked in a process without layerboost."""
+    import os
+    import subprocess
+    import sys
+
+    _, d = saved
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model_type"] == HYBRID_MODEL_TYPE and cfg["architectures"] == ["LayerboostHybridForCausalLM"]
+    assert cfg["layerboost_model_type"] == "llama" and cfg["layerboost_architectures"] == ["LlamaForCausalLM"]
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM\n"
+            "try:\n    AutoModelForCausalLM.from_pretrained(sys.argv[1])\nexcept ValueError as e:\n    print(e)\n"
+            "else:\n    print('LOADED')\nassert 'layerboost' not in sys.modules\n")
+    res = subprocess.run([sys.executable, "-c", code, str(d)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "LOADED" not in res.stdout and "layerboost.load" in res.stdout
+
+
+@torch.no_grad()
+def test_load_reads_tagged_and_older_folders(saved, tmp_path):
+    m, d = saved
+    x = ids()
+    assert torch.equal(lb.load(d)(x).logits, m(x).logits)
+    # a folder from before the tag: the base model_type next to the plan
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in d.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((old / "config.json").read_text())
+    cfg["model_type"], cfg["architectures"] = cfg.pop("layerboost_model_type"), cfg.pop("layerboost_architectures")
+    (old / "config.json").write_text(json.dumps(cfg))
+    r = lb.load(old)
+    assert r.config.model_type == "llama" and r.layerboost_plan == m.layerboost_plan
+    assert torch.equal(r(x).logits, m(x).logits)

@@ -1,0 +1,285 @@
+"""Export a hybrid into a format other engines load without layerboost.
+
+    transformers  softmax + swa plans (one window): a native transformers class that takes per-layer
+                  windows from `config.layer_types` (full_attention / sliding_attention) + `sliding_window`
+    deci          softmax + none plans: the DeciLM / Nemotron-NAS `block_configs` format (attention
+                  `no_op` for none layers), which vLLM, SGLang, TensorRT-LLM and mlx-lm implement
+
+Anything a format cannot hold exactly is refused before a file is written, and the export is written
+to a temporary folder that is renamed into place at the end, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+FORMATS = ("transformers", "deci")
+
+# Source model_type -> the native transformers class of the export (format "transformers").
+# Llama and Mistral go to Ministral: MinistralForCausalLM has Llama's modules and weight names unchanged
+# and applies `sliding_window` only to the layers `layer_types` marks sliding. The alternatives fail:
+# LlamaForCausalLM ignores sliding_window in its mask (while its cache obeys it); MistralForCausalLM
+# applies one window to every layer and ignores layer_types; Qwen2 hard-codes q/k/v biases (Llama weights
+# would need added zero tensors); SmolLM3, GraniteSWA and Seed-OSS add NoPE layers, multipliers or biases.
+# Engines: vLLM runs Ministral through its Transformers backend, which reads layer_types per layer (its
+# native Llama/Mistral path reads them too); no engine was run here.
+TRANSFORMERS_TARGETS = {"llama": "ministral", "mistral": "ministral", "qwen2": "qwen2", "qwen3": "qwen3"}
+DECI_SOURCES = ("llama", "mistral")  # DeciLM blocks are Llama blocks: no biases, no q/k norms
+
+# The self-contained config class shipped with a deci export. transformers has no "nemotron-nas" type, and
+# vLLM, SGLang and TensorRT-LLM read `config.block_configs[i].attention.no_op` as attributes, so they load
+# it with --trust-remote-code (it is the only code in the folder; mlx-lm reads config.json directly).
+DECI_CONFIG_CODE = '''"""DeciLM / Nemotron-NAS config from layerboost export: block_configs read as attributes."""
+from transformers import LlamaConfig
+
+
+class _Fields(dict):
+    """A dict whose keys are also attributes (block.attention.no_op); stays plain JSON when saved."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class DeciLMConfig(LlamaConfig):
+    model_type = "nemotron-nas"
+
+    def __init__(self, block_configs=None, **kwargs):
+        self.block_configs = [_Fields(attention=_Fields(b["attention"]), ffn=_Fields(b["ffn"]))
+                              for b in block_configs or []]
+        super().__init__(**kwargs)
+        if not hasattr(self, "rope_theta"):  # transformers 5 keeps it in rope_parameters; older readers want it here
+            self.rope_theta = self.rope_parameters["rope_theta"]
+'''
+
+
+class ExportError(ValueError):
+    """The model or plan cannot be exported exactly in the asked format; nothing was written."""
+
+
+def export(model_or_path, out_dir: str | os.PathLike, format: str = "transformers", tokenizer=None,
+           dtype: torch.dtype = torch.float32) -> Path:
+    """Write a converted hybrid in a format that loads without layerboost.
+
+    Args:
+        model_or_path: a converted model, or anything `layerboost.load_model` opens (a saved hybrid folder).
+        out_dir: new folder (must not exist, or be empty).
+        format: "transformers" (softmax + swa with one window) or "deci" (softmax + none).
+        tokenizer: saved with the export (when a path is given, the tokenizer found there is used).
+        dtype: weights dtype when `model_or_path` is a path.
+
+    Returns:
+        the output folder.
+
+    Raises:
+        ExportError: the format cannot hold this model or plan exactly, the model holds unmerged LoRA
+            adapters, or `out_dir` is not an empty folder. Every problem found is listed, one per line.
+    """
+    out = Path(out_dir)
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}; known formats: {', '.join(FORMATS)}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not an empty folder: choose a new output folder")
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from .models import load_model
+
+        model, found_tok = load_model(str(model_or_path), dtype=dtype)
+        tokenizer = found_tok if tokenizer is None else tokenizer
+    else:
+        model = model_or_path
+    problems = _problems(model, format)
+    if problems:
+        raise ExportError("\n".join(problems))
+
+    tmp = out.with_name(f".{out.name}.export-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        (_write_transformers if format == "transformers" else _write_deci)(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ---- checks -----------------------------------------------------------------------------------------
+
+
+def _layers(plan, kind: str) -> list[int]:
+    return [i for i, s in enumerate(plan.layers) if s.kind == kind]
+
+
+def _problems(model: nn.Module, fmt: str) -> list[str]:
+    """Everything that stops an exact export of `model` in `fmt`, one line each."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        return ["the model still holds LoRA adapters (peft): merge them first (model = model.merge_and_unload()) "
+                "and export the merged model"]
+    plan = getattr(model, "layerboost_plan", None)
+    if plan is None:
+        return ["the model is not a layerboost hybrid (no plan): convert it first (layerboost convert)"]
+    cfg = model.config
+    mtype = cfg.model_type
+    sources = TRANSFORMERS_TARGETS if fmt == "transformers" else DECI_SOURCES
+    if mtype not in sources:
+        return [f"format {fmt!r} exports model_type {', '.join(sources)}, not {mtype!r}"
+                + ("; use --format transformers for a plan without none layers" if fmt == "deci" else "")]
+    out = []
+    if getattr(cfg, "sliding_window", None) is not None:
+        out.append(f"the source model's own attention already slides (sliding_window={cfg.sliding_window}), so its "
+                   "softmax layers are windowed too: export supports sources with full attention only")
+    linear = _layers(plan, "linear_swa")
+    if linear:
+        out.append(f"layers {linear} are linear_swa: no {fmt} model has linear attention beside a window; "
+                   "re-plan those layers as swa" + (" or softmax" if fmt == "transformers" else ", softmax or none"))
+    windows = sorted({s.window for s in plan.layers if s.kind == "swa"})
+    if fmt == "transformers":
+        none = _layers(plan, "none")
+        if none:
+            out.append(f"layers {none} are none: no transformers architecture has a decoder layer without attention; "
+                       "use --format deci (softmax + none), or re-plan those layers as swa or softmax")
+        if len(windows) > 1:
+            out.append(f"the plan has several windows {windows}: config.sliding_window holds one; "
+                       "re-plan with one window")
+        elif windows == [1]:
+            out.append("window 1 cannot be exported: transformers' sliding cache keeps sliding_window - 1 tokens and "
+                       "treats 0 as 'keep all' (generate then differs); use a window of at least 2")
+        if mtype == "llama" and (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)):
+            out.append("this Llama has attention or MLP biases, which Ministral (the export class) does not have")
+    else:
+        swa = _layers(plan, "swa")
+        if swa:
+            out.append(f"layers {swa} are swa: the deci format's window_length is ignored by vLLM, SGLang, "
+                       "TensorRT-LLM and mlx-lm (they would attend to every token); re-plan those layers as softmax "
+                       "or none, or export a softmax + swa plan with --format transformers")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if head_dim * cfg.num_attention_heads != cfg.hidden_size:
+            out.append(f"head_dim {head_dim} x {cfg.num_attention_heads} heads != hidden_size {cfg.hidden_size}: "
+                       "DeciLM readers derive head_dim as hidden_size / heads")
+        if cfg.hidden_act != "silu":
+            out.append(f"hidden_act {cfg.hidden_act!r}: DeciLM readers implement silu MLPs")
+        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+            out.append("attention or MLP biases are not exported to the deci format")
+        if _deci_intermediate(_ffn_mult(cfg), cfg.hidden_size) != cfg.intermediate_size:
+            out.append(f"intermediate_size {cfg.intermediate_size} cannot be written as a DeciLM ffn_mult (readers "
+                       "compute int(2 * ffn_mult * hidden_size / 3) rounded up to a multiple of 256)")
+    return out
+
+
+# ---- transformers -------------------------------------------------------------------------------------
+
+
+def _write_transformers(model: nn.Module, out: Path) -> None:
+    """The hybrid as a native model: same weights, `layer_types` from the plan, one `sliding_window`.
+
+    Window mapping: transformers' `sliding_window=W` lets query i see keys j with i - W < j <= i
+    (masking_utils.sliding_window_overlay: `kv_idx > q_idx - sliding_window`), i.e. the last W tokens
+    including i itself, and its sliding cache keeps W - 1 past tokens for the new one: exactly layerboost's
+    `swa` window W, so W is written unchanged.
+    """
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    plan, src = model.layerboost_plan, model.config
+    windows = {s.window for s in plan.layers if s.kind == "swa"}
+    target_type = TRANSFORMERS_TARGETS[src.model_type]
+    data = src.to_dict()
+    dropped = ("model_type", "architectures", "layerboost_plan", "layerboost_version", "transformers_version",
+               "_name_or_path")
+    if target_type == "ministral":  # Llama-only fields (biases were checked to be off)
+        dropped += ("attention_bias", "mlp_bias", "pretraining_tp")
+    for key in dropped:
+        data.pop(key, None)
+    data["sliding_window"] = windows.pop() if windows else None
+    data["layer_types"] = ["sliding_attention" if s.kind == "swa" else "full_attention" for s in plan.layers]
+    if target_type in ("qwen2", "qwen3"):
+        data["use_sliding_window"] = data["sliding_window"] is not None
+    config = CONFIG_MAPPING[target_type].from_dict(data)
+    with torch.device("meta"):
+        target = AutoModelForCausalLM.from_config(config)
+    result = target.load_state_dict(model.state_dict(), strict=False, assign=True)
+    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or result.unexpected_keys:  # a bug here, not a user error: the two classes should match
+        raise RuntimeError(f"{target_type} does not take these weights: missing {missing[:8]}, "
+                           f"unexpected {result.unexpected_keys[:8]}")
+    if config.tie_word_embeddings:
+        target.tie_weights()
+    target.generation_config = model.generation_config
+    target.save_pretrained(out)
+
+
+# ---- deci (Nemotron-NAS block_configs) ----------------------------------------------------------------
+
+
+def _ffn_mult(cfg) -> float:
+    return round(3 * cfg.intermediate_size / (2 * cfg.hidden_size), 6)  # readers round ffn_mult to 6 places
+
+
+def _deci_intermediate(ffn_mult: float, hidden: int) -> int:
+    """The MLP width every DeciLM reader derives from ffn_mult (vLLM, SGLang, TensorRT-LLM, mlx-lm agree)."""
+    n = int(2 * ffn_mult * hidden / 3)
+    return n if n % 256 == 0 else n + 256 - n % 256
+
+
+def deci_config(config, plan, dtype: torch.dtype) -> dict:
+    """config.json of a deci export: Llama fields + one block_configs entry per layer (attention, ffn).
+
+    Every field of the format's AttentionConfig / FFNConfig is written, so strict readers (mlx-lm builds
+    dataclasses from these dicts) accept it; `none` layers get attention `no_op: true`.
+    """
+    rope = dict(config.rope_parameters)
+    attention = dict(no_op=False, replace_with_linear=False, sparsify=None,
+                     n_heads_in_group=config.num_attention_heads // config.num_key_value_heads, window_length=None,
+                     num_sink_tokens=None, use_prefill_window_in_sink_attention=False, unshifted_sink=False)
+    no_attention = {**attention, "no_op": True, "n_heads_in_group": None}
+    ffn = dict(no_op=False, replace_with_linear=False, sparsify=None, ffn_mult=_ffn_mult(config))
+    return {
+        "architectures": ["DeciLMForCausalLM"],
+        "model_type": "nemotron-nas",
+        "auto_map": {"AutoConfig": "configuration_decilm.DeciLMConfig"},
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "hidden_act": config.hidden_act,
+        "rms_norm_eps": config.rms_norm_eps,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_theta": rope.pop("rope_theta"),
+        "rope_scaling": None if rope.get("rope_type", "default") == "default" else rope,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "initializer_range": config.initializer_range,
+        "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),  # of the weights written
+        "block_configs": [{"attention": no_attention if s.kind == "none" else attention, "ffn": ffn}
+                          for s in plan.layers],
+    }
+
+
+def _write_deci(model: nn.Module, out: Path) -> None:
+    from huggingface_hub import save_torch_state_dict
+
+    cfg = model.config
+    state = {k: v for k, v in model.state_dict().items() if not (k == "lm_head.weight" and cfg.tie_word_embeddings)}
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(deci_config(cfg, model.layerboost_plan, model.dtype), indent=2) + "\n")
+    (out / "configuration_decilm.py").write_text(DECI_CONFIG_CODE)
+    save_torch_state_dict(state, out, metadata={"format": "pt"})
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)

@@ -289,7 +289,8 @@ class Comparison:
         mine = dataclasses.asdict(self.cfg)
         mine.pop("rows")  # adding rows later is fine
         # every healing setting, defaults included: rows healed by another recipe must not be mixed in
-        mine["heal_resolved"] = HealConfig(tokens=self.cfg.heal.tokens, **self.cfg.heal.options).resume_key("", None, "")["config"]
+        resolved = HealConfig(tokens=self.cfg.heal.tokens, **self.cfg.heal.options).to_dict()
+        mine["heal_resolved"] = {k: v for k, v in resolved.items() if k not in ("progress", "checkpoint_every", "device")}
         if f.is_file():
             old = yaml.safe_load(f.read_text()) or {}
             old.pop("rows", None)
@@ -500,24 +501,31 @@ def _items(row: dict) -> tuple[list[float], list[float], list[str], list[tuple]]
 
 
 def significance(a: dict, b: dict) -> dict:
-    """Paired tests of row a against row b over the same items and held-out rows."""
+    """Paired tests of row a against row b: over the same items (when both were evaluated) and the same
+    held-out rows."""
     from .stats import mcnemar, paired_bootstrap
 
-    ca, ma, ta, ka = _items(a)
-    cb, mb, _, kb = _items(b)
-    if ka != kb:
-        raise ValueError(f"rows {a['name']} and {b['name']} were scored on different items")
-    return {
-        "mcnemar": mcnemar(ca, cb),
-        "accuracy": paired_bootstrap(ca, cb, strata=ta),  # difference of the average over tasks
-        "margin": paired_bootstrap(ma, mb, strata=ta),
-        "heldout_kl": paired_bootstrap(a["heldout"]["kl_rows"], b["heldout"]["kl_rows"]),
-    }
+    out = {"heldout_kl": paired_bootstrap(a["heldout"]["kl_rows"], b["heldout"]["kl_rows"])}
+    if "eval" in a and "eval" in b:
+        ca, ma, ta, ka = _items(a)
+        cb, mb, _, kb = _items(b)
+        if ka != kb:
+            raise ValueError(f"rows {a['name']} and {b['name']} were scored on different items")
+        out.update(mcnemar=mcnemar(ca, cb),
+                   accuracy=paired_bootstrap(ca, cb, strata=ta),  # difference of the average over tasks
+                   margin=paired_bootstrap(ma, mb, strata=ta))
+    return out
 
 
 def _fmt_sig(s: dict, what: str) -> str:
+    if what not in s:
+        return "-"
     d = s[what]
     return f"{d['diff']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] p={d['p']:.3g}"
+
+
+def _counts(per_task: dict) -> str:
+    return ", ".join(f"{t} {n}" for t, n in per_task.items())
 
 
 def write_comparison(out: Path, results: dict, cfg: CompareConfig, sens: dict) -> Path:
@@ -526,17 +534,20 @@ def write_comparison(out: Path, results: dict, cfg: CompareConfig, sens: dict) -
     lines = [f"# Comparison: `{cfg.model}`", ""]
     any_row = next(iter(full.values()), None)
     if any_row:
-        n_items = {t: any_row["eval"][t]["n"] for t in tasks}
-        lines += [
-            f"Selection (sensitivity analysis): {sens['items_per_task']} items per task from the selection partition "
-            f"({cfg.selection_size} documents per task, seed {cfg.selection_seed}); evaluation: every other item "
-            f"({', '.join(f'{t} {n}' for t, n in n_items.items())}"
-            + (f"; MMLU {cfg.eval.mmlu_per_subject} per subject" if "mmlu" in tasks and cfg.eval.mmlu_per_subject else "")
-            + "). Plans: "
-            f"{cfg.softmax} softmax / {cfg.swa} swa (window {cfg.window}) / {cfg.none} none; healing budget "
-            f"{cfg.heal.tokens} tokens for every healed row. Held-out text: {cfg.eval.heldout_tokens} tokens that "
-            "neither healing nor calibration reads.", ""]
-    head = ("| row | " + " | ".join(f"{t} ({any_row['eval'][t]['column']})" for t in tasks) if any_row else "| row")
+        evaluated = ("evaluation: every other item (" + ", ".join(f"{t} {any_row['eval'][t]['n']}" for t in tasks)
+                     + (f"; MMLU {cfg.eval.mmlu_per_subject} per subject" if "mmlu" in tasks and cfg.eval.mmlu_per_subject
+                        else "") + ")")
+    else:
+        evaluated = "no multiple-choice evaluation (eval.multiple_choice: false)"
+    lines += [
+        f"Selection (sensitivity analysis): {_counts(sens['items_per_task'])} items from the selection partition "
+        f"({cfg.selection_size} documents per task, seed {cfg.selection_seed}); {evaluated}. Plans: "
+        f"{cfg.softmax} softmax / {cfg.swa} swa (window {cfg.window}) / {cfg.none} none; healing budget "
+        f"{cfg.heal.tokens} tokens for every healed row. Held-out text: {cfg.eval.heldout_tokens} tokens that "
+        "neither healing nor calibration reads; WikiText-2: "
+        f"{cfg.eval.wikitext_docs or 'all'} test documents, windows of {cfg.eval.wikitext_max_length or 'the model context'}"
+        " tokens.", ""]
+    head = "| row" + "".join(f" | {t} ({any_row['eval'][t]['column']})" for t in tasks)
     head += " | avg | WikiText ppl | held-out KL | agree | held-out ppl | speed (x base) | KV (x base) |"
     lines += [head, "|" + "---|" * (len(tasks) + 8)]
     for n, r in results.items():
@@ -565,20 +576,22 @@ def write_comparison(out: Path, results: dict, cfg: CompareConfig, sens: dict) -
               "KV: cache bytes at that context.", ""]
     # significance against layerboost and against base
     sig = {}
+    measured = {n: r for n, r in results.items() if "heldout" in r and not n.startswith("random_s")}
     for ref in ("layerboost", "base"):
-        if ref not in full:
+        if ref not in measured:
             continue
         lines += [f"## Paired tests against `{ref}`", "",
                   "| row | right only here / only in ref (McNemar p) | avg accuracy diff [95% CI] p | "
                   "gold margin diff [95% CI] p | held-out KL diff [95% CI] p |", "|---|---|---|---|---|"]
-        for n, r in full.items():
+        for n, r in measured.items():
             if n == ref:
                 continue
-            s = significance(r, full[ref])
+            s = significance(r, measured[ref])
             sig[f"{n}_vs_{ref}"] = s
-            m = s["mcnemar"]
-            lines.append(f"| {n} | {m['a_only']} / {m['b_only']} (p={m['p']:.3g}) | {_fmt_sig(s, 'accuracy')} | "
-                         f"{_fmt_sig(s, 'margin')} | {_fmt_sig(s, 'heldout_kl')} |")
+            m = s.get("mcnemar")
+            mc = f"{m['a_only']} / {m['b_only']} (p={m['p']:.3g})" if m else "-"
+            lines.append(f"| {n} | {mc} | {_fmt_sig(s, 'accuracy')} | {_fmt_sig(s, 'margin')} | "
+                         f"{_fmt_sig(s, 'heldout_kl')} |")
         lines += ["", "A difference is significant at the 5% level when p < 0.05 (the interval excludes 0); "
                   "bootstrap over items within each task (10,000 resamples), held-out KL over held-out rows.", ""]
     randoms = {n: r["heldout"]["kl"] for n, r in results.items() if n.startswith("random_s")}

@@ -1226,6 +1226,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--method", default="prefix", choices=["prefix", "naive"], help="naive: score each choice alone (lm-eval's way)")
     parser.add_argument("--per-item", action="store_true", help="include per-item log-likelihoods and margins in the JSON")
+    parser.add_argument("--partition", default="all", choices=["all", "evaluation", "selection"],
+                        help="score the whole split, or only the evaluation (or selection) part of the seeded "
+                             "selection/evaluation partition that `analyze` and `compare` use")
+    parser.add_argument("--selection-size", type=int, default=100, help="documents per task in the selection part")
+    parser.add_argument("--selection-seed", type=int, default=0, help="seed of the partition")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -1247,7 +1252,9 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     except (DataNotFoundError, ModelLoadError, KeyError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    prepared = [prepare_task(tok, t, limit=limit, seed=args.seed, docs=d) for t, d in zip(tasks, docs)]
+    part = None if args.partition == "all" else Partition(args.partition, args.selection_size, args.selection_seed)
+    prepared = [prepare_task(tok, t, limit=limit, seed=args.seed, docs=d, partition=part if isinstance(t, MCTask) else None)
+                for t, d in zip(tasks, docs)]
     results = evaluate(
         model,
         tok,

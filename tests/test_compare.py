@@ -115,7 +115,9 @@ def test_config_errors_listed_together():
     msg = str(e.value)
     for part in ("unknown row 'magic'", "score: 'vibes'", "lr must be > 0", "eval.limit must be >= 1"):
         assert part in msg
-    assert C.CompareConfig.load("compare").rows[0] == "base"
+    for name in ("compare", "compare-quick"):  # every shipped comparison config parses
+        assert C.CompareConfig.load(name).rows[0] == "base"
+    assert not C.CompareConfig.load("compare-quick").eval.multiple_choice
 
 
 # ---- every row end to end ------------------------------------------------------------------------
@@ -187,6 +189,11 @@ def test_every_row_end_to_end_and_resume(tiny_dir, tmp_path, one_thread):
     C.compare(tiny_compare(tiny_dir, out), log=seen.append)
     assert any("[pattern] interleaved" in s for s in seen)
     assert sum("done before, skipped" in s for s in seen) == len(res) - 1 - sum("same_as" in r for r in res.values())
+    # continuous measures only: every row still gets held-out KL with paired tests, no accuracy columns
+    quick = tiny_compare(tiny_dir, tmp_path / "quick", rows=["base", "converted", "pattern"])
+    quick.eval.multiple_choice = False
+    qmd = C.compare(quick, log=lambda *a: None).read_text()
+    assert "piqa" not in qmd.split("## Paired")[0].split("| row")[1] and "| pattern | - | - | - |" in qmd
     # other settings in the same folder are refused
     cfg = tiny_compare(tiny_dir, out)
     cfg.window = 4

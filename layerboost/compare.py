@@ -41,7 +41,7 @@ from pathlib import Path
 
 import yaml
 
-from .run import CONFIG_DIR, ConfigError, _build
+from .run import ConfigError, config_from_dict, load_config, shipped_configs
 
 ROWS = ("base", "converted", "layerboost", "no_attn_distill", "random", "pattern", "lolcats", "lolcats_gate",
         "llm_drop", "signal_drop", "signal_kl")
@@ -111,28 +111,12 @@ class CompareConfig:
 
     @classmethod
     def load(cls, path_or_name: str | None) -> "CompareConfig":
-        """A YAML file or a shipped config name (`compare`, `compare-tiny`); None = `compare`."""
-        name = path_or_name or "compare"
-        path = Path(name)
-        if not path.is_file() and (CONFIG_DIR / f"{name}.yaml").is_file():
-            path = CONFIG_DIR / f"{name}.yaml"
-        if not path.is_file():
-            shipped = sorted(p.stem for p in CONFIG_DIR.glob("compare*.yaml"))
-            raise ConfigError(f"comparison config {name!r} not found (a YAML path, or a shipped name: {shipped})")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
-        return cls.from_dict(data)
+        """A YAML file or a shipped config name (`compare`, `compare-quick`); None = `compare`."""
+        return load_config(cls, path_or_name or "compare", [n for n in shipped_configs() if n.startswith("compare")])
 
     @classmethod
     def from_dict(cls, data: dict) -> "CompareConfig":
-        problems: list[str] = []
-        cfg = _build(cls, data or {}, "", problems)
-        problems += cfg.problems()
-        if problems:
-            raise ConfigError("invalid comparison config:\n  - " + "\n  - ".join(problems))
-        return cfg
+        return config_from_dict(cls, data, "comparison config")
 
     def problems(self) -> list[str]:
         from .evaluate import get_task

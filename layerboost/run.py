@@ -103,27 +103,12 @@ class RunConfig:
     # ---- loading and validation ------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict) -> "RunConfig":
-        problems: list[str] = []
-        cfg = _build(cls, data or {}, "", problems)
-        problems += cfg.problems()
-        if problems:
-            raise ConfigError("invalid run config:\n  - " + "\n  - ".join(problems))
-        return cfg
+        return config_from_dict(cls, data, "run config")
 
     @classmethod
     def load(cls, path_or_name: str | None) -> "RunConfig":
         """A YAML file, or the name of a shipped config (`default`, `paper`); None = `default`."""
-        path = Path(path_or_name) if path_or_name else CONFIG_DIR / "default.yaml"
-        if not path.is_file() and (CONFIG_DIR / f"{path_or_name}.yaml").is_file():
-            path = CONFIG_DIR / f"{path_or_name}.yaml"
-        if not path.is_file():
-            shipped = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-            raise ConfigError(f"config {path_or_name!r} not found (a YAML path, or a shipped name: {shipped})")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from e
-        return cls.from_dict(data)
+        return load_config(cls, path_or_name or "default", [n for n in shipped_configs() if not n.startswith("compare")])
 
     def problems(self) -> list[str]:
         from .evaluate import get_task
@@ -177,6 +162,34 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def config_from_dict(cls, data: dict, what: str):
+    """A config dataclass from a dict; every problem (unknown keys, types, `problems()`) reported at once."""
+    problems: list[str] = []
+    cfg = _build(cls, data or {}, "", problems)
+    problems += cfg.problems()
+    if problems:
+        raise ConfigError(f"invalid {what}:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def load_config(cls, path_or_name: str, shipped: list[str]):
+    """`cls.from_dict` of a YAML file, or of the shipped config of that name (one of `shipped`)."""
+    path = Path(path_or_name)
+    if not path.is_file() and path_or_name in shipped:
+        path = CONFIG_DIR / f"{path_or_name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"config {path_or_name!r} not found (a YAML path, or a shipped name: {shipped})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    return cls.from_dict(data)
 
 
 def _build(cls, data: Any, where: str, problems: list[str]):

@@ -3,14 +3,21 @@
     layerboost bench latency    --model smollm2-135m --hybrid-kinds none:10,swa:10,softmax:10 --window 64
     layerboost bench throughput --random-config llama-1b --dtype bf16 --concurrency 50,100,200
 
-Both models decode with `layerboost.engine.Engine` (static per-layer buffers), one after the other
-in the same process, alternating: latency alternates in chunks of decode steps, throughput per
-concurrency level (the order flips every level). Rules: warm-up excluded, the device is
-synchronised before every clock read, medians over repeats with min and max, theoretical cache
-bytes next to the measured ones, ratios printed last. Timing and progress go to stderr; the
-table goes to stdout, JSON and PNG plots to `--out`.
+Both models decode with `layerboost.engine.Engine` (static-shape decode over preallocated buffers;
+`--compile`: the step through `torch.compile`, CUDA graphs on a GPU), one after the other in the
+same process, alternating: latency alternates in chunks of decode steps, throughput per
+concurrency level (the order flips every level). Rules: warm-up excluded (and timed apart: with
+`--compile` it includes compiling), the device is synchronised before every clock read, medians
+over repeats with min and max, theoretical cache bytes next to the measured ones, ratios printed
+last. Timing and progress go to stderr; the table goes to stdout, JSON and PNG plots to `--out`.
 
-Latency methods:
+Roofline columns: `step MB` = the bytes one decode step must read (weights it uses + the caches
+holding the context, `Engine.step_bytes`), `GB/s` = those bytes / the measured step time, and on
+a GPU `%copy` = that over the device's copy bandwidth (1 GiB device-to-device copies, read +
+write, measured once). The ratios put hybrid/base step time next to hybrid/base step bytes.
+
+Latency methods (each timed run of steps reads a span of slots that ends where the run ends,
+`Engine.span`: a step costs what it costs in an engine sized for that context):
     full     decode every token: one decode of the longest length per repeat, clock read at each
              requested length (the time to decode L tokens does not depend on decoding more later)
     sampled  (`--sample-steps S`) time S decode steps ending at each requested length (the engine
@@ -33,6 +40,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import gc
 import json
 import os
@@ -50,6 +58,12 @@ from .engine import Engine
 from .plan import KINDS, LayerPlan, PlanError
 
 SCHEMA_VERSION = 1
+
+
+class BenchError(ValueError):
+    """Benchmark settings that cannot run on this machine; the message says what to lower."""
+
+
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -194,7 +208,7 @@ def hybrid_plan(num_layers: int, kinds: str | None = None, window: int = 64, pla
                                 num_layers=num_layers)
 
 
-KIND_LETTERS = {"softmax": "S", "swa": "W", "linear_swa": "L", "none": "-"}
+KIND_LETTERS = {"softmax": "S", "swa": "W", "linear_swa": "L", "none": "-", "bias": "b", "linear": "l"}
 
 
 def kinds_string(plan: LayerPlan) -> str:
@@ -321,6 +335,36 @@ def _interp(x: torch.Tensor, xp: list[float], fp: list[float]) -> torch.Tensor:
     return y0 + w * (y1 - y0)
 
 
+@functools.lru_cache(maxsize=None)
+def copy_bandwidth_gbps(device: str) -> float:
+    """The device's measured copy bandwidth in GB/s, bytes read + written (1 GiB device-to-device copies).
+
+    Measured once per process and device: 3 copies of warm-up, then 10 timed between two syncs.
+    """
+    dev = torch.device(device)
+    src = torch.empty(2**30, dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    _sync(dev)
+    seconds = (time.perf_counter() - t0) / 10
+    del src, dst
+    return 2 * 2**30 / seconds / 1e9
+
+
+def roofline(step_bytes: int, step_s: float, copy_gbps: float | None = None) -> dict:
+    """A decode step's roofline: the bytes it must read (`Engine.step_bytes`), the bandwidth it achieves
+    reading them in `step_s` seconds, and, given the device's copy bandwidth, the fraction of it."""
+    out = {"step_bytes": step_bytes, "achieved_gbps": step_bytes / step_s / 1e9}
+    if copy_gbps:
+        out["copy_bw_fraction"] = out["achieved_gbps"] / copy_gbps
+    return out
+
+
 def _profile(engine: Engine, token, steps: int, device) -> dict:
     """Where decode time goes: self time per op over `steps` steps (torch.profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -352,35 +396,70 @@ def _profile(engine: Engine, token, steps: int, device) -> dict:
 
 def bench_latency(base, hybrid, batch: int = 16, prompt: int = 128, lengths=(512, 1024, 2048, 4096),
                   repeats: int = 3, warmup: int = 4, sample_steps: int = 0, chunk: int = 64,
-                  profile_steps: int = 0, device=None) -> dict:
-    """Decode latency and cache memory vs decode length, base and hybrid alternating in one process.
+                  profile_steps: int = 0, compile: bool = False, memory_budget_bytes: int | None = None,
+                  device=None) -> dict:
+    """Decode latency, cache memory and roofline vs decode length, base and hybrid alternating in one process.
 
     Args:
         base, hybrid: the two models (any pair the engine supports).
         batch: sequences per batch. prompt: prompt tokens. lengths: decode lengths (steps after the prefill).
-        repeats: measured repeats (median, min, max). warmup: decode steps per model before measuring.
+        repeats: measured repeats (median, min, max). warmup: decode steps per model before measuring
+            (compiled: at every span the timed steps use, at least 3: CUDA graphs record on the second call).
         sample_steps: 0 = decode every token ("full"); S > 0 = time S steps at each length ("sampled").
         chunk: full method: decode steps per turn before switching model (alternation granularity).
         profile_steps: profile this many steps per model at the longest context (0 = no profile).
+        compile: decode with `Engine(..., compile=True)`; compile time is reported apart (`warmup_s`).
+        memory_budget_bytes: CPU: refuse (before allocating) when the two caches at the longest length exceed this.
+
+    Every timed step reads a span of slots that ends where its chunk or sample ends (`Engine.span`),
+    so a step at context c costs what a step of an engine sized for c tokens costs.
 
     Returns:
-        {"method", "results": [per model and length], "ratios": [per length], "profile"?}
+        {"method", "results": [per model and length], "ratios": [per length], "warmup_s", "profile"?}
     """
     device = device or next(base.parameters()).device
     lengths = sorted(set(int(x) for x in lengths))
     tmax = prompt + max(lengths)
     models = {"base": base, "hybrid": hybrid}
-    engines = {name: Engine(m, batch, tmax) for name, m in models.items()}
+    if device.type != "cuda" and memory_budget_bytes is not None:
+        from .surgery import plan_of
+
+        need = sum(expected_cache_bytes(plan_of(m) or LayerPlan.uniform("softmax", m.config.num_hidden_layers), m.config,
+                                        batch, tmax, next(m.parameters()).dtype) for m in models.values())
+        if need > memory_budget_bytes:
+            raise BenchError(f"latency at {tmax} tokens with batch {batch} needs {need / 2**30:.3g} GiB of cache (base + "
+                             f"hybrid), more than the memory budget of {memory_budget_bytes / 2**30:.3g} GiB: lower "
+                             "--lengths or --batch, or raise --memory-budget-gb")
+    engines = {name: Engine(m, batch, tmax, compile=compile) for name, m in models.items()}
     vocab = base.config.vocab_size
     ids = _prompt(vocab, batch, prompt, device)
     method = "sampled" if sample_steps else "full"
     points = sorted(set([sample_steps] + lengths)) if sample_steps else []  # sampled: decode lengths timed
+    # (span, first position) of every timed run of steps
+    if method == "sampled":
+        spans = [(prompt + L, prompt + max(L - sample_steps, 0)) for L in points]
+    else:  # chunks of `chunk` steps, cut at every length
+        ends, done = [], 0
+        for L in lengths:
+            while done < L:
+                done += min(chunk, L - done)
+                ends.append(done)
+        spans = [(prompt + e, prompt + s) for s, e in zip([0] + ends[:-1], ends)]
     samples = {(n, L): [] for n in models for L in points}
-    _log(f"latency: batch {batch}, prompt {prompt}, lengths {lengths}, method {method}, repeats {repeats}")
-    # Warm-up (excluded): a prefill and a few steps per model.
+    _log(f"latency: batch {batch}, prompt {prompt}, lengths {lengths}, method {method}, repeats {repeats}"
+         + (", compiled" if compile else ""))
+    # Warm-up (excluded, timed apart: it includes compiling): a prefill and a few steps per model;
+    # compiled, at every span (a new span compiles once more, or records a new CUDA graph).
+    warm = max(warmup, 3) if compile else warmup
+    warmup_s = {}
     for name, e in engines.items():
+        t0 = time.perf_counter()
         tok, _ = _prefill(e, ids, device)
-        _decode(e, tok, warmup, device)
+        for span, start in (spans if compile else spans[-1:]):
+            e.span, e.pos = span, max(start, span - warm)
+            tok, _ = _decode(e, tok, min(warm, span - e.pos), device)
+        warmup_s[name] = time.perf_counter() - t0
+        _log(f"  warm-up {name}: {warmup_s[name]:.1f}s" + (" (compile included)" if compile else ""))
     prefill_s = {n: [] for n in models}
     total = {(n, L): [] for n in models for L in lengths}
     step_ms = {(n, L): [] for n in models for L in lengths}  # ms per step at the end of each length
@@ -388,36 +467,36 @@ def bench_latency(base, hybrid, batch: int = 16, prompt: int = 128, lengths=(512
         order = list(models) if r % 2 == 0 else list(models)[::-1]
         tokens = {}
         for n in order:
+            engines[n].span = tmax
             tokens[n], dt = _prefill(engines[n], ids, device)
             prefill_s[n].append(dt)
         if method == "full":
-            done, cum = 0, {n: 0.0 for n in models}
-            for L in lengths:
-                while done < L:
-                    k = min(chunk, L - done)
+            cum = {n: 0.0 for n in models}
+            for span, start in spans:
+                L = span - prompt
+                for n in order:
+                    engines[n].span = span
+                    tokens[n], dt = _decode(engines[n], tokens[n], span - start, device)
+                    cum[n] += dt
+                    if L in lengths:  # the chunk that ends at L: ms per step there
+                        step_ms[(n, L)].append(1e3 * dt / (span - start))
+                if L in lengths:
                     for n in order:
-                        tokens[n], dt = _decode(engines[n], tokens[n], k, device)
-                        cum[n] += dt
-                        if done + k == L:  # the chunk that ends at L: ms per step there
-                            step_ms[(n, L)].append(1e3 * dt / k)
-                    done += k
-                for n in order:
-                    total[(n, L)].append(cum[n])
-                _log(f"  repeat {r + 1}/{repeats} L={L}: " + ", ".join(f"{n} {cum[n]:.2f}s" for n in models))
+                        total[(n, L)].append(cum[n])
+                    _log(f"  repeat {r + 1}/{repeats} L={L}: " + ", ".join(f"{n} {cum[n]:.2f}s" for n in models))
         else:
-            for L in points:
-                start, k = prompt + max(L - sample_steps, 0), min(sample_steps, L)
+            for L, (span, start) in zip(points, spans):
                 for n in order:
-                    engines[n].pos = start  # cost per step depends on the position, not on cache values
-                    tokens[n], dt = _decode(engines[n], tokens[n], k, device)
-                    samples[(n, L)].append(1e3 * dt / k)
-                _log(f"  repeat {r + 1}/{repeats} context {prompt + L}: "
+                    engines[n].span, engines[n].pos = span, start  # cost per step depends on the span, not on values
+                    tokens[n], dt = _decode(engines[n], tokens[n], span - start, device)
+                    samples[(n, L)].append(1e3 * dt / (span - start))
+                _log(f"  repeat {r + 1}/{repeats} context {span}: "
                      + ", ".join(f"{n} {samples[(n, L)][-1]:.1f} ms/step" for n in models))
     if method == "sampled":
         # Per repeat: ms/step at every position = linear interpolation between that repeat's samples
         # (x = the middle of each sampled span; constant beyond the first and last), summed over the
         # positions prompt .. prompt + L - 1. Per-step cost is linear in the context, so this is close.
-        mid = [prompt + max(L - sample_steps, 0) + min(sample_steps, L) / 2 for L in points]
+        mid = [(span + start) / 2 for span, start in spans]
         for n in models:
             for r in range(repeats):
                 ys = [samples[(n, L)][r] for L in points]
@@ -430,24 +509,27 @@ def bench_latency(base, hybrid, batch: int = 16, prompt: int = 128, lengths=(512
     if profile_steps:
         for n in models:
             e = engines[n]
-            e.pos = tmax - profile_steps
+            e.span, e.pos = tmax, tmax - profile_steps
             profile[n] = _profile(e, tokens[n], profile_steps, device)
             profile[n]["context"] = tmax
+    copy_gbps = copy_bandwidth_gbps(str(device)) if device.type == "cuda" else None
     results = []
     for L in lengths:
         for n, m in models.items():
-            plan = engines[n].plan
+            e = engines[n]
             ms_tok = [1e3 * t / L for t in total[(n, L)]]
+            step = statistics.median(step_ms[(n, L)])
             results.append({
                 "model": n, "decode_len": L, "context": prompt + L, "batch": batch, "prompt": prompt,
                 "total_s": stats(total[(n, L)]), "ms_per_token": stats(ms_tok),
                 "tokens_per_s": batch * L / statistics.median(total[(n, L)]),
                 "ms_per_step_at_end": stats(step_ms[(n, L)]), "prefill_s": stats(prefill_s[n]),
-                "cache_bytes_theory": expected_cache_bytes(plan, m.config, batch, prompt + L, engines[n].dtype),
-                "cache_bytes_held": engines[n].held_bytes(prompt + L),
-                "cache_bytes_allocated": engines[n].cache_bytes(),
+                "cache_bytes_theory": expected_cache_bytes(e.plan, m.config, batch, prompt + L, e.dtype),
+                "cache_bytes_held": e.held_bytes(prompt + L),
+                "cache_bytes_allocated": e.cache_bytes(),
+                **roofline(e.step_bytes(prompt + L), step / 1e3, copy_gbps),
             })
-    if device.type == "cuda":  # peak memory of a run of each length: an engine sized for it, prefill + 2 steps
+    if device.type == "cuda":  # peak memory of a run of each length: an eager engine sized for it, prefill + 2 steps
         del engines
         gc.collect()
         torch.cuda.empty_cache()
@@ -468,15 +550,20 @@ def bench_latency(base, hybrid, batch: int = 16, prompt: int = 128, lengths=(512
         ratios.append({"decode_len": L,
                        "speedup": b["ms_per_token"]["median"] / h["ms_per_token"]["median"],
                        "speedup_at_end": b["ms_per_step_at_end"]["median"] / h["ms_per_step_at_end"]["median"],
+                       "step_time_ratio": h["ms_per_step_at_end"]["median"] / b["ms_per_step_at_end"]["median"],
+                       "step_bytes_ratio": h["step_bytes"] / b["step_bytes"],
                        "cache_ratio": h["cache_bytes_held"] / b["cache_bytes_held"],
                        "cache_ratio_theory": h["cache_bytes_theory"] / b["cache_bytes_theory"]})
         if "gpu_peak_bytes" in b:
             ratios[-1]["gpu_peak_ratio"] = h["gpu_peak_bytes"] / b["gpu_peak_bytes"]
     out = {"method": method, "sample_steps": sample_steps, "chunk": chunk, "repeats": repeats, "warmup": warmup,
-           "results": results, "ratios": ratios, "peak_rss_bytes": peak_rss_bytes()}
+           "compile": compile, "warmup_s": warmup_s, "results": results, "ratios": ratios,
+           "peak_rss_bytes": peak_rss_bytes()}
+    if copy_gbps is not None:
+        out["copy_gbps"] = copy_gbps
     if method == "sampled":
-        out["samples_ms_per_step"] = [{"model": n, "decode_len": L, "positions": [prompt + max(L - sample_steps, 0),
-                                       prompt + L], "values": samples[(n, L)]} for n in models for L in points]
+        out["samples_ms_per_step"] = [{"model": n, "decode_len": L, "positions": [start, span],
+                                       "values": samples[(n, L)]} for n in models for L, (span, start) in zip(points, spans)]
     if profile:
         out["profile"] = profile
     return out
@@ -484,16 +571,17 @@ def bench_latency(base, hybrid, batch: int = 16, prompt: int = 128, lengths=(512
 
 def bench_throughput(base, hybrid, concurrency=(50, 100, 200), prompt: int = 1024, output: int = 16,
                      prefill: str = "shared", repeats: int = 1, warmup: int = 2,
-                     memory_budget_bytes: int | None = None, device=None) -> dict:
+                     memory_budget_bytes: int | None = None, compile: bool = False, device=None) -> dict:
     """Generated tokens/s at each concurrency level (C sequences decoded as one batch), base vs hybrid.
 
     Args:
         concurrency: sequences in flight per level. prompt / output: tokens per sequence.
         prefill: "shared" (one prompt, its cache copied into every row) or "batched" (C prompts).
         repeats: decode repeats per level (the position is rewound to the prompt; medians).
-        warmup: decode steps per level before measuring (excluded; rewound).
+        warmup: decode steps per level before measuring (excluded; rewound; compiled: at least 3).
         memory_budget_bytes: CPU: a level whose cache would exceed this is recorded as not fitting
             instead of being allocated. GPU: `torch.OutOfMemoryError` is caught and recorded.
+        compile: decode with `Engine(..., compile=True)`; compile time is reported apart (`warmup_s`).
 
     Returns:
         {"results": [per model and level], "ratios": [per level]}
@@ -504,7 +592,10 @@ def bench_throughput(base, hybrid, concurrency=(50, 100, 200), prompt: int = 102
     models = {"base": base, "hybrid": hybrid}
     vocab = base.config.vocab_size
     results = []
-    _log(f"throughput: concurrency {list(concurrency)}, prompt {prompt}, output {output}, prefill {prefill}")
+    copy_gbps = copy_bandwidth_gbps(str(device)) if device.type == "cuda" else None
+    warm = max(warmup, 3) if compile else warmup
+    _log(f"throughput: concurrency {list(concurrency)}, prompt {prompt}, output {output}, prefill {prefill}"
+         + (", compiled" if compile else ""))
     for li, c in enumerate(concurrency):
         order = list(models) if li % 2 == 0 else list(models)[::-1]
         for n in order:
@@ -527,10 +618,12 @@ def bench_throughput(base, hybrid, concurrency=(50, 100, 200), prompt: int = 102
             try:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                e = Engine(m, c, prompt + output)
+                e = Engine(m, c, prompt + output, compile=compile)
                 ids = _prompt(vocab, 1 if prefill == "shared" else c, prompt, device, seed=li)
                 tok0, pre = _prefill(e, ids, device)
-                tok, _ = _decode(e, tok0, warmup, device)
+                t0 = time.perf_counter()
+                _decode(e, tok0, warm, device)  # compiled: compiles (or records CUDA graphs) here
+                res["warmup_s"] = time.perf_counter() - t0
                 times = []
                 for _ in range(repeats):
                     e.pos = prompt  # rewind (timing only: linear_swa states keep what warm-up folded)
@@ -539,7 +632,8 @@ def bench_throughput(base, hybrid, concurrency=(50, 100, 200), prompt: int = 102
                 med = statistics.median(times)
                 res.update({"decode_s": stats(times), "prefill_s": pre, "tokens_per_s": c * output / med,
                             "tokens_per_s_end_to_end": c * output / (med + pre),
-                            "cache_bytes_allocated": e.cache_bytes(), "peak_rss_bytes": peak_rss_bytes()})
+                            "cache_bytes_allocated": e.cache_bytes(), "peak_rss_bytes": peak_rss_bytes(),
+                            **roofline(e.step_bytes(prompt + output), med / output, copy_gbps)})
                 if device.type == "cuda":
                     res["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device)
                 _log(f"  C={c} {n}: {res['tokens_per_s']:.1f} tok/s (decode {med:.2f}s, prefill {pre:.2f}s)")
@@ -560,9 +654,13 @@ def bench_throughput(base, hybrid, concurrency=(50, 100, 200), prompt: int = 102
         if b["status"] == h["status"] == "ok":
             r["throughput_ratio"] = h["tokens_per_s"] / b["tokens_per_s"]
             r["end_to_end_ratio"] = h["tokens_per_s_end_to_end"] / b["tokens_per_s_end_to_end"]
+            r["step_bytes_ratio"] = h["step_bytes"] / b["step_bytes"]  # bytes predict throughput 1 / this
         ratios.append(r)
-    return {"repeats": repeats, "warmup": warmup, "results": results, "ratios": ratios,
-            "peak_rss_bytes": peak_rss_bytes()}
+    out = {"repeats": repeats, "warmup": warmup, "compile": compile, "results": results, "ratios": ratios,
+           "peak_rss_bytes": peak_rss_bytes()}
+    if copy_gbps is not None:
+        out["copy_gbps"] = copy_gbps
+    return out
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -572,18 +670,44 @@ def _mb(x) -> str:
     return f"{x / 2**20:,.1f}" if x is not None else "-"
 
 
+def _roof_cols(r: dict, bw: bool) -> str:
+    """step MB, GB/s (and % of the copy bandwidth) of one result row."""
+    if "step_bytes" not in r:
+        return f" {'-':>9} {'-':>7}" + (f" {'-':>6}" if bw else "")
+    out = f" {r['step_bytes'] / 1e6:>9,.1f} {r['achieved_gbps']:>7.2f}"
+    return out + (f" {100 * r['copy_bw_fraction']:>5.1f}%" if bw else "")
+
+
+def _roof_head(bw: bool) -> str:
+    return f" {'step MB':>9} {'GB/s':>7}" + (f" {'%copy':>6}" if bw else "")
+
+
+def _compile_line(data: dict) -> str:
+    w = data.get("warmup_s") or {}
+    what = "compile + warm-up (excluded)" if data.get("compile") else "warm-up (excluded)"
+    line = f"{what}: " + ", ".join(f"{n} {v:.1f}s" for n, v in w.items()) if w else ""
+    if data.get("copy_gbps"):
+        line += ("; " if line else "") + f"device copy bandwidth {data['copy_gbps']:,.0f} GB/s (read + write)"
+    return line
+
+
 def latency_table(data: dict) -> str:
     gpu = any("gpu_peak_bytes" in r for r in data["results"])
+    bw = bool(data.get("copy_gbps"))
     rows = [f"{'L':>6} {'model':<7} {'ms/token median [min-max]':<30} {'ms/step@end':>11} {'tok/s':>8} "
-            f"{'cache MiB':>10} {'theory MiB':>10}" + (f" {'GPU peak MiB':>12}" if gpu else "")]
+            f"{'cache MiB':>10} {'theory MiB':>10}" + _roof_head(bw) + (f" {'GPU peak MiB':>12}" if gpu else "")]
     for r in data["results"]:
         t = r["ms_per_token"]
         line = (f"{r['decode_len']:>6} {r['model']:<7} " + f"{t['median']:.2f} [{t['min']:.2f}-{t['max']:.2f}]".ljust(30)
                 + f" {r['ms_per_step_at_end']['median']:>11.2f} {r['tokens_per_s']:>8.1f} {_mb(r['cache_bytes_held']):>10}"
-                f" {_mb(r['cache_bytes_theory']):>10}")
+                f" {_mb(r['cache_bytes_theory']):>10}" + _roof_cols(r, bw))
         if gpu:
             line += f" {_mb(r.get('gpu_peak_bytes')):>12}"
         rows.append(line)
+    rows.append("step MB: weights + caches one decode step must read at context prompt + L; "
+                "GB/s: step MB / ms/step@end")
+    if _compile_line(data):
+        rows.append(_compile_line(data))
     for n, prof in data.get("profile", {}).items():
         groups = ", ".join(f"{g.split(' (')[0]} {v:.1f}" for g, v in prof["by_group_ms_per_step"].items())
         rows.append(f"profile {n} at context {prof['context']}: {prof['ms_per_step']:.1f} ms/step = {groups}")
@@ -591,7 +715,10 @@ def latency_table(data: dict) -> str:
     for q in data["ratios"]:
         rows.append(f"  L={q['decode_len']}: speedup {q['speedup']:.2f}x (at end {q['speedup_at_end']:.2f}x), "
                     f"cache {q['cache_ratio']:.3f}x (theory {q['cache_ratio_theory']:.3f}x)"
-                    + (f", GPU peak {q['gpu_peak_ratio']:.3f}x" if "gpu_peak_ratio" in q else ""))
+                    + (f", GPU peak {q['gpu_peak_ratio']:.3f}x" if "gpu_peak_ratio" in q else "")
+                    + (f"; step time hybrid/base {q['step_time_ratio']:.3f}x, "
+                       f"bytes predict {q['step_bytes_ratio']:.3f}x"
+                       if "step_bytes_ratio" in q else ""))
     q = data["ratios"][-1]
     rows.append(f"hybrid/base at L={q['decode_len']}: time per token {1 / q['speedup']:.3f}x "
                 f"(throughput {q['speedup']:.2f}x), cache bytes {q['cache_ratio']:.3f}x")
@@ -599,14 +726,20 @@ def latency_table(data: dict) -> str:
 
 
 def throughput_table(data: dict) -> str:
+    bw = bool(data.get("copy_gbps"))
     rows = [f"{'C':>5} {'model':<7} {'status':<22} {'tok/s':>9} {'e2e tok/s':>10} {'decode s':>9} {'prefill s':>9} "
-            f"{'cache MiB':>10}"]
+            f"{'cache MiB':>10}" + _roof_head(bw)]
     for r in data["results"]:
         ok = r["status"] == "ok"
         rows.append(f"{r['concurrency']:>5} {r['model']:<7} {r['status']:<22} "
                     + (f"{r['tokens_per_s']:>9.1f} {r['tokens_per_s_end_to_end']:>10.1f} {r['decode_s']['median']:>9.2f} "
                        f"{r['prefill_s']:>9.2f} " if ok else f"{'-':>9} {'-':>10} {'-':>9} {'-':>9} ")
-                    + f"{_mb(r['cache_bytes_theory']):>10}")
+                    + f"{_mb(r['cache_bytes_theory']):>10}" + _roof_cols(r, bw))
+    rows.append("step MB: weights + caches one decode step must read at context prompt + output; "
+                "GB/s: step MB / step time")
+    warm = {f"{r['model']}@C={r['concurrency']}": r["warmup_s"] for r in data["results"] if "warmup_s" in r}
+    if warm or data.get("copy_gbps"):
+        rows.append(_compile_line({**data, "warmup_s": warm}))
     rows.append("ratios (hybrid vs base):")
     parts = []
     for q in data["ratios"]:
@@ -615,7 +748,8 @@ def throughput_table(data: dict) -> str:
         else:
             parts.append(f"C={q['concurrency']} base {q['base_status']}, hybrid {q['hybrid_status']}")
         rows.append(f"  C={q['concurrency']}: " + (f"throughput {q['throughput_ratio']:.2f}x (end to end "
-                    f"{q['end_to_end_ratio']:.2f}x), " if "throughput_ratio" in q else
+                    f"{q['end_to_end_ratio']:.2f}x, bytes predict {1 / q['step_bytes_ratio']:.2f}x), "
+                    if "throughput_ratio" in q else
                     f"base {q['base_status']}, hybrid {q['hybrid_status']}, ") + f"cache {q['cache_ratio_theory']:.3f}x")
     rows.append("hybrid/base throughput: " + "; ".join(parts))
     return "\n".join(rows)
@@ -724,47 +858,53 @@ def _common(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", help="smollm2-135m (embedded), a .gguf file, or a local HF folder (the base model)")
     src.add_argument("--random-config", choices=sorted(RANDOM_CONFIGS),
                      help="a random-weight model with a real checkpoint's shape (speed does not depend on weights)")
-    p.add_argument("--layers", type=int, help="with --random-config: override the number of layers")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    from .cli import add_device_dtype, positive
+
+    p.add_argument("--layers", type=positive(), help="with --random-config: override the number of layers")
+    add_device_dtype(p)
+    p.add_argument("--threads", type=positive(), help="torch CPU threads (default: torch's)")
+    p.add_argument("--memory-budget-gb", type=positive(float), default=None,
+                   help="CPU: refuse (latency) or skip and record (throughput) what needs more cache than this "
+                        "(default: half the available RAM)")
     hp = p.add_mutually_exclusive_group()
     hp.add_argument("--plan", help="the hybrid's plan JSON")
     hp.add_argument("--hybrid-kinds", default=None,
                     help="counts per kind, e.g. none:10,swa:10,softmax:10; a kind without a count shares the rest "
                          "(default none,swa,softmax = thirds). Layout: softmax first and last, the rest spread evenly")
-    p.add_argument("--window", type=int, default=64, help="window of swa / linear_swa layers (default 64)")
+    p.add_argument("--window", type=positive(), default=64, help="window of swa / linear_swa layers")
     p.add_argument("--warmup", type=int, default=None, help="decode steps per model before measuring (excluded)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (CUDA graphs on a GPU); compile time is reported apart")
     p.add_argument("--out", help="folder for the JSON and PNG plots")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `latency` and `throughput` sub-commands to `parser` (the `layerboost bench` parser)."""
     sub = parser.add_subparsers(dest="bench_command", required=True)
+    from .cli import RawHelpFormatter
+
     lat = sub.add_parser("latency", help="decode latency and memory vs decode length (batch 16), base vs hybrid",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                         description=__doc__, formatter_class=RawHelpFormatter)
     _common(lat)
-    lat.add_argument("--batch", type=int, default=16)
-    lat.add_argument("--prompt", type=int, default=128, help="prompt tokens (default 128)")
+    lat.add_argument("--batch", type=int, default=16, help="sequences decoded together")
+    lat.add_argument("--prompt", type=int, default=128, help="prompt tokens")
     lat.add_argument("--lengths", type=_ints, default=None,
                      help="decode lengths (default CPU 512,1024,2048,4096; GPU 1024,...,32768)")
-    lat.add_argument("--repeats", type=int, default=3)
+    lat.add_argument("--repeats", type=int, default=3, help="measured repeats (median, min, max)")
     lat.add_argument("--sample-steps", type=int, default=0,
                      help="0: decode every token (default); S: time S steps at each length and estimate totals")
-    lat.add_argument("--chunk", type=int, default=64, help="full method: steps per model turn (default 64)")
+    lat.add_argument("--chunk", type=int, default=64, help="full method: steps per model turn")
     lat.add_argument("--profile", type=int, default=0, metavar="STEPS",
                      help="profile STEPS decode steps per model at the longest context")
     thr = sub.add_parser("throughput", help="tokens/s at concurrency 50/100/200, base vs hybrid",
-                         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                         description=__doc__, formatter_class=RawHelpFormatter)
     _common(thr)
-    thr.add_argument("--concurrency", type=_ints, default=[50, 100, 200])
+    thr.add_argument("--concurrency", type=_ints, default=[50, 100, 200], help="sequences in flight per level")
     thr.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 1024)")
     thr.add_argument("--output", type=int, default=None, help="generated tokens per sequence (default CPU 16, GPU 256)")
     thr.add_argument("--prefill", choices=["shared", "batched"], default=None,
                      help="shared: one prompt copied into every row (CPU default); batched: C prompts (GPU default)")
-    thr.add_argument("--repeats", type=int, default=1)
-    thr.add_argument("--memory-budget-gb", type=float, default=None,
-                     help="CPU: skip (and record) levels whose cache exceeds this (default: half the available RAM)")
+    thr.add_argument("--repeats", type=int, default=1, help="decode repeats per level (median)")
     thr.add_argument("--eval-json", help="accuracy per model ({'base': 0.5, 'hybrid': 0.48}) for a Figure 2 plot")
 
 
@@ -772,8 +912,22 @@ def run_bench_cli(args) -> int:
     """Run `layerboost bench latency|throughput` from parsed arguments; prints the table, writes JSON/PNG."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .cli import check_writable, model_fits
+
     device = torch.device(args.device)
     gpu = device.type == "cuda"
+    if args.out:
+        check_writable(args.out)
+    if args.model:
+        model_fits(args.model, LayerPlan.load(args.plan) if args.plan else None, (args.window,))
+    budget = None  # CPU: the caches must fit this (GPU: out-of-memory is caught and recorded)
+    if not gpu:
+        if args.memory_budget_gb is not None:
+            budget = int(args.memory_budget_gb * 2**30)
+        else:
+            import psutil
+
+            budget = psutil.virtual_memory().available // 2
     t0 = time.perf_counter()
     base, hybrid, desc = load_models(args)
     _log(f"models ready in {time.perf_counter() - t0:.1f}s; hybrid layers: {desc['kinds']} "
@@ -785,22 +939,15 @@ def run_bench_cli(args) -> int:
         lengths = args.lengths or ([1024, 2048, 4096, 8192, 16384, 32768] if gpu else [512, 1024, 2048, 4096])
         data = bench_latency(base, hybrid, batch=args.batch, prompt=args.prompt, lengths=lengths, repeats=args.repeats,
                              warmup=4 if args.warmup is None else args.warmup, sample_steps=args.sample_steps,
-                             chunk=args.chunk, profile_steps=args.profile, device=device)
+                             chunk=args.chunk, profile_steps=args.profile, compile=args.compile,
+                             memory_budget_bytes=budget, device=device)
         table = latency_table(data)
     else:
-        budget = None
-        if not gpu:
-            if args.memory_budget_gb is not None:
-                budget = int(args.memory_budget_gb * 2**30)
-            else:
-                import psutil
-
-                budget = psutil.virtual_memory().available // 2
         data = bench_throughput(base, hybrid, concurrency=args.concurrency,
                                 prompt=args.prompt or 1024, output=args.output or (256 if gpu else 16),
                                 prefill=args.prefill or ("batched" if gpu else "shared"), repeats=args.repeats,
                                 warmup=2 if args.warmup is None else args.warmup,
-                                memory_budget_bytes=budget, device=device)
+                                memory_budget_bytes=budget, compile=args.compile, device=device)
         table = throughput_table(data)
     out.update(data)
     out["wall_s"] = time.perf_counter() - t0

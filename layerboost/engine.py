@@ -1,25 +1,31 @@
-"""A static-cache decode engine for base and hybrid models (gpt-fast style).
+"""A static-shape decode engine for base and hybrid models (gpt-fast style).
 
-    engine = Engine(model, batch_size=16, max_seq_len=4224)
+    engine = Engine(model, batch_size=16, max_seq_len=4224)         # compile=True: torch.compile the step
     tokens = engine.generate(input_ids, max_new_tokens=4096)        # greedy, == model.generate
 
 `prefill` runs the prompt through the model's own decoder layers (so prompt processing is
 exactly the HF forward) and copies what each layer keeps into preallocated buffers;
-`decode_one_token` then runs the decoder itself, one token per step, over those buffers:
+`decode_one_token` then runs one decode step, `_step(tokens, pos, span)`, over those buffers.
+The position is a (1,) tensor that stays on the device, so no tensor shape depends on it and the
+step never synchronises with the host: `torch.compile` (CUDA graphs on a GPU) captures it once.
 
     softmax     FullKV         (B, nkv, Tmax, hs) keys and values, token t written at slot t;
-                               attention reads only the filled part [:t+1]
-    swa         WindowKV       a ring of W slots, token t at slot t % W; the ring holds exactly
-                               the window, so attention reads every filled slot, no mask
+                               attention reads the first `span` slots under the mask slot <= t
+    swa         WindowKV       a ring of W slots, token t at slot t % W; attention reads every
+                               slot under the same mask (slot j is filled once t >= j)
     linear_swa  LinearWindowKV the ring + fp32 state S (B, nh, F, hs) and normaliser z (B, nh, F);
-                               the key leaving the window (it sits in the slot about to be
-                               overwritten) is folded into S, z first
+                               the key in the slot about to be overwritten (position t - W) is
+                               folded into S, z first (times 0 while t < W: no branch on t)
     none        nothing        the layer's attention and input norm are skipped
 
-Nothing is allocated per step except activations; no masks are built while decoding, and the
-decode loop never synchronises with the host. Decoding reuses the model's embeddings, norms,
-MLPs, q/k/v/o projections (and Qwen3's q_norm/k_norm), rotary tables and lm_head, so greedy
-tokens equal `model.generate(do_sample=False)` (tests/test_engine.py).
+`span` (default `max_seq_len`) is the number of slots the softmax layers read. It changes only
+when the caller sets it; a step with span n costs what a step of an engine sized for n tokens
+costs, so the benchmarks set it per decode length instead of reallocating (a compiled step
+compiles once more for the second span it sees, then treats the span as symbolic).
+
+Decoding reuses the model's embeddings, norms, MLPs, q/k/v/o projections (and Qwen3's
+q_norm/k_norm), rotary tables and lm_head, so greedy tokens equal `model.generate(do_sample=False)`
+(tests/test_engine.py), eager and compiled.
 
 Shapes: B batch, T tokens, nh query heads, nkv key/value heads, G = nh // nkv, hs head size,
 F linear-attention features. Prompts must have equal length (no padding): benchmarks use
@@ -33,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention import LinearSlidingWindowAttention, _repeat_kv
-from .cache import FullLayer, HybridCache, LinearWindowLayer, WindowLayer
+from .cache import FullLayer, HybridCache, LinearWindowLayer, WindowLayer, expected_cache_bytes
 from .compat import apply_rope
 from .plan import LayerPlan, LayerSpec
 from .surgery import UnsupportedModelError, decoder_parts, plan_of
@@ -108,19 +114,29 @@ def _native_window(config, layer_idx: int) -> int | None:
     return None
 
 
+class CompileError(RuntimeError):
+    """torch.compile could not compile the decode step on this machine (no silent eager fallback)."""
+
+
 class Engine:
-    """Greedy prefill + decode of a base or layerboost hybrid model over static per-layer buffers.
+    """Greedy prefill + static-shape decode of a base or layerboost hybrid model over preallocated buffers.
 
     Args:
         model: an HF causal LM (llama, mistral, qwen2, qwen3), original or converted by `layerboost.convert`.
         batch_size: sequences decoded together (B).
         max_seq_len: prompt + generated tokens the buffers hold (Tmax).
+        compile: wrap the decode step in `torch.compile` (fullgraph; mode "reduce-overhead", i.e.
+            CUDA graphs, on CUDA; the default mode elsewhere). It compiles at the first decode step,
+            once more at the second span (then symbolic), and again for each new batch size or
+            Tmax (dynamo keeps module buffer shapes static); raises dynamo's process-wide
+            recompile limit to 64.
 
     Raises:
         UnsupportedModelError: unknown architecture, or an original layer with its own sliding window.
+        CompileError (at the first decode step): inductor cannot compile here.
     """
 
-    def __init__(self, model: nn.Module, batch_size: int, max_seq_len: int):
+    def __init__(self, model: nn.Module, batch_size: int, max_seq_len: int, compile: bool = False):
         self.model = model
         self.decoder, self.layers = decoder_parts(model)
         cfg = model.config
@@ -140,12 +156,24 @@ class Engine:
                 + " (load the model with sliding_window=None / use_sliding_window=False, or convert those layers to swa)")
         self.caches: list[nn.Module | None] = [self._make_cache(s, layer.self_attn) for s, layer
                                                in zip(self.plan.layers, self.layers)]
+        # Attention-free kinds other than `none` that still add an output (a learned vector, a map of the
+        # token's own state) provide `self_attn.decode(x)`; `none` adds nothing and is skipped.
+        self.own_output = [c is None and s.kind != "none" for s, c in zip(self.plan.layers, self.caches)]
+        missing = [f"layer {i} ({s.kind})" for i, (s, own, layer) in enumerate(zip(self.plan.layers, self.own_output,
+                   self.layers)) if own and not hasattr(layer.self_attn, "decode")]
+        if missing:
+            raise UnsupportedModelError("the engine cannot decode " + ", ".join(missing) + ": no self_attn.decode()")
         # Rotary tables for every position, computed once by the model's own rotary module: (1, Tmax, hs)
-        pos = torch.arange(max_seq_len, device=self.device)[None]
+        pos = torch.arange(max_seq_len, device=self.device)
         dummy = torch.empty(0, dtype=self.dtype, device=self.device)
         with torch.no_grad():
-            self.cos, self.sin = self.decoder.rotary_emb(dummy, pos)
-        self.pos = 0  # tokens held so far
+            self.cos, self.sin = self.decoder.rotary_emb(dummy, pos[None])
+        self.slot_index = pos  # (Tmax,) slot numbers, compared with the position to build the masks
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=self.device)  # the step's position, on the device
+        self._pos = 0  # the same position on the host: tokens held so far
+        self.span = max_seq_len
+        self.graphs = compile and self.device.type == "cuda"  # CUDA graphs replay into reused output buffers
+        self._run = self._compile() if compile else self._step
 
     def _make_cache(self, spec: LayerSpec, attn):
         b, t, args = self.batch_size, self.max_seq_len, (self.dtype, self.device)
@@ -158,6 +186,27 @@ class Engine:
             return LinearWindowKV(b, self.nkv, min(spec.window, t), self.hs, *args, nh=self.nh, features=features)
         return None
 
+    def _compile(self):
+        if self.graphs:  # CUDA graphs need the tensors the step reads and writes at fixed addresses
+            for t in [self.cos, self.sin, self.slot_index, self.input_pos] + [
+                    b for c in self.caches if c is not None for b in c.buffers()]:
+                torch._dynamo.mark_static_address(t)
+        # Every engine compiles the same code object (`Engine._step`); each model structure, and each
+        # first change of batch, Tmax or span, adds an entry to its one cache: allow more than dynamo's 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # fullgraph: a graph break, or hitting that limit, raises instead of running eagerly.
+        return torch.compile(self._step, mode="reduce-overhead" if self.graphs else None, fullgraph=True)
+
+    @property
+    def pos(self) -> int:
+        """Tokens held so far = the position of the next token. Setting it moves the device position too."""
+        return self._pos
+
+    @pos.setter
+    def pos(self, value: int) -> None:
+        self._pos = int(value)
+        self.input_pos.fill_(self._pos)
+
     # ---- memory ---------------------------------------------------------------------------------
     def cache_bytes(self) -> int:
         """Bytes of every preallocated cache buffer (what the engine holds, sized for Tmax)."""
@@ -167,6 +216,24 @@ class Engine:
         """Bytes of the buffers that hold tokens after `n_tokens` (default: now), linear states included."""
         n = self.pos if n_tokens is None else n_tokens
         return sum(c.held_bytes(n) for c in self.caches if c is not None)
+
+    def weight_bytes(self) -> int:
+        """Bytes of the parameters one decode step reads: every layer's MLP and post-attention norm,
+        attention (or its own output module) and input norm unless the layer is `none`, the final norm and the LM head
+        (a tied embedding counted once; the B embedding rows gathered are left out)."""
+        mods = [self.decoder.norm, self.model.lm_head]
+        for layer, cache, own in zip(self.layers, self.caches, self.own_output):
+            mods += [layer.mlp, layer.post_attention_layernorm]
+            if cache is not None or own:
+                mods += [layer.self_attn, layer.input_layernorm]
+        params = {id(p): p for m in mods for p in m.parameters()}
+        return sum(p.numel() * p.element_size() for p in params.values())
+
+    def step_bytes(self, context: int) -> int:
+        """Bytes one decode step must read at `context` tokens: `weight_bytes()` + the caches that
+        hold `context` tokens (`expected_cache_bytes`, the formula the buffers are tested against)."""
+        return self.weight_bytes() + expected_cache_bytes(self.plan, self.model.config, self.batch_size, context,
+                                                          self.dtype)
 
     # ---- prefill --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -216,69 +283,97 @@ class Engine:
         q, k = apply_rope(q.view(b, self.nh, 1, self.hs), k.view(b, self.nkv, 1, self.hs), cos, sin)
         return q, k, v
 
-    def _attend(self, q, k, v, scale):
-        """Grouped softmax attention of one query per head over n keys: q (B, nh, 1, hs), k/v (B, nkv, n, hs).
+    def _attend(self, q, k, v, mask, scale):
+        """Grouped softmax attention of one query per head over n slots: q (B, nh, 1, hs), k/v (B, nkv, n, hs),
+        mask (n,) bool (True: the slot holds a visible token).
 
-        The G query heads sharing a kv head become G query rows (no key/value copies); every key is
-        visible, so no mask is needed.
+        The G query heads sharing a kv head become G query rows (no key/value copies).
         """
         b = q.shape[0]
-        y = F.scaled_dot_product_attention(q.reshape(b, self.nkv, self.groups, self.hs), k, v, scale=scale)
+        y = F.scaled_dot_product_attention(q.reshape(b, self.nkv, self.groups, self.hs), k, v,
+                                           attn_mask=mask.view(1, 1, 1, -1), scale=scale)
         return y.reshape(b, 1, self.nh * self.hs)
 
-    def _linear_attend(self, attn: LinearSlidingWindowAttention, cache: LinearWindowKV, q, k, v):
-        """LinearSlidingWindowAttention's formula for one query: weighted window softmax + linear state."""
+    def _linear_attend(self, attn: LinearSlidingWindowAttention, cache: LinearWindowKV, q, mask):
+        """LinearSlidingWindowAttention's formula for one query: weighted window softmax over the ring
+        + the linear state."""
         b = q.shape[0]
         qg = q.reshape(b, self.nkv, self.groups, self.hs)  # (B, nkv, G, hs)
-        s = torch.matmul(qg, k.transpose(-1, -2)).float() * attn.scaling  # (B, nkv, G, n)
+        s = torch.matmul(qg, cache.k.transpose(-1, -2)).float() * attn.scaling  # (B, nkv, G, slots)
+        s = s.masked_fill(~mask, float("-inf"))  # the slot just written is always visible: no empty row
         a = torch.exp(s - s.amax(dim=-1, keepdim=True))
-        fw, fl = (f[None, :, None, None] for f in attn.mix_factors())
-        num = fw * torch.matmul(a, v.float()).view(b, self.nh, 1, self.hs)
+        fw, fl = (f[None, :, None, None] for f in attn.mix_factors())  # (1, nh, 1, 1) each
+        num = fw * torch.matmul(a, cache.v.float()).view(b, self.nh, 1, self.hs)
         den = fw * a.sum(dim=-1).view(b, self.nh, 1, 1)
         fq = attn.feature_map_q(q)  # (B, nh, 1, F)
         num = num + fl * torch.matmul(fq, cache.state)
         den = den + fl * torch.matmul(fq, cache.normalizer.unsqueeze(-1))
         return (num / den).to(q.dtype).view(b, 1, self.nh * self.hs)
 
-    def _attention(self, i: int, attn, x, cos, sin, t: int):
-        cache = self.caches[i]
+    def _fold(self, attn, cache: LinearWindowKV, slot, pos) -> None:
+        """Fold the key leaving the window (position t - W, still in `slot`) into the fp32 state.
+
+        Done every step, times 0 while t < W (the slot then holds nothing, or a key still in the window).
+        """
+        leaving = (pos >= attn.window).float()  # (1,)
+        k_old = _repeat_kv(cache.k.index_select(2, slot), self.groups)  # (B, nh, 1, hs)
+        v_old = _repeat_kv(cache.v.index_select(2, slot), self.groups).float()
+        fk = attn.feature_map_k(k_old) * leaving  # (B, nh, 1, F)
+        cache.state.add_(torch.matmul(fk.transpose(-1, -2), v_old))
+        cache.normalizer.add_(fk[:, :, 0])
+
+    def _attention(self, cache, attn, x, cos, sin, pos, valid, span: int):
         q, k, v = self._qkv(attn, x, cos, sin)
         if isinstance(cache, FullKV):
-            cache.k[:, :, t : t + 1].copy_(k)
-            cache.v[:, :, t : t + 1].copy_(v)
-            y = self._attend(q, cache.k[:, :, : t + 1], cache.v[:, :, : t + 1], attn.scaling)
-            return attn.o_proj(y)
-        slot = t % cache.slots
-        if isinstance(cache, LinearWindowKV) and t >= attn.window:
-            # The key at position t - W leaves the window now; it sits in `slot` (slots == W here).
-            k_old = _repeat_kv(cache.k[:, :, slot : slot + 1], self.groups)  # (B, nh, 1, hs)
-            v_old = _repeat_kv(cache.v[:, :, slot : slot + 1], self.groups).float()
-            fk = attn.feature_map_k(k_old)  # (B, nh, 1, F)
-            cache.state.add_(torch.matmul(fk.transpose(-1, -2), v_old))
-            cache.normalizer.add_(fk[:, :, 0])
-        cache.k[:, :, slot : slot + 1].copy_(k)
-        cache.v[:, :, slot : slot + 1].copy_(v)
-        n = min(t + 1, cache.slots)
+            cache.k.index_copy_(2, pos, k)
+            cache.v.index_copy_(2, pos, v)
+            return attn.o_proj(self._attend(q, cache.k[:, :, :span], cache.v[:, :, :span], valid[:span], attn.scaling))
+        slot = pos % cache.slots  # (1,)
         if isinstance(cache, LinearWindowKV):
-            y = self._linear_attend(attn, cache, q, cache.k[:, :, :n], cache.v[:, :, :n])
-        else:
-            y = self._attend(q, cache.k[:, :, :n], cache.v[:, :, :n], attn.scaling)
-        return attn.o_proj(y)
+            self._fold(attn, cache, slot, pos)
+        cache.k.index_copy_(2, slot, k)
+        cache.v.index_copy_(2, slot, v)
+        mask = valid[: cache.slots]  # ring slot j holds a token once t >= j
+        if isinstance(cache, LinearWindowKV):
+            return attn.o_proj(self._linear_attend(attn, cache, q, mask))
+        return attn.o_proj(self._attend(q, cache.k, cache.v, mask, attn.scaling))
+
+    def _step(self, tokens: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
+        """tokens (B, 1) at position pos (1,) -> logits (B, V); writes the caches in place. No shape depends on pos."""
+        h = self.decoder.embed_tokens(tokens)  # (B, 1, D)
+        cos, sin = self.cos.index_select(1, pos), self.sin.index_select(1, pos)  # (1, 1, hs): broadcast over B
+        valid = self.slot_index <= pos  # (Tmax,): slot j holds a token (full: position j; ring: once t >= j)
+        for layer, cache, own in zip(self.layers, self.caches, self.own_output):
+            if cache is not None:
+                h = h + self._attention(cache, layer.self_attn, layer.input_layernorm(h), cos, sin, pos, valid, span)
+            elif own:  # attention-free, with an output of its own; `none` layers: no input norm, nothing
+                h = h + layer.self_attn.decode(layer.input_layernorm(h))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.lm_head(self.decoder.norm(h))[:, 0]
 
     @torch.no_grad()
     def decode_one_token(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, 1) at position `self.pos` -> logits (B, V); advances `self.pos`."""
-        t = self.pos
-        if t >= self.max_seq_len:
-            raise ValueError(f"the buffers hold {self.max_seq_len} tokens; they are full")
-        h = self.decoder.embed_tokens(tokens)  # (B, 1, D)
-        cos, sin = self.cos[:, t : t + 1], self.sin[:, t : t + 1]  # (1, 1, hs): broadcast over the batch
-        for i, layer in enumerate(self.layers):
-            if self.caches[i] is not None:  # `none` layers: no input norm, no attention
-                h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin, t)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        self.pos = t + 1
-        return self.model.lm_head(self.decoder.norm(h))[:, 0]
+        """tokens (B, 1) at position `self.pos` -> logits (B, V); advances `self.pos`.
+
+        Raises:
+            ValueError: the position is past `span` (or `max_seq_len`).
+            CompileError: compile=True and inductor cannot compile the step here.
+        """
+        if not self._pos < self.span <= self.max_seq_len:
+            raise ValueError(f"position {self._pos} is past what the step reads: span {self.span}, "
+                             f"buffers for max_seq_len={self.max_seq_len} tokens")
+        if self.graphs:  # a new CUDA graph replay may overwrite the previous outputs; they were cloned
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            logits = self._run(tokens, self.input_pos, self.span)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            cause = e.inner_exception
+            raise CompileError(f"torch.compile (inductor) could not compile the decode step on {self.device}: "
+                               f"{type(cause).__name__}: {str(cause).strip()[:500]}; "
+                               "run without --compile / compile=False") from e
+        self.input_pos += 1
+        self._pos += 1
+        return logits.clone() if self.graphs else logits
 
     @torch.no_grad()
     def decode_n_tokens(self, token: torch.Tensor, n: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -301,4 +396,4 @@ class Engine:
         return torch.cat([input_ids, first, rest], dim=1)
 
 
-__all__ = ["Engine", "FullKV", "LinearWindowKV", "WindowKV"]
+__all__ = ["CompileError", "Engine", "FullKV", "LinearWindowKV", "WindowKV"]

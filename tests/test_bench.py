@@ -38,6 +38,15 @@ def test_latency_cli_full(tmp_path, capsys):
     assert base16["cache_bytes_theory"] == 6 * 2 * 2 * 2 * 24 * 16 * 4
     assert data["ratios"][-1]["cache_ratio"] == pytest.approx((2 * 24 + 2 * 8) / (6 * 24))
     assert set(data["profile"]) == {"base", "hybrid"} and data["profile"]["base"]["top_ops"]
+    # roofline: weights (tiny ties its embedding: every parameter is read once) + caches at prompt + L
+    weights = sum(p.numel() * 4 for p in random_model("tiny").parameters())
+    assert base16["step_bytes"] == weights + base16["cache_bytes_theory"]
+    assert base16["achieved_gbps"] == pytest.approx(base16["step_bytes"] / base16["ms_per_step_at_end"]["median"] / 1e6)
+    assert "copy_bw_fraction" not in base16 and data["compile"] is False and set(data["warmup_s"]) == {"base", "hybrid"}
+    q = data["ratios"][-1]
+    hyb16 = next(r for r in data["results"] if r["model"] == "hybrid" and r["decode_len"] == 16)
+    assert q["step_bytes_ratio"] == hyb16["step_bytes"] / base16["step_bytes"] < 1
+    assert "GB/s" in table[2] and "bytes predict" in table[-2]
 
 
 def test_latency_cli_sampled(tmp_path, capsys):
@@ -65,6 +74,44 @@ def test_throughput_cli_records_what_does_not_fit(tmp_path, capsys):
     ok = [r for r in data["results"] if r["status"] == "ok"]
     assert all(r["tokens_per_s"] > 0 and r["prefill"] == "shared" for r in ok)
     assert "throughput_ratio" in data["ratios"][0] and "throughput_ratio" not in data["ratios"][1]
+    assert all(r["achieved_gbps"] > 0 and r["step_bytes"] > r["cache_bytes_theory"] for r in ok)
+    assert 0 < data["ratios"][0]["step_bytes_ratio"] < 1 and "bytes predict" in table[-3]
+
+
+@pytest.mark.slow  # compiles a 3-layer base and hybrid: ~30 s with a warm inductor cache, ~45 s cold
+def test_compiled_cli_latency_and_throughput(tmp_path, capsys):
+    args = [*TINY, "--layers", "3", "--hybrid-kinds", "none:1,linear_swa:1,softmax:1", "--compile"]
+    assert main(["latency", *args, "--batch", "2", "--prompt", "8", "--lengths", "8,16", "--sample-steps", "4",
+                 "--repeats", "1", "--out", str(tmp_path / "lat")]) == 0
+    # same batch and buffer size (20 + 4 = 8 + 16): the throughput engines reuse what latency compiled
+    assert main(["throughput", *args, "--concurrency", "2", "--prompt", "20", "--output", "4",
+                 "--out", str(tmp_path / "thr")]) == 0
+    assert "compile + warm-up (excluded)" in capsys.readouterr().out
+    lat = json.loads((tmp_path / "lat" / "latency.json").read_text())
+    thr = json.loads((tmp_path / "thr" / "throughput.json").read_text())
+    assert lat["compile"] and thr["compile"] and min(lat["warmup_s"].values()) > 0
+    assert all(r["status"] == "ok" and r["warmup_s"] > 0 and r["achieved_gbps"] > 0 for r in thr["results"])
+
+
+@pytest.mark.slow  # ~50 s: six tiny runs, three of them compiled
+def test_gpu_decode_script_smoke(tmp_path):
+    """scripts/gpu_decode.py end to end on CPU with tiny shapes (the GPU run itself needs a GPU)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "scripts" / "gpu_decode.py"), "--smoke", "--out", str(tmp_path)],
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["benchmark"], r["compile"], r["status"]) for r in data["runs"]] == [
+        ("latency", False, "ok"), ("throughput", False, "ok"), ("throughput", False, "ok"),
+        ("latency", True, "ok"), ("throughput", True, "ok"), ("throughput", True, "ok")]
+    assert all(r["data"]["results"][0]["achieved_gbps"] > 0 for r in data["runs"])
+    assert (tmp_path / "latency.png").stat().st_size > 1000 and (tmp_path / "throughput.png").stat().st_size > 1000
+    assert "tiny latency compiled: ok" in (tmp_path / "summary.md").read_text()
 
 
 def test_kinds_layout():

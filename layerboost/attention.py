@@ -5,6 +5,12 @@ projections (q/k/v/o, and q_norm/k_norm on Qwen3), so checkpoint keys stay the s
     swa         softmax over the last `window` tokens (the token itself included)
     linear_swa  swa + linear attention over every older token, one shared normaliser (LoLCATs-style)
     none        no attention: the sublayer adds nothing and no q/k/v/o is computed
+    bias        no attention: the sublayer adds a learned vector (D,), 0 at init (== none)
+    linear      no attention: the sublayer adds up(down(x)) of the token's own normed hidden state,
+                rank r, `up` 0 at init (== none); DeciLM's "replace_with_linear", low-rank
+
+The three attention-free kinds cache nothing (an `EmptyLayer` only counts tokens). Each module that
+learns parameters of its own names them in `OWN` (heal trains and checkpoints exactly those).
 
 Shapes: B batch, T new tokens, n keys held (cached + new), nh query heads, nkv key/value heads,
 hs head size, F linear-attention features.
@@ -18,7 +24,7 @@ import torch.nn.functional as F
 
 from .cache import EmptyLayer, HybridCache, LinearWindowLayer
 from .compat import allowed_mask, apply_rope, get_cache
-from .plan import KINDS, LayerSpec
+from .plan import KINDS, LINEAR_RANK, LayerSpec
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -118,6 +124,7 @@ class LinearSlidingWindowAttention(_ProjectedAttention):
     """
 
     GATE_INIT = {"gate": -4.0, "lolcats": 0.0}
+    OWN = ("feature_map_q", "feature_map_k", "gate")
 
     def __init__(self, orig: nn.Module, spec: LayerSpec):
         super().__init__(orig, spec)
@@ -182,6 +189,8 @@ class LinearSlidingWindowAttention(_ProjectedAttention):
 class NoAttention(nn.Module):
     """The attention sublayer removed: returns zeros (a stride-0 view, no memory) and computes nothing."""
 
+    OWN: tuple[str, ...] = ()
+
     def __init__(self, orig: nn.Module, spec: LayerSpec):
         super().__init__()
         self.layer_idx, self.spec = orig.layer_idx, spec
@@ -193,10 +202,53 @@ class NoAttention(nn.Module):
             if not isinstance(layer, EmptyLayer):
                 raise TypeError("attention-free layers need a layerboost HybridCache")
             layer.advance(hidden_states.shape[1])
-        return hidden_states.new_zeros(()).expand_as(hidden_states), None
+        return self.decode(hidden_states), None
+
+    def decode(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The sublayer's output for (B, T, D) inputs with no cache and no kwargs (what a decode engine calls)."""
+        return hidden_states.new_zeros(()).expand_as(hidden_states)
 
     def extra_repr(self) -> str:
-        return f"kind=none, layer_idx={self.layer_idx}"
+        return f"kind={self.spec.kind}, layer_idx={self.layer_idx}"
+
+
+class BiasAttention(NoAttention):
+    """`bias`: the sublayer adds a learned vector `bias` (D,), the same for every token; 0 at init (== none).
+    Its input norm is dropped like none's (the output does not depend on the input)."""
+
+    OWN = ("bias",)
+
+    def __init__(self, orig: nn.Module, spec: LayerSpec):
+        super().__init__(orig, spec)
+        w = orig.o_proj.weight  # (D, nh * hs)
+        self.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
+
+    def decode(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.bias.to(hidden_states.dtype).expand_as(hidden_states)  # (B, T, D)
+
+
+class LinearMapAttention(NoAttention):
+    """`linear`: the sublayer adds up(down(x)), x the token's own input-normed hidden state, rank r.
+
+    down (r, D) starts like a LoRA A (Kaiming-uniform), up (D, r) at 0, so a fresh module equals none
+    and gradients reach `up` first. 2 D r parameters, nothing cached.
+    """
+
+    OWN = ("down", "up")
+
+    def __init__(self, orig: nn.Module, spec: LayerSpec):
+        super().__init__(orig, spec)
+        w = orig.o_proj.weight
+        d, r = w.shape[0], spec.rank or LINEAR_RANK
+        self.down = nn.Linear(d, r, bias=False, device=w.device, dtype=w.dtype)
+        self.up = nn.Linear(r, d, bias=False, device=w.device, dtype=w.dtype)
+        nn.init.zeros_(self.up.weight)
+
+    def decode(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(hidden_states))  # (B, T, D) -> (B, T, r) -> (B, T, D)
+
+    def extra_repr(self) -> str:
+        return f"kind=linear, rank={self.down.out_features}, layer_idx={self.layer_idx}"
 
 
 ATTENTION_KINDS: dict[str, type[nn.Module] | None] = {
@@ -204,6 +256,8 @@ ATTENTION_KINDS: dict[str, type[nn.Module] | None] = {
     "swa": SlidingWindowAttention,
     "linear_swa": LinearSlidingWindowAttention,
     "none": NoAttention,
+    "bias": BiasAttention,
+    "linear": LinearMapAttention,
 }
 assert tuple(ATTENTION_KINDS) == KINDS
 
@@ -227,6 +281,8 @@ def attention_kind(module: nn.Module) -> str:
 
 __all__ = [
     "ATTENTION_KINDS",
+    "BiasAttention",
+    "LinearMapAttention",
     "HedgehogFeatureMap",
     "LinearSlidingWindowAttention",
     "NoAttention",

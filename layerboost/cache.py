@@ -3,7 +3,7 @@
     softmax     FullLayer         keys/values grow with every token
     swa         WindowLayer       only the last `window` keys/values (bounded)
     linear_swa  LinearWindowLayer the last `window` keys/values + an fp32 linear-attention state
-    none        EmptyLayer        nothing (only counts tokens)
+    none, bias, linear  EmptyLayer  nothing (only counts tokens)
 
 Every layer counts the tokens it has seen, so sequence length and positions never depend on
 which kind layer 0 is (transformers reads layer 0 by default; an empty layer 0 would say 0).
@@ -16,7 +16,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from .compat import CACHE_KWARGS
-from .plan import LayerPlan
+from .plan import CACHELESS_KINDS, LayerPlan
 
 
 class _CountingLayer(CacheLayerMixin):
@@ -142,7 +142,7 @@ class LinearWindowLayer(WindowLayer):
 
 
 class EmptyLayer(_CountingLayer):
-    """none layers: no attention, nothing stored; `advance` keeps the token count."""
+    """none / bias / linear layers: no attention, nothing stored; `advance` keeps the token count."""
 
     def advance(self, n_tokens: int) -> None:
         self.seen += n_tokens
@@ -158,7 +158,7 @@ def make_cache_layer(spec) -> _CountingLayer:
         return WindowLayer(spec.window)
     if spec.kind == "linear_swa":
         return LinearWindowLayer(spec.window)
-    if spec.kind == "none":
+    if spec.kind in CACHELESS_KINDS:
         return EmptyLayer()
     raise ValueError(f"no cache layer for kind {spec.kind!r}")
 
@@ -195,7 +195,7 @@ def expected_cache_bytes(plan: LayerPlan, config, batch: int, seq_len: int, dtyp
 
     softmax: 2 * B * nkv * T * hs * bytes; swa: 2 * B * nkv * min(T, W) * hs * bytes;
     linear_swa: the swa window + fp32 state B * nh * F * hs + normaliser B * nh * F (F = 2 * feature_dim);
-    none: 0.
+    none, bias, linear: 0.
     """
     nh, nkv = config.num_attention_heads, config.num_key_value_heads
     hs = getattr(config, "head_dim", None) or config.hidden_size // nh

@@ -145,6 +145,10 @@ def _problems(model: nn.Module, fmt: str) -> list[str]:
     if linear:
         out.append(f"layers {linear} are linear_swa: no {fmt} model has linear attention beside a window; "
                    "re-plan those layers as swa" + (" or softmax" if fmt == "transformers" else ", softmax or none"))
+    replaced = [i for i, s in enumerate(plan.layers) if s.kind in ("bias", "linear")]
+    if replaced:
+        out.append(f"layers {replaced} are bias / linear: export does not write these kinds yet (DeciLM's "
+                   "replace_with_linear could hold `linear` as up @ down); re-plan them as none")
     windows = sorted({s.window for s in plan.layers if s.kind == "swa"})
     if fmt == "transformers":
         none = _layers(plan, "none")

@@ -6,6 +6,21 @@
     stage 2  LoRA distillation: KL(teacher || student) on next-token distributions at a temperature
              (+ optional cross-entropy); the adapters are then merged and a plain hybrid is saved.
 
+The other local stage (`local="block"`, instead of stage 1; Puzzle's blockwise local distillation):
+    block    every modified layer (swa, linear_swa, none, bias, linear) learns to reproduce the teacher's
+             whole decoder block (attention + MLP + residual) from the teacher's input to that block:
+             loss = mean over modified layers i of ||block_i(x_i) - y_i||^2 / ||y_i - x_i||^2, sums over
+             the step's global batch (x_i, y_i: teacher hidden states before / after layer i), i.e. a
+             normalised MSE of the block's residual branch (1.0: no better than an identity block). All
+             modified layers train at once and independently from one teacher pass; no LM head. Trains
+             LoRA on the layer's projections (attention and MLP, where it has them) and the kind's own
+             parameters (feature maps and gates, bias, linear map).
+
+Teacher targets can be read from a `TeacherCache` (`teacher_cache=DIR`, see teacher_cache.py) instead of
+running the teacher: block boundaries for the block stage, the final hidden state (exact KL) or top-k
+log-probabilities (`kd_topk=k`: KL between the teacher's top-k + tail-mass distribution and the student's
+distribution grouped the same way, exact when k = V) for stage 2.
+
 One network serves as both models. The teacher pass runs the same decoder layers with the adapters
 disabled and the original attention modules (kept aside before conversion) swapped back in; the layers
 before the first layer that differs run once and feed both. Teacher logits are computed under no_grad
@@ -38,14 +53,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .attention import LinearSlidingWindowAttention
+from .attention import LinearSlidingWindowAttention, NoAttention
 from .corpus import PackedRows, TrainingDataError, documents, parse_tokens
 from .plan import WINDOWED_KINDS, LayerPlan
 from .surgery import CheckpointError, convert, decoder_parts, plan_of, save
+from .teacher_cache import TeacherCache, boundary_name, model_fingerprint, topk_name
 
 PAPER_TOKENS = 10_000_000  # the paper heals with 10M tokens
 STATE_SCHEMA = 1
-STAGES = ("attn", "kd", "done")
+STAGES = ("attn", "block", "kd", "done")  # a recipe runs "attn" or "block" (the local stage), then "kd"
+LOCAL_STAGES = ("attn", "block")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -59,8 +76,11 @@ class HealConfig:
 
     Args:
         tokens: total token budget of both stages (input tokens of packed rows).
-        attn_distill: run stage 1 (False: the paper's "w/o Attn. Distill." ablation; stage 2 gets the whole budget).
-        attn_fraction: share of `tokens` given to stage 1 when it runs.
+        attn_distill: run the local stage (False: the paper's "w/o Attn. Distill." ablation; stage 2 gets the whole budget).
+        attn_fraction: share of `tokens` given to stage 1 when it runs (local="attn").
+        local: the local stage: `attn` (attention transfer, windowed layers) or `block` (block-wise local
+            distillation of every modified layer).
+        block_fraction, block_lr: the block stage's share of `tokens` and peak learning rate (local="block").
         seq_len: tokens per packed row. batch_size: rows per micro-batch per process.
         grad_accum: micro-batches per optimiser step (global batch = batch_size * grad_accum * processes).
         attn_lr / lr: peak learning rates of stage 1 / stage 2 (linear warm-up, cosine to 10%).
@@ -72,6 +92,9 @@ class HealConfig:
         temperature, ce_weight: stage-2 loss = T^2 KL(p_teacher^T || p_student^T) + ce_weight * CE.
         train_attention_params: feature maps and gates keep training in stage 2.
         kl_chunk: positions per logits chunk in the KL.
+        kd_topk: 0: stage 2 uses the teacher's full distribution (exact); k > 0: its top-k log-probs + tail mass.
+        teacher_cache: folder of a `TeacherCache` shared by runs (None: the teacher runs every step).
+        teacher_cache_blocks: the block stage caches its boundaries too (4 D bytes per token per boundary).
         checkpoint_every: optimiser steps between checkpoints (0: only at stage ends).
         precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16 (autocast + grad scaling).
         data_dir: the evaluation data directory whose splits are refused as training data.
@@ -100,6 +123,12 @@ class HealConfig:
     ce_weight: float = 0.0
     train_attention_params: bool = True
     kl_chunk: int = 1024
+    local: str = "attn"
+    block_fraction: float = 0.5
+    block_lr: float = 1e-3
+    kd_topk: int = 0
+    teacher_cache: str | None = None
+    teacher_cache_blocks: bool = True
     checkpoint_every: int = 100
     precision: str = "auto"
     device: str = "auto"
@@ -124,18 +153,20 @@ class HealConfig:
                 problems.append(f"{name} must be a positive integer, got {v!r}")
         if self.seq_len == 1:
             problems.append("seq_len must be >= 2")
-        for name in ("checkpoint_every", "neighbours"):
+        for name in ("checkpoint_every", "neighbours", "kd_topk"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 problems.append(f"{name} must be an integer >= 0, got {v!r}")
-        for name in ("attn_lr", "lr", "temperature", "lora_alpha"):
+        for name in ("attn_lr", "block_lr", "lr", "temperature", "lora_alpha"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("attn_fraction", "warmup", "lora_dropout"):
+        for name in ("attn_fraction", "block_fraction", "warmup", "lora_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.ce_weight < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             problems.append("ce_weight, weight_decay and max_grad_norm must be >= 0")
+        if self.local not in LOCAL_STAGES:
+            problems.append(f"local must be one of {', '.join(LOCAL_STAGES)}, got {self.local!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if not self.lora_targets:
@@ -152,12 +183,22 @@ class HealConfig:
 
     @property
     def stage_tokens(self) -> dict[str, int]:
-        attn = round(self.tokens * self.attn_fraction) if self.attn_distill else 0
-        return {"attn": attn, "kd": self.tokens - attn}
+        """Tokens per stage of the recipe, in order: {local stage, "kd"}."""
+        frac = self.attn_fraction if self.local == "attn" else self.block_fraction
+        local = round(self.tokens * frac) if self.attn_distill else 0
+        return {self.local: local, "kd": self.tokens - local}
 
     def to_dict(self) -> dict:
+        """Every field, except those added with the block stage and the teacher cache (issue 11) while they
+        hold the values that give the earlier recipe: settings recorded before them (a heal run's resume key,
+        a comparison's resolved settings) still match."""
         d = dataclasses.asdict(self)
         d["lora_targets"] = list(self.lora_targets)
+        if d["local"] == "attn":  # block_fraction and block_lr change nothing then
+            del d["block_fraction"], d["block_lr"]
+        for k, v in {"local": "attn", "kd_topk": 0, "teacher_cache": None, "teacher_cache_blocks": True}.items():
+            if d[k] == v:
+                del d[k]
         return d
 
     def resume_key(self, data: str, plan: LayerPlan, model: str) -> dict:
@@ -165,6 +206,8 @@ class HealConfig:
         d = self.to_dict()
         for k in ("progress", "checkpoint_every", "device", "data_dir"):
             d.pop(k)
+        for k in ("teacher_cache", "teacher_cache_blocks"):  # where targets come from, not what they are
+            d.pop(k, None)
         return {"config": d, "data": str(data), "plan": plan.to_dict(), "model": model}
 
 
@@ -258,6 +301,11 @@ class Hybrid:
     eager: bool
     adapter_layers: list[nn.Module] = field(default_factory=list)
 
+    @property
+    def modified(self) -> list[int]:
+        """Layers whose kind is not softmax (the block stage's layers)."""
+        return sorted(self.originals)
+
     @contextlib.contextmanager
     def teacher(self, record: dict | None = None):
         """Adapters off and the original attention back in every modified layer (record: stage-1 targets)."""
@@ -297,6 +345,20 @@ class Hybrid:
             x = out[0] if isinstance(out, tuple) else out
         return x
 
+    def teacher_boundaries(self, x0: torch.Tensor, ctx: dict, need: list[int]) -> dict[int, torch.Tensor]:
+        """Teacher hidden states (B, T, D) at layer boundaries `need` (j: the input of layer j, len(layers): the
+        last output), from x0 = the input of layer `prefix` (shared with the student). Call under no_grad."""
+        if min(need) < self.prefix:
+            raise ValueError(f"boundaries {need} start before the first layer that differs ({self.prefix})")
+        out = {self.prefix: x0} if self.prefix in need else {}
+        x = x0
+        with self.teacher():
+            for j in range(self.prefix, max(need)):
+                x = self.run(x, j, j + 1, ctx)
+                if j + 1 in need:
+                    out[j + 1] = x
+        return out
+
 
 def _lora_layer_indices(cfg: HealConfig, plan: LayerPlan) -> list[int]:
     n = len(plan)
@@ -331,6 +393,7 @@ def build_hybrid(model: nn.Module, plan: LayerPlan, cfg: HealConfig) -> Hybrid:
     originals = {i: (layers[i].self_attn, layers[i].input_layernorm) for i, s in enumerate(plan.layers) if s.kind != "softmax"}
     if not originals:
         raise ValueError("the plan changes no layer: there is nothing to heal")
+    torch.manual_seed(cfg.seed)  # kinds with random init (linear's `down`)
     convert(model, plan)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -374,22 +437,29 @@ def _lora_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def _attention_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The attention kinds' own parameters (`OWN`: linear_swa's feature maps and gate, bias, linear's maps)."""
     out = []
     for name, mod in module.named_modules():
-        if isinstance(mod, LinearSlidingWindowAttention):
-            for sub in ("feature_map_q", "feature_map_k"):
-                out += [(f"{name}.{sub}.{n}", p) for n, p in getattr(mod, sub).named_parameters()]
-            out.append((f"{name}.gate", mod.gate))
+        if isinstance(mod, (LinearSlidingWindowAttention, NoAttention)):
+            for sub in mod.OWN:
+                obj = getattr(mod, sub)
+                if isinstance(obj, nn.Parameter):
+                    out.append((f"{name}.{sub}", obj))
+                else:
+                    out += [(f"{name}.{sub}.{n}", p) for n, p in obj.named_parameters()]
     return out
 
 
 def heal_params(h: Hybrid) -> dict[str, nn.Parameter]:
-    """Every parameter healing can change (LoRA A/B everywhere + feature maps and gates): the checkpoint."""
+    """Every parameter healing can change (LoRA A/B everywhere + the kinds' own parameters): the checkpoint."""
     return dict(_lora_params(h.peft_model) + _attention_params(h.peft_model))
 
 
 def stage_params(h: Hybrid, stage: str, cfg: HealConfig) -> list[nn.Parameter]:
-    """Trainable parameters of a stage: stage 1 touches only the windowed layers' attention."""
+    """Trainable parameters of a stage: stage 1 touches only the windowed layers' attention, the block stage
+    every modified layer (its LoRA adapters, attention and MLP, and its kind's own parameters)."""
+    if stage == "block":
+        return [p for i in h.modified for _, p in _attention_params(h.layers[i]) + _lora_params(h.layers[i])]
     if stage == "attn":
         out = []
         for i in h.windowed:
@@ -441,12 +511,97 @@ def attn_step(h: Hybrid, ids: torch.Tensor, n_global: int, precision: str, scale
     return torch.stack(sq)
 
 
+def block_step(h: Hybrid, batches: list[tuple[torch.Tensor, list[int]]], precision: str, dist: _Dist,
+               scale: float = 1.0, cache: TeacherCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block stage on one optimiser step's local micro-batches [(ids (B, T), stream rows)]: backward of
+    mean_i sum ||block_i(x_i) - y_i||^2 / den_i, den_i = sum ||y_i - x_i||^2 over the step's global batch.
+
+    The teacher targets of every micro-batch are gathered first (so den is known, and all-reduced across
+    processes, before any backward); then each modified block runs on its teacher input and backpropagates
+    on its own (one block's graph in memory at a time).
+
+    Returns:
+        (err (M,), den (M,)), fp32, detached, M = modified layers: this process's summed squared errors and
+        the global normalisers; err / den is the relative error of each layer.
+    """
+    mods = h.modified
+    need = sorted({j for i in mods for j in (i, i + 1)})  # layer boundaries: inputs and outputs
+    dev = h.lm_head.weight.device
+    den = torch.zeros(len(mods), device=dev)
+    work = []
+    for ids, rows in batches:
+        with torch.no_grad(), _autocast(ids.device, precision):
+            x, ctx = h.embed(ids)
+            got = [cache.load(boundary_name(j), rows, ids.shape[1], dev) for j in need] if cache is not None else None
+            if got is not None and all(g is not None for g in got):
+                tg = {j: g["h"] for j, g in zip(need, got)}
+            else:
+                tg = h.teacher_boundaries(h.run(x, 0, h.prefix, ctx), ctx, need)
+                if cache is not None:
+                    for j in need:
+                        cache.save(boundary_name(j), rows, {"h": tg[j]})
+            den += torch.stack([(tg[i + 1].float() - tg[i].float()).pow(2).sum() for i in mods])
+        work.append((ctx, tg))
+    _all_reduce(den, dist)
+    err = torch.zeros(len(mods), device=dev)
+    for ctx, tg in work:
+        for k, i in enumerate(mods):
+            with _autocast(dev, precision):
+                out = h.layers[i](tg[i], **ctx)
+            y = out[0] if isinstance(out, tuple) else out  # (B, T, D)
+            e = (y.float() - tg[i + 1].float()).pow(2).sum()
+            if e.requires_grad:
+                (e * (scale / (len(mods) * den[k]))).backward()
+            err[k] += e.detach()
+    return err, den
+
+
+def _topk_kl(zs_t: torch.Tensor, lse_s: torch.Tensor, logp: torch.Tensor, idx: torch.Tensor):
+    """KL between the teacher's top-k + tail distribution and the student's grouped the same way, per position.
+
+    Args:
+        zs_t: student logits / tau (C, V) fp32; lse_s: their logsumexp (C, 1).
+        logp, idx: the teacher's top-k log-probs at tau (C, k) and their token ids (C, k).
+
+    Returns:
+        (KL (C,), d KL / d zs_t (C, V)). With S the top-k, r = 1 - sum_S p the teacher's tail mass and
+        q_tail = 1 - sum_S q the student's: KL = sum_S p log(p / q) + r log(r / q_tail), and the gradient is
+        q - p~ with p~ = p on S and r q / q_tail elsewhere. k = V gives the exact KL and gradient.
+    """
+    ls = zs_t - lse_s  # student log-probs (C, V)
+    p = logp.exp()  # (C, k)
+    r = (1 - p.sum(-1, keepdim=True)).clamp_(min=0)  # (C, 1)
+    if idx.shape[-1] == zs_t.shape[-1]:
+        r.zero_()  # every token is in the top-k: 1 - sum p is rounding error, there is no tail
+    tail = ls.scatter(-1, idx, float("-inf"))  # student log-probs outside the top-k
+    lq_tail = tail.logsumexp(-1, keepdim=True)  # (C, 1); -inf when k = V
+    kl = (p * (logp - ls.gather(-1, idx))).sum(-1, keepdim=True) + torch.xlogy(r, r)
+    kl = kl - torch.where(r > 0, r * lq_tail, torch.zeros_like(r))
+    g = ls.exp_().scatter_add_(-1, idx, -p)  # q - p on the top-k
+    g -= tail.sub_(lq_tail.clamp(min=torch.finfo(tail.dtype).min)).exp_().mul_(r)  # - r q / q_tail elsewhere
+    return kl.squeeze(-1), g
+
+
+def _teacher_topk(ht: torch.Tensor, w: torch.Tensor, b, tau: float, k: int, chunk: int):
+    """The teacher's top-k log-probs at tau (N, k) fp32 and token ids (N, k) int32, from final hidden states (N, D)."""
+    vals, ids = [], []
+    for a in range(0, ht.shape[0], chunk):
+        zt = nn.functional.linear(ht[a:a + chunk], w, b).float()  # (C, V)
+        if tau != 1.0:
+            zt = zt.div_(tau)
+        v, i = (zt - zt.logsumexp(-1, keepdim=True)).topk(k, dim=-1)
+        vals.append(v)
+        ids.append(i.int())
+    return torch.cat(vals), torch.cat(ids)
+
+
 def _kd_chunks(hs: torch.Tensor, ht: torch.Tensor, labels: torch.Tensor | None, w: torch.Tensor, b, tau: float,
                ce_weight: float, n_kl: int, n_ce: int, chunk: int):
     """KL(teacher || student) at temperature `tau` (+ CE) over positions in chunks, with its gradient.
 
     Args:
-        hs, ht: final hidden states (N, D) of student (detached) and teacher.
+        hs, ht: final hidden states (N, D) of student (detached) and teacher; or ht = (log-probs (N, k), ids
+            (N, k)), the teacher's top-k at tau: the KL of `_topk_kl` then.
         labels: (N,) next tokens, -100 where there is none; None when ce_weight == 0.
         w, b: lm_head weight (V, D) and bias (or None).
         n_kl, n_ce: global position counts that normalise the two terms.
@@ -457,19 +612,27 @@ def _kd_chunks(hs: torch.Tensor, ht: torch.Tensor, labels: torch.Tensor | None, 
     grad = torch.empty_like(hs)
     kl_sum = hs.new_zeros((), dtype=torch.float32)
     ce_sum = hs.new_zeros((), dtype=torch.float32)
+    topk = isinstance(ht, tuple)
     for a in range(0, hs.shape[0], chunk):
         zs = nn.functional.linear(hs[a:a + chunk], w, b).float()  # (C, V)
-        zt = nn.functional.linear(ht[a:a + chunk], w, b).float()
-        if tau != 1.0:
-            zs_t, zt = zs / tau, zt.div_(tau)
+        if topk:
+            zs_t = zs / tau if tau != 1.0 else zs
+            lse_s = torch.logsumexp(zs_t, dim=-1, keepdim=True)
+            kl, g = _topk_kl(zs_t, lse_s, ht[0][a:a + chunk], ht[1][a:a + chunk].long())
+            kl_sum += kl.sum()
+            g.mul_(tau / n_kl)
         else:
-            zs_t = zs
-        lse_t = torch.logsumexp(zt, dim=-1, keepdim=True)
-        lse_s = torch.logsumexp(zs_t, dim=-1, keepdim=True)
-        p_t = (zt - lse_t).exp_()
-        # KL = sum p_t (log p_t - log p_s) = sum p_t (zt - zs) - lse_t + lse_s   (sum p_t = 1)
-        kl_sum += (zt.sub_(zs_t).mul_(p_t).sum(-1, keepdim=True) - lse_t + lse_s).sum()
-        g = (zs_t - lse_s).exp_().sub_(p_t).mul_(tau / n_kl)  # d(tau^2 KL / n) / d logits
+            zt = nn.functional.linear(ht[a:a + chunk], w, b).float()
+            if tau != 1.0:
+                zs_t, zt = zs / tau, zt.div_(tau)
+            else:
+                zs_t = zs
+            lse_t = torch.logsumexp(zt, dim=-1, keepdim=True)
+            lse_s = torch.logsumexp(zs_t, dim=-1, keepdim=True)
+            p_t = (zt - lse_t).exp_()
+            # KL = sum p_t (log p_t - log p_s) = sum p_t (zt - zs) - lse_t + lse_s   (sum p_t = 1)
+            kl_sum += (zt.sub_(zs_t).mul_(p_t).sum(-1, keepdim=True) - lse_t + lse_s).sum()
+            g = (zs_t - lse_s).exp_().sub_(p_t).mul_(tau / n_kl)  # d(tau^2 KL / n) / d logits
         if ce_weight > 0:
             lab = labels[a:a + chunk]
             ok = lab >= 0
@@ -483,9 +646,36 @@ def _kd_chunks(hs: torch.Tensor, ht: torch.Tensor, labels: torch.Tensor | None, 
     return kl_sum, ce_sum, grad
 
 
+def _kd_targets(h: Hybrid, x0: torch.Tensor, ctx: dict, cfg: HealConfig, rows: list[int] | None,
+                cache: TeacherCache | None):
+    """Stage 2's teacher side for one micro-batch (under no_grad): final normed hidden states (N, D), or with
+    kd_topk the top-k (log-probs (N, k), ids (N, k)); read from `cache` when it holds every row, else computed
+    (and stored)."""
+    n_layers, (b, t, d) = len(h.layers), x0.shape
+    name = topk_name(cfg.kd_topk, cfg.temperature) if cfg.kd_topk else boundary_name(n_layers)
+    got = cache.load(name, rows, t, x0.device) if cache is not None else None
+    if cfg.kd_topk and got is not None:
+        return got["logp"].reshape(b * t, -1), got["idx"].reshape(b * t, -1)
+    if got is not None:
+        return h.decoder.norm(got["h"]).reshape(b * t, d)
+    if cache is None and not cfg.kd_topk:
+        with h.teacher():
+            return h.decoder.norm(h.run(x0, h.prefix, n_layers, ctx)).reshape(b * t, d)
+    last = h.teacher_boundaries(x0, ctx, [n_layers])[n_layers]  # (B, T, D)
+    if not cfg.kd_topk:
+        cache.save(name, rows, {"h": last})
+        return h.decoder.norm(last).reshape(b * t, d)
+    logp, idx = _teacher_topk(h.decoder.norm(last).reshape(b * t, d), h.lm_head.weight, h.lm_head.bias,
+                              cfg.temperature, cfg.kd_topk, cfg.kl_chunk)
+    if cache is not None:
+        cache.save(name, rows, {"logp": logp.view(b, t, -1), "idx": idx.view(b, t, -1)})
+    return logp, idx
+
+
 def kd_step(h: Hybrid, ids: torch.Tensor, n_kl: int, n_ce: int, cfg: HealConfig, precision: str,
-            scale: float = 1.0) -> torch.Tensor:
-    """Stage 2 on one micro-batch: teacher pass (no grad), student pass, chunked KL; backward into the student.
+            scale: float = 1.0, rows: list[int] | None = None, cache: TeacherCache | None = None) -> torch.Tensor:
+    """Stage 2 on one micro-batch: teacher pass (no grad) or cached targets, student pass, chunked KL; backward
+    into the student. `rows`: the micro-batch's stream rows (the cache's keys).
 
     Returns:
         (sum KL, sum CE) over the micro-batch, detached.
@@ -493,8 +683,7 @@ def kd_step(h: Hybrid, ids: torch.Tensor, n_kl: int, n_ce: int, cfg: HealConfig,
     with torch.no_grad(), _autocast(ids.device, precision):
         x, ctx = h.embed(ids)
         x0 = h.run(x, 0, h.prefix, ctx)  # shared by both
-        with h.teacher():
-            ht = h.decoder.norm(h.run(x0, h.prefix, len(h.layers), ctx))
+        ht = _kd_targets(h, x0, ctx, cfg, rows, cache)
     with _autocast(ids.device, precision):
         hs = h.decoder.norm(h.run(x0, h.prefix, len(h.layers), ctx))  # (B, T, D)
     labels = None
@@ -504,7 +693,7 @@ def kd_step(h: Hybrid, ids: torch.Tensor, n_kl: int, n_ce: int, cfg: HealConfig,
         labels = labels.reshape(-1)
     d = hs.shape[-1]
     with torch.no_grad():
-        kl, ce, grad = _kd_chunks(hs.detach().reshape(-1, d), ht.reshape(-1, d), labels, h.lm_head.weight,
+        kl, ce, grad = _kd_chunks(hs.detach().reshape(-1, d), ht, labels, h.lm_head.weight,
                                   h.lm_head.bias, cfg.temperature, cfg.ce_weight, n_kl, n_ce, cfg.kl_chunk)
     if hs.requires_grad:
         hs.backward((grad * scale).view_as(hs))
@@ -667,14 +856,14 @@ def _lr_at(step: int, total: int, peak: float, warmup: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
 
 
-def _micro_batches(rows: list[torch.Tensor], size: int) -> Iterator[torch.Tensor]:
-    """Consecutive rows of equal length, at most `size` per batch (only a budget's last row is shorter)."""
+def _micro_batch_spans(rows: list[torch.Tensor], size: int) -> Iterator[tuple[int, int]]:
+    """(i, j): consecutive rows of equal length, at most `size` per batch (only a budget's last row is shorter)."""
     i = 0
     while i < len(rows):
         j = i + 1
         while j < len(rows) and j - i < size and len(rows[j]) == len(rows[i]):
             j += 1
-        yield torch.stack(rows[i:j])
+        yield i, j
         i = j
 
 
@@ -691,6 +880,8 @@ class _Run:
     probe_rows: torch.Tensor | None = None
     probe_at: list[int] = field(default_factory=list)  # total tokens (both stages) at which to probe
     offset: int = 0  # tokens of earlier stages
+    cache: TeacherCache | None = None
+    train_s: float = 0.0  # seconds spent in training steps, all stages and sessions (no probes, no checkpoints)
 
     def maybe_probe(self, before: int, after: int) -> None:
         """Probe held-out text at every point of `probe_at` in (before, after] (0 is probed when before == -1)."""
@@ -701,6 +892,7 @@ class _Run:
                 t0 = time.perf_counter()
                 rec = {"probe": True, "tokens": after if at else 0, **probe(self.h, self.probe_rows, self.precision)}
                 rec["probe_s"] = round(time.perf_counter() - t0, 3)
+                rec["train_s"] = round(self.train_s, 3)
                 self.log(rec)
 
     def log(self, record: dict) -> None:
@@ -719,7 +911,7 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
         p.requires_grad_(True)
     if not params:
         raise HealConfigError(f"stage {stage!r} has nothing to train (a plan with only `none` layers and attn_lora off?)")
-    peak = cfg.attn_lr if stage == "attn" else cfg.lr
+    peak = {"attn": cfg.attn_lr, "block": cfg.block_lr, "kd": cfg.lr}[stage]
     opt = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay, foreach=False)
     scaler = torch.amp.GradScaler(d.device.type) if run.precision == "fp16" else None
     step_rows = cfg.batch_size * cfg.grad_accum * d.world
@@ -739,7 +931,9 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
                    dynamic_ncols=True, smoothing=0.1)
     t_start = time.perf_counter()
     while done < n_tokens:
+        t_step = time.perf_counter()
         need = min(step_tokens, n_tokens - done)
+        first_row = run.stream.position
         rows, have = [], 0
         while have < need:
             try:
@@ -755,13 +949,18 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, total, peak, cfg.warmup)
         scale = scaler.get_scale() if scaler is not None else 1.0
-        stats = torch.zeros(2 if stage == "kd" else len(h.windowed))
-        for mb in _micro_batches(rows[d.rank::d.world], cfg.batch_size):
-            mb = mb.to(d.device)
+        stats = torch.zeros({"attn": len(h.windowed), "block": len(h.modified), "kd": 2}[stage])
+        mine = rows[d.rank::d.world]
+        ids = list(range(first_row, first_row + len(rows)))[d.rank::d.world]  # stream rows: the cache's keys
+        batches = [(torch.stack(mine[i:j]).to(d.device), ids[i:j]) for i, j in _micro_batch_spans(mine, cfg.batch_size)]
+        if stage == "block":
+            err, den = block_step(h, batches, run.precision, d, scale, run.cache if cfg.teacher_cache_blocks else None)
+            stats += err.cpu()
+        for mb, mb_rows in batches:
             if stage == "attn":
                 stats += attn_step(h, mb, n_global, run.precision, scale).cpu()
-            else:
-                stats += kd_step(h, mb, n_global, max(1, n_ce), cfg, run.precision, scale).cpu()
+            elif stage == "kd":
+                stats += kd_step(h, mb, n_global, max(1, n_ce), cfg, run.precision, scale, mb_rows, run.cache).cpu()
         if d.world > 1:
             flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
             _all_reduce(flat, d)
@@ -786,12 +985,18 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
             per_layer = (stats / (n_global * h.decoder.config.hidden_size)).tolist()
             rec = {"stage": stage, "step": step, "tokens": done, "loss": sum(per_layer) / len(per_layer),
                    "mse": dict(zip(map(str, h.windowed), per_layer))}
+        elif stage == "block":
+            rel = (stats / den.cpu()).tolist()  # relative error of each modified block
+            rec = {"stage": stage, "step": step, "tokens": done, "loss": sum(rel) / len(rel),
+                   "rel": dict(zip(map(str, h.modified), rel))}
         else:
             kl, ce = stats[0].item() / n_global, stats[1].item() / max(1, n_ce)
             rec = {"stage": stage, "step": step, "tokens": done, "loss": cfg.temperature ** 2 * kl + cfg.ce_weight * ce,
                    "kl": kl, "ce": ce if cfg.ce_weight > 0 else None}
         rec["lr"] = opt.param_groups[0]["lr"]
+        run.train_s += time.perf_counter() - t_step
         rec["elapsed_s"] = round(time.perf_counter() - t_start, 3)
+        rec["train_s"] = round(run.train_s, 3)
         run.log(rec)
         run.maybe_probe(run.offset + done - n_global, run.offset + done)
         if bar is not None:
@@ -801,7 +1006,8 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
         if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             nxt = STAGES[STAGES.index(stage) + 1] if last else stage
             state = {"schema_version": STATE_SCHEMA, "stage": nxt, "step": 0 if last else step,
-                     "tokens": 0 if last else done, "position": run.stream.position, "log_lines": run.log_lines}
+                     "tokens": 0 if last else done, "position": run.stream.position, "log_lines": run.log_lines,
+                     "train_s": run.train_s}
             if d.main:
                 _save_checkpoint(run.work, h, opt, scaler, state)
             _barrier(d)
@@ -821,6 +1027,21 @@ def merge_and_save(h: Hybrid, out: str | os.PathLike, tokenizer=None) -> nn.Modu
     merged.eval()
     save(merged, out, tokenizer=tokenizer)
     return merged
+
+
+def _check_cache_space(cache: TeacherCache, h: Hybrid, cfg: HealConfig, budgets: dict) -> None:
+    """Raise before training when the targets this run may write do not fit the cache's disk (upper bound:
+    fp32 boundaries; files already there are counted as new)."""
+    d = h.decoder.config.hidden_size
+    n_bound = len({j for i in h.modified for j in (i, i + 1)}) if cfg.teacher_cache_blocks else 0
+    need = budgets.get("block", 0) * n_bound * 4 * d
+    need += budgets["kd"] * (8 * cfg.kd_topk if cfg.kd_topk else 4 * d)
+    free = shutil.disk_usage(cache.dir).free
+    if need > 0.9 * free:
+        raise HealConfigError(
+            f"the teacher cache may need {need / 1e9:.1f} GB and {cache.dir} has {free / 1e9:.1f} GB free: set "
+            "teacher_cache_blocks=False (block targets are 4 D bytes per token per layer boundary), a smaller "
+            "budget, or another teacher_cache folder")
 
 
 def _resolve_precision(p: str, device: torch.device) -> str:
@@ -894,6 +1115,19 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
 
     docs()  # raises now for missing data or evaluation splits, before the model is touched
     stream = PackedRows(docs, tokenizer, cfg.seq_len, cfg.seed, cfg.shuffle_rows)
+    precision = _resolve_precision(cfg.precision, d.device)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if cfg.kd_topk > vocab:
+        raise HealConfigError(f"kd_topk {cfg.kd_topk} is larger than the vocabulary ({vocab})")
+    cache = None
+    if cfg.teacher_cache:  # keyed by everything the teacher's targets depend on; the original weights, before surgery
+        src = Path(str(data))
+        cache = TeacherCache(cfg.teacher_cache, {
+            "architecture": type(model).__name__, "weights": model_fingerprint(model),
+            "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+            "data": str(src.resolve()) if src.exists() else str(data), "seq_len": cfg.seq_len, "seed": cfg.seed,
+            "shuffle_rows": cfg.shuffle_rows, "segment_chars": cfg.segment_chars, "precision": precision,
+            "device": d.device.type, "attn_implementation": model.config._attn_implementation})
     h = build_hybrid(model, plan, cfg)
     for attn, norm in h.originals.values():
         attn.to(d.device)
@@ -911,29 +1145,33 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
         lines = log.read_text().splitlines(keepends=True)[:keep] if log.is_file() else []
         log.write_text("".join(lines))
     _barrier(d)
-    run = _Run(h, cfg, d, stream, work, _resolve_precision(cfg.precision, d.device), log_lines=state["log_lines"] if state else 0,
-               probe_rows=probe_rows if d.main else None, probe_at=sorted({round(f * cfg.tokens) for f in probe_at}))
+    run = _Run(h, cfg, d, stream, work, precision, log_lines=state["log_lines"] if state else 0,
+               probe_rows=probe_rows if d.main else None, probe_at=sorted({round(f * cfg.tokens) for f in probe_at}),
+               cache=cache, train_s=state.get("train_s", 0.0) if state else 0.0)
     t0 = time.perf_counter()
-    budgets = dict(cfg.stage_tokens)
-    if not h.windowed:  # no swa / linear_swa layer: stage 1 has nothing to transfer
+    budgets = dict(cfg.stage_tokens)  # {local stage, "kd"}, in order
+    if cfg.local == "attn" and not h.windowed:  # no swa / linear_swa layer: stage 1 has nothing to transfer
         budgets = {"attn": 0, "kd": cfg.tokens}
-    stage = state["stage"] if state else ("attn" if budgets["attn"] > 0 else "kd")
+    if cache is not None:
+        _check_cache_space(cache, h, cfg, budgets)
+    stage = state["stage"] if state else next((s for s, n in budgets.items() if n > 0), "kd")
     if state is None:
         run.maybe_probe(-1, 0)
-    for s in ("attn", "kd"):
-        if STAGES.index(stage) > STAGES.index(s):
-            continue
-        n = budgets[s]
-        run.offset = budgets["attn"] if s == "kd" else 0
-        if n > 0:
-            _train_stage(run, s, n, state if state and state["stage"] == s and state["step"] > 0 else None)
-        stage = STAGES[STAGES.index(s) + 1]
+    offset = 0
+    for s, n in budgets.items():
+        if STAGES.index(stage) <= STAGES.index(s):
+            run.offset = offset
+            if n > 0:
+                _train_stage(run, s, n, state if state and state["stage"] == s and state["step"] > 0 else None)
+            stage = STAGES[STAGES.index(s) + 1]
+        offset += n
     seconds = time.perf_counter() - t0
     if d.main:
         merge_and_save(h, out, tokenizer)
         summary = {"schema_version": STATE_SCHEMA, "model": str(model_name), "data": str(data), "plan": plan.to_dict(),
                    "config": cfg.to_dict(), "stage_tokens": budgets, "processes": d.world,
-                   "seconds_this_session": round(seconds, 1), "torch": torch.__version__}
+                   "seconds_this_session": round(seconds, 1), "train_s": round(run.train_s, 3),
+                   "teacher_cache": cache.summary() if cache is not None else None, "torch": torch.__version__}
         (out / "heal.json").write_text(json.dumps(summary, indent=1))
     _barrier(d)
     return out
@@ -972,27 +1210,56 @@ def add_heal_arguments(p: argparse.ArgumentParser) -> None:
         ("temperature", float, "KD temperature"),
         ("ce_weight", float, "weight of the cross-entropy term"),
         ("kl_chunk", int, "positions per logits chunk"),
+        ("local", str, "local stage: attn (attention transfer) | block (block-wise local distillation)"),
+        ("block_fraction", float, "share of the budget for the block stage (--local block)"),
+        ("block_lr", float, "block-stage peak learning rate"),
+        ("kd_topk", int, "stage 2 against the teacher's top-k log-probs + tail mass (0: full distribution)"),
+        ("teacher_cache", str, "folder of teacher targets shared by runs (default: none, the teacher runs every step)"),
         ("checkpoint_every", int, "optimiser steps between checkpoints"),
         ("precision", str, "auto | fp32 | bf16 | fp16"),
-        ("device", str, "auto | cpu | cuda"),
     ]:
         default = getattr(defaults, name)
         if isinstance(default, tuple):
             default = ",".join(default)
-        g.add_argument("--" + name.replace("_", "-"), type=typ, default=default, help=f"{help_} (default {default})")
+        g.add_argument("--" + name.replace("_", "-"), type=typ, default=default, help=help_)
+    from .cli import add_device_dtype
+
+    add_device_dtype(g, dtype=False)
     g.add_argument("--no-attn-lora", action="store_true", help="stage 1 trains only feature maps and gates")
     g.add_argument("--fsdp", action="store_true", help="shard the frozen weights with FSDP (not implemented yet)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-teacher-cache-blocks", action="store_true",
+                   help="the teacher cache keeps no block-stage targets (they take 4 D bytes per token per boundary)")
+
+
+def _check_before_loading(args: argparse.Namespace, cfg: HealConfig) -> None:
+    """What `heal` would find wrong only after loading the model: the plan, --out, --resume and the data."""
+    from .cli import check_writable, model_fits
+
+    model_fits(args.model, LayerPlan.load(args.plan))
+    check_writable(args.out)
+    out = Path(args.out)
+    ck = _find_checkpoint(out / "heal_state")
+    if args.resume and ck is None:
+        raise CheckpointError(f"--resume: {out} holds no heal checkpoint (heal_state/checkpoint) to continue; "
+                              "drop --resume to start a new run there")
+    if not args.resume and ck is not None:
+        raise CheckpointError(f"{out} already holds a heal run ({ck}): pass --resume to continue it, or choose another --out")
+    if not args.resume and (out / "config.json").is_file():
+        raise CheckpointError(f"{out} already holds a model (config.json): choose another --out, or delete it first")
+    documents(str(args.data), seed=cfg.seed, data_dir=cfg.data_dir, segment_chars=cfg.segment_chars)
 
 
 def run_heal_cli(args: argparse.Namespace) -> int:
     """Run `layerboost heal` from parsed arguments; prints the output folder."""
     names = ["attn_fraction", "seq_len", "batch_size", "grad_accum", "seed", "attn_lr", "lr", "lora_rank", "lora_alpha",
              "lora_dropout", "lora_targets", "lora_layers", "neighbours", "temperature", "ce_weight", "kl_chunk",
-             "checkpoint_every", "precision", "device"]
+             "checkpoint_every", "precision", "device", "local", "block_fraction", "block_lr", "kd_topk", "teacher_cache"]
     opts = {n: getattr(args, n) for n in names}
     cfg = HealConfig(tokens=args.tokens, attn_distill=not args.no_attn_distill, attn_lora=not args.no_attn_lora,
-                     progress=not args.no_progress, data_dir=args.data_dir, fsdp=args.fsdp, **opts)
+                     progress=not args.no_progress, data_dir=args.data_dir, fsdp=args.fsdp,
+                     teacher_cache_blocks=not args.no_teacher_cache_blocks, **opts)
+    _check_before_loading(args, cfg)
     out = heal(args.model, args.plan, data=args.data, out=args.out, resume=args.resume, config=cfg)
     if _setup_dist(cfg.device).main:
         print(out)

@@ -14,8 +14,16 @@ from pathlib import Path
 SCHEMA_VERSION = 1
 
 # The attention kinds a layer can take. `attention.ATTENTION_KINDS` maps each to its module.
-KINDS = ("softmax", "swa", "linear_swa", "none")
+KINDS = ("softmax", "swa", "linear_swa", "none", "bias", "linear")
 WINDOWED_KINDS = ("swa", "linear_swa")
+# Kinds that replace attention by a function of the current token only: nothing is cached.
+#   none    the sublayer adds 0
+#   bias    it adds a learned vector (D,), the same for every token (starts at 0: equals none)
+#   linear  it adds up(down(input_norm(x))), a rank-`rank` map of the token's own hidden state (up starts
+#           at 0: equals none); DeciLM / Puzzle's "replace_with_linear", low-rank
+CACHELESS_KINDS = ("none", "bias", "linear")
+LINEAR_RANK = 8  # default rank of the `linear` kind
+EXPERIMENTAL_KINDS = ("bias", "linear")  # on trial (issue 11): `counts()` lists them only when a plan uses them
 # How linear_swa weighs its two terms: "gate" scales the linear term by sigmoid(gate) (starts near
 # swa); "lolcats" scales the window term by a learned sigmoid factor and leaves the linear term
 # unscaled (LoLCATs' published setting).
@@ -35,12 +43,14 @@ class LayerSpec:
         window: tokens of softmax context for `swa` / `linear_swa` (the token itself included).
         feature_dim: linear-attention features per head for `linear_swa` (default: head_dim).
         mix: how `linear_swa` weighs window and linear terms, one of `LINEAR_MIXES` (default "gate").
+        rank: rank of the `linear` kind's map (default `LINEAR_RANK`).
     """
 
     kind: str
     window: int | None = None
     feature_dim: int | None = None
     mix: str | None = None
+    rank: int | None = None
 
     def problems(self, where: str = "layer") -> list[str]:
         out = []
@@ -64,6 +74,11 @@ class LayerSpec:
                 out.append(f"{where}: 'mix' only applies to 'linear_swa', not {self.kind!r}")
             elif self.mix not in LINEAR_MIXES:
                 out.append(f"{where}: mix must be one of {', '.join(LINEAR_MIXES)}, got {self.mix!r}")
+        if self.rank is not None:
+            if self.kind != "linear":
+                out.append(f"{where}: 'rank' only applies to 'linear', not {self.kind!r}")
+            elif not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+                out.append(f"{where}: rank must be a positive integer, got {self.rank!r}")
         return out
 
     def to_dict(self) -> dict:
@@ -121,13 +136,14 @@ class LayerPlan:
             if not isinstance(entry, dict):
                 problems.append(f"layer {i}: expected an object like {{'kind': 'swa', 'window': 64}}, got {entry!r}")
                 continue
-            unknown = set(entry) - {"kind", "window", "feature_dim", "mix"}
+            unknown = set(entry) - {"kind", "window", "feature_dim", "mix", "rank"}
             if unknown:
-                problems.append(f"layer {i}: unknown field(s) {sorted(unknown)}; allowed: kind, window, feature_dim, mix")
+                problems.append(f"layer {i}: unknown field(s) {sorted(unknown)}; allowed: kind, window, feature_dim, mix, rank")
             if "kind" not in entry:
                 problems.append(f"layer {i}: missing 'kind'")
                 continue
-            specs.append(LayerSpec(entry["kind"], entry.get("window"), entry.get("feature_dim"), entry.get("mix")))
+            specs.append(LayerSpec(entry["kind"], entry.get("window"), entry.get("feature_dim"), entry.get("mix"),
+                                   entry.get("rank")))
         if problems:
             # Collect the per-spec problems too, so the user sees everything at once.
             problems += [p for i, s in enumerate(specs) for p in s.problems(f"entry {i}")]
@@ -163,7 +179,8 @@ class LayerPlan:
         return [s.kind for s in self.layers]
 
     def counts(self) -> dict[str, int]:
-        return {k: self.kinds.count(k) for k in KINDS}
+        """Layers per kind: every established kind, and the experimental ones this plan uses."""
+        return {k: self.kinds.count(k) for k in KINDS if k not in EXPERIMENTAL_KINDS or k in self.kinds}
 
     def table(self, scores: list[float] | None = None) -> str:
         """A readable table: layer, kind, window (and a score column if given)."""
@@ -175,7 +192,7 @@ class LayerPlan:
                 row += f"  {scores[i]:.4f}"
             rows.append(row)
         c = self.counts()
-        rows.append("total: " + ", ".join(f"{c[k]} {k}" for k in KINDS if c[k]))
+        rows.append("total: " + ", ".join(f"{n} {k}" for k, n in c.items() if n))
         return "\n".join(rows)
 
 
@@ -262,6 +279,26 @@ def plan_pattern(n_layers: int, softmax: int, swa: int, none: int, window: int =
     return LayerPlan.from_kinds(kinds, window=window)
 
 
+def check_fits(plan: LayerPlan | None, config, windows=()) -> None:
+    """Raise unless `plan` has one entry per decoder layer of the model `config` and no window (of the
+    plan, or among `windows`) is longer than the model's context.
+
+    Raises:
+        PlanError: listing both problems.
+    """
+    problems, n = [], config.num_hidden_layers
+    if plan is not None and len(plan.layers) != n:
+        problems.append(f"the plan has {len(plan.layers)} layers but the model has {n}: give one entry per decoder layer")
+    context = getattr(config, "max_position_embeddings", None)
+    windows = [*windows, *(s.window for s in (plan.layers if plan is not None else ()))]
+    too_long = sorted({w for w in windows if w and context and w > context})
+    if too_long:
+        problems.append(f"window {too_long[-1]} is longer than the model's context of {context} tokens: "
+                        f"use a window below {context}")
+    if problems:
+        raise PlanError("the plan does not fit the model: " + "; ".join(problems))
+
+
 def relative_cost(plan: LayerPlan, config, context: int, measure: str = "kv") -> float:
     """Cost of `plan` relative to all-softmax at `context` tokens.
 
@@ -273,8 +310,10 @@ def relative_cost(plan: LayerPlan, config, context: int, measure: str = "kv") ->
     kv_per_tok = 2 * nkv * hs
 
     def kv(spec):
+        if spec.kind in CACHELESS_KINDS:
+            return 0
         return {"softmax": context, "swa": min(context, spec.window or 0),
-                "linear_swa": min(context, spec.window or 0), "none": 0}[spec.kind] * kv_per_tok
+                "linear_swa": min(context, spec.window or 0)}[spec.kind] * kv_per_tok
 
     if measure == "kv":
         return sum(kv(s) for s in plan.layers) / (len(plan) * context * kv_per_tok)
@@ -284,8 +323,10 @@ def relative_cost(plan: LayerPlan, config, context: int, measure: str = "kv") ->
     mlp_w = 3 * d * config.intermediate_size
 
     def layer(spec):
+        if spec.kind in CACHELESS_KINDS:  # no attention weights, no cache: none 0, bias (D,), linear 2 D r
+            return mlp_w + {"none": 0, "bias": d, "linear": 2 * d * (spec.rank or LINEAR_RANK)}[spec.kind]
         lin = 2 * nh * 2 * (spec.feature_dim or hs) * hs if spec.kind == "linear_swa" else 0
-        return mlp_w + (0 if spec.kind == "none" else attn_w + kv(spec) + lin)
+        return mlp_w + attn_w + kv(spec) + lin
 
     base = len(plan) * (mlp_w + attn_w + context * kv_per_tok)
     return sum(layer(s) for s in plan.layers) / base

@@ -72,8 +72,8 @@ def decoder_parts(model: nn.Module):
 def convert(model: nn.Module, plan: LayerPlan) -> list[Replacement]:
     """Give each decoder layer of `model` the attention kind `plan` names, in place.
 
-    New modules reuse the original projections and the model's rotary embeddings; `none` layers
-    also drop their input norm (its output would be unused). The plan is stored in
+    New modules reuse the original projections and the model's rotary embeddings; `none` and `bias`
+    layers also drop their input norm (its output would be unused). The plan is stored in
     `model.config.layerboost_plan` so `save_pretrained` writes it, and a pre-hook makes every
     forward/generate use a `HybridCache`.
 
@@ -99,7 +99,7 @@ def convert(model: nn.Module, plan: LayerPlan) -> list[Replacement]:
         old = layer.self_attn
         new = build_attention(old, spec)
         layer.self_attn = new
-        if spec.kind == "none":
+        if spec.kind in ("none", "bias"):  # their output does not read the normed input
             layer.input_layernorm = nn.Identity()
         record.append(Replacement(i, spec.kind, spec.window, type(old).__name__, type(new).__name__))
     model.config.layerboost_plan = plan.to_dict()

@@ -4,25 +4,183 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class UsageError(ValueError):
+    """Command-line arguments that cannot work together or with the files they name; the message says the fix."""
+
+
+# ---- shared options: one spelling and meaning in every sub-command ------------------------------------
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default: appended as "(default: X)" unless the help text already names it
+    (options without a default, flags and required arguments get nothing)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS)) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class RawHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """HelpFormatter whose description keeps its own line breaks."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose --help shows every default and whose errors are one `error: ...` line (exit status 2).
+
+    Sub-command parsers are made by the same class, so they behave the same.
+    """
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def device_arg(value: str) -> str:
+    """`auto` (cuda if available, else cpu), `cpu`, `cuda` or `cuda:N`, resolved and checked."""
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value!r}: CUDA is not available here; use --device cpu (or auto)")
+    return value
+
+
+def dtype_arg(value: str) -> str:
+    return DTYPE_ALIASES.get(value, value)
+
+
+def add_device_dtype(p: argparse.ArgumentParser, dtype: bool = True, what: str = "weights dtype") -> None:
+    """`--device` and `--dtype` as every sub-command spells them."""
+    p.add_argument("--device", type=device_arg, default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    if dtype:
+        p.add_argument("--dtype", type=dtype_arg, default="float32", choices=list(DTYPES),
+                       help=f"{what} (fp32, bf16, fp16 are accepted too)")
+
+
+def limit_arg(value: str) -> int | float | None:
+    """`--limit`: N >= 1 items per task, a fraction 0 < f < 1 of them, or 0 / all for every item."""
+    if value.lower() in ("0", "all"):
+        return None
+    try:
+        x = float(value)
+    except ValueError:
+        x = -1.0
+    if 0 < x < 1:
+        return x
+    if x >= 1 and x.is_integer():
+        return int(x)
+    raise argparse.ArgumentTypeError(f"{value!r}: give N >= 1 items per task, a fraction between 0 and 1, or 0 (all)")
+
+
+def add_limit(p: argparse.ArgumentParser, default: int | None) -> None:
+    p.add_argument("--limit", type=limit_arg, default=default,
+                   help="items per task (seeded, stratified): N >= 1, a fraction 0 < f < 1, or 0 = all"
+                   + (" (default: all)" if default is None else ""))
+
+
+def positive(cast=int, zero: bool = False):
+    """An argparse type: a number > 0 (>= 0 with zero=True)."""
+    def parse(value: str):
+        try:
+            x = cast(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+        if x < 0 or (x == 0 and not zero):
+            raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else '> 0'}, got {value}")
+        return x
+    parse.__name__ = cast.__name__  # argparse names the type in its messages
+    return parse
+
+
+def check_writable(path, what: str = "--out", folder: bool = True) -> None:
+    """Fail now, before any work, if `path` (a folder, or a file with folder=False) cannot be written.
+
+    Raises:
+        UsageError: the path or its nearest existing parent is of the wrong kind or not writable.
+    """
+    p = Path(path).expanduser().absolute()
+    if p.exists() and p.is_dir() != folder:
+        raise UsageError(f"{what} {path} is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file'} path")
+    parent = p if folder and p.is_dir() else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"{what} {path} cannot be created: {parent} is a file, not a folder; choose another {what}")
+    try:
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise UsageError(f"{what} {path} is not writable ({e.strerror} in {parent}): choose a folder you can write to") from e
+
+
+def check_new_folder(path, what: str = "--out") -> None:
+    """A writable output folder that holds no model yet: nothing a user made is overwritten."""
+    check_writable(path, what)
+    if (Path(path) / "config.json").is_file():
+        raise UsageError(f"{what} {path} already holds a model (config.json): choose a new folder, or delete it first")
+
+
+def model_fits(model: str, plan=None, windows=()):
+    """Check a plan and windows against the model's config.json before its weights are loaded.
+
+    Returns:
+        The config, or None for a hub id (checked after loading instead).
+    """
+    from .models import model_config
+    from .plan import check_fits
+
+    config = model_config(model)
+    if config is not None:
+        check_fits(plan, config, windows)
+    return config
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The errors a user's input causes; each message names the problem and the fix. Anything else is a bug."""
+    from .bench import BenchError
+    from .corpus import TrainingDataError
+    from .data import DataNotFoundError
+    from .evaluate import TaskError
+    from .export import ExportError
+    from .heal import HealConfigError
+    from .models import ModelLoadError
+    from .plan import PlanError
+    from .run import ConfigError
+    from .sensitivity import AnalysisError
+    from .surgery import CheckpointError, UnsupportedModelError
+
+    return (UsageError, ConfigError, PlanError, HealConfigError, TrainingDataError, CheckpointError, DataNotFoundError,
+            ModelLoadError, UnsupportedModelError, ExportError, TaskError, AnalysisError, BenchError)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="smollm2-135m (embedded), a .gguf file, a local HF or layerboost folder, or a hub id")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype (default float32)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_dtype(p)
 
 
 def cmd_convert(args) -> int:
     import layerboost as lb
 
-    model, tok = lb.load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     plan = lb.LayerPlan.load(args.plan)
+    check_new_folder(args.out)
+    model_fits(args.model, plan)
+    model, tok = lb.load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     record = lb.convert(model, plan)
     lb.save(model, args.out, tokenizer=tok)
     print(plan.table())
@@ -61,12 +219,15 @@ def _plan_from_args(args, scores, config):
                                 measure=args.budget_measure, none_below=args.none_below, swa_kind=swa_kind)
     if args.softmax_above is not None:
         if args.none_below is None:
-            raise SystemExit("--softmax-above needs --none-below")
+            raise UsageError("--softmax-above needs --none-below")
         return P.plan_by_thresholds(scores, args.softmax_above, args.none_below, args.window, swa_kind)
     if args.fractions:
-        f = [float(v) for v in args.fractions.split(",")]
+        try:
+            f = [float(v) for v in args.fractions.split(",")]
+        except ValueError:
+            f = []
         if len(f) != 2:
-            raise SystemExit("--fractions takes SOFTMAX,SWA (the rest is none), e.g. 0.34,0.33")
+            raise UsageError(f"--fractions {args.fractions}: give SOFTMAX,SWA fractions (the rest is none), e.g. 0.34,0.33")
         return P.plan_by_fractions(scores, f[0], f[1], args.window, swa_kind)
     if any(v is not None for v in (args.softmax, args.swa, args.none)):
         return P.plan_by_counts(scores, args.softmax, args.swa, args.none, args.window, swa_kind)
@@ -75,39 +236,56 @@ def _plan_from_args(args, scores, config):
 
 def _policy_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plan policy (most sensitive layers keep softmax, least sensitive lose attention)")
-    g.add_argument("--softmax", type=int, help="number of softmax layers (counts: give two of three)")
-    g.add_argument("--swa", type=int, help="number of sliding-window layers")
-    g.add_argument("--none", type=int, help="number of attention-free layers")
+    g.add_argument("--softmax", type=positive(zero=True), help="number of softmax layers (counts: give two of three)")
+    g.add_argument("--swa", type=positive(zero=True), help="number of sliding-window layers")
+    g.add_argument("--none", type=positive(zero=True), help="number of attention-free layers")
     g.add_argument("--fractions", help="SOFTMAX,SWA fractions of layers, the rest none (e.g. 0.34,0.33)")
     g.add_argument("--softmax-above", type=float, help="threshold policy: drop (fraction, 0.01 = 1 point) >= this keeps softmax")
     g.add_argument("--none-below", type=float, help="drop < this becomes none (threshold and budget policies)")
-    g.add_argument("--budget", type=float, help="budget policy: max cost relative to the base (e.g. 0.33)")
+    g.add_argument("--budget", type=positive(float), help="budget policy: max cost relative to the base (e.g. 0.33)")
     g.add_argument("--budget-measure", choices=["kv", "decode"], default="kv",
                    help="kv: KV-cache bytes; decode: bytes read per decoded token (weights + KV)")
-    g.add_argument("--context", type=int, default=4096, help="context length the budget is computed at")
-    g.add_argument("--window", type=int, default=64, help="window of the sliding-window layers")
+    g.add_argument("--context", type=positive(), default=4096, help="context length the budget is computed at")
+    g.add_argument("--window", type=positive(), default=64, help="window of the sliding-window layers")
     g.add_argument("--linear", action="store_true", help="use linear_swa instead of swa for windowed layers")
-    g.add_argument("--score", choices=["drop", "margin", "kl", "cosine"], default="drop",
-                   help="rank layers by accuracy drop (default), the (less noisy) gold-answer margin drop, or the KL / "
-                        "cosine proxy on calibration text")
+    g.add_argument("--score", choices=["drop", "margin", "kl", "cosine"], default="margin",
+                   help="rank layers by the gold-answer margin drop (continuous: on a few items per task the "
+                        "accuracy drop ties most layers at 0), the accuracy drop (the paper's Eq. 3), or the KL / "
+                        "cosine proxy on calibration text; --iterative ranks by margin unless drop is given")
 
 
 def cmd_analyze(args) -> int:
     import json
-    from pathlib import Path
 
     import layerboost as lb
+    from .evaluate import Partition, get_task
+    from .plan import check_fits
     from .report import plot_sensitivity
-    from .sensitivity import analyze, plan_scores, sensitivity_table
+    from .sensitivity import analyze, check_analysis_dir, plan_scores, sensitivity_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    for t in tasks:
+        get_task(t)
+    check_writable(args.out)
+    part = Partition("selection", args.selection_size, args.selection_seed).to_dict()
+    check_analysis_dir(args.out, {"tasks": tasks, "limit": args.limit, "seed": args.seed, "partition": part})
+
+    def policy_fits(config):  # the plan policy is tried on the model's layer count before the analysis
+        check_fits(_plan_from_args(args, [0.0] * config.num_hidden_layers, config), config, (args.window, args.swa_window))
+
+    config = model_fits(args.model)
+    if config is not None:
+        policy_fits(config)
     model, tok = lb.load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    limit = None if not args.limit else int(args.limit) if args.limit >= 1 else args.limit
-    res = analyze(model, tok, args.tasks.split(","), out_dir=args.out, limit=limit, seed=args.seed,
+    if config is None:
+        policy_fits(model.config)
+    res = analyze(model, tok, tasks, out_dir=args.out, limit=args.limit, seed=args.seed,
                   data_dir=args.data_dir, swa_window=args.swa_window, proxies=not args.no_proxies,
                   calib_seqs=args.calib_seqs, iterative_steps=args.iterative, batch_tokens=args.batch_tokens,
-                  reuse_prefix=not args.naive, selection_size=args.selection_size, selection_seed=args.selection_seed)
+                  reuse_prefix=not args.naive, selection_size=args.selection_size, selection_seed=args.selection_seed,
+                  iterative_score="drop" if args.score == "drop" else "margin")
     scores = plan_scores(res, args.score)
     plan = _plan_from_args(args, scores, model.config)
     if plan is None:
@@ -124,23 +302,20 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    import json
+    from .models import model_config
+    from .plan import check_fits
+    from .sensitivity import load_sensitivity, plan_scores
 
-    from transformers import AutoConfig
-
-    import layerboost as lb
-    from .sensitivity import plan_scores
-
-    res = json.loads(open(args.sensitivity).read())
-    scores = plan_scores(res, args.score)
-    config = None
-    if args.budget is not None:
-        if not args.model:
-            raise SystemExit("--budget needs --model (or a config folder) to know the layer sizes")
-        config = lb.load_model(args.model)[0].config if args.model == "smollm2-135m" else AutoConfig.from_pretrained(args.model)
+    scores = plan_scores(load_sensitivity(args.sensitivity), args.score)
+    check_writable(args.out, folder=False)
+    if args.budget is not None and not args.model:
+        raise UsageError("--budget needs --model (or a config folder) to know the layer sizes")
+    config = model_config(args.model, hub=True) if args.model else None
     plan = _plan_from_args(args, scores, config)
     if plan is None:
-        raise SystemExit("give a policy: --softmax/--swa/--none counts, --fractions, --softmax-above/--none-below, or --budget")
+        raise UsageError("give a policy: --softmax/--swa/--none counts, --fractions, --softmax-above/--none-below, or --budget")
+    if config is not None:
+        check_fits(plan, config)
     plan.save(args.out)
     print(plan.table(scores))
     if config is not None:
@@ -152,33 +327,35 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def _config_with_overrides(cls, args):
+    """`cls.load(args.config)` with the --out / --data-dir / --model overrides applied (and validated)."""
+    import dataclasses
+
+    cfg = cls.load(args.config)
+    overrides = {k: v for k, v in (("out", args.out), ("data_dir", args.data_dir), ("model", args.model)) if v}
+    cfg = cls.from_dict({**dataclasses.asdict(cfg), **overrides}) if overrides else cfg
+    check_writable(cfg.out)
+    return cfg
+
+
+def _config_arguments(p: argparse.ArgumentParser, folder: str) -> None:
+    p.add_argument("--out", help=f"{folder} (overrides the config's out)")
+    p.add_argument("--data-dir", help="local data folder (overrides the config's data_dir)")
+    p.add_argument("--model", help="model (overrides the config's model)")
+
+
 def cmd_run(args) -> int:
     from .run import RunConfig, run
 
-    cfg = RunConfig.load(args.config)
-    overrides = {k: v for k, v in (("out", args.out), ("data_dir", args.data_dir), ("model", args.model)) if v}
-    if overrides:
-        cfg = RunConfig.from_dict({**cfg.to_dict(), **overrides})
-    report = run(cfg, log=lambda m: print(m, flush=True))
+    report = run(_config_with_overrides(RunConfig, args), log=lambda m: print(m, flush=True))
     print(f"report: {report}")
     return 0
 
 
 def cmd_compare(args) -> int:
     from .compare import CompareConfig, compare
-    from .run import ConfigError
 
-    try:
-        cfg = CompareConfig.load(args.config)
-        overrides = {k: v for k, v in (("out", args.out), ("data_dir", args.data_dir), ("model", args.model)) if v}
-        if overrides:
-            import dataclasses
-
-            cfg = CompareConfig.from_dict({**dataclasses.asdict(cfg), **overrides})
-        md = compare(cfg, log=lambda m: print(m, flush=True))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    md = compare(_config_with_overrides(CompareConfig, args), log=lambda m: print(m, flush=True))
     print(f"comparison: {md}")
     return 0
 
@@ -186,6 +363,8 @@ def cmd_compare(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
+    if not (Path(args.run) / "stages").is_dir():
+        raise UsageError(f"--run {args.run} is not a run folder (no stages/ inside): give the folder `layerboost run` wrote")
     print(f"wrote {write_report(args.run)}")
     return 0
 
@@ -204,10 +383,11 @@ def cmd_export(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="layerboost",
         description="Make a pretrained LLM cheaper to serve by reducing attention layer by layer (LayerBoost).",
     )
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (before the command)")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
 
     p = sub.add_parser("convert", help="convert a model to a hybrid following a layer plan and save it",
@@ -221,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Greedy (or sampled) generation; several --prompt values run as one left-padded batch.")
     _model_args(p)
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=positive(), default=64, help="tokens to generate per prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.set_defaults(func=cmd_generate)
@@ -239,23 +419,23 @@ def build_parser() -> argparse.ArgumentParser:
                        "states entering the current layer are kept for every scored sequence (tokens x hidden x 4 "
                        "bytes, ~0.5 GB for 1000 items on SmolLM2-135M); lower --limit to bound it.")
     _model_args(p)
-    p.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,winogrande,mmlu")
-    p.add_argument("--limit", type=float, default=200,
-                   help="items per task (stratified, seeded) from the selection partition; 0 = all of it")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--selection-size", type=int, default=100,
+    p.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,winogrande,mmlu",
+                   help="comma-separated task names or task definition .yaml/.json files")
+    add_limit(p, 200)
+    p.add_argument("--seed", type=int, default=0, help="subsample seed")
+    p.add_argument("--selection-size", type=positive(), default=100,
                    help="documents per task reserved for selection (analysis); evaluation of a comparison never scores them")
     p.add_argument("--selection-seed", type=int, default=0, help="seed of the selection partition")
     p.add_argument("--data-dir", help="local data folder (default: $LAYERBOOST_DATA_DIR or ../shared/data)")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--swa-window", type=int, help="also measure each layer with a sliding window of this size")
+    p.add_argument("--swa-window", type=positive(), help="also measure each layer with a sliding window of this size")
     p.add_argument("--no-proxies", action="store_true", help="skip the KL and cosine proxies")
-    p.add_argument("--calib-seqs", type=int, default=8, help="calibration sequences (x256 tokens) for the proxies")
-    p.add_argument("--iterative", type=int, default=0, metavar="K",
+    p.add_argument("--calib-seqs", type=positive(), default=8, help="calibration sequences (x256 tokens) for the proxies")
+    p.add_argument("--iterative", type=positive(zero=True), default=0, metavar="K",
                    help="also remove layers one at a time K times, re-measuring after each")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per forward")
+    p.add_argument("--batch-tokens", type=positive(), default=8192, help="padded tokens per forward")
     p.add_argument("--naive", action="store_true", help="recompute every layer for every variant (for checking)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=positive(), help="torch CPU threads (default: torch's)")
     _policy_args(p)
     p.set_defaults(func=cmd_analyze)
 
@@ -263,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Choose each layer's kind from its sensitivity by counts, fractions, thresholds, "
                        "or a KV-cache / decode-cost budget; print the plan table and write plan JSON.")
     p.add_argument("--sensitivity", required=True, help="sensitivity.json from `layerboost analyze`")
-    p.add_argument("--out", default="plan.json")
-    p.add_argument("--model", help="model (for --budget: layer sizes)")
+    p.add_argument("--out", default="plan.json", help="plan JSON to write")
+    p.add_argument("--model", help="model (for --budget: layer sizes; checks the plan fits it)")
     _policy_args(p)
     p.set_defaults(func=cmd_plan)
 
@@ -287,9 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run every stage from a YAML config into one run folder, ending with report.md. "
                        "Stages already done with the same settings are skipped, so re-running resumes.")
     p.add_argument("config", nargs="?", help="YAML config, or a shipped name (default, paper); default: default")
-    p.add_argument("--out", help="run folder (overrides the config's out)")
-    p.add_argument("--data-dir", help="local data folder (overrides the config's data_dir)")
-    p.add_argument("--model", help="model (overrides the config's model)")
+    _config_arguments(p, "run folder")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="the paper's comparison table: LayerBoost vs ablations and baselines",
@@ -298,9 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "LLM-Drop-style baselines, other selection signals) on the evaluation partition at equal "
                        "healing budgets; writes comparison.md with paired tests and figures. Resumes row by row.")
     p.add_argument("config", nargs="?", help="YAML config or a shipped name (compare); default: compare")
-    p.add_argument("--out", help="comparison folder (overrides the config's out)")
-    p.add_argument("--data-dir", help="local data folder (overrides the config's data_dir)")
-    p.add_argument("--model", help="model (overrides the config's model)")
+    _config_arguments(p, "comparison folder")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="rebuild report.md of a run folder from its stage outputs",
@@ -314,17 +490,35 @@ def build_parser() -> argparse.ArgumentParser:
                        "plans in the DeciLM / Nemotron-NAS block_configs format (vLLM, SGLang, TensorRT-LLM, mlx-lm). "
                        "Plans a format cannot hold exactly are refused before anything is written.")
     p.add_argument("--model", required=True, help="a saved hybrid folder (layerboost convert / heal output)")
-    p.add_argument("--format", required=True, choices=["transformers", "deci"])
+    p.add_argument("--format", required=True, choices=["transformers", "deci"], help="output format")
     p.add_argument("--out", required=True, help="new output folder (must not exist, or be empty)")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights dtype written (default float32)")
+    p.add_argument("--dtype", type=dtype_arg, default="float32", choices=list(DTYPES),
+                   help="weights dtype written (fp32, bf16, fp16 are accepted too)")
     p.set_defaults(func=cmd_export)
 
     return parser
 
 
+def one_line(e: Exception) -> str:
+    """An error message on one line: a headline and its problem list joined by '; '."""
+    lines = [ln.strip().removeprefix("- ") for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:1] + ["; ".join(lines[1:])]).strip()
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    """Run one sub-command. A user's mistake ends in one `error: ...` line on stderr and exit status 2;
+    `--debug` shows its traceback instead. Anything else is a bug and keeps its traceback."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a bad argument (2; its `error:` line is printed)
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        return args.func(args)
+    except user_errors() as e:
+        if args.debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -50,14 +50,27 @@ def _eval_hub_datasets() -> set[str]:
     return {s.hub_path for s in DATASETS.values()}
 
 
+def _digest(f: Path) -> str:
+    return hashlib.sha256(f.read_bytes()).hexdigest()
+
+
 def refuse_evaluation_data(files: list[Path], data_dir=None) -> None:
-    """Raise if any of `files` is an evaluation split (a file `layerboost eval` reads).
+    """Raise if any of `files` is an evaluation split (a file `layerboost eval` reads), by path or by content:
+    a copy under another name is refused too (files of equal size are compared by SHA-256).
 
     Raises:
         TrainingDataError: listing every evaluation file found.
     """
     evals = _evaluation_files(data_dir)
+    by_size: dict[int, list[Path]] = {}
+    for e in evals:
+        by_size.setdefault(e.stat().st_size, []).append(e)
     bad = sorted(str(f) for f in files if f.resolve() in evals)
+    for f in files:
+        same_size = by_size.get(f.stat().st_size, []) if f.resolve() not in evals else []
+        copy_of = next((e for e in same_size if _digest(e) == _digest(f)), None)
+        if copy_of is not None:
+            bad.append(f"{f} (a copy of {copy_of})")
     if bad:
         raise TrainingDataError(
             "refusing to train on evaluation splits (they are what `layerboost eval` scores): "

@@ -41,7 +41,6 @@ import os
 import platform
 import random
 import re
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -52,13 +51,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import DataNotFoundError, LoadedData, load_dataset_docs, load_jsonl, resolve_data_dir, split_wikitext_documents
+from .data import LoadedData, load_dataset_docs, load_jsonl, resolve_data_dir, split_wikitext_documents
 
 PAPER_TASKS = ("piqa", "arc_easy", "arc_challenge", "winogrande", "mmlu")
 
 # ----------------------------------------------------------------------------------------------
 # Task definitions (copied from lm-eval 0.4.13's task YAMLs)
 # ----------------------------------------------------------------------------------------------
+
+
+class TaskError(ValueError):
+    """A task name, task definition or task data that cannot be used; the message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -213,22 +216,28 @@ def load_task_spec(path: str | os.PathLike) -> MCTask:
         The task; its `dataset` is the JSONL file's absolute path.
 
     Raises:
-        ValueError: a required key is missing, or `metric` is unknown.
-        FileNotFoundError: the definition or its data file does not exist.
+        TaskError: the file or its data file does not exist or cannot be read, a required key is missing,
+            or `metric` is unknown.
     """
     import yaml
 
     path = Path(path)
-    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    missing = [k for k in ("name", "data", "prompt", "choices", "gold") if k not in (spec or {})]
+    if not path.is_file():
+        raise TaskError(f"task definition {path} does not exist")
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise TaskError(f"{path} is not a readable YAML/JSON task definition ({e})") from e
+    spec = spec if isinstance(spec, dict) else {}
+    missing = [k for k in ("name", "data", "prompt", "choices", "gold") if k not in spec]
     if missing:
-        raise ValueError(f"{path}: task definition lacks {missing} (needs name, data, prompt, choices, gold)")
-    data = (path.parent / spec["data"]).resolve()
+        raise TaskError(f"{path}: task definition lacks {missing} (needs name, data, prompt, choices, gold)")
+    data = (path.parent / str(spec["data"])).resolve()
     if not data.is_file():
-        raise FileNotFoundError(f"{path}: data file {data} does not exist")
+        raise TaskError(f"{path}: data file {data} does not exist")
     metric = spec.get("metric", "acc")
     if metric not in ("acc", "acc_norm"):
-        raise ValueError(f"{path}: metric must be acc or acc_norm, not {metric!r}")
+        raise TaskError(f"{path}: metric must be acc or acc_norm, not {metric!r}")
     prompt, choices_spec, gold_field = spec["prompt"], spec["choices"], spec["gold"]
 
     def choices(d: dict) -> list[str]:
@@ -264,14 +273,14 @@ def get_task(name: str | MCTask | PerplexityTask) -> MCTask | PerplexityTask:
     """A registered task by name, a user task from a `.yaml`/`.yml`/`.json` definition, or the task itself.
 
     Raises:
-        KeyError: unknown name.
+        TaskError: unknown name, or a definition file that cannot be used.
     """
     if isinstance(name, (MCTask, PerplexityTask)):
         return name
     if name.endswith((".yaml", ".yml", ".json")):
         return load_task_spec(name)
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; known: {sorted(TASKS)} or a task definition .yaml/.json file")
+        raise TaskError(f"unknown task {name!r}; known: {sorted(TASKS)} or a task definition .yaml/.json file")
     return TASKS[name]
 
 
@@ -541,12 +550,27 @@ def load_task_docs(task: MCTask | PerplexityTask, data_dir=None) -> tuple[list[d
 
     Raises:
         DataNotFoundError: see `layerboost.data.load_dataset_docs`.
+        TaskError: the data is not JSON lines, holds no documents, or a document lacks what the task reads.
     """
-    loaded = _load_docs(task, data_dir)
+    try:
+        loaded = _load_docs(task, data_dir)
+    except ValueError as e:  # a line that is not JSON
+        raise TaskError(f"task {task.name!r}: {e}") from e
     if isinstance(task, PerplexityTask):
-        docs = [{"page": p} for p in split_wikitext_documents(loaded.docs[0]["text"])]
-    else:
-        docs = [task.process_doc(d) for d in loaded.docs] if task.process_doc else loaded.docs
+        return [{"page": p} for p in split_wikitext_documents(loaded.docs[0]["text"])], loaded.source
+    if not loaded.docs:
+        raise TaskError(f"{loaded.source} holds no documents: task {task.name!r} needs one JSON object per line")
+    docs = []
+    for i, d in enumerate(loaded.docs):  # every document once, so a bad one is named before any model work
+        try:
+            docs.append(task.process_doc(d) if task.process_doc else d)
+            build_items(task, docs[-1:])
+            if task.stratum:
+                task.stratum(docs[-1])
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            what = f"has no field {e}" if isinstance(e, KeyError) else f"does not fit ({type(e).__name__}: {e})"
+            raise TaskError(f"{loaded.source}: document {i + 1} {what} for task {task.name!r}; "
+                            "give documents with the fields the task definition reads") from e
     return docs, loaded.source
 
 
@@ -578,8 +602,8 @@ class Partition:
         """Sorted document indices of this part."""
         chosen = set(stratified_subsample(strata, self.size, self.seed, f"selection:{task_name}"))
         if len(chosen) >= len(strata):
-            raise ValueError(f"task {task_name!r} has {len(strata)} documents: a selection partition of {self.size} "
-                             "leaves nothing to evaluate; use a smaller selection size")
+            raise TaskError(f"task {task_name!r} has {len(strata)} documents: a selection partition of {self.size} "
+                            "leaves nothing to evaluate; use a smaller selection size")
         return [i for i in range(len(strata)) if (i in chosen) == (self.part == "selection")]
 
     def to_dict(self) -> dict:
@@ -633,6 +657,9 @@ def prepare_task(
     else:
         picked = stratified_subsample(pool_strata, limit, seed, task.name)
     ids = [pool[j] for j in picked]
+    if not ids:
+        raise TaskError(f"task {task.name!r} has no items to score: its {len(all_docs)} documents leave none in the "
+                        f"{partition.part if partition else 'chosen'} part (give more documents or a smaller selection size)")
     items = build_items(task, [all_docs[i] for i in ids], ids)
     return PreparedTask(task, source, len(all_docs), ids, items, encode_items(tokenizer, items),
                         partition.to_dict() if partition is not None else None)
@@ -1211,19 +1238,20 @@ def format_table(results: dict) -> str:
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `layerboost eval` options to a parser."""
+    from .cli import add_device_dtype, add_limit
+
     parser.add_argument("--model", required=True, help="smollm2-135m, a .gguf file, an HF or layerboost folder, or a hub id")
     parser.add_argument(
         "--tasks",
         default=",".join(PAPER_TASKS),
         help=f"comma-separated tasks ({', '.join(TASKS)}) or task definition .yaml/.json files (default: {','.join(PAPER_TASKS)})",
     )
-    parser.add_argument("--limit", type=float, default=None, help="items per task (>= 1) or fraction (< 1), seeded stratified sample")
+    add_limit(parser, None)
     parser.add_argument("--data-dir", default=None, help="local data directory (default: $LAYERBOOST_DATA_DIR or ../shared/data)")
     parser.add_argument("--out", default=None, help="write the results JSON here")
     parser.add_argument("--batch-size", type=int, default=32, help="most items per forward call")
     parser.add_argument("--seed", type=int, default=0, help="subsample seed")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    add_device_dtype(parser)
     parser.add_argument("--method", default="prefix", choices=["prefix", "naive"], help="naive: score each choice alone (lm-eval's way)")
     parser.add_argument("--per-item", action="store_true", help="include per-item log-likelihoods and margins in the JSON")
     parser.add_argument("--partition", default="all", choices=["all", "evaluation", "selection"],
@@ -1238,20 +1266,18 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     """Run `layerboost eval`: load the data, then the model, evaluate, print a table, write JSON.
 
     Returns:
-        0 on success, 2 when data or model cannot be loaded (message on stderr).
+        0 on success. A missing model or data, a bad task or an unwritable --out raises before any scoring
+        (`layerboost.cli.main` prints it as one `error:` line).
     """
-    from .models import ModelLoadError, load_model
+    from .cli import check_writable
+    from .models import load_model
 
     limit = args.limit
-    if limit is not None and limit >= 1:
-        limit = int(limit)
-    try:
-        tasks = [get_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
-        docs = [load_task_docs(t, args.data_dir) for t in tasks]  # fail on missing data before the slow model load
-        model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    except (DataNotFoundError, ModelLoadError, KeyError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    tasks = [get_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
+    if args.out:
+        check_writable(args.out, folder=False)  # before the work, not after it
+    docs = [load_task_docs(t, args.data_dir) for t in tasks]  # fail on missing data before the slow model load
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     part = None if args.partition == "all" else Partition(args.partition, args.selection_size, args.selection_seed)
     prepared = [prepare_task(tok, t, limit=limit, seed=args.seed, docs=d, partition=part if isinstance(t, MCTask) else None)
                 for t, d in zip(tasks, docs)]

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -88,6 +89,71 @@ def is_layerboost_dir(path: str | os.PathLike) -> bool:
         return False
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "name" or "org/name"
+
+
+def check_model_name(name_or_path: str) -> None:
+    """Fail at once (no hub retries, no weights read) for a local model that is not there.
+
+    A name that looks like a path (starts with . / ~, has more than one /, or an existing folder as its
+    first part) must exist; an existing folder must hold config.json.
+
+    Raises:
+        ModelLoadError: saying what is missing and what to pass instead.
+    """
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if name in EMBEDDED_MODELS or path.suffix == ".gguf" and path.is_file():
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model folder {name} has no config.json (save_pretrained, `layerboost convert` and "
+                                 "`heal` write it): restore it, or pass the folder that holds the whole model")
+        return
+    looks_local = (name.startswith((".", "/", "~")) or path.suffix == ".gguf" or not _HUB_ID.fullmatch(name)
+                   or "/" in name and Path(name.split("/")[0]).is_dir())
+    if path.exists() or looks_local:
+        what = "is not a model folder or a .gguf file" if path.exists() else "does not exist"
+        raise ModelLoadError(f"model {name!r} {what}: pass a model folder (with config.json), a .gguf file, "
+                             f"an embedded model ({', '.join(EMBEDDED_MODELS)}) or a hub id like org/name")
+
+
+def model_config(name_or_path: str, hub: bool = False):
+    """The model's transformers config, read without loading its weights (a layerboost folder: its base config).
+
+    Returns:
+        The config, or None for a hub id unless `hub` (then the hub's config.json is fetched).
+
+    Raises:
+        ModelLoadError: as `load_model` would, before any weights are read.
+    """
+    from .surgery import CheckpointError, read_config
+
+    check_model_name(name_or_path)
+    path = Path(name_or_path).expanduser()
+    gguf = embedded_gguf_path(name_or_path) if name_or_path in EMBEDDED_MODELS else path if path.suffix == ".gguf" else None
+    if gguf is not None and (_gguf_cache_dir(gguf) / "config.json").is_file():
+        path = _gguf_cache_dir(gguf)
+    elif gguf is not None:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)  # reads the header, not the tensors
+    if not path.is_dir() and hub:
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(name_or_path)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"could not read the config of {name_or_path!r} from the Hugging Face hub "
+                                 f"({str(e).strip().splitlines()[0]}); offline, pass a local folder") from e
+    if not path.is_dir():
+        return None
+    try:
+        return read_config(path)
+    except CheckpointError as e:
+        raise ModelLoadError(str(e)) from e
+
+
 def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load `(model, tokenizer)` in eval mode.
 
@@ -101,6 +167,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_model_name(name_or_path)
     path = Path(name_or_path)
     if name_or_path in EMBEDDED_MODELS:
         model, tok = _load_gguf(embedded_gguf_path(name_or_path), dtype)
@@ -124,9 +191,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
             model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
             tok = AutoTokenizer.from_pretrained(name_or_path)
         except OSError as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ModelLoadError(
-                f"could not load {name_or_path!r} from the Hugging Face hub ({e}). Offline, pass a local folder, "
-                f"a .gguf file, or one of the embedded models: {sorted(EMBEDDED_MODELS)}"
+                f"{name_or_path!r} is no local folder or file, and loading it from the Hugging Face hub failed "
+                f"({reason}). Offline, pass a local folder, a .gguf file, or an embedded model: {sorted(EMBEDDED_MODELS)}"
             ) from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-KIND_COLOURS = {"softmax": "#1f77b4", "swa": "#ff7f0e", "linear_swa": "#9467bd", "none": "#2ca02c"}
+KIND_COLOURS = {"softmax": "#1f77b4", "swa": "#ff7f0e", "linear_swa": "#9467bd", "none": "#2ca02c",
+                "bias": "#8c564b", "linear": "#e377c2"}
 
 
 def _span(counts: dict) -> str:
@@ -105,7 +106,7 @@ def quality_table(evals: dict[str, dict]) -> list[str]:
         return []
     first = evals[names[0]]
     mc = [t for t, v in first["tasks"].items() if v.get("column") in ("acc", "acc_norm")]
-    rows = ["| model | WikiText-2 word ppl | held-out KL(base \|\| model) | next-token agreement | held-out ppl | "
+    rows = [r"| model | WikiText-2 word ppl | held-out KL(base \|\| model) | next-token agreement | held-out ppl | "
             "mean gold margin |", "|---|---|---|---|---|---|"]
     for n in names:
         ev = evals[n]
@@ -179,7 +180,9 @@ def write_report(run_dir: str | Path) -> Path:
     heal = _load(d / "heal" / "heal.json")
     if heal:
         st = heal.get("stage_tokens", {})
-        lines += [f"Healing: {st.get('attn', 0):,} tokens of attention transfer (stage 1), {st.get('kd', 0):,} "
+        local = (f"{st['block']:,} tokens of block-wise local distillation" if "block" in st
+                 else f"{st.get('attn', 0):,} tokens of attention transfer")
+        lines += [f"Healing: {local} (stage 1), {st.get('kd', 0):,} "
                   f"tokens of LoRA logit distillation (stage 2), on `{heal.get('data')}`.", ""]
 
     lines += ["## 4. Speed and memory", ""]

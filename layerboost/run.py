@@ -56,7 +56,7 @@ class PlanConfig:
     context: int = 4096
     window: int = 64
     kind: str = "swa"  # swa | linear_swa for the windowed layers
-    score: str = "drop"  # drop | margin
+    score: str = "margin"  # margin | drop | kl | cosine (see sensitivity.plan_scores)
 
 
 @dataclass
@@ -158,7 +158,45 @@ class RunConfig:
             known = set(inspect.signature(fn).parameters) - {"base", "hybrid", "device"}
             for key in sorted(set(getattr(self.bench, name)) - known):
                 out.append(f"bench.{name}.{key}: unknown setting (known: {', '.join(sorted(known))})")
-        return out
+            for key, v in getattr(self.bench, name).items():
+                low = 0 if key in ("warmup", "sample_steps", "profile_steps") else 1
+                if not isinstance(v, (bool, str)) and any(not isinstance(x, (int, float)) or x < low
+                                                          for x in (v if isinstance(v, list) else [v])):
+                    out.append(f"bench.{name}.{key} must be >= {low}, got {v!r}")
+        a = self.analyze
+        for key, v, low in (("analyze.limit", a.limit, 1), ("analyze.swa_window", a.swa_window, 1),
+                            ("analyze.calib_seqs", a.calib_seqs, 1), ("analyze.iterative", a.iterative, 0),
+                            ("analyze.batch_tokens", a.batch_tokens, 1), ("analyze.selection_size", a.selection_size, 1),
+                            ("eval.batch_size", self.eval.batch_size, 1), ("threads", self.threads, 1),
+                            ("plan.context", p.context, 1)):
+            if v is not None and v < low:
+                out.append(f"{key} must be >= {low}, got {v}")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                out.append(f"device: {self.device!r} is not a device: use auto, cpu, cuda or cuda:N")
+        return out + self._heal_problems()
+
+    def _heal_problems(self) -> list[str]:
+        """heal.options against layerboost.heal.HealConfig: names and values, before any stage runs."""
+        from .heal import HealConfig as Settings
+        from .heal import HealConfigError
+
+        own = {"tokens", "attn_distill", "data_dir"}  # set by heal.tokens, heal.attn_distill and data_dir
+        known = {f.name for f in dataclasses.fields(Settings)} - own
+        unknown = sorted(set(self.heal.options) - known)
+        if unknown:
+            return [f"heal.options: unknown setting(s) {unknown} (known: {', '.join(sorted(known))})"]
+        try:
+            Settings(tokens=self.heal.tokens, attn_distill=self.heal.attn_distill, **self.heal.options)
+        except HealConfigError as e:
+            return ["heal: " + ln.strip().removeprefix("- ") for ln in str(e).splitlines()[1:]]
+        except (TypeError, ValueError) as e:
+            return [f"heal.options: {e}"]
+        return []
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -293,6 +331,35 @@ def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
+def check_before_work(cfg: RunConfig) -> None:
+    """What would otherwise fail only after earlier stages ran: the run folder, the model, the plan against
+    the model's layers and context (read from its config.json), and the healing / held-out text.
+
+    Raises:
+        ConfigError, ModelLoadError, TrainingDataError, UsageError: naming the problem.
+    """
+    import argparse
+
+    from .cli import check_writable, device_arg
+    from .corpus import documents
+    from .models import model_config
+    from .plan import check_fits
+
+    try:
+        device_arg(cfg.device)
+    except argparse.ArgumentTypeError as e:
+        raise ConfigError(f"device: {e}") from e
+    check_writable(cfg.out)
+    config = model_config(cfg.model)
+    if config is not None:
+        try:
+            check_fits(make_plan(cfg.plan, [0.0] * config.num_hidden_layers, config), config, (cfg.analyze.swa_window,))
+        except PlanError as e:
+            raise ConfigError(f"plan: {e} ({cfg.model} has {config.num_hidden_layers} layers)") from e
+    if cfg.heal.enabled or cfg.eval.heldout_tokens:
+        documents(_heal_data(cfg.heal.data, cfg.data_dir), seed=0, data_dir=cfg.data_dir)
+
+
 def make_plan(pc: PlanConfig, scores: list[float], config):
     from . import plan as P
 
@@ -326,6 +393,7 @@ def run(cfg: RunConfig, log=print) -> Path:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    check_before_work(cfg)
     r = Run(cfg, log)
     (r.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     dtype, device = _dtype(cfg.dtype), _device(cfg.device)
@@ -341,7 +409,8 @@ def run(cfg: RunConfig, log=print) -> Path:
         a = cfg.analyze
         analyze(model, tok, cfg.tasks, out_dir=r.dir / "analyze", limit=a.limit, seed=a.seed, data_dir=cfg.data_dir,
                 swa_window=a.swa_window, proxies=a.proxies, calib_seqs=a.calib_seqs, iterative_steps=a.iterative,
-                batch_tokens=a.batch_tokens, selection_size=a.selection_size, selection_seed=a.selection_seed)
+                batch_tokens=a.batch_tokens, selection_size=a.selection_size, selection_seed=a.selection_seed,
+                iterative_score="drop" if cfg.plan.score == "drop" else "margin")
         return {"sensitivity": str(r.dir / "analyze" / "sensitivity.json")}
 
     r.run_stage("analyze", do_analyze)

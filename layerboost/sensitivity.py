@@ -35,6 +35,54 @@ from .surgery import decoder_parts
 SCHEMA_VERSION = 1
 
 
+class AnalysisError(RuntimeError):
+    """A sensitivity file or analysis folder that cannot be used as asked; the message says what to do."""
+
+
+def load_sensitivity(path) -> dict:
+    """The result `analyze` wrote to sensitivity.json.
+
+    Raises:
+        AnalysisError: the file is missing, unreadable, or not a sensitivity result.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AnalysisError(f"sensitivity file {path} does not exist: run `layerboost analyze --out DIR` and pass "
+                            "DIR/sensitivity.json")
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AnalysisError(f"{path} is not readable JSON ({e}): pass the sensitivity.json `layerboost analyze` wrote") from e
+    if not isinstance(res, dict) or res.get("schema_version") != SCHEMA_VERSION or not isinstance(res.get("sensitivity"), list):
+        raise AnalysisError(f"{path} is not a sensitivity result (no 'sensitivity' list, schema_version {SCHEMA_VERSION}): "
+                            "pass the sensitivity.json `layerboost analyze` wrote")
+    return res
+
+
+def check_analysis_dir(out, settings: dict) -> None:
+    """Refuse an `out` folder holding an analysis made with other settings, so it is never overwritten;
+    with the same settings the analysis resumes there. Only the keys of `settings` the folder recorded
+    (in sensitivity.json or layers/fingerprint.json) are compared.
+
+    Raises:
+        AnalysisError: naming the settings that differ.
+    """
+    for f in (Path(out) / "sensitivity.json", Path(out) / "layers" / "fingerprint.json"):
+        if not f.is_file():
+            continue
+        try:
+            old = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            old = None
+        if not isinstance(old, dict) or f.name == "sensitivity.json" and "sensitivity" not in old:
+            raise AnalysisError(f"{f} exists but is not an analysis result: refusing to overwrite it; choose another --out")
+        diff = [k for k, v in settings.items() if k in old and old[k] != json.loads(json.dumps(v))]
+        if diff:
+            raise AnalysisError(f"{out} holds another analysis ({', '.join(f'{k} {old[k]!r}' for k in diff)}; now "
+                                f"{', '.join(f'{settings[k]!r}' for k in diff)}): refusing to overwrite it; "
+                                "choose another --out, or repeat its settings to resume it")
+
+
 @dataclass
 class MCItem:
     """One multiple-choice request in token ids, as `evaluate.prepare_tasks` builds it."""
@@ -231,12 +279,15 @@ def plan_scores(result: dict, score: str) -> list[float]:
     `cosine`: 1 - cos(x, x + attn(x)) on calibration text (LLM-Drop's importance).
     """
     if score not in PLAN_SCORES:
-        raise ValueError(f"score must be one of {', '.join(PLAN_SCORES)}, not {score!r}")
+        raise AnalysisError(f"score must be one of {', '.join(PLAN_SCORES)}, not {score!r}")
     if score in ("kl", "cosine"):
-        if "proxies" not in result:
-            raise ValueError(f"score {score!r} needs the proxies: run analyze with proxies on")
+        if score not in result.get("proxies", {}):
+            raise AnalysisError(f"score {score!r} needs the proxies: run analyze without --no-proxies, or use --score drop")
         return result["proxies"][score]
-    return result["sensitivity_margin"] if score == "margin" else result["sensitivity"]
+    key = "sensitivity_margin" if score == "margin" else "sensitivity"
+    if key not in result:
+        raise AnalysisError(f"this sensitivity result has no {key!r} (written by an older layerboost?): run analyze again")
+    return result[key]
 
 
 def item_scores(items: list[MCItem], lls: list[float]) -> dict[str, list[float]]:
@@ -315,7 +366,7 @@ class Store:
             self.dir.mkdir(parents=True, exist_ok=True)
             fp = self.dir / "fingerprint.json"
             if fp.is_file() and json.loads(fp.read_text()) != fingerprint:
-                raise RuntimeError(
+                raise AnalysisError(
                     f"{self.dir} holds results of a different analysis (model, items or variants changed): "
                     "use another --out folder or delete it"
                 )
@@ -525,9 +576,11 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 @torch.no_grad()
 def iterative_removal(model: nn.Module, items: list[MCItem], steps: int, *, batch_tokens: int = 8192,
-                      score: str = "drop", out_dir: str | Path | None = None, progress: bool = True) -> list[dict]:
+                      score: str = "margin_drop", out_dir: str | Path | None = None, progress: bool = True) -> list[dict]:
     """Remove the least sensitive layer's attention, re-measure the remaining layers on the modified
     model, and repeat `steps` times. Each step is saved (and resumed) under out_dir/iterative/step_k.
+    `score` is the per-layer key ranked: "margin_drop" (default: on few items the accuracy "drop" ties
+    most layers at 0 and once removed layer 0, the costliest layer by KL, first) or "drop".
 
     Returns:
         one dict per step: the layer removed, its drop when removed, and all remaining layers' drops.
@@ -610,6 +663,7 @@ def analyze(
     calib_seqs: int = 8,
     calib_len: int = 256,
     iterative_steps: int = 0,
+    iterative_score: str = "margin",
     batch_tokens: int = 8192,
     reuse_prefix: bool = True,
     progress: bool = True,
@@ -633,6 +687,7 @@ def analyze(
     variants = (LayerSpec("none"),) + ((LayerSpec("swa", swa_window),) if swa_window else ())
     fingerprint = {"model": getattr(model.config, "_name_or_path", ""), "tasks": tasks, "limit": limit, "seed": seed,
                    "n_items": len(items), "variants": [v.to_dict() for v in variants], "partition": part.to_dict()}
+    check_analysis_dir(out, fingerprint)  # another analysis in `out` is never overwritten
     res = layer_sensitivity(model, items, variants=variants, batch_tokens=batch_tokens, out_dir=out,
                             fingerprint=fingerprint, reuse_prefix=reuse_prefix, progress=progress)
     n_layers = len(decoder_parts(model)[1])
@@ -671,12 +726,15 @@ def analyze(
         result["timing"]["proxies_seconds"] = time.perf_counter() - t1
     if iterative_steps:
         t1 = time.perf_counter()
-        hist = iterative_removal(model, items, iterative_steps, batch_tokens=batch_tokens, out_dir=out,
+        key = {"drop": "drop", "margin": "margin_drop"}[iterative_score]
+        hist = iterative_removal(model, items, iterative_steps, batch_tokens=batch_tokens, score=key, out_dir=out,
                                  progress=progress)
         result["iterative"] = {
             "history": [{k: (v if k != "drops" else {str(a): b for a, b in v.items()}) for k, v in h.items()}
                         for h in hist],
-            "disagreements": ranking_disagreements(dict(enumerate(drops)), hist),
+            "score": iterative_score,
+            "disagreements": ranking_disagreements(
+                dict(enumerate(drops if iterative_score == "drop" else result["sensitivity_margin"])), hist),
         }
         result["timing"]["iterative_seconds"] = time.perf_counter() - t1
     result["timing"]["total_seconds"] = time.perf_counter() - t0

@@ -93,7 +93,8 @@ def test_pipeline_artefacts_consistent_and_resumable(tiny_dir, tmp_path, monkeyp
     plan = lb.LayerPlan.load(d / "plan.json")
     assert plan.counts() == {"softmax": 2, "swa": 1, "linear_swa": 0, "none": 1}
     sens = json.loads((d / "analyze" / "sensitivity.json").read_text())
-    assert plan.table([100 * s for s in sens["sensitivity"]]) in md
+    assert cfg.plan.score == "margin" and plan.table(sens["sensitivity_margin"]) in md  # the score that chose the plan
+    assert plan == lb.plan.plan_by_counts(sens["sensitivity_margin"], 2, 1, 1, 8)
     for name in ("base", "converted", "healed"):
         ev = json.loads((d / "eval" / f"{name}.json").read_text())
         assert f"| {name} | " in md and f"{100 * ev['average']['value']:.1f} |" in md

@@ -137,10 +137,14 @@ def test_proxies_and_spearman(model, tok):
 
 def test_iterative_removal(model, prepared):
     items = S.items_from_tasks(prepared)
-    hist = S.iterative_removal(model, items, 2, progress=False)
+    hist = S.iterative_removal(model, items, 2, progress=False)  # ranks by the gold-margin drop by default
     assert len(hist) == 2 and hist[0]["removed"] != hist[1]["removed"]
-    assert hist[1]["removed"] not in hist[1]["drops"] or hist[1]["removed"] != hist[0]["removed"]
+    for h in hist:  # each step removes the layer whose removal costs the least margin, ties to the lowest index
+        assert h["removed"] == min(h["drops"], key=lambda i: (h["drops"][i], i))
     assert hist[0]["removed"] not in hist[1]["drops"]  # re-measured without the removed layer
+    assert len(hist[1]["drops"]) == len(hist[0]["drops"]) - 1
+    by_drop = S.iterative_removal(model, items, 1, score="drop", progress=False)
+    assert by_drop[0]["drops"] != hist[0]["drops"]  # another key: accuracy drops, not margins
     one_shot = {int(k): v for k, v in hist[0]["drops"].items()}
     dis = S.ranking_disagreements(one_shot, hist)
     assert all(d["step"] == 1 for d in dis)  # step 0 follows the one-shot ranking by construction

@@ -1,0 +1,271 @@
+"""Bad input through the real CLI: one `error:` line naming the problem and the fix, exit status 2,
+no traceback, and nothing a user made overwritten. Tiny models and files, so each case takes seconds."""
+
+import json
+import shutil
+import time
+
+import pytest
+import yaml
+
+import layerboost as lb
+from layerboost.cli import build_parser, main
+
+from conftest import tiny_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(128)}, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", eos_token="w2")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A 4-layer model folder (context 512), a plan for it, and a data dir with a small piqa split."""
+    d = tmp_path_factory.mktemp("cli")
+    tiny_model("llama", layers=4).save_pretrained(d / "model")
+    tokenizer().save_pretrained(d / "model")
+    lb.LayerPlan.from_kinds(["softmax", "swa", "none", "softmax"], window=8).save(d / "plan.json")
+    (d / "data" / "piqa").mkdir(parents=True)
+    (d / "data" / "piqa" / "validation.jsonl").write_text(
+        "".join(json.dumps({"goal": f"w{5 + i}", "sol1": "w6 w7", "sol2": "w8", "label": i % 2}) + "\n" for i in range(8)))
+    (d / "data" / "corpus").mkdir()
+    (d / "data" / "corpus" / "a.txt").write_text("w5 w6 w7 w8\n\n" * 200)
+    return d
+
+
+def fails(capsys, argv, *fragments):
+    """Run the CLI; it must exit 2, its stderr must end in its one `error:` line holding every fragment
+    (progress lines may come before it), and no traceback may be printed."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2, (code, err[-3000:])
+    assert "Traceback" not in out + err, err[-3000:]
+    assert lines and lines[-1].startswith("error: ") and sum(ln.startswith("error:") for ln in lines) == 1, err[-3000:]
+    for f in fragments:
+        assert f in lines[-1], lines[-1]
+    return lines[-1]
+
+
+# ---- models ------------------------------------------------------------------------------------------
+
+
+def test_missing_local_folder_fails_at_once(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online, a hub id would be tried for a minute
+    t0 = time.perf_counter()
+    fails(capsys, ["generate", "--model", "runs/healed", "--prompt", "w5"], "'runs/healed' does not exist", "model folder")
+    fails(capsys, ["eval", "--model", tmp_path / "nowhere", "--tasks", "piqa"], "does not exist")
+    assert time.perf_counter() - t0 < 20
+
+
+def test_folder_without_config_json(files, tmp_path, capsys):
+    shutil.copytree(files / "model", tmp_path / "m")
+    (tmp_path / "m" / "config.json").unlink()
+    fails(capsys, ["eval", "--model", tmp_path / "m", "--tasks", "piqa", "--data-dir", files / "data"],
+          "has no config.json", "restore it")
+
+
+# ---- tasks -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("data, fragments", [
+    ("", ("holds no documents",)),
+    ('{"question": "w5", "choices": ["w6", "w7"], "answer": 0}\n', ("document 1 has no field 'label'",)),
+])
+def test_task_data_empty_or_wrong_schema(files, tmp_path, capsys, data, fragments):
+    (tmp_path / "t.jsonl").write_text(data)
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({"name": "t", "data": "t.jsonl", "prompt": "{question}",
+                                                     "choices": "choices", "gold": "label"}))
+    fails(capsys, ["eval", "--model", files / "model", "--tasks", tmp_path / "t.yaml"], *fragments)
+
+
+def test_task_definition_empty(files, tmp_path, capsys):
+    (tmp_path / "t.yaml").write_text("")
+    fails(capsys, ["eval", "--model", files / "model", "--tasks", tmp_path / "t.yaml"], "task definition lacks")
+
+
+# ---- sensitivity and plans ---------------------------------------------------------------------------
+
+
+def test_sensitivity_file_missing_or_wrong(files, tmp_path, capsys):
+    fails(capsys, ["plan", "--sensitivity", tmp_path / "nope.json", "--softmax", "2", "--swa", "1",
+                   "--out", tmp_path / "p.json"], "does not exist", "layerboost analyze")
+    fails(capsys, ["plan", "--sensitivity", files / "plan.json", "--softmax", "2", "--swa", "1",
+                   "--out", tmp_path / "p.json"], "is not a sensitivity result")
+
+
+def analyze_args(files, out, *more):
+    return ["analyze", "--model", files / "model", "--tasks", "piqa", "--limit", "4", "--data-dir", files / "data",
+            "--selection-size", "4", "--no-proxies", "--window", "8", "--out", out, *more]
+
+
+def test_analyze_checks_the_policy_before_the_analysis(files, tmp_path, capsys):
+    fails(capsys, analyze_args(files, tmp_path / "a", "--softmax", "2"), "give at least two of the counts")
+    fails(capsys, analyze_args(files, tmp_path / "a", "--softmax", "5", "--swa", "0"), "add up to the 4 layers")
+    fails(capsys, analyze_args(files, tmp_path / "a", "--window", "1000", "--softmax", "2", "--swa", "1"),
+          "window 1000 is longer than the model's context of 512")
+    assert not (tmp_path / "a" / "sensitivity.json").exists() and not (tmp_path / "a" / "layers").exists()
+
+
+def test_analyze_never_overwrites_another_analysis(files, tmp_path, capsys):
+    out = tmp_path / "a"
+    out.mkdir()
+    other = {"schema_version": 1, "model": "someone/else", "tasks": ["arc_easy"], "limit": 4, "seed": 0,
+             "sensitivity": [0.1, 0.2, 0.3, 0.4]}
+    (out / "sensitivity.json").write_text(json.dumps(other))
+    fails(capsys, analyze_args(files, out), "holds another analysis", "tasks", "another --out")
+    other["tasks"] = ["piqa"]  # same settings, another model: found once the model is loaded, before any scoring
+    (out / "sensitivity.json").write_text(json.dumps(other))
+    fails(capsys, analyze_args(files, out), "holds another analysis", "model 'someone/else'")
+    assert json.loads((out / "sensitivity.json").read_text()) == other
+    assert not (out / "layers").exists()
+
+
+# ---- output folders ----------------------------------------------------------------------------------
+
+
+def test_unwritable_out_found_before_the_work(files, tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    fails(capsys, ["eval", "--model", files / "model", "--tasks", "piqa", "--limit", "2", "--data-dir", files / "data",
+                   "--out", tmp_path / "file" / "res.json"], "cannot be created", "is a file")
+    fails(capsys, analyze_args(files, tmp_path / "file" / "a", "--softmax", "2", "--swa", "1"), "cannot be created")
+    fails(capsys, ["convert", "--model", files / "model", "--plan", files / "plan.json", "--out", tmp_path / "file"],
+          "is a file")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_convert_keeps_an_existing_model(files, tmp_path, capsys):
+    shutil.copytree(files / "model", tmp_path / "m")
+    before = (tmp_path / "m" / "config.json").read_text()
+    fails(capsys, ["convert", "--model", files / "model", "--plan", files / "plan.json", "--out", tmp_path / "m"],
+          "already holds a model")
+    assert (tmp_path / "m" / "config.json").read_text() == before
+
+
+def test_window_longer_than_context(files, tmp_path, capsys):
+    lb.LayerPlan.from_kinds(["softmax", "swa", "none", "softmax"], window=4096).save(tmp_path / "p.json")
+    fails(capsys, ["convert", "--model", files / "model", "--plan", tmp_path / "p.json", "--out", tmp_path / "o"],
+          "window 4096 is longer than the model's context of 512")
+    assert not (tmp_path / "o").exists()
+
+
+# ---- heal --------------------------------------------------------------------------------------------
+
+
+def heal_args(files, out, data, *more):
+    return ["heal", "--model", files / "model", "--plan", files / "plan.json", "--data", data, "--out", out,
+            "--tokens", "256", "--seq-len", "16", "--batch-size", "2", "--no-progress", "--data-dir", files / "data", *more]
+
+
+def test_heal_resume_on_an_empty_folder(files, tmp_path, capsys):
+    (tmp_path / "h").mkdir()
+    fails(capsys, heal_args(files, tmp_path / "h", files / "data" / "corpus", "--resume"),
+          "holds no heal checkpoint", "drop --resume")
+    assert list((tmp_path / "h").iterdir()) == []
+
+
+def test_heal_refuses_an_evaluation_split_under_another_name(files, tmp_path, capsys):
+    shutil.copy(files / "data" / "piqa" / "validation.jsonl", tmp_path / "my_text.txt")
+    fails(capsys, heal_args(files, tmp_path / "h", tmp_path / "my_text.txt"), "evaluation split", "a copy of",
+          "validation.jsonl")
+    assert not (tmp_path / "h").exists()
+
+
+# ---- run ---------------------------------------------------------------------------------------------
+
+
+def run_config(files, tmp_path, **changes):
+    cfg = {"model": str(files / "model"), "out": str(tmp_path / "run"), "data_dir": str(files / "data"),
+           "tasks": ["piqa"], "plan": {"policy": "counts", "softmax": 2, "swa": 1, "none": 1, "window": 8}}
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        cfg.setdefault(section, {})[name] = value
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    return ["run", tmp_path / "run.yaml"]
+
+
+@pytest.mark.parametrize("changes, fragments", [
+    ({"heal__options": {"seq_lenn": 64}}, ("heal.options: unknown setting(s) ['seq_lenn']",)),
+    ({"heal__options": {"seq_len": 1, "lr": -1}}, ("seq_len must be >= 2", "lr must be > 0")),
+    ({"eval__limit": -1}, ("eval.limit must be >= 1",)),
+    ({"analyze__limit": 0}, ("analyze.limit must be >= 1",)),
+    ({"bench__latency": {"batch": 0}}, ("bench.latency.batch must be >= 1",)),
+    ({"plan__softmax": 10}, ("plan:", "add up to the 4 layers")),
+    ({"plan__window": 100_000}, ("window 100000 is longer than the model's context of 512",)),
+])
+def test_run_validates_the_whole_config_before_any_stage(files, tmp_path, capsys, changes, fragments):
+    fails(capsys, run_config(files, tmp_path, **changes), *fragments)
+    assert not (tmp_path / "run").exists()
+
+
+# ---- bench -------------------------------------------------------------------------------------------
+
+BENCH = ["--random-config", "tiny", "--threads", "1", "--window", "8", "--prompt", "8"]
+
+
+def test_bench_latency_has_a_memory_guard(capsys):
+    fails(capsys, ["bench", "latency", *BENCH, "--batch", "2", "--lengths", "8", "--memory-budget-gb", "1e-6"],
+          "more than the memory budget", "--memory-budget-gb")
+
+
+def test_memory_budget_must_be_positive(capsys):
+    fails(capsys, ["bench", "throughput", *BENCH, "--concurrency", "2", "--output", "4", "--memory-budget-gb", "0"],
+          "--memory-budget-gb", "must be > 0")
+
+
+# ---- the handler itself, and shared options ------------------------------------------------------------
+
+
+def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path, monkeypatch):
+    from layerboost import cli
+    from layerboost.sensitivity import AnalysisError
+
+    argv = ["plan", "--sensitivity", str(tmp_path / "nope.json"), "--softmax", "1", "--swa", "1"]
+    with pytest.raises(AnalysisError):
+        main(["--debug", *argv])
+
+    def buggy(args):
+        return {}["bug"]
+
+    monkeypatch.setattr(cli, "cmd_plan", buggy)
+    with pytest.raises(KeyError):  # not a user's mistake: not turned into an `error:` line
+        main(argv)
+
+
+SUBCOMMANDS = [["convert"], ["generate"], ["eval"], ["analyze"], ["heal"], ["bench", "latency"], ["bench", "throughput"]]
+
+
+@pytest.mark.parametrize("cmd", SUBCOMMANDS, ids=" ".join)
+def test_shared_options_are_spelled_and_defaulted_alike(cmd, capsys):
+    assert main([*cmd, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--device DEVICE auto (cuda if available, else cpu), cpu, cuda, cuda:N (default: auto)" in text
+    if cmd != ["heal"]:
+        assert "fp32, bf16, fp16 are accepted too) (default: float32)" in text
+
+
+@pytest.mark.parametrize("cmd", [["eval"], ["analyze"]], ids=" ".join)
+def test_limit_means_the_same_everywhere(cmd, capsys):
+    base = [*cmd, "--model", "m", "--out", "o"]
+    parse = build_parser().parse_args
+    assert parse([*base, "--limit", "0"]).limit is None
+    assert parse([*base, "--limit", "50"]).limit == 50 and parse([*base, "--limit", "0.5"]).limit == 0.5
+    assert parse([*base, "--dtype", "bf16"]).dtype == "bfloat16"
+    assert main([*base, "--limit", "-1"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: layerboost {cmd[0]}: argument --limit")
+
+
+def test_help_shows_every_default(capsys):
+    assert main(["analyze", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for part in ("--limit LIMIT", "(default: 200)", "padded tokens per forward (default: 8192)", "(default: kv)"):
+        assert part in text

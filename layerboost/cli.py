@@ -248,10 +248,11 @@ def _policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context", type=positive(), default=4096, help="context length the budget is computed at")
     g.add_argument("--window", type=positive(), default=64, help="window of the sliding-window layers")
     g.add_argument("--linear", action="store_true", help="use linear_swa instead of swa for windowed layers")
-    g.add_argument("--score", choices=["drop", "margin", "kl", "cosine"], default="margin",
-                   help="rank layers by the gold-answer margin drop (continuous: on a few items per task the "
-                        "accuracy drop ties most layers at 0), the accuracy drop (the paper's Eq. 3), or the KL / "
-                        "cosine proxy on calibration text; --iterative ranks by margin unless drop is given")
+    g.add_argument("--score", choices=["drop", "margin", "kl", "cosine"], default="kl",
+                   help="rank layers by KL(base || variant) on calibration text (default: it gave the lowest held-out "
+                        "KL after healing among the signals measured, docs/results.md), the gold-answer margin drop, "
+                        "the accuracy drop (the paper's Eq. 3), or the cosine proxy; --iterative ranks by the margin "
+                        "drop unless --score drop is given")
 
 
 def cmd_analyze(args) -> int:
@@ -269,6 +270,9 @@ def cmd_analyze(args) -> int:
     for t in tasks:
         get_task(t)
     check_writable(args.out)
+    if args.no_proxies and args.score in ("kl", "cosine"):
+        raise UsageError(f"--score {args.score} ranks layers by a proxy that --no-proxies skips: drop --no-proxies, "
+                         "or choose --score margin or drop")
     part = Partition("selection", args.selection_size, args.selection_seed).to_dict()
     check_analysis_dir(args.out, {"tasks": tasks, "limit": args.limit, "seed": args.seed, "partition": part})
 

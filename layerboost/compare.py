@@ -44,7 +44,7 @@ import yaml
 from .run import ConfigError, config_from_dict, load_config, shipped_configs
 
 ROWS = ("base", "converted", "layerboost", "no_attn_distill", "random", "pattern", "lolcats", "lolcats_gate",
-        "llm_drop", "signal_drop", "signal_kl")
+        "llm_drop", "signal_margin", "signal_drop")
 SIGNALS = ("drop", "margin", "kl", "cosine", "iterative")
 HEALED = {"layerboost": "both", "no_attn_distill": "kd", "random": "both", "pattern": "both", "lolcats": "both",
           "lolcats_gate": "both", "llm_drop": "both"}
@@ -96,7 +96,7 @@ class CompareConfig:
     analyze_limit: int | None = None  # items per task of the selection partition the analysis scores
     calib_seqs: int = 8
     iterative_limit: int | None = 10  # items per task for the (costly) iterative signal
-    score: str = "margin"  # the signal of row 3
+    score: str = "kl"  # the signal of row 3 (analyze's default)
     softmax: int = 10
     swa: int = 10
     none: int = 10

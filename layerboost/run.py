@@ -56,7 +56,7 @@ class PlanConfig:
     context: int = 4096
     window: int = 64
     kind: str = "swa"  # swa | linear_swa for the windowed layers
-    score: str = "margin"  # margin | drop | kl | cosine (see sensitivity.plan_scores)
+    score: str = "kl"  # kl | margin | drop | cosine (see sensitivity.plan_scores; kl measured best, docs/results.md)
 
 
 @dataclass

@@ -105,7 +105,14 @@ def test_sensitivity_file_missing_or_wrong(files, tmp_path, capsys):
 
 def analyze_args(files, out, *more):
     return ["analyze", "--model", files / "model", "--tasks", "piqa", "--limit", "4", "--data-dir", files / "data",
-            "--selection-size", "4", "--no-proxies", "--window", "8", "--out", out, *more]
+            "--selection-size", "4", "--no-proxies", "--score", "margin", "--window", "8", "--out", out, *more]
+
+
+def test_analyze_proxy_score_needs_the_proxies(files, tmp_path, capsys):
+    args = analyze_args(files, tmp_path / "a")
+    args[args.index("--score") + 1] = "kl"  # the default score is the KL proxy, which --no-proxies skips
+    fails(capsys, args, "--score kl ranks layers by a proxy that --no-proxies skips")
+    assert not (tmp_path / "a" / "layers").exists()
 
 
 def test_analyze_checks_the_policy_before_the_analysis(files, tmp_path, capsys):

@@ -93,8 +93,9 @@ def test_pipeline_artefacts_consistent_and_resumable(tiny_dir, tmp_path, monkeyp
     plan = lb.LayerPlan.load(d / "plan.json")
     assert plan.counts() == {"softmax": 2, "swa": 1, "linear_swa": 0, "none": 1}
     sens = json.loads((d / "analyze" / "sensitivity.json").read_text())
-    assert cfg.plan.score == "margin" and plan.table(sens["sensitivity_margin"]) in md  # the score that chose the plan
-    assert plan == lb.plan.plan_by_counts(sens["sensitivity_margin"], 2, 1, 1, 8)
+    assert cfg.plan.score == "kl" and plan.table(sens["proxies"]["kl"]) in md  # the score that chose the plan
+    assert plan == lb.plan.plan_by_counts(sens["proxies"]["kl"], 2, 1, 1, 8)
+    assert "KL(base || variant)" in md
     for name in ("base", "converted", "healed"):
         ev = json.loads((d / "eval" / f"{name}.json").read_text())
         assert f"| {name} | " in md and f"{100 * ev['average']['value']:.1f} |" in md

@@ -556,8 +556,8 @@ def write_comparison(out: Path, results: dict, cfg: CompareConfig, sens: dict) -
         b = r.get("bench") or {}
         sp = f"{b['speedup']:.2f}" if b else "-"
         kv = f"{b['kv_ratio']:.3f}" if b else "-"
-        lines.append(f"| {n} | " + " | ".join(cells) + f" | {avg} | {wt} | {h['kl']:.4f} | {h['agree']:.3f} | "
-                     f"{h['ppl']:.2f} | {sp} | {kv} |")
+        cells += [avg, wt, f"{h['kl']:.4f}", f"{h['agree']:.3f}", f"{h['ppl']:.2f}", sp, kv]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "Accuracy in percent ± standard error. KL(base || row) in nats per token; agree: share of "
               "positions where both pick the same next token. Speed: decode ms per step of the base over the row's "
               f"at context {cfg.bench.prompt + cfg.bench.length}, batch {cfg.bench.batch}, measured side by side; "

@@ -270,13 +270,10 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
-    try:
-        import psutil
+    import psutil
 
-        env["ram_bytes"] = psutil.virtual_memory().total
-        env["ram_available_bytes"] = psutil.virtual_memory().available
-    except ImportError:
-        pass
+    env["ram_bytes"] = psutil.virtual_memory().total
+    env["ram_available_bytes"] = psutil.virtual_memory().available
     return env
 
 

@@ -259,11 +259,11 @@ class Comparison:
         self.cfg, self.log = cfg, log
         self.dir = Path(cfg.out)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._check_config()  # before the model load: a folder made with other settings is refused at once
         self.dtype = _dtype(cfg.dtype)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.base, self.tok = load_model(cfg.model, dtype=self.dtype, device=self.device)
         self.base.eval()
-        self._check_config()
 
     def _check_config(self) -> None:
         """A folder made with other settings is never mixed into: refuse, naming the fix."""
@@ -625,9 +625,8 @@ def plot_comparison(out: Path, results: dict) -> list[Path]:
             x = [p["tokens"] for p in c]
             axes[0].plot(x, [p["kl"] for p in c], marker="o", label=n)
             axes[1].plot(x, [p["ppl"] for p in c], marker="o", label=n)
-        if curves:
-            ref = next(iter(curves.values()))[0]["ppl_teacher"]
-            axes[1].axhline(ref, color="black", lw=0.7, ls="--", label="base")
+        ref = next(iter(curves.values()))[0]["ppl_teacher"]
+        axes[1].axhline(ref, color="black", lw=0.7, ls="--", label="base")
         axes[0].set_ylabel("held-out KL(base || student), nats/token")
         axes[1].set_ylabel("held-out perplexity")
         for ax in axes:

@@ -707,8 +707,9 @@ def kd_step(h: Hybrid, ids: torch.Tensor, n_kl: int, n_ce: int, cfg: HealConfig,
 def probe(h: Hybrid, rows: torch.Tensor, precision: str = "fp32", batch: int = 4, chunk: int = 1024) -> dict:
     """Student vs teacher on held-out rows (B, T): mean KL(teacher || student) per token, next-token
     (argmax) agreement, and both perplexities of the text (positions 0..T-2 predicting 1..T-1)."""
+    from .quality import logprob_sums, next_tokens
+
     kl = agree = nll_s = nll_t = 0.0
-    n = n_next = 0
     w, b = h.lm_head.weight, h.lm_head.bias
     for mb in rows.split(batch):
         mb = mb.to(w.device)
@@ -719,19 +720,13 @@ def probe(h: Hybrid, rows: torch.Tensor, precision: str = "fp32", batch: int = 4
                 ht = h.decoder.norm(h.run(x0, h.prefix, len(h.layers), ctx))
             hs = h.decoder.norm(h.run(x0, h.prefix, len(h.layers), ctx))
         d = hs.shape[-1]
-        targets = torch.cat([mb[:, 1:], torch.full_like(mb[:, :1], -1)], dim=1).reshape(-1)
+        targets = next_tokens(mb).reshape(-1)
         hs, ht = hs.reshape(-1, d), ht.reshape(-1, d)
         for a in range(0, hs.shape[0], chunk):
-            ls = nn.functional.linear(hs[a:a + chunk], w, b).float().log_softmax(-1)  # (C, V)
-            lt = nn.functional.linear(ht[a:a + chunk], w, b).float().log_softmax(-1)
-            kl += (lt.exp() * (lt - ls)).sum().item()
-            agree += (ls.argmax(-1) == lt.argmax(-1)).sum().item()
-            tg = targets[a:a + chunk]
-            ok = tg >= 0
-            nll_s -= ls[ok].gather(-1, tg[ok][:, None]).sum().item()
-            nll_t -= lt[ok].gather(-1, tg[ok][:, None]).sum().item()
-            n += ls.shape[0]
-            n_next += int(ok.sum())
+            sums = logprob_sums(nn.functional.linear(ht[a:a + chunk], w, b).float().log_softmax(-1),  # (C, V)
+                                nn.functional.linear(hs[a:a + chunk], w, b).float().log_softmax(-1), targets[a:a + chunk])
+            kl, agree, nll_s, nll_t = (t + s for t, s in zip((kl, agree, nll_s, nll_t), sums))
+    n, n_next = rows.numel(), rows.shape[0] * (rows.shape[1] - 1)
     return {"kl": kl / n, "agree": agree / n, "ppl": math.exp(nll_s / n_next), "ppl_teacher": math.exp(nll_t / n_next),
             "tokens_scored": n}
 

@@ -18,6 +18,21 @@ import math
 import torch
 
 
+def logprob_sums(ref: torch.Tensor, model: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, float, float]:
+    """Sums over the positions of one chunk of log-probabilities (C, V), reference and model:
+    KL(ref || model), argmax agreement, and the NLL of `targets` (C,) under the model and under the
+    reference (positions whose target is -1, the last of a row, have no next token and are skipped)."""
+    ok = targets >= 0
+    tg = targets[ok][:, None]
+    return ((ref.exp() * (ref - model)).sum().item(), (ref.argmax(-1) == model.argmax(-1)).sum().item(),
+            -model[ok].gather(-1, tg).sum().item(), -ref[ok].gather(-1, tg).sum().item())
+
+
+def next_tokens(ids: torch.Tensor) -> torch.Tensor:
+    """(..., T) ids -> (..., T) the token each position predicts, -1 at the last position."""
+    return torch.cat([ids[..., 1:], torch.full_like(ids[..., :1], -1)], dim=-1)
+
+
 @torch.no_grad()
 def heldout_metrics(base, model, rows: torch.Tensor, batch: int = 2, chunk: int = 1024) -> dict:
     """KL(base || model), argmax agreement and perplexities on `rows` (B, T) of held-out token ids.
@@ -31,17 +46,13 @@ def heldout_metrics(base, model, rows: torch.Tensor, batch: int = 2, chunk: int 
         mb = mb.to(dev)
         zb = base(input_ids=mb, use_cache=False).logits
         zm = model(input_ids=mb, use_cache=False).logits if model is not base else zb
+        targets = next_tokens(mb)
         for r in range(mb.shape[0]):
             kl_r, nll_r = 0.0, 0.0
             for a in range(0, mb.shape[1], chunk):
-                lb = zb[r, a:a + chunk].float().log_softmax(-1)  # (C, V)
-                lm = zm[r, a:a + chunk].float().log_softmax(-1)
-                kl_r += (lb.exp() * (lb - lm)).sum().item()
-                agree += (lb.argmax(-1) == lm.argmax(-1)).sum().item()
-                tg = mb[r, a + 1:a + chunk + 1]  # next tokens; the last position has none
-                k = tg.shape[0]
-                nll_r -= lm[:k].gather(-1, tg[:, None]).sum().item()
-                nll_base -= lb[:k].gather(-1, tg[:, None]).sum().item()
+                kl, ag, nll_m, nll_b = logprob_sums(zb[r, a:a + chunk].float().log_softmax(-1),  # (C, V)
+                                                    zm[r, a:a + chunk].float().log_softmax(-1), targets[r, a:a + chunk])
+                kl_r, agree, nll_r, nll_base = kl_r + kl, agree + ag, nll_r + nll_m, nll_base + nll_b
             kl_rows.append(kl_r / mb.shape[1])
             nll_rows.append(nll_r / (mb.shape[1] - 1))
             n += mb.shape[1]
@@ -50,4 +61,4 @@ def heldout_metrics(base, model, rows: torch.Tensor, batch: int = 2, chunk: int 
             "ppl_base": math.exp(nll_base / n_next), "tokens": n, "kl_rows": kl_rows, "nll_rows": nll_rows}
 
 
-__all__ = ["heldout_metrics"]
+__all__ = ["heldout_metrics", "logprob_sums", "next_tokens"]

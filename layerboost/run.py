@@ -460,18 +460,25 @@ def run(cfg: RunConfig, log=print) -> Path:
         if not heal_rec["outputs"].get("skipped"):
             models["healed"] = Path(heal_rec["outputs"]["model"])
         (r.dir / "eval").mkdir(exist_ok=True)
-        done = {}
+        done, todo = {}, {}
         for name, path in models.items():
             f = r.dir / "eval" / f"{name}.json"
             if f.is_file() and json.loads(f.read_text()).get("stage_hash") == r.hashes["eval"]:
                 done[name] = str(f)  # finished before an interruption
-                continue
-            model, tok = base() if path is None else load_model(str(path), dtype=dtype, device=device)
-            part = Partition("evaluation", cfg.analyze.selection_size, cfg.analyze.selection_seed)
-            prepared = [prepare_task(tok, t, data_dir=cfg.data_dir, limit=e.limit, seed=e.seed, partition=part)
-                        for t in cfg.tasks]
-            if e.wikitext_docs != 0:
-                prepared.append(prepare_task(tok, "wikitext", data_dir=cfg.data_dir, limit=e.wikitext_docs, seed=e.seed))
+            else:
+                todo[name] = path
+        if not todo:
+            return done
+        # Items and held-out rows are prepared once: converted and healed models keep the base's tokenizer.
+        tok = base()[1]
+        part = Partition("evaluation", cfg.analyze.selection_size, cfg.analyze.selection_seed)
+        prepared = [prepare_task(tok, t, data_dir=cfg.data_dir, limit=e.limit, seed=e.seed, partition=part)
+                    for t in cfg.tasks]
+        if e.wikitext_docs != 0:
+            prepared.append(prepare_task(tok, "wikitext", data_dir=cfg.data_dir, limit=e.wikitext_docs, seed=e.seed))
+        rows = heldout_rows(tok, _heal_data(cfg.heal.data, cfg.data_dir), e.heldout_tokens, 512) if e.heldout_tokens else None
+        for name, path in todo.items():
+            model = base()[0] if path is None else load_model(str(path), dtype=dtype, device=device)[0]
             res = evaluate(model, tok, [], prepared=prepared, batch_size=e.batch_size, per_item=True,
                            wikitext_max_length=e.wikitext_max_length)
             for t in res["tasks"].values():  # keep the mean gold margin under the task's column, not every item
@@ -480,14 +487,14 @@ def run(cfg: RunConfig, log=print) -> Path:
                     key = "margin_norm" if t["column"] == "acc_norm" else "margin"
                     finite = [it[key] for it in items if math.isfinite(it[key])]
                     t["mean_margin"] = sum(finite) / len(finite)
-            if e.heldout_tokens:
-                rows = heldout_rows(tok, _heal_data(cfg.heal.data, cfg.data_dir), e.heldout_tokens, 512)
+            if rows is not None:
                 res["heldout"] = {k: v for k, v in heldout_metrics(base()[0], model, rows).items()
                                   if k not in ("kl_rows", "nll_rows")}
             res["model"], res["stage_hash"] = str(path or cfg.model), r.hashes["eval"]
+            f = r.dir / "eval" / f"{name}.json"
             f.write_text(json.dumps(res, indent=1))
             done[name] = str(f)
-        return done
+        return {n: done[n] for n in models}
 
     r.run_stage("eval", do_eval)
 

@@ -5,12 +5,11 @@ projections (q/k/v/o, and q_norm/k_norm on Qwen3), so checkpoint keys stay the s
     swa         softmax over the last `window` tokens (the token itself included)
     linear_swa  swa + linear attention over every older token, one shared normaliser (LoLCATs-style)
     none        no attention: the sublayer adds nothing and no q/k/v/o is computed
-    bias        no attention: the sublayer adds a learned vector (D,), 0 at init (== none)
-    linear      no attention: the sublayer adds up(down(x)) of the token's own normed hidden state,
-                rank r, `up` 0 at init (== none); DeciLM's "replace_with_linear", low-rank
 
-The three attention-free kinds cache nothing (an `EmptyLayer` only counts tokens). Each module that
-learns parameters of its own names them in `OWN` (heal trains and checkpoints exactly those).
+`none` caches nothing (an `EmptyLayer` only counts tokens). Each module that learns parameters of its
+own names them in `OWN` (heal trains and checkpoints exactly those). Two more attention-free kinds were
+tried and removed by measurement (issue 11, docs/results.md): a learned per-channel bias and a low-rank
+linear map of the token's own state (DeciLM's replace_with_linear) healed no better than `none`.
 
 Shapes: B batch, T new tokens, n keys held (cached + new), nh query heads, nkv key/value heads,
 hs head size, F linear-attention features.
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 
 from .cache import EmptyLayer, HybridCache, LinearWindowLayer
 from .compat import allowed_mask, apply_rope, get_cache
-from .plan import KINDS, LINEAR_RANK, LayerSpec
+from .kinds import kind
+from .plan import LayerSpec
 
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -212,65 +212,13 @@ class NoAttention(nn.Module):
         return f"kind={self.spec.kind}, layer_idx={self.layer_idx}"
 
 
-class BiasAttention(NoAttention):
-    """`bias`: the sublayer adds a learned vector `bias` (D,), the same for every token; 0 at init (== none).
-    Its input norm is dropped like none's (the output does not depend on the input)."""
-
-    OWN = ("bias",)
-
-    def __init__(self, orig: nn.Module, spec: LayerSpec):
-        super().__init__(orig, spec)
-        w = orig.o_proj.weight  # (D, nh * hs)
-        self.bias = nn.Parameter(torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
-
-    def decode(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.bias.to(hidden_states.dtype).expand_as(hidden_states)  # (B, T, D)
-
-
-class LinearMapAttention(NoAttention):
-    """`linear`: the sublayer adds up(down(x)), x the token's own input-normed hidden state, rank r.
-
-    down (r, D) starts like a LoRA A (Kaiming-uniform), up (D, r) at 0, so a fresh module equals none
-    and gradients reach `up` first. 2 D r parameters, nothing cached.
-    """
-
-    OWN = ("down", "up")
-
-    def __init__(self, orig: nn.Module, spec: LayerSpec):
-        super().__init__(orig, spec)
-        w = orig.o_proj.weight
-        d, r = w.shape[0], spec.rank or LINEAR_RANK
-        self.down = nn.Linear(d, r, bias=False, device=w.device, dtype=w.dtype)
-        self.up = nn.Linear(r, d, bias=False, device=w.device, dtype=w.dtype)
-        nn.init.zeros_(self.up.weight)
-
-    def decode(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(hidden_states))  # (B, T, D) -> (B, T, r) -> (B, T, D)
-
-    def extra_repr(self) -> str:
-        return f"kind=linear, rank={self.down.out_features}, layer_idx={self.layer_idx}"
-
-
-ATTENTION_KINDS: dict[str, type[nn.Module] | None] = {
-    "softmax": None,  # keep the original module
-    "swa": SlidingWindowAttention,
-    "linear_swa": LinearSlidingWindowAttention,
-    "none": NoAttention,
-    "bias": BiasAttention,
-    "linear": LinearMapAttention,
-}
-assert tuple(ATTENTION_KINDS) == KINDS
-
-
 def build_attention(orig: nn.Module, spec: LayerSpec) -> nn.Module:
-    """The module for `spec`, built from the original attention module `orig`.
+    """The module for `spec` (the class its `kinds` record names), built from the original attention `orig`.
 
     Raises:
         KeyError: unknown kind (the message lists the known ones).
     """
-    if spec.kind not in ATTENTION_KINDS:
-        raise KeyError(f"unknown attention kind {spec.kind!r}; known kinds: {', '.join(ATTENTION_KINDS)}")
-    cls = ATTENTION_KINDS[spec.kind]
+    cls = kind(spec.kind).module_class()
     return orig if cls is None else cls(orig, spec)
 
 
@@ -280,9 +228,6 @@ def attention_kind(module: nn.Module) -> str:
 
 
 __all__ = [
-    "ATTENTION_KINDS",
-    "BiasAttention",
-    "LinearMapAttention",
     "HedgehogFeatureMap",
     "LinearSlidingWindowAttention",
     "NoAttention",

@@ -3,7 +3,7 @@
     softmax     FullLayer         keys/values grow with every token
     swa         WindowLayer       only the last `window` keys/values (bounded)
     linear_swa  LinearWindowLayer the last `window` keys/values + an fp32 linear-attention state
-    none, bias, linear  EmptyLayer  nothing (only counts tokens)
+    none        EmptyLayer        nothing (only counts tokens)
 
 Every layer counts the tokens it has seen, so sequence length and positions never depend on
 which kind layer 0 is (transformers reads layer 0 by default; an empty layer 0 would say 0).
@@ -16,7 +16,8 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from .compat import CACHE_KWARGS
-from .plan import CACHELESS_KINDS, LayerPlan
+from .kinds import kind
+from .plan import LayerPlan
 
 
 class _CountingLayer(CacheLayerMixin):
@@ -142,7 +143,7 @@ class LinearWindowLayer(WindowLayer):
 
 
 class EmptyLayer(_CountingLayer):
-    """none / bias / linear layers: no attention, nothing stored; `advance` keeps the token count."""
+    """Cacheless layers (none): no attention, nothing stored; `advance` keeps the token count."""
 
     def advance(self, n_tokens: int) -> None:
         self.seen += n_tokens
@@ -151,16 +152,13 @@ class EmptyLayer(_CountingLayer):
         raise RuntimeError("an attention-free layer has no keys or values to cache")
 
 
+CACHE_LAYERS = {"full": lambda spec: FullLayer(), "window": lambda spec: WindowLayer(spec.window),
+                "linear_window": lambda spec: LinearWindowLayer(spec.window), None: lambda spec: EmptyLayer()}
+
+
 def make_cache_layer(spec) -> _CountingLayer:
-    if spec.kind == "softmax":
-        return FullLayer()
-    if spec.kind == "swa":
-        return WindowLayer(spec.window)
-    if spec.kind == "linear_swa":
-        return LinearWindowLayer(spec.window)
-    if spec.kind in CACHELESS_KINDS:
-        return EmptyLayer()
-    raise ValueError(f"no cache layer for kind {spec.kind!r}")
+    """The cache layer for the cache type of `spec`'s kind (kinds.py)."""
+    return CACHE_LAYERS[kind(spec.kind).cache](spec)
 
 
 class HybridCache(Cache):
@@ -195,20 +193,15 @@ def expected_cache_bytes(plan: LayerPlan, config, batch: int, seq_len: int, dtyp
 
     softmax: 2 * B * nkv * T * hs * bytes; swa: 2 * B * nkv * min(T, W) * hs * bytes;
     linear_swa: the swa window + fp32 state B * nh * F * hs + normaliser B * nh * F (F = 2 * feature_dim);
-    none, bias, linear: 0.
+    none: 0.
     """
     nh, nkv = config.num_attention_heads, config.num_key_value_heads
     hs = getattr(config, "head_dim", None) or config.hidden_size // nh
     el = torch.empty((), dtype=dtype).element_size()
     total = 0
     for spec in plan.layers:
-        if spec.kind == "softmax":
-            total += 2 * batch * nkv * seq_len * hs * el
-        elif spec.kind in ("swa", "linear_swa"):
-            total += 2 * batch * nkv * min(seq_len, spec.window) * hs * el
-            if spec.kind == "linear_swa" and seq_len > spec.window:
-                f = 2 * (spec.feature_dim or hs)
-                total += 4 * batch * nh * f * (hs + 1)
+        k = kind(spec.kind)
+        total += 2 * batch * nkv * k.cached_tokens(spec, seq_len) * hs * el + batch * k.state_bytes(spec, nh, hs, seq_len)
     return total
 
 

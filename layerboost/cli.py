@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-class UsageError(ValueError):
-    """Command-line arguments that cannot work together or with the files they name; the message says the fix."""
+from .util import DTYPE_ALIASES, DTYPES, UsageError, check_new_folder, check_writable, resolve_device  # noqa: F401
 
 
 # ---- shared options: one spelling and meaning in every sub-command ------------------------------------
@@ -50,15 +44,10 @@ class Parser(argparse.ArgumentParser):
 
 def device_arg(value: str) -> str:
     """`auto` (cuda if available, else cpu), `cpu`, `cuda` or `cuda:N`, resolved and checked."""
-    if value == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        dev = torch.device(value)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{value!r}: CUDA is not available here; use --device cpu (or auto)")
-    return value
+        return resolve_device(value)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def dtype_arg(value: str) -> str:
@@ -106,33 +95,6 @@ def positive(cast=int, zero: bool = False):
         return x
     parse.__name__ = cast.__name__  # argparse names the type in its messages
     return parse
-
-
-def check_writable(path, what: str = "--out", folder: bool = True) -> None:
-    """Fail now, before any work, if `path` (a folder, or a file with folder=False) cannot be written.
-
-    Raises:
-        UsageError: the path or its nearest existing parent is of the wrong kind or not writable.
-    """
-    p = Path(path).expanduser().absolute()
-    if p.exists() and p.is_dir() != folder:
-        raise UsageError(f"{what} {path} is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file'} path")
-    parent = p if folder and p.is_dir() else p.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UsageError(f"{what} {path} cannot be created: {parent} is a file, not a folder; choose another {what}")
-    try:
-        tempfile.TemporaryFile(dir=parent).close()
-    except OSError as e:
-        raise UsageError(f"{what} {path} is not writable ({e.strerror} in {parent}): choose a folder you can write to") from e
-
-
-def check_new_folder(path, what: str = "--out") -> None:
-    """A writable output folder that holds no model yet: nothing a user made is overwritten."""
-    check_writable(path, what)
-    if (Path(path) / "config.json").is_file():
-        raise UsageError(f"{what} {path} already holds a model (config.json): choose a new folder, or delete it first")
 
 
 def model_fits(model: str, plan=None, windows=()):
@@ -209,18 +171,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _plan_from_args(args, scores, config):
-    """The plan a policy's arguments describe (None if no policy was given)."""
-    from . import plan as P
+def _policy_from_args(args):
+    """The plan policy the arguments describe (None if no policy was given)."""
+    from .plan import PlanPolicy
 
-    swa_kind = "linear_swa" if args.linear else "swa"
+    common = dict(window=args.window, kind="linear_swa" if args.linear else "swa", score=args.score)
     if args.budget is not None:
-        return P.plan_by_budget(scores, config, args.budget, context=args.context, window=args.window,
-                                measure=args.budget_measure, none_below=args.none_below, swa_kind=swa_kind)
+        return PlanPolicy("budget", budget=args.budget, context=args.context, budget_measure=args.budget_measure,
+                          none_below=args.none_below, **common)
     if args.softmax_above is not None:
         if args.none_below is None:
             raise UsageError("--softmax-above needs --none-below")
-        return P.plan_by_thresholds(scores, args.softmax_above, args.none_below, args.window, swa_kind)
+        return PlanPolicy("thresholds", softmax_above=args.softmax_above, none_below=args.none_below, **common)
     if args.fractions:
         try:
             f = [float(v) for v in args.fractions.split(",")]
@@ -228,10 +190,18 @@ def _plan_from_args(args, scores, config):
             f = []
         if len(f) != 2:
             raise UsageError(f"--fractions {args.fractions}: give SOFTMAX,SWA fractions (the rest is none), e.g. 0.34,0.33")
-        return P.plan_by_fractions(scores, f[0], f[1], args.window, swa_kind)
+        return PlanPolicy("fractions", fractions=f, **common)
     if any(v is not None for v in (args.softmax, args.swa, args.none)):
-        return P.plan_by_counts(scores, args.softmax, args.swa, args.none, args.window, swa_kind)
+        return PlanPolicy("counts", softmax=args.softmax, swa=args.swa, none=args.none, **common)
     return None
+
+
+def _plan_from_args(args, scores, config):
+    """The plan the policy arguments place (None if no policy was given)."""
+    from .plan import make_plan
+
+    policy = _policy_from_args(args)
+    return None if policy is None else make_plan(policy, scores, config)
 
 
 def _policy_args(p: argparse.ArgumentParser) -> None:
@@ -291,9 +261,9 @@ def cmd_analyze(args) -> int:
                   reuse_prefix=not args.naive, selection_size=args.selection_size, selection_seed=args.selection_seed,
                   iterative_score="drop" if args.score == "drop" else "margin")
     scores = plan_scores(res, args.score)
-    plan = _plan_from_args(args, scores, model.config)
-    if plan is None:
-        plan = lb.plan.plan_by_fractions(scores, 1 / 3, 1 / 3, args.window)
+    policy = _policy_from_args(args) or lb.plan.PlanPolicy(  # no policy given: thirds, --window and --linear apply
+        "fractions", fractions=[1 / 3, 1 / 3], window=args.window, kind="linear_swa" if args.linear else "swa")
+    plan = lb.plan.make_plan(policy, scores, model.config)
     plan.save(Path(args.out) / "plan.json")
     plot_sensitivity(res, plan, Path(args.out) / "sensitivity.png", score=args.score)
     print(sensitivity_table(res, plan))

@@ -42,12 +42,11 @@ from pathlib import Path
 import yaml
 
 from .run import ConfigError, config_from_dict, load_config, shipped_configs
+from .util import UsageError, dtype_name, parse_dtype, write_json
 
 ROWS = ("base", "converted", "layerboost", "no_attn_distill", "random", "pattern", "lolcats", "lolcats_gate",
         "llm_drop", "signal_margin", "signal_drop")
 SIGNALS = ("drop", "margin", "kl", "cosine", "iterative")
-HEALED = {"layerboost": "both", "no_attn_distill": "kd", "random": "both", "pattern": "both", "lolcats": "both",
-          "lolcats_gate": "both", "llm_drop": "both"}
 CURVE_ROWS = ("layerboost", "no_attn_distill")  # rows whose healing is probed on held-out text
 
 
@@ -150,8 +149,10 @@ class CompareConfig:
             out.append("eval.heldout_tokens and eval.heldout_seq_len must be >= 2")
         if "random" in self.rows and len(self.random_seeds) < 1:
             out.append("random_seeds: give at least one seed (the issue asks for 3)")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            out.append(f"dtype: {self.dtype!r} must be float32, bfloat16 or float16")
+        try:
+            self.dtype = dtype_name(self.dtype)
+        except UsageError as e:
+            out.append(f"dtype: {e}")
         if any(not 0 <= f <= 1 for f in self.heal.probe_at):
             out.append("heal.probe_at: fractions of the budget in [0, 1]")
         try:
@@ -238,9 +239,7 @@ def iterative_plan(model, tok, cfg: CompareConfig, out: Path):
 
 def _write(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    tmp.replace(path)
+    write_json(path, data, default=str)
 
 
 def _read(path: Path):
@@ -254,13 +253,12 @@ class Comparison:
         import torch
 
         from .models import load_model
-        from .run import _dtype
 
         self.cfg, self.log = cfg, log
         self.dir = Path(cfg.out)
         self.dir.mkdir(parents=True, exist_ok=True)
         self._check_config()  # before the model load: a folder made with other settings is refused at once
-        self.dtype = _dtype(cfg.dtype)
+        self.dtype = parse_dtype(cfg.dtype)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.base, self.tok = load_model(cfg.model, dtype=self.dtype, device=self.device)
         self.base.eval()
@@ -278,6 +276,8 @@ class Comparison:
         if f.is_file():
             old = yaml.safe_load(f.read_text()) or {}
             old.pop("rows", None)
+            if "heal_resolved" in old:  # healing settings removed since (fsdp) drop out as in a heal's resume key
+                old["heal_resolved"] = HealConfig.upgrade_key({"config": old["heal_resolved"]})["config"]
             if old != json.loads(json.dumps(mine)):
                 diff = sorted(k for k in set(old) | set(mine) if old.get(k) != json.loads(json.dumps(mine)).get(k))
                 raise ConfigError(f"{self.dir} holds a comparison made with other settings ({', '.join(diff)}): "

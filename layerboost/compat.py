@@ -8,9 +8,7 @@ position_embeddings=(cos, sin), cache=..., ...)` and expect a `(output, weights)
 from __future__ import annotations
 
 import torch
-import transformers
 
-TRANSFORMERS_VERSION = transformers.__version__
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value")
 
 
@@ -22,12 +20,19 @@ def get_cache(kwargs: dict):
     return None
 
 
-def cache_kwarg_name(kwargs: dict) -> str:
-    """Which name this transformers version uses for the cache in a model's forward kwargs."""
-    for name in CACHE_KWARGS:
-        if name in kwargs:
-            return name
-    return "cache"
+def output_cache(out):
+    """The cache a model's forward returned (`cache` in transformers 5.x, `past_key_values` before)."""
+    return getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+
+
+def cache_argument(model_accepts_cache: bool, cache) -> dict:
+    """Keyword argument that passes `cache` to a model's forward under this transformers version's name."""
+    return {"cache" if model_accepts_cache else "past_key_values": cache}
+
+
+def without_cache_kwargs(kwargs: dict) -> dict:
+    """A decoder layer's attention kwargs without the cache (under any of its names) and use_cache."""
+    return {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS + ("use_cache",)}
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

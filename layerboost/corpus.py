@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .util import hub_offline
+
 TEXT_SUFFIXES = (".txt", ".text", ".md")
 HUB_PREFIX = "hub:"
 
@@ -223,7 +225,7 @@ def documents(data: str, *, seed: int, data_dir=None, segment_chars: int = 8192,
     if str(data).startswith(HUB_PREFIX):
         return _hub_documents(str(data), seed, text_field, hub_buffer)
     if not Path(data).expanduser().exists() and not str(data).startswith((".", "/", "~")):
-        if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        if hub_offline():
             raise TrainingDataError(f"training data {str(data)!r} is not a local file or folder, and the hub is offline "
                                     "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) so it cannot be a hub dataset either")
         return _hub_documents(HUB_PREFIX + str(data), seed, text_field, hub_buffer)

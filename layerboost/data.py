@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .util import hub_offline
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -120,10 +122,6 @@ def load_jsonl(path: str | os.PathLike) -> list[dict]:
     return docs
 
 
-def _hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def _missing_message(spec: DatasetSpec, root: Path | None, reason: str) -> str:
     where = (
         f"{root / spec.local_file} does not exist"
@@ -172,7 +170,7 @@ def load_dataset_docs(name: str, data_dir: str | os.PathLike | None = None) -> L
         if spec.kind == "text":
             return LoadedData([{"text": path.read_text(encoding="utf-8")}], str(path))
         return LoadedData(load_jsonl(path), str(path))
-    if _hub_offline():
+    if hub_offline():
         raise DataNotFoundError(_missing_message(spec, root, "the hub is disabled (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set)"))
     try:
         docs = _load_hub(spec)

@@ -41,8 +41,10 @@ import torch.nn.functional as F
 from .attention import LinearSlidingWindowAttention, _repeat_kv
 from .cache import FullLayer, HybridCache, LinearWindowLayer, WindowLayer, expected_cache_bytes
 from .compat import apply_rope
+from .kinds import kind
 from .plan import LayerPlan, LayerSpec
-from .surgery import UnsupportedModelError, decoder_parts, plan_of
+from .runner import DecoderRunner
+from .surgery import UnsupportedModelError, plan_of
 
 
 class FullKV(nn.Module):
@@ -138,7 +140,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, batch_size: int, max_seq_len: int, compile: bool = False):
         self.model = model
-        self.decoder, self.layers = decoder_parts(model)
+        self.runner = DecoderRunner(model)  # the prefill runs the model's own layers through it
+        self.decoder, self.layers = self.runner.decoder, self.runner.layers
         cfg = model.config
         self.plan = plan_of(model) or LayerPlan.uniform("softmax", len(self.layers))
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
@@ -147,7 +150,6 @@ class Engine:
         self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.hs = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
         self.groups = self.nh // self.nkv
-        self.eager = cfg._attn_implementation == "eager"
         problems = [f"layer {i}: the original attention uses a sliding window of {_native_window(cfg, i)}"
                     for i, s in enumerate(self.plan.layers) if s.kind == "softmax" and _native_window(cfg, i)]
         if problems:
@@ -156,8 +158,8 @@ class Engine:
                 + " (load the model with sliding_window=None / use_sliding_window=False, or convert those layers to swa)")
         self.caches: list[nn.Module | None] = [self._make_cache(s, layer.self_attn) for s, layer
                                                in zip(self.plan.layers, self.layers)]
-        # Attention-free kinds other than `none` that still add an output (a learned vector, a map of the
-        # token's own state) provide `self_attn.decode(x)`; `none` adds nothing and is skipped.
+        # A cacheless kind other than `none` adds an output of its own (a function of the token's own state):
+        # its module provides `self_attn.decode(x)`; `none` adds nothing and is skipped.
         self.own_output = [c is None and s.kind != "none" for s, c in zip(self.plan.layers, self.caches)]
         missing = [f"layer {i} ({s.kind})" for i, (s, own, layer) in enumerate(zip(self.plan.layers, self.own_output,
                    self.layers)) if own and not hasattr(layer.self_attn, "decode")]
@@ -176,14 +178,18 @@ class Engine:
         self._run = self._compile() if compile else self._step
 
     def _make_cache(self, spec: LayerSpec, attn):
+        """Static buffers for the cache type of the layer's kind (kinds.py); None for cacheless kinds."""
         b, t, args = self.batch_size, self.max_seq_len, (self.dtype, self.device)
-        if spec.kind == "softmax":
+        cache = kind(spec.kind).cache
+        if cache == "full":
             return FullKV(b, self.nkv, t, self.hs, *args)
-        if spec.kind == "swa":
+        if cache == "window":
             return WindowKV(b, self.nkv, min(spec.window, t), self.hs, *args)
-        if spec.kind == "linear_swa":
+        if cache == "linear_window":
             features = attn.feature_map_q.weight.shape[-1] * 2
             return LinearWindowKV(b, self.nkv, min(spec.window, t), self.hs, *args, nh=self.nh, features=features)
+        if cache is not None:
+            raise UnsupportedModelError(f"the engine has no buffers for cache type {cache!r} (kind {spec.kind!r})")
         return None
 
     def _compile(self):
@@ -255,16 +261,12 @@ class Engine:
         if t >= self.max_seq_len:
             raise ValueError(f"a prompt of {t} tokens leaves no room to decode in max_seq_len={self.max_seq_len}")
         hc = HybridCache(self.plan)  # each layer module writes its own cache entry exactly as in HF forward
-        mask = None
-        if self.eager:  # eager attention needs an explicit (additive) causal mask; sdpa uses is_causal
-            mask = torch.full((t, t), float("-inf"), dtype=self.dtype, device=self.device).triu(1)[None, None]
         cos, sin = self.cos[:, :t].expand(b, -1, -1), self.sin[:, :t].expand(b, -1, -1)
-        position_ids = torch.arange(t, device=self.device)[None].expand(b, -1)
+        ctx = dict(position_embeddings=(cos, sin), position_ids=torch.arange(t, device=self.device)[None].expand(b, -1),
+                   attention_mask=self.runner.mask(t, self.dtype, self.device))
         h = self.decoder.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
-            h = layer(h, attention_mask=mask, position_ids=position_ids, cache=hc, use_cache=True,
-                      position_embeddings=(cos, sin))
-            h = h[0] if isinstance(h, tuple) else h
+        for i in range(len(self.layers)):
+            h = self.runner.layer(i, h, ctx, cache=hc, use_cache=True)
             if self.caches[i] is not None:
                 self.caches[i].load(hc.layers[i])
                 hc.layers[i].reset()  # free the prompt's copy now

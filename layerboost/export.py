@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .kinds import KINDS
+
 FORMATS = ("transformers", "deci")
 
 # Source model_type -> the native transformers class of the export (format "transformers").
@@ -141,20 +143,22 @@ def _problems(model: nn.Module, fmt: str) -> list[str]:
     if getattr(cfg, "sliding_window", None) is not None:
         out.append(f"the source model's own attention already slides (sliding_window={cfg.sliding_window}), so its "
                    "softmax layers are windowed too: export supports sources with full attention only")
-    linear = _layers(plan, "linear_swa")
-    if linear:
-        out.append(f"layers {linear} are linear_swa: no {fmt} model has linear attention beside a window; "
-                   "re-plan those layers as swa" + (" or softmax" if fmt == "transformers" else ", softmax or none"))
-    replaced = [i for i, s in enumerate(plan.layers) if s.kind in ("bias", "linear")]
-    if replaced:
-        out.append(f"layers {replaced} are bias / linear: export does not write these kinds yet (DeciLM's "
-                   "replace_with_linear could hold `linear` as up @ down); re-plan them as none")
+    # Which kinds the format cannot write comes from their records (kinds.py); the advice is the format's.
+    advice = {
+        "linear_swa": f"no {fmt} model has linear attention beside a window; re-plan those layers as swa"
+                      + (" or softmax" if fmt == "transformers" else ", softmax or none"),
+        "none": "no transformers architecture has a decoder layer without attention; use --format deci "
+                "(softmax + none), or re-plan those layers as swa or softmax",
+        "swa": "the deci format's window_length is ignored by vLLM, SGLang, TensorRT-LLM and mlx-lm (they would "
+               "attend to every token); re-plan those layers as softmax or none, or export a softmax + swa plan "
+               "with --format transformers",
+    }
+    for name, record in KINDS.items():
+        where = _layers(plan, name)
+        if where and record.export_as(fmt) is None:
+            out.append(f"layers {where} are {name}: " + advice.get(name, f"the {fmt} format has no {name} layer"))
     windows = sorted({s.window for s in plan.layers if s.kind == "swa"})
     if fmt == "transformers":
-        none = _layers(plan, "none")
-        if none:
-            out.append(f"layers {none} are none: no transformers architecture has a decoder layer without attention; "
-                       "use --format deci (softmax + none), or re-plan those layers as swa or softmax")
         if len(windows) > 1:
             out.append(f"the plan has several windows {windows}: config.sliding_window holds one; "
                        "re-plan with one window")
@@ -164,11 +168,6 @@ def _problems(model: nn.Module, fmt: str) -> list[str]:
         if mtype == "llama" and (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)):
             out.append("this Llama has attention or MLP biases, which Ministral (the export class) does not have")
     else:
-        swa = _layers(plan, "swa")
-        if swa:
-            out.append(f"layers {swa} are swa: the deci format's window_length is ignored by vLLM, SGLang, "
-                       "TensorRT-LLM and mlx-lm (they would attend to every token); re-plan those layers as softmax "
-                       "or none, or export a softmax + swa plan with --format transformers")
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         if head_dim * cfg.num_attention_heads != cfg.hidden_size:
             out.append(f"head_dim {head_dim} x {cfg.num_attention_heads} heads != hidden_size {cfg.hidden_size}: "
@@ -207,7 +206,7 @@ def _write_transformers(model: nn.Module, out: Path) -> None:
     for key in dropped:
         data.pop(key, None)
     data["sliding_window"] = windows.pop() if windows else None
-    data["layer_types"] = ["sliding_attention" if s.kind == "swa" else "full_attention" for s in plan.layers]
+    data["layer_types"] = [KINDS[s.kind].export_as("transformers") for s in plan.layers]
     if target_type in ("qwen2", "qwen3"):
         data["use_sliding_window"] = data["sliding_window"] is not None
     config = CONFIG_MAPPING[target_type].from_dict(data)
@@ -271,7 +270,7 @@ def deci_config(config, plan, dtype: torch.dtype) -> dict:
         "initializer_range": config.initializer_range,
         "use_cache": True,
         "torch_dtype": str(dtype).removeprefix("torch."),  # of the weights written
-        "block_configs": [{"attention": no_attention if s.kind == "none" else attention, "ffn": ffn}
+        "block_configs": [{"attention": no_attention if KINDS[s.kind].export_as("deci") == "no_op" else attention, "ffn": ffn}
                           for s in plan.layers],
     }
 

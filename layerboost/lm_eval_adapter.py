@@ -30,8 +30,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .models import load_model
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": torch.float32}
+from .util import UsageError, parse_dtype
 
 
 @register_model("layerboost")
@@ -40,7 +39,7 @@ class LayerBoostLM(HFLM):
 
     Args:
         path: model folder, `.gguf` file, embedded model name or hub id.
-        dtype: `float32` (default), `bfloat16` or `float16`.
+        dtype: `float32` (default; also for lm-eval's `auto`), `bfloat16` or `float16` (or fp32 / bf16 / fp16).
         device: torch device (default: CUDA if available, else CPU; an unavailable CUDA device
             falls back to the CPU with a warning, since lm-eval's CLI passes `cuda:0` by default).
         **kwargs: passed to `HFLM` (batch_size, max_length, ...).
@@ -51,14 +50,16 @@ class LayerBoostLM(HFLM):
     """
 
     def __init__(self, path: str, dtype: str = "float32", device: str | None = None, **kwargs):
-        if str(dtype) not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
+        try:  # lm-eval passes dtype "auto" unless told otherwise: float32 here
+            torch_dtype = parse_dtype("float32" if str(dtype) == "auto" else str(dtype))
+        except UsageError as e:
+            raise ValueError(str(e)) from None
         device = str(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
         if device.startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's CLI passes device="cuda:0" unless told otherwise; say so instead of crashing
             warnings.warn(f"device {device!r} requested but CUDA is unavailable: using the CPU (pass --device cpu)", stacklevel=2)
             device = "cpu"
-        model, tok = load_model(str(path), dtype=_DTYPES[str(dtype)], device=device)
+        model, tok = load_model(str(path), dtype=torch_dtype, device=device)
         super().__init__(pretrained=model, tokenizer=tok, **kwargs)
 
 

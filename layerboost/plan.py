@@ -11,23 +11,15 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import kinds as K
+
 SCHEMA_VERSION = 1
 
-# The attention kinds a layer can take. `attention.ATTENTION_KINDS` maps each to its module.
-KINDS = ("softmax", "swa", "linear_swa", "none", "bias", "linear")
-WINDOWED_KINDS = ("swa", "linear_swa")
-# Kinds that replace attention by a function of the current token only: nothing is cached.
-#   none    the sublayer adds 0
-#   bias    it adds a learned vector (D,), the same for every token (starts at 0: equals none)
-#   linear  it adds up(down(input_norm(x))), a rank-`rank` map of the token's own hidden state (up starts
-#           at 0: equals none); DeciLM / Puzzle's "replace_with_linear", low-rank
-CACHELESS_KINDS = ("none", "bias", "linear")
-LINEAR_RANK = 8  # default rank of the `linear` kind
-EXPERIMENTAL_KINDS = ("bias", "linear")  # on trial (issue 11): `counts()` lists them only when a plan uses them
-# How linear_swa weighs its two terms: "gate" scales the linear term by sigmoid(gate) (starts near
-# swa); "lolcats" scales the window term by a learned sigmoid factor and leaves the linear term
-# unscaled (LoLCATs' published setting).
-LINEAR_MIXES = ("gate", "lolcats")
+# The kinds' records live in kinds.py (the package reads them there); these name tuples stay importable.
+KINDS = K.NAMES
+WINDOWED_KINDS = K.WINDOWED
+CACHELESS_KINDS = K.CACHELESS
+EXPERIMENTAL_KINDS = K.EXPERIMENTAL  # on trial (issue 11): `counts()` lists them only when a plan uses them
 
 
 class PlanError(ValueError):
@@ -42,43 +34,35 @@ class LayerSpec:
         kind: one of `KINDS`.
         window: tokens of softmax context for `swa` / `linear_swa` (the token itself included).
         feature_dim: linear-attention features per head for `linear_swa` (default: head_dim).
-        mix: how `linear_swa` weighs window and linear terms, one of `LINEAR_MIXES` (default "gate").
-        rank: rank of the `linear` kind's map (default `LINEAR_RANK`).
+        mix: how `linear_swa` weighs window and linear terms, one of `kinds.LINEAR_MIXES` (default "gate").
     """
 
     kind: str
     window: int | None = None
     feature_dim: int | None = None
     mix: str | None = None
-    rank: int | None = None
 
     def problems(self, where: str = "layer") -> list[str]:
+        if self.kind not in K.KINDS:
+            return [f"{where}: unknown kind {self.kind!r}; known kinds: {', '.join(K.KINDS)}"]
+        takes = K.kind(self.kind).options
         out = []
-        if self.kind not in KINDS:
-            out.append(f"{where}: unknown kind {self.kind!r}; known kinds: {', '.join(KINDS)}")
-            return out
-        if self.kind in WINDOWED_KINDS:
+        for name in ("window", "feature_dim", "mix"):
+            value = getattr(self, name)
+            if value is not None and name not in takes:
+                users = " / ".join(repr(k) for k, r in K.KINDS.items() if name in r.options)
+                out.append(f"{where}: kind {self.kind!r} takes no {name!r} (got {value!r})" if name == "window" else
+                           f"{where}: {name!r} only applies to {users}, not {self.kind!r}")
+        if "window" in takes:
             if not isinstance(self.window, int) or isinstance(self.window, bool):
                 out.append(f"{where}: kind {self.kind!r} needs an integer 'window', got {self.window!r}")
             elif self.window <= 0:
                 out.append(f"{where}: window must be > 0, got {self.window}")
-        elif self.window is not None:
-            out.append(f"{where}: kind {self.kind!r} takes no 'window' (got {self.window})")
-        if self.feature_dim is not None:
-            if self.kind != "linear_swa":
-                out.append(f"{where}: 'feature_dim' only applies to 'linear_swa', not {self.kind!r}")
-            elif not isinstance(self.feature_dim, int) or self.feature_dim <= 0:
-                out.append(f"{where}: feature_dim must be a positive integer, got {self.feature_dim!r}")
-        if self.mix is not None:
-            if self.kind != "linear_swa":
-                out.append(f"{where}: 'mix' only applies to 'linear_swa', not {self.kind!r}")
-            elif self.mix not in LINEAR_MIXES:
-                out.append(f"{where}: mix must be one of {', '.join(LINEAR_MIXES)}, got {self.mix!r}")
-        if self.rank is not None:
-            if self.kind != "linear":
-                out.append(f"{where}: 'rank' only applies to 'linear', not {self.kind!r}")
-            elif not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-                out.append(f"{where}: rank must be a positive integer, got {self.rank!r}")
+        f = self.feature_dim
+        if "feature_dim" in takes and f is not None and (not isinstance(f, int) or isinstance(f, bool) or f <= 0):
+            out.append(f"{where}: feature_dim must be a positive integer, got {f!r}")
+        if "mix" in takes and self.mix is not None and self.mix not in K.LINEAR_MIXES:
+            out.append(f"{where}: mix must be one of {', '.join(K.LINEAR_MIXES)}, got {self.mix!r}")
         return out
 
     def to_dict(self) -> dict:
@@ -115,7 +99,7 @@ class LayerPlan:
     def from_kinds(cls, kinds: list[str], window: int | None = None, num_layers: int | None = None) -> "LayerPlan":
         """`["softmax", "swa", "none"]` -> plan; `window` applies to the windowed kinds."""
         return cls(
-            tuple(LayerSpec(k, window if k in WINDOWED_KINDS else None) for k in kinds), num_layers=num_layers
+            tuple(LayerSpec(k, window if k in K.KINDS and K.KINDS[k].windowed else None) for k in kinds), num_layers=num_layers
         )
 
     @classmethod
@@ -136,14 +120,13 @@ class LayerPlan:
             if not isinstance(entry, dict):
                 problems.append(f"layer {i}: expected an object like {{'kind': 'swa', 'window': 64}}, got {entry!r}")
                 continue
-            unknown = set(entry) - {"kind", "window", "feature_dim", "mix", "rank"}
+            unknown = set(entry) - {"kind", "window", "feature_dim", "mix"}
             if unknown:
-                problems.append(f"layer {i}: unknown field(s) {sorted(unknown)}; allowed: kind, window, feature_dim, mix, rank")
+                problems.append(f"layer {i}: unknown field(s) {sorted(unknown)}; allowed: kind, window, feature_dim, mix")
             if "kind" not in entry:
                 problems.append(f"layer {i}: missing 'kind'")
                 continue
-            specs.append(LayerSpec(entry["kind"], entry.get("window"), entry.get("feature_dim"), entry.get("mix"),
-                                   entry.get("rank")))
+            specs.append(LayerSpec(entry["kind"], entry.get("window"), entry.get("feature_dim"), entry.get("mix")))
         if problems:
             # Collect the per-spec problems too, so the user sees everything at once.
             problems += [p for i, s in enumerate(specs) for p in s.problems(f"entry {i}")]
@@ -180,7 +163,7 @@ class LayerPlan:
 
     def counts(self) -> dict[str, int]:
         """Layers per kind: every established kind, and the experimental ones this plan uses."""
-        return {k: self.kinds.count(k) for k in KINDS if k not in EXPERIMENTAL_KINDS or k in self.kinds}
+        return {k: self.kinds.count(k) for k, r in K.KINDS.items() if not r.experimental or k in self.kinds}
 
     def table(self, scores: list[float] | None = None) -> str:
         """A readable table: layer, kind, window (and a score column if given)."""
@@ -310,23 +293,17 @@ def relative_cost(plan: LayerPlan, config, context: int, measure: str = "kv") ->
     kv_per_tok = 2 * nkv * hs
 
     def kv(spec):
-        if spec.kind in CACHELESS_KINDS:
-            return 0
-        return {"softmax": context, "swa": min(context, spec.window or 0),
-                "linear_swa": min(context, spec.window or 0)}[spec.kind] * kv_per_tok
+        return K.kind(spec.kind).cached_tokens(spec, context) * kv_per_tok
 
     if measure == "kv":
         return sum(kv(s) for s in plan.layers) / (len(plan) * context * kv_per_tok)
     if measure != "decode":
         raise PlanError(f"unknown cost measure {measure!r}; use 'kv' or 'decode'")
-    attn_w = d * (nh * hs) * 2 + d * kv_per_tok
+    attn_w = K.kind("softmax").weight_elements(None, d, nh, nkv, hs)
     mlp_w = 3 * d * config.intermediate_size
 
-    def layer(spec):
-        if spec.kind in CACHELESS_KINDS:  # no attention weights, no cache: none 0, bias (D,), linear 2 D r
-            return mlp_w + {"none": 0, "bias": d, "linear": 2 * d * (spec.rank or LINEAR_RANK)}[spec.kind]
-        lin = 2 * nh * 2 * (spec.feature_dim or hs) * hs if spec.kind == "linear_swa" else 0
-        return mlp_w + attn_w + kv(spec) + lin
+    def layer(spec):  # MLP, the token mixer's weights (none: 0), its cache
+        return mlp_w + K.kind(spec.kind).weight_elements(spec, d, nh, nkv, hs) + kv(spec)
 
     base = len(plan) * (mlp_w + attn_w + context * kv_per_tok)
     return sum(layer(s) for s in plan.layers) / base
@@ -358,3 +335,79 @@ def plan_by_budget(scores, config, budget: float, context: int = 4096, window: i
     if cost() <= budget:
         return LayerPlan.from_kinds(kinds, window=window)
     raise PlanError(f"no plan reaches a relative {measure} cost of {budget} (all-none costs {cost():.3f})")
+
+
+# ---- policies: the one place that turns a policy's settings into a plan ------------------------------
+
+
+POLICIES = ("counts", "fractions", "thresholds", "budget")
+
+
+@dataclass
+class PlanPolicy:
+    """How a plan is placed from sensitivity scores (the `plan:` section of a run config, or plan's options).
+
+    Args:
+        policy: counts (softmax / swa / none layer counts, two of three), fractions ([softmax, swa] shares),
+            thresholds (score >= softmax_above keeps softmax, < none_below loses attention), budget (the
+            cheapest plan whose cost relative to the base is <= budget at `context` tokens, `budget_measure`).
+        window: window of the windowed layers; kind: swa or linear_swa for them.
+        score: the sensitivity score layers are ranked by (see sensitivity.plan_scores).
+    """
+
+    policy: str = "counts"
+    softmax: int | None = None
+    swa: int | None = None
+    none: int | None = None
+    fractions: list[float] | None = None
+    softmax_above: float | None = None
+    none_below: float | None = None
+    budget: float | None = None
+    budget_measure: str = "kv"
+    context: int = 4096
+    window: int = 64
+    kind: str = "swa"
+    score: str = "kl"  # kl | margin | drop | cosine (kl measured best, docs/results.md)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.policy not in POLICIES:
+            out.append(f"policy {self.policy!r} is not one of {', '.join(POLICIES)}")
+        if self.policy == "counts" and sum(v is None for v in (self.softmax, self.swa, self.none)) > 1:
+            out.append("the counts policy: give at least two of the counts (softmax, swa, none)")
+        if self.policy == "fractions" and (not self.fractions or len(self.fractions) != 2):
+            out.append("fractions: give [softmax_fraction, swa_fraction]")
+        if self.policy == "thresholds" and (self.softmax_above is None or self.none_below is None):
+            out.append("the thresholds policy needs softmax_above and none_below")
+        if self.policy == "budget" and self.budget is None:
+            out.append("the budget policy needs budget")
+        if self.budget_measure not in ("kv", "decode"):
+            out.append(f"budget_measure {self.budget_measure!r} must be kv or decode")
+        if self.kind not in K.WINDOWED:
+            out.append(f"kind {self.kind!r} must be one of {', '.join(K.WINDOWED)} (the windowed layers' kind)")
+        if not isinstance(self.window, int) or isinstance(self.window, bool):
+            out.append(f"window must be an integer, got {self.window!r}")
+        elif self.window <= 0:
+            out.append(f"window must be > 0, got {self.window}")
+        return out
+
+
+def make_plan(policy: PlanPolicy, scores, config=None) -> LayerPlan:
+    """The plan `policy` places from per-layer scores (higher = more sensitive); `config` (the model's) is
+    needed by the budget policy only.
+
+    Raises:
+        PlanError: invalid policy settings, or settings the scores cannot satisfy.
+    """
+    if policy.problems():
+        raise PlanError("invalid plan policy:\n  - " + "\n  - ".join(policy.problems()))
+    p, w, k = policy, policy.window, policy.kind
+    if p.policy == "counts":
+        return plan_by_counts(scores, p.softmax, p.swa, p.none, w, k)
+    if p.policy == "fractions":
+        return plan_by_fractions(scores, p.fractions[0], p.fractions[1], w, k)
+    if p.policy == "thresholds":
+        return plan_by_thresholds(scores, p.softmax_above, p.none_below, w, k)
+    if config is None:
+        raise PlanError("the budget policy needs the model's config (layer sizes)")
+    return plan_by_budget(scores, config, p.budget, p.context, w, p.budget_measure, p.none_below, k)

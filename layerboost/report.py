@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-KIND_COLOURS = {"softmax": "#1f77b4", "swa": "#ff7f0e", "linear_swa": "#9467bd", "none": "#2ca02c",
-                "bias": "#8c564b", "linear": "#e377c2"}
+from .kinds import KINDS
 
 
 def _span(counts: dict) -> str:
@@ -42,7 +41,7 @@ def plot_sensitivity(result: dict, plan, path: str | Path, score: str = "drop") 
     y = [100 * vals[i] if score == "drop" else vals[i] for i in x]
     lo = [100 * (r["drop"] - r["drop_ci95"][0]) for r in rows] if score == "drop" else [0] * len(x)
     hi = [100 * (r["drop_ci95"][1] - r["drop"]) for r in rows] if score == "drop" else [0] * len(x)
-    colours = [KIND_COLOURS[plan[i].kind] if plan is not None else "#777777" for i in x]
+    colours = [KINDS[plan[i].kind].colour if plan is not None else "#777777" for i in x]
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(x) + 2), 3.6), dpi=150)
     ax.bar(x, y, color=colours, yerr=[lo, hi], capsize=1.5, error_kw={"elinewidth": 0.6, "alpha": 0.6})
     ax.axhline(0, color="black", lw=0.6)
@@ -56,8 +55,8 @@ def plot_sensitivity(result: dict, plan, path: str | Path, score: str = "drop") 
     if plan is not None:
         from matplotlib.patches import Patch
 
-        used = [k for k in KIND_COLOURS if any(plan[i].kind == k for i in x)]
-        ax.legend(handles=[Patch(color=KIND_COLOURS[k], label=k) for k in used], fontsize=7, frameon=False)
+        used = [k for k in KINDS if any(plan[i].kind == k for i in x)]
+        ax.legend(handles=[Patch(color=KINDS[k].colour, label=k) for k in used], fontsize=7, frameon=False)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
@@ -129,10 +128,6 @@ def quality_table(evals: dict[str, dict]) -> list[str]:
 
 def write_report(run_dir: str | Path) -> Path:
     """Build `report.md` in a run folder from the JSON each stage wrote (numbers are copied, not recomputed)."""
-    import platform
-
-    import torch
-    import transformers
     import yaml
 
     d = Path(run_dir)
@@ -195,16 +190,24 @@ def write_report(run_dir: str | Path) -> Path:
             lines += ["```", b["table"], "```", ""]
         for png in sorted((d / "bench").glob(f"{name}*.png")):
             lines += [f"![{png.stem}](bench/{png.name})", ""]
-    lines += ["## 5. Time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += ["## 5. Time per stage", "", "| stage | seconds | ran on |", "|---|---|---|"]
+    envs = []
     for st in ("analyze", "plan", "convert", "heal", "eval", "bench"):
         rec = _load(d / "stages" / f"{st}.json")
         if rec:
-            lines.append(f"| {st} | {rec['seconds']:.1f} |")
-    lines += ["", "## 6. Environment", "",
-              f"- {platform.platform()}, {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} torch threads",
-              f"- Python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}",
-              f"- GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}", ""]
+            env = rec.get("environment")
+            if env is not None and env not in envs:
+                envs.append(env)
+            where = "?" if env is None else f"machine {envs.index(env) + 1}, {env['date']}"
+            lines.append(f"| {st} | {rec['seconds']:.1f} | {where} |")
+    lines += ["", "## 6. Environment (as each stage recorded it)", ""]
+    for k, env in enumerate(envs, 1):
+        lines += [f"- machine {k}: {env['platform']}, {env['cpu']}, {env['threads']} torch threads, "
+                  f"{env['device']} {env['dtype']}, GPU {env['gpu'] or 'none'}; Python {env['python']}, "
+                  f"torch {env['torch']}, transformers {env['transformers']}, layerboost {env['layerboost']}"]
+    if not envs:
+        lines.append("- not recorded (stage records written before layerboost recorded environments)")
+    lines.append("")
     out = d / "report.md"
     out.write_text("\n".join(lines))
     return out

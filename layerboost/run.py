@@ -19,7 +19,8 @@ from typing import Any
 
 import yaml
 
-from .plan import PlanError
+from .plan import PlanError, PlanPolicy, make_plan
+from .util import UsageError, dtype_name, environment, parse_dtype, resolve_device, write_json
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 STAGES = ("analyze", "plan", "convert", "heal", "eval", "bench", "report")
@@ -42,21 +43,7 @@ class AnalyzeConfig:
     selection_seed: int = 0
 
 
-@dataclass
-class PlanConfig:
-    policy: str = "counts"  # counts | fractions | thresholds | budget
-    softmax: int | None = None
-    swa: int | None = None
-    none: int | None = None
-    fractions: list[float] | None = None  # [softmax, swa]
-    softmax_above: float | None = None
-    none_below: float | None = None
-    budget: float | None = None
-    budget_measure: str = "kv"
-    context: int = 4096
-    window: int = 64
-    kind: str = "swa"  # swa | linear_swa for the windowed layers
-    score: str = "kl"  # kl | margin | drop | cosine (see sensitivity.plan_scores; kl measured best, docs/results.md)
+PlanConfig = PlanPolicy  # the run config's `plan:` section
 
 
 @dataclass
@@ -120,22 +107,11 @@ class RunConfig:
             except (KeyError, ValueError, FileNotFoundError) as e:
                 out.append(f"tasks: {e}")
         p = self.plan
-        if p.policy not in ("counts", "fractions", "thresholds", "budget"):
-            out.append(f"plan.policy: {p.policy!r} is not one of counts, fractions, thresholds, budget")
-        if p.policy == "counts" and sum(v is None for v in (p.softmax, p.swa, p.none)) > 1:
-            out.append("plan: the counts policy needs at least two of softmax, swa, none")
-        if p.policy == "fractions" and (not p.fractions or len(p.fractions) != 2):
-            out.append("plan.fractions: give [softmax_fraction, swa_fraction]")
-        if p.policy == "thresholds" and (p.softmax_above is None or p.none_below is None):
-            out.append("plan: the thresholds policy needs softmax_above and none_below")
-        if p.policy == "budget" and p.budget is None:
-            out.append("plan: the budget policy needs budget")
-        if p.kind not in ("swa", "linear_swa"):
-            out.append(f"plan.kind: {p.kind!r} must be swa or linear_swa")
-        if p.window <= 0:
-            out.append(f"plan.window must be > 0, got {p.window}")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            out.append(f"dtype: {self.dtype!r} must be float32, bfloat16 or float16")
+        out += [f"plan: {m}" for m in p.problems()]
+        try:
+            self.dtype = dtype_name(self.dtype)
+        except UsageError as e:
+            out.append(f"dtype: {e}")
         for k in ("limit", "wikitext_max_length"):
             v = getattr(self.eval, k)
             if v is not None and v < 1:
@@ -311,24 +287,11 @@ class Run:
         self.log(f"[{stage}] running")
         t0 = time.perf_counter()
         outputs = fn() or {}
-        rec = {"hash": self.hashes[stage], "seconds": time.perf_counter() - t0, "outputs": outputs}
-        tmp = self.dir / "stages" / f"{stage}.json.tmp"
-        tmp.write_text(json.dumps(rec, indent=1, default=str))
-        tmp.replace(self.dir / "stages" / f"{stage}.json")
+        rec = {"hash": self.hashes[stage], "seconds": time.perf_counter() - t0, "outputs": outputs,
+               "environment": environment(resolve_device(self.cfg.device), parse_dtype(self.cfg.dtype))}
+        write_json(self.dir / "stages" / f"{stage}.json", rec, default=str)
         self.log(f"[{stage}] done in {rec['seconds']:.0f} s")
         return rec
-
-
-def _dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def check_before_work(cfg: RunConfig) -> None:
@@ -338,16 +301,14 @@ def check_before_work(cfg: RunConfig) -> None:
     Raises:
         ConfigError, ModelLoadError, TrainingDataError, UsageError: naming the problem.
     """
-    import argparse
-
-    from .cli import check_writable, device_arg
+    from .util import check_writable
     from .corpus import documents
     from .models import model_config
     from .plan import check_fits
 
     try:
-        device_arg(cfg.device)
-    except argparse.ArgumentTypeError as e:
+        resolve_device(cfg.device)
+    except UsageError as e:
         raise ConfigError(f"device: {e}") from e
     check_writable(cfg.out)
     config = model_config(cfg.model)
@@ -358,20 +319,6 @@ def check_before_work(cfg: RunConfig) -> None:
             raise ConfigError(f"plan: {e} ({cfg.model} has {config.num_hidden_layers} layers)") from e
     if cfg.heal.enabled or cfg.eval.heldout_tokens:
         documents(_heal_data(cfg.heal.data, cfg.data_dir), seed=0, data_dir=cfg.data_dir)
-
-
-def make_plan(pc: PlanConfig, scores: list[float], config):
-    from . import plan as P
-
-    if pc.policy == "counts":
-        return P.plan_by_counts(scores, pc.softmax, pc.swa, pc.none, pc.window, pc.kind)
-    if pc.policy == "fractions":
-        return P.plan_by_fractions(scores, pc.fractions[0], pc.fractions[1], pc.window, pc.kind)
-    if pc.policy == "thresholds":
-        return P.plan_by_thresholds(scores, pc.softmax_above, pc.none_below, pc.window, pc.kind)
-    if pc.policy == "budget":
-        return P.plan_by_budget(scores, config, pc.budget, pc.context, pc.window, pc.budget_measure, pc.none_below, pc.kind)
-    raise PlanError(f"unknown plan policy {pc.policy!r}")
 
 
 # ---- the pipeline -----------------------------------------------------------------------------------
@@ -389,6 +336,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     from .plan import LayerPlan
     from .quality import heldout_metrics
     from .report import plot_sensitivity, write_report
+    from .bench import bench_side_by_side
     from .sensitivity import analyze, plan_scores
 
     if cfg.threads:
@@ -396,7 +344,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     check_before_work(cfg)
     r = Run(cfg, log)
     (r.dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    dtype, device = _dtype(cfg.dtype), _device(cfg.device)
+    dtype, device = parse_dtype(cfg.dtype), resolve_device(cfg.device)
     cache: dict = {}
 
     def base():
@@ -421,7 +369,8 @@ def run(cfg: RunConfig, log=print) -> Path:
         plan = make_plan(cfg.plan, scores, base()[0].config)
         plan.save(r.dir / "plan.json")
         plot_sensitivity(sens, plan, r.dir / "sensitivity.png", score=cfg.plan.score)
-        log(plan.table([100 * s for s in sens["sensitivity"]]))
+        log(plan.table([100 * s if cfg.plan.score == "drop" else s for s in scores]))  # the score that chose it
+        log(f"(layers ranked by {cfg.plan.score})")
         return {"plan": str(r.dir / "plan.json"), "counts": plan.counts()}
 
     r.run_stage("plan", do_plan)
@@ -508,7 +457,7 @@ def run(cfg: RunConfig, log=print) -> Path:
                   if (f := r.dir / "eval" / f"{n}.json").is_file()}
             hyb = ev.get("healed") or ev.get("converted")
             acc = {"base": ev["base"]["average"]["value"], "hybrid": hyb["average"]["value"]} if hyb else None
-        return bench_stage(base()[0], plan, r.dir / "bench", b, accuracy=acc)
+        return bench_side_by_side(base()[0], plan, r.dir / "bench", b.latency, b.throughput, accuracy=acc)
 
     r.run_stage("bench", do_bench)
     r.run_stage("report", lambda: {"report": str(write_report(r.dir))})
@@ -523,23 +472,3 @@ def _heal_data(data: str, data_dir) -> str:
     if root is not None and (root / data).exists():
         return str(root / data)
     return data
-
-
-def bench_stage(model, plan, out: Path, b: BenchConfig, accuracy: dict | None = None) -> dict:
-    """Latency and throughput of `model` vs its hybrid, side by side; JSON, tables and PNGs in `out`."""
-    from .bench import (bench_latency, bench_throughput, environment, hybrid_of, latency_table, plot_latency,
-                        plot_throughput, throughput_table)
-
-    out.mkdir(parents=True, exist_ok=True)
-    hybrid = hybrid_of(model, plan)
-    p = next(model.parameters())
-    env = environment(p.device, p.dtype)
-    lat = bench_latency(model, hybrid, **b.latency)
-    lat.update(environment=env, plan=plan.to_dict(), table=latency_table(lat))
-    (out / "latency.json").write_text(json.dumps(lat, indent=1))
-    plot_latency(lat, out / "latency.png")
-    thr = bench_throughput(model, hybrid, **b.throughput)
-    thr.update(environment=env, plan=plan.to_dict(), table=throughput_table(thr), accuracy=accuracy)
-    (out / "throughput.json").write_text(json.dumps(thr, indent=1))
-    plot_throughput(thr, out / "throughput.png", accuracy)
-    return {"latency": str(out / "latency.json"), "throughput": str(out / "throughput.json")}

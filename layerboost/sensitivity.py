@@ -26,11 +26,14 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .attention import LinearSlidingWindowAttention, SlidingWindowAttention, build_attention
+from .attention import attention_kind, build_attention
 from .corpus import CALIBRATION_BYTES
 from .evaluate import common_prefix_len
+from .kinds import kind
 from .plan import LayerSpec
+from .runner import DecoderRunner
 from .surgery import decoder_parts
+from .util import write_json
 
 SCHEMA_VERSION = 1
 
@@ -126,7 +129,7 @@ def _pack(items: list[MCItem], batch_tokens: int, share_context: bool = True) ->
 
     share_context=True: one row per item. The tokens all its choices' inputs start with come once,
     then each choice's remaining tokens, with position ids continuing from the shared part and a
-    segment id per choice, so that (with the mask `_tree_mask` builds) a choice sees the shared part
+    segment id per choice, so that (with the mask `runner.tree_mask` builds) a choice sees the shared part
     and itself only: the same log-likelihoods as scoring every choice alone, for the cost of one
     context. False: one row per distinct choice input (plain causal attention), for attention kinds
     that window by row index (`swa`, `linear_swa`).
@@ -183,37 +186,9 @@ def _pack(items: list[MCItem], batch_tokens: int, share_context: bool = True) ->
     return _Seqs(ids, pos, segs, reads, sum(len(r[0]) for r in rows))
 
 
-def _tree_mask(segs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T) segment ids -> additive mask (B, 1, T, T): causal, and a token in segment j > 0 sees
-    only segment 0 and segment j."""
-    t = segs.shape[1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=segs.device).tril()
-    same = (segs[:, None, :] == 0) | (segs[:, None, :] == segs[:, :, None])  # (B, Tq, Tk)
-    mask = torch.zeros(segs.shape[0], 1, t, t, dtype=dtype, device=segs.device)
-    return mask.masked_fill_(~(causal & same)[:, None], torch.finfo(dtype).min)
-
-
-class LayerRunner:
-    """Runs a model's decoder one layer at a time on right-padded batches. Padding sits after every
-    scored position, so causal attention never reaches it; packed rows add a segment mask."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.decoder, self.layers = decoder_parts(model)
-        self.device = next(model.parameters()).device
-
-    def embed(self, ids: torch.Tensor, positions: torch.Tensor | None = None, segments: torch.Tensor | None = None):
-        """Embeddings and what every layer needs for this batch: (RoPE, position ids, mask or None)."""
-        ids = ids.to(self.device)
-        h = self.decoder.embed_tokens(ids)
-        pos = torch.arange(ids.shape[1], device=self.device)[None] if positions is None else positions.to(self.device)
-        mask = None if segments is None else _tree_mask(segments.to(self.device), h.dtype)
-        return h, (self.decoder.rotary_emb(h, position_ids=pos), pos, mask)
-
-    def layer(self, i: int, h: torch.Tensor, rope) -> torch.Tensor:
-        pe, pos, mask = rope
-        out = self.layers[i](h, attention_mask=mask, position_embeddings=pe, position_ids=pos, use_cache=False)
-        return out[0] if isinstance(out, tuple) else out
+class LayerRunner(DecoderRunner):
+    """The decoder runner on right-padded batches (padding sits after every scored position, so causal
+    attention never reaches it; packed rows add a segment mask), with log-probabilities at scored positions."""
 
     def logprobs(self, h: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor):
         """log p(target) at the given (row, position) pairs; the LM head runs once per distinct position
@@ -225,7 +200,7 @@ class LayerRunner:
 
     def windowed(self) -> bool:
         """Whether any layer attends by row index (swa, linear_swa): packed rows would be wrong there."""
-        return any(isinstance(b.self_attn, (SlidingWindowAttention, LinearSlidingWindowAttention)) for b in self.layers)
+        return any(kind(attention_kind(b.self_attn)).windowed for b in self.layers)
 
 
 @contextlib.contextmanager
@@ -240,12 +215,12 @@ def variant(runner: LayerRunner, layer: int, spec: LayerSpec):
         block.self_attn = orig
 
 
-def _loglikelihoods(runner: LayerRunner, seqs: _Seqs, hidden: list[torch.Tensor], rope: list, start: int) -> list[float]:
+def _loglikelihoods(runner: LayerRunner, seqs: _Seqs, hidden: list[torch.Tensor], ctx: list, start: int) -> list[float]:
     """Per-request loglikelihood, running layers `start`.. on the given hidden states."""
     per_batch_out = []
     for b, h in enumerate(hidden):
         for i in range(start, len(runner.layers)):
-            h = runner.layer(i, h, rope[b])
+            h = runner.layer(i, h, ctx[b])
         per_batch_out.append(h)
     return _read(runner, seqs, per_batch_out)
 
@@ -370,7 +345,7 @@ class Store:
                     f"{self.dir} holds results of a different analysis (model, items or variants changed): "
                     "use another --out folder or delete it"
                 )
-            _atomic_write(fp, fingerprint)
+            write_json(fp, fingerprint)
 
     def get(self, name: str):
         if self.dir and (self.dir / f"{name}.json").is_file():
@@ -379,13 +354,7 @@ class Store:
 
     def put(self, name: str, data) -> None:
         if self.dir:
-            _atomic_write(self.dir / f"{name}.json", data)
-
-
-def _atomic_write(path: Path, data) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+            write_json(self.dir / f"{name}.json", data)
 
 
 @torch.no_grad()
@@ -418,12 +387,12 @@ def layer_sensitivity(
     runner = LayerRunner(model)
     n_layers = len(runner.layers)
     layers = list(range(n_layers)) if layers is None else layers
-    share = not runner.windowed() and all(v.kind == "none" for v in variants)
+    share = not runner.windowed() and not any(kind(v.kind).windowed for v in variants)
     seqs = _pack(items, batch_tokens, share_context=share)
     store = Store(out_dir, fingerprint or {"n_items": len(items), "variants": [s.to_dict() for s in variants]})
 
     embedded = [runner.embed(x, p, g) for x, p, g in zip(seqs.ids, seqs.pos, seqs.segs)]
-    rope = [e[1] for e in embedded]
+    ctx = [e[1] for e in embedded]
     hidden = [e[0] for e in embedded]  # base hidden states entering layer `at`
     at = 0
 
@@ -431,7 +400,7 @@ def layer_sensitivity(
         nonlocal at
         for b in range(len(hidden)):
             for j in range(at, to):
-                hidden[b] = runner.layer(j, hidden[b], rope[b])
+                hidden[b] = runner.layer(j, hidden[b], ctx[b])
         at = to
 
     def base_scores(lls: list[float]) -> dict:
@@ -441,7 +410,7 @@ def layer_sensitivity(
 
     base = store.get("base")
     if base is None and not reuse_prefix:
-        base = base_scores(_loglikelihoods(runner, seqs, hidden, rope, 0))
+        base = base_scores(_loglikelihoods(runner, seqs, hidden, ctx, 0))
     todo = [(i, v) for i in layers for v in variants]
     names = {(i, v): f"layer{i:03d}_{v.kind}{v.window or ''}" for i, v in todo}
     raw = {k: store.get(names[k]) for k in todo}  # {"seconds", "loglikelihoods"} per finished variant
@@ -457,9 +426,9 @@ def layer_sensitivity(
             t0 = time.perf_counter()
             with variant(runner, i, v):
                 if reuse_prefix:
-                    lls = _loglikelihoods(runner, seqs, hidden, rope, i)
+                    lls = _loglikelihoods(runner, seqs, hidden, ctx, i)
                 else:
-                    lls = _loglikelihoods(runner, seqs, [e[0] for e in embedded], rope, 0)
+                    lls = _loglikelihoods(runner, seqs, [e[0] for e in embedded], ctx, 0)
             raw[(i, v)] = {"seconds": time.perf_counter() - t0, "loglikelihoods": lls}
             store.put(names[(i, v)], raw[(i, v)])
             bar.update(1)
@@ -491,14 +460,14 @@ def kl_proxy(model: nn.Module, calib: torch.Tensor, *, layers: list[int] | None 
     layers = list(range(len(runner.layers))) if layers is None else layers
     chunks = [calib[i : i + batch] for i in range(0, len(calib), batch)]
     emb = [runner.embed(c) for c in chunks]
-    rope = [e[1] for e in emb]
+    ctx = [e[1] for e in emb]
 
     def logp(h):
         return torch.log_softmax(runner.model.lm_head(runner.decoder.norm(h)).float(), dim=-1)
 
     def finish(h, b, start):
         for j in range(start, len(runner.layers)):
-            h = runner.layer(j, h, rope[b])
+            h = runner.layer(j, h, ctx[b])
         return h
 
     base_lp = [logp(finish(e[0], b, 0)) for b, e in enumerate(emb)]
@@ -506,7 +475,7 @@ def kl_proxy(model: nn.Module, calib: torch.Tensor, *, layers: list[int] | None 
     for i in tqdm(sorted(layers), desc="KL proxy", disable=not progress, dynamic_ncols=True):
         for b in range(len(hidden)):
             for j in range(at, i):
-                hidden[b] = runner.layer(j, hidden[b], rope[b])
+                hidden[b] = runner.layer(j, hidden[b], ctx[b])
         at = i
         total, count = 0.0, 0
         with variant(runner, i, LayerSpec("none")):
@@ -537,9 +506,9 @@ def cosine_proxy(model: nn.Module, calib: torch.Tensor, *, batch: int = 4) -> li
         handles.append(block.self_attn.register_forward_hook(after_attn))
     try:
         for s in range(0, len(calib), batch):
-            h, rope = runner.embed(calib[s : s + batch])
+            h, ctx = runner.embed(calib[s : s + batch])
             for i in range(len(runner.layers)):
-                h = runner.layer(i, h, rope)
+                h = runner.layer(i, h, ctx)
             count += calib[s : s + batch].numel()
     finally:
         for hd in handles:
@@ -738,7 +707,7 @@ def analyze(
         }
         result["timing"]["iterative_seconds"] = time.perf_counter() - t1
     result["timing"]["total_seconds"] = time.perf_counter() - t0
-    _atomic_write(out / "sensitivity.json", result)
+    write_json(out / "sensitivity.json", result)
     return result
 
 

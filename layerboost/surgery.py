@@ -5,7 +5,6 @@ save / load hybrids (safetensors + the plan inside config.json; no pickles, no r
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,9 @@ from . import __version__
 from .attention import build_attention
 from .cache import install_cache_hook
 from .compat import detach_gguf_quantizer
+from .kinds import kind
 from .plan import LayerPlan
+from .util import write_json
 
 # model_type -> attribute path of the decoder layer list. Each listed family has `self_attn`
 # with q/k/v/o_proj, `head_dim`, `scaling`, `num_key_value_groups`, `layer_idx` and a decoder
@@ -99,7 +100,7 @@ def convert(model: nn.Module, plan: LayerPlan) -> list[Replacement]:
         old = layer.self_attn
         new = build_attention(old, spec)
         layer.self_attn = new
-        if spec.kind in ("none", "bias"):  # their output does not read the normed input
+        if not kind(spec.kind).reads_input:  # none: the output does not depend on the normed input
             layer.input_layernorm = nn.Identity()
         record.append(Replacement(i, spec.kind, spec.window, type(old).__name__, type(new).__name__))
     model.config.layerboost_plan = plan.to_dict()
@@ -145,9 +146,7 @@ def _tag_config(path: Path) -> None:
     data["layerboost_model_type"] = data["model_type"]
     data["layerboost_architectures"] = data.get("architectures")
     data["model_type"], data["architectures"] = HYBRID_MODEL_TYPE, [HYBRID_ARCHITECTURE]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json(path, data, indent=2, sort_keys=True)
 
 
 def read_config(path: str | Path):

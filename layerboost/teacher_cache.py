@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from .surgery import CheckpointError
+from .util import atomic_write, write_json
 
 SCHEMA = 1
 
@@ -77,7 +78,7 @@ class TeacherCache:
         self.hits = self.misses = 0  # (row, target) pairs read / computed
         kf = self.dir / "key.json"
         if not kf.is_file():
-            _atomic_write(kf, lambda p: p.write_text(json.dumps(self.key, indent=1, sort_keys=True)))
+            write_json(kf, self.key, sort_keys=True)
         if json.loads(kf.read_text()) != json.loads(blob):
             raise CheckpointError(f"{kf} holds another key than this run's: delete {self.dir} or use another cache root")
 
@@ -113,13 +114,7 @@ class TeacherCache:
         for b, r in enumerate(rows):
             f = self.file(name, r)
             if not f.is_file():
-                _atomic_write(f, lambda p, b=b: save_file({k: v[b].contiguous() for k, v in cpu.items()}, p))
+                atomic_write(f, lambda p, b=b: save_file({k: v[b].contiguous() for k, v in cpu.items()}, p))
 
     def summary(self) -> dict:
         return {"dir": str(self.dir), "row_targets_read": self.hits, "row_targets_computed": self.misses}
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)

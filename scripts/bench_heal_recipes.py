@@ -4,6 +4,8 @@
     block     block-wise local distillation of every modified layer (block_fraction), then logit distillation
     NAME:k=v,...  any other recipe: HealConfig fields (and `tokens`, its own budget), e.g.
               --recipe block30:local=block,block_fraction=0.3  --recipe topk:kd_topk=64,teacher_cache=runs/tc
+              `none_as=KIND` heals the plan with its `none` layers given another cacheless kind (how the
+              removed `bias` and `linear` kinds were measured, docs/results.md), e.g. --recipe x:none_as=KIND
 
 Every recipe heals a fresh copy of the same model (`heal(..., probe_rows=..., probe_at=...)`); its log.jsonl
 holds held-out KL(base || student) per token, next-token agreement and perplexity at the probe points, with
@@ -62,6 +64,15 @@ def make_plan(spec: str, n_layers: int, window: int):
     return LayerPlan.load(spec, num_layers=n_layers)
 
 
+def recipe_plan(plan, none_as: str | None):
+    """`plan` with its `none` layers given kind `none_as` (None: unchanged)."""
+    from layerboost import LayerPlan, LayerSpec
+
+    if none_as is None:
+        return plan
+    return LayerPlan(tuple(LayerSpec(none_as) if s.kind == "none" else s for s in plan.layers))
+
+
 def curve(out: Path) -> tuple[list[dict], list[dict]]:
     """(probe points, training steps) of a heal folder's log."""
     lines = [json.loads(x) for x in (out / "heal_state" / "log.jsonl").read_text().splitlines()]
@@ -111,12 +122,15 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name, r in results.items():
+    colours = plt.get_cmap("tab20").colors  # one colour per recipe (the default cycle repeats after 10)
+    for k, (name, r) in enumerate(results.items()):
         pts = r["probes"]
         t = [p["train_s"] / 60 for p in pts]
-        axes[0].plot(t, [p["kl"] for p in pts], "o-", label=name)
-        axes[1].plot(t, [p["ppl"] for p in pts], "o-", label=name)
-        axes[2].plot([p["tokens"] / 1e3 for p in pts], [p["kl"] for p in pts], "o-", label=name)
+        style = dict(color=colours[k % len(colours)], marker="os^D"[k // len(colours) % 4], label=name,
+                     lw=2.2 if name == "current" else 1.2)
+        axes[0].plot(t, [p["kl"] for p in pts], **style)
+        axes[1].plot(t, [p["ppl"] for p in pts], **style)
+        axes[2].plot([p["tokens"] / 1e3 for p in pts], [p["kl"] for p in pts], **style)
     for ax, (x, y) in zip(axes, [("training time (min)", "held-out KL (nats/token)"),
                                  ("training time (min)", "held-out perplexity"),
                                  ("tokens (thousands)", "held-out KL (nats/token)")]):
@@ -164,7 +178,7 @@ def main() -> int:
     if "current" not in recipes:
         raise SystemExit("the recipes must include `current` (the KL to reach is the current recipe's)")
     for name, opts in recipes.items():  # every setting checked before the model loads
-        HealConfig(**{"tokens": args.tokens, **opts})
+        HealConfig(**{"tokens": args.tokens, **{k: v for k, v in opts.items() if k != "none_as"}})
     data = args.data or str(default_data_dir() / "corpus")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,13 +191,16 @@ def main() -> int:
           f"{probe_rows.numel()} held-out tokens", file=sys.stderr)
 
     results = {}
+    base_plan = plan
     for name, opts in recipes.items():
         folder = out / name
+        opts = dict(opts)
+        plan = recipe_plan(base_plan, opts.pop("none_as", None))
         settings = {"seq_len": args.seq_len, "batch_size": args.batch_size, "checkpoint_every": 20,
                     "tokens": args.tokens, **opts}
         state = folder / "heal_state" / "config.json"
         if state.is_file():  # a folder from an earlier run of this benchmark: only the same recipe may continue
-            old = json.loads(state.read_text())
+            old = HealConfig.upgrade_key(json.loads(state.read_text()))
             new = json.loads(json.dumps(HealConfig(**settings).resume_key(data, plan, "")))
             if (old["config"], old["plan"], old["data"]) != (new["config"], new["plan"], new["data"]):
                 raise SystemExit(f"{folder} holds recipe {name!r} with other settings, plan or data: use another --out")
@@ -195,7 +212,7 @@ def main() -> int:
             print(f"[bench] {name}: done in {time.perf_counter() - t1:.0f} s (probes and saving included)", file=sys.stderr)
         summary = json.loads((folder / "heal.json").read_text())
         probes, steps = curve(folder)
-        results[name] = {"settings": settings, "stage_tokens": summary["stage_tokens"], "train_s": steps[-1]["train_s"],
+        results[name] = {"settings": settings, "plan_kinds": plan.counts(), "stage_tokens": summary["stage_tokens"], "train_s": steps[-1]["train_s"],
                          "teacher_cache": summary.get("teacher_cache"), "stage_tokens_per_s": stage_rates(steps),
                          "probe_s": sum(p.get("probe_s", 0) for p in probes), "probes": probes}
 
@@ -214,7 +231,7 @@ def main() -> int:
            "machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     record = {"schema_version": 1, "command": " ".join(sys.argv), "model": args.model, "data": data,
-              "plan": plan.to_dict(), "probe_tokens": int(probe_rows.numel()), "probe_at": probe_at,
+              "plan": base_plan.to_dict(), "probe_tokens": int(probe_rows.numel()), "probe_at": probe_at,
               "environment": env, "results": results, "summary": summary}
     (out / "recipes.json").write_text(json.dumps(record, indent=1))
     plot(results, out / "recipes.png")

@@ -93,6 +93,7 @@ def main() -> int:
     import torch
 
     from layerboost import bench
+    from layerboost.util import parse_dtype
     from layerboost.surgery import decoder_parts
 
     out = Path(args.out)
@@ -106,7 +107,7 @@ def main() -> int:
         log_file.flush()
 
     cfg = settings(args.smoke)
-    device, dtype = torch.device(cfg["device"]), bench.DTYPES[cfg["dtype"]]
+    device, dtype = torch.device(cfg["device"]), parse_dtype(cfg["dtype"])
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device: use --smoke on a CPU")
     record = {"environment": bench.environment(device, dtype), "settings": cfg, "runs": [],

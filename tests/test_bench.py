@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from layerboost import LayerPlan, PlanError
-from layerboost.bench import (RANDOM_CONFIGS, _interp, hybrid_of, hybrid_plan, interleave, main, parse_kinds,
-                              random_model)
+from layerboost.bench import RANDOM_CONFIGS, hybrid_of, hybrid_plan, interleave, main, parse_kinds, random_model
+from layerboost.bench.measure import _interp
 from layerboost.engine import Engine
 
 
@@ -17,6 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = ["--random-config", "tiny", "--threads", "1", "--window", "8"]
 
 
+@pytest.mark.slow
 def test_latency_cli_full(tmp_path, capsys):
     out = tmp_path / "lat"
     assert main(["latency", *TINY, "--hybrid-kinds", "none:2,swa:2,softmax:2", "--batch", "2", "--prompt", "8",
@@ -58,6 +59,7 @@ def test_latency_cli_sampled(tmp_path, capsys):
     assert all(r["total_s"]["median"] > 0 for r in data["results"])
 
 
+@pytest.mark.slow
 def test_throughput_cli_records_what_does_not_fit(tmp_path, capsys):
     out = tmp_path / "thr"
     (tmp_path / "eval.json").write_text(json.dumps({"base": 0.5, "hybrid": {"accuracy": 0.45}}))

@@ -2,11 +2,9 @@
 row end to end on a tiny random model (resuming row by row)."""
 
 import json
-import math
 import random
 
 import pytest
-import torch
 
 import layerboost as lb
 from layerboost import compare as C
@@ -47,7 +45,7 @@ def test_paired_bootstrap_detects_shift_and_not_noise():
 
 # ---- selection vs evaluation items ---------------------------------------------------------------
 
-@pytest.mark.parametrize("task", ["piqa", "arc_challenge", "winogrande", "mmlu"])
+@pytest.mark.parametrize("task", ["piqa", "arc_challenge", "winogrande", pytest.param("mmlu", marks=pytest.mark.slow)])
 def test_selection_and_evaluation_partitions_are_disjoint_and_cover_the_split(task):
     tok = lb.load_model("smollm2-135m")[1]
     sel = prepare_task(tok, task, partition=Partition("selection", 50, 3))
@@ -61,6 +59,7 @@ def test_selection_and_evaluation_partitions_are_disjoint_and_cover_the_split(ta
     assert set(prepare_task(tok, task, partition=Partition("selection", 50, 4)).doc_ids) != set(sel.doc_ids)
 
 
+@pytest.mark.slow
 def test_mmlu_per_subject_sample():
     tok = lb.load_model("smollm2-135m")[1]
     p = prepare_task(tok, "mmlu", per_stratum=20, partition=Partition("evaluation", 100, 0))
@@ -147,6 +146,7 @@ def tiny_compare(model_dir, out, rows=None):
     })
 
 
+@pytest.mark.slow
 def test_every_row_end_to_end_and_resume(tiny_dir, tmp_path, one_thread):
     out = tmp_path / "cmp"
     md = C.compare(tiny_compare(tiny_dir, out), log=lambda *a: None)

@@ -108,6 +108,7 @@ def test_compiled_decode_equals_eager_and_is_static():
     assert torch.equal(torch.cat([x, first, second, rest], dim=1), ref)
 
 
+@pytest.mark.slow
 def test_compile_failure_raises_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing cached: inductor must compile
     e = Engine(tiny_model("llama", layers=1), 1, 8, compile=True)

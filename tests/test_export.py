@@ -118,6 +118,7 @@ def exported(tmp_path_factory):
     return tmp, refs, models, run_reader(jobs, tmp)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_transformers_export_matches_in_plain_transformers(exported, arch):
     tmp, refs, _, got = exported

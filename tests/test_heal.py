@@ -113,6 +113,19 @@ def test_config_reports_every_problem():
     assert HealConfig(tokens="200k", attn_distill=False).stage_tokens == {"attn": 0, "kd": 200_000}
 
 
+def test_resume_keys_of_earlier_versions_still_match():
+    """A key recorded when `fsdp` existed (always false then) equals today's key after upgrade_key; a key that
+    recorded the removed setting with another value does not."""
+    plan = lb.LayerPlan.from_kinds(KINDS, window=8)
+    key = json.loads(json.dumps(HealConfig(tokens="10k").resume_key("d", plan, "m")))
+    old = json.loads(json.dumps(key))
+    old["config"]["fsdp"] = False
+    assert old != key and HealConfig.upgrade_key(old) == key
+    other = json.loads(json.dumps(key))
+    other["config"]["fsdp"] = True
+    assert HealConfig.upgrade_key(other) != key
+
+
 def test_cli_arguments_build_a_config():
     import argparse
 
@@ -120,7 +133,7 @@ def test_cli_arguments_build_a_config():
     add_heal_arguments(p)
     a = p.parse_args(["--model", "m", "--plan", "p.json", "--data", "d", "--out", "o", "--tokens", "1.5M",
                       "--no-attn-distill", "--lora-targets", "q_proj,v_proj"])
-    assert a.tokens == "1.5M" and a.no_attn_distill and a.lora_targets == "q_proj,v_proj" and a.seq_len == 512
+    assert a.tokens == "1.5M" and a.no_attn_distill and a.lora_targets == "q_proj,v_proj" and a.seq_len == 256
 
 
 def test_refuses_evaluation_splits(tmp_path):
@@ -180,6 +193,7 @@ def test_stage1_reduces_attention_mse(tmp_path):
     assert sum(r["loss"] for r in log[-5:]) < sum(r["loss"] for r in log[:5])
 
 
+@pytest.mark.slow
 def test_stage2_reduces_kl(tmp_path):
     ids = _heldout()
     teacher = tiny_model("llama", layers=4)
@@ -233,6 +247,7 @@ def _child_main(out: str, opts: str) -> None:
     heal(tiny_model("llama", layers=4), _plan(), data=_corpus(tmp), out=out, tokenizer=ByteTok(), **o)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_continues_the_loss_curve(tmp_path):
     opts = dict(FAST, tokens=40_000, attn_fraction=0.1, checkpoint_every=3, tmp=str(tmp_path), threads=1)
     _corpus(tmp_path)
@@ -282,6 +297,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     opts = dict(FAST, tokens=3000, attn_fraction=0.4, tmp=str(tmp_path), threads=1)
     _corpus(tmp_path)

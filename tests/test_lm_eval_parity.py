@@ -28,9 +28,9 @@ from layerboost import lm_eval_adapter as A  # noqa: E402
 N_ITEMS = 32
 TOL = 1e-4
 DATA = D.default_data_dir()
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.skipif(
     DATA is None or not (DATA / "mmlu" / "test.jsonl").is_file(), reason="needs the local benchmark copies (../shared/data)"
-)
+), pytest.mark.slow]  # runs lm-evaluation-harness itself
 
 
 def tiny_model(vocab: int):

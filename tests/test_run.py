@@ -55,6 +55,7 @@ def tiny_config(model_dir, out):
     })
 
 
+@pytest.mark.slow
 def test_pipeline_artefacts_consistent_and_resumable(tiny_dir, tmp_path, monkeypatch):
     import layerboost.heal as H
 

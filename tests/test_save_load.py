@@ -1,4 +1,3 @@
-import copy
 import json
 
 import pytest
@@ -23,7 +22,7 @@ def saved(tmp_path):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
 def test_roundtrip_identical_logits(tmp_path, arch):
     m = tiny_model(arch)
     lb.convert(m, LayerPlan.from_kinds(["none", "swa", "linear_swa", "softmax"], window=8))
@@ -36,6 +35,32 @@ def test_roundtrip_identical_logits(tmp_path, arch):
     assert torch.equal(r(x).logits, m(x).logits)
     assert torch.equal(r.generate(x[:, :5], max_new_tokens=6, do_sample=False),
                        m.generate(x[:, :5], max_new_tokens=6, do_sample=False))
+
+
+@torch.no_grad()
+def test_bf16_roundtrip_keeps_dtype_and_logits(tmp_path):
+    """A bf16 hybrid (every kind, trained-looking parameters) saves and loads in bf16 bit for bit; loading it as
+    fp32 upcasts the same weights."""
+    m = tiny_model("qwen2", layers=4)
+    lb.convert(m, LayerPlan.from_kinds(["none", "swa", "linear_swa", "softmax"], window=8))
+    activate_linear(m)
+    torch.manual_seed(1)
+    for p in m.model.layers[2].self_attn.parameters():  # linear_swa's own parameters leave their init too
+        p.add_(0.1 * torch.randn_like(p))
+    m = m.to(torch.bfloat16)
+    lb.save(m, tmp_path / "h")
+    r = lb.load(tmp_path / "h")
+    assert {p.dtype for p in r.parameters()} == {torch.bfloat16}
+    assert r.state_dict().keys() == m.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(r.state_dict().values(), m.state_dict().values()))
+    x = ids()
+    # `m.to(bf16)` also rounded its rotary table (a buffer) to bf16, the loaded model keeps it in fp32 as
+    # transformers builds it: logits agree to bf16 precision, not bit for bit
+    torch.testing.assert_close(r(x).logits.float(), m(x).logits.float(), atol=3e-2, rtol=3e-2)
+    assert torch.equal(lb.load(tmp_path / "h")(x).logits, r(x).logits)
+    up = lb.load(tmp_path / "h", dtype=torch.float32)
+    for (n1, p1), (n2, p2) in zip(m.named_parameters(), up.named_parameters()):
+        assert n1 == n2 and p2.dtype == torch.float32 and torch.equal(p1.float(), p2)
 
 
 def test_plan_json_written(saved):
@@ -86,6 +111,7 @@ def test_plain_model_folder_is_refused(tmp_path):
         lb.load(tmp_path)
 
 
+@pytest.mark.slow
 def test_plain_transformers_refuses_a_saved_hybrid(saved, tmp_path):
     """config.json names a model_type of its own, so transformers stops (naming layerboost.load) instead of
     building a Llama with random weights in the changed layers; checked in a process without layerboost."""

@@ -29,6 +29,7 @@ def model(tok):
     return tiny_model("llama", layers=4, vocab=len(tok))
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_prefix_reuse_is_exact(model, prepared):
     items = S.items_from_tasks(prepared)
@@ -179,6 +180,7 @@ def test_plan_by_thresholds_and_budget():
     assert P.relative_cost(tight, cfg, 4096, "decode") < 1
 
 
+@pytest.mark.slow
 def test_cli_analyze_and_plan(tmp_path, tok, model):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")

@@ -1,0 +1,7 @@
+"""`python -m layerboost.bench`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""`layerboost eval`: arguments and the call of `evaluate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .api import evaluate, format_table
+from .requests import Partition, load_task_docs, prepare_task
+from .tasks import MCTask, PAPER_TASKS, TASKS, get_task
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `layerboost eval` options to a parser."""
+    from ..cli import add_device_dtype, add_limit
+
+    parser.add_argument("--model", required=True, help="smollm2-135m, a .gguf file, an HF or layerboost folder, or a hub id")
+    parser.add_argument(
+        "--tasks",
+        default=",".join(PAPER_TASKS),
+        help=f"comma-separated tasks ({', '.join(TASKS)}) or task definition .yaml/.json files (default: {','.join(PAPER_TASKS)})",
+    )
+    add_limit(parser, None)
+    parser.add_argument("--data-dir", default=None, help="local data directory (default: $LAYERBOOST_DATA_DIR or ../shared/data)")
+    parser.add_argument("--out", default=None, help="write the results JSON here")
+    parser.add_argument("--batch-size", type=int, default=32, help="most items per forward call")
+    parser.add_argument("--seed", type=int, default=0, help="subsample seed")
+    add_device_dtype(parser)
+    parser.add_argument("--method", default="prefix", choices=["prefix", "naive"], help="naive: score each choice alone (lm-eval's way)")
+    parser.add_argument("--per-item", action="store_true", help="include per-item log-likelihoods and margins in the JSON")
+    parser.add_argument("--partition", default="all", choices=["all", "evaluation", "selection"],
+                        help="score the whole split, or only the evaluation (or selection) part of the seeded "
+                             "selection/evaluation partition that `analyze` and `compare` use")
+    parser.add_argument("--selection-size", type=int, default=100, help="documents per task in the selection part")
+    parser.add_argument("--selection-seed", type=int, default=0, help="seed of the partition")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run_eval_cli(args: argparse.Namespace) -> int:
+    """Run `layerboost eval`: load the data, then the model, evaluate, print a table, write JSON.
+
+    Returns:
+        0 on success. A missing model or data, a bad task or an unwritable --out raises before any scoring
+        (`layerboost.cli.main` prints it as one `error:` line).
+    """
+    from ..cli import check_writable
+    from ..models import load_model
+
+    limit = args.limit
+    tasks = [get_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
+    if args.out:
+        check_writable(args.out, folder=False)  # before the work, not after it
+    docs = [load_task_docs(t, args.data_dir) for t in tasks]  # fail on missing data before the slow model load
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    part = None if args.partition == "all" else Partition(args.partition, args.selection_size, args.selection_seed)
+    prepared = [prepare_task(tok, t, limit=limit, seed=args.seed, docs=d, partition=part if isinstance(t, MCTask) else None)
+                for t, d in zip(tasks, docs)]
+    results = evaluate(
+        model,
+        tok,
+        tasks,
+        data_dir=args.data_dir,
+        limit=limit,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        method=args.method,
+        progress=not args.no_progress,
+        per_item=args.per_item,
+        prepared=prepared,
+    )
+    plan = getattr(model.config, "layerboost_plan", None)
+    results = {
+        "model": args.model,
+        "plan": plan if isinstance(plan, (dict, list, str, type(None))) else str(plan),
+        "dtype": args.dtype,
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        **results,
+    }
+    print(format_table(results))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        print(f"results written to {args.out}")
+    return 0

@@ -1,0 +1,7 @@
+"""`python -m layerboost.heal`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

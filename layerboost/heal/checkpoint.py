@@ -1,0 +1,84 @@
+"""Checkpoints of a heal run: trainable parameters, optimiser, scaler and loop state, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..surgery import CheckpointError
+from .config import STAGES, STATE_SCHEMA
+from .student import Hybrid, heal_params
+
+
+def save_checkpoint(work: Path, h: Hybrid, opt, scaler, state: dict) -> None:
+    """Write work/checkpoint atomically (tmp folder, then rename); the previous one survives a crash."""
+    from safetensors.torch import save_file
+
+    ck, tmp, old = work / "checkpoint", work / "checkpoint.tmp", work / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: p.detach().contiguous().cpu() for k, p in heal_params(h).items()}, tmp / "params.safetensors")
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(rng, tmp / "rng.safetensors")
+    torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None},
+               tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    with open(tmp / "state.json", "rb") as f:
+        os.fsync(f.fileno())
+    if ck.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        ck.rename(old)
+    tmp.rename(ck)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_checkpoint(work: Path) -> Path | None:
+    for name in ("checkpoint", "checkpoint.old"):  # .old: killed between the two renames
+        if (work / name / "state.json").is_file():
+            return work / name
+    return None
+
+
+def load_checkpoint(ck: Path, h: Hybrid) -> dict:
+    """Restore the trainable parameters and RNG; returns state.json (with the optimiser state under '_opt').
+
+    Raises:
+        CheckpointError: anything missing, unreadable or mismatched.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = json.loads((ck / "state.json").read_text())
+        if state.get("schema_version") != STATE_SCHEMA or state.get("stage") not in STAGES:
+            raise ValueError(f"unknown schema {state.get('schema_version')!r} or stage {state.get('stage')!r}")
+        params = load_file(ck / "params.safetensors")
+        rng = load_file(ck / "rng.safetensors")
+        opt = torch.load(ck / "optimizer.pt", weights_only=True, map_location="cpu")
+    except (OSError, ValueError, SafetensorError, RuntimeError, json.JSONDecodeError, EOFError) as e:
+        raise CheckpointError(
+            f"the heal checkpoint {ck} is corrupt or incomplete ({type(e).__name__}: {e}); delete {ck.parent} "
+            "to start over, or restore the folder"
+        ) from e
+    mine = heal_params(h)
+    if set(params) != set(mine):
+        missing, extra = sorted(set(mine) - set(params)), sorted(set(params) - set(mine))
+        raise CheckpointError(f"{ck} does not match this model and plan: missing {missing[:5]}, unexpected {extra[:5]}")
+    with torch.no_grad():
+        for k, p in mine.items():
+            if params[k].shape != p.shape:
+                raise CheckpointError(f"{ck}: {k} has shape {tuple(params[k].shape)}, expected {tuple(p.shape)}")
+            p.copy_(params[k])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
+        if cuda and len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+    state["_opt"] = opt
+    return state

@@ -1,0 +1,358 @@
+"""The healing loop: stage budgets, learning-rate schedule, micro-batches, probes, checkpoints and resume (`heal`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..corpus import PackedRows, TrainingDataError, documents
+from ..plan import LayerPlan
+from ..surgery import CheckpointError, save
+from ..teacher_cache import TeacherCache, model_fingerprint
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .config import HealConfig, HealConfigError, STAGES, STATE_SCHEMA
+from .dist import Dist, all_reduce, barrier, setup_dist
+from .losses import attn_step, block_step, kd_step, probe
+from .student import Hybrid, build_hybrid, heal_params, stage_params
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: float) -> float:
+    """Linear warm-up over `warmup` of the steps, then cosine from `peak` down to 10% of it."""
+    w = math.ceil(warmup * total)
+    if step < w:
+        return peak * (step + 1) / w
+    frac = (step - w) / max(1, total - w)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+
+
+def _micro_batch_spans(rows: list[torch.Tensor], size: int) -> Iterator[tuple[int, int]]:
+    """(i, j): consecutive rows of equal length, at most `size` per batch (only a budget's last row is shorter)."""
+    i = 0
+    while i < len(rows):
+        j = i + 1
+        while j < len(rows) and j - i < size and len(rows[j]) == len(rows[i]):
+            j += 1
+        yield i, j
+        i = j
+
+
+@dataclass
+class _Run:
+    h: Hybrid
+    cfg: HealConfig
+    dist: Dist
+    stream: PackedRows
+    work: Path
+    precision: str
+    log_lines: int = 0
+    state: dict = field(default_factory=dict)
+    probe_rows: torch.Tensor | None = None
+    probe_at: list[int] = field(default_factory=list)  # total tokens (both stages) at which to probe
+    offset: int = 0  # tokens of earlier stages
+    cache: TeacherCache | None = None
+    train_s: float = 0.0  # seconds spent in training steps, all stages and sessions (no probes, no checkpoints)
+
+    def maybe_probe(self, before: int, after: int) -> None:
+        """Probe held-out text at every point of `probe_at` in (before, after] (0 is probed when before == -1)."""
+        if self.probe_rows is None:
+            return
+        for at in self.probe_at:
+            if before < at <= after or (before == -1 and at == 0):
+                t0 = time.perf_counter()
+                rec = {"probe": True, "tokens": after if at else 0, **probe(self.h, self.probe_rows, self.precision)}
+                rec["probe_s"] = round(time.perf_counter() - t0, 3)
+                rec["train_s"] = round(self.train_s, 3)
+                self.log(rec)
+
+    def log(self, record: dict) -> None:
+        if self.dist.main:
+            with open(self.work / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.log_lines += 1
+
+
+def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> None:
+    cfg, h, d = run.cfg, run.h, run.dist
+    params = stage_params(h, stage, cfg)
+    for p in heal_params(h).values():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    if not params:
+        raise HealConfigError(f"stage {stage!r} has nothing to train (a plan with only `none` layers and attn_lora off?)")
+    peak = {"attn": cfg.attn_lr, "block": cfg.block_lr, "kd": cfg.lr}[stage]
+    opt = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay, foreach=False)
+    scaler = torch.amp.GradScaler(d.device.type) if run.precision == "fp16" else None
+    step_rows = cfg.batch_size * cfg.grad_accum * d.world
+    step_tokens = step_rows * cfg.seq_len
+    total = math.ceil(n_tokens / step_tokens)
+    step, done = 0, 0
+    if resume is not None:
+        opt.load_state_dict(resume["_opt"]["optimizer"])
+        if scaler is not None and resume["_opt"]["scaler"] is not None:
+            scaler.load_state_dict(resume["_opt"]["scaler"])
+        step, done = resume["step"], resume["tokens"]
+    bar = None
+    if cfg.progress and d.main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_tokens, initial=done, unit="tok", unit_scale=True, desc=f"heal {stage}", file=sys.stderr,
+                   dynamic_ncols=True, smoothing=0.1)
+    t_start = time.perf_counter()
+    while done < n_tokens:
+        t_step = time.perf_counter()
+        need = min(step_tokens, n_tokens - done)
+        first_row = run.stream.position
+        rows, have = [], 0
+        while have < need:
+            try:
+                r = next(run.stream)
+            except StopIteration:
+                raise TrainingDataError(
+                    f"the training data ran out after {run.stream.position} rows of {cfg.seq_len} tokens, before the "
+                    f"budget of {cfg.tokens} tokens: give more data or a smaller --tokens") from None
+            rows.append(r[: need - have])
+            have += len(rows[-1])
+        n_global = sum(len(r) for r in rows)
+        n_ce = n_global - len(rows)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, total, peak, cfg.warmup)
+        scale = scaler.get_scale() if scaler is not None else 1.0
+        stats = torch.zeros({"attn": len(h.windowed), "block": len(h.modified), "kd": 2}[stage])
+        mine = rows[d.rank::d.world]
+        ids = list(range(first_row, first_row + len(rows)))[d.rank::d.world]  # stream rows: the cache's keys
+        batches = [(torch.stack(mine[i:j]).to(d.device), ids[i:j]) for i, j in _micro_batch_spans(mine, cfg.batch_size)]
+        if stage == "block":
+            err, den = block_step(h, batches, run.precision, d, scale, run.cache if cfg.teacher_cache_blocks else None)
+            stats += err.cpu()
+        for mb, mb_rows in batches:
+            if stage == "attn":
+                stats += attn_step(h, mb, n_global, run.precision, scale).cpu()
+            elif stage == "kd":
+                stats += kd_step(h, mb, n_global, max(1, n_ce), cfg, run.precision, scale, mb_rows, run.cache).cpu()
+        if d.world > 1:
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+            all_reduce(flat, d)
+            o = 0
+            for p in params:
+                p.grad = flat[o:o + p.numel()].view_as(p).clone()
+                o += p.numel()
+            all_reduce(stats, d)
+        if scaler is not None:
+            scaler.unscale_(opt)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        done += n_global
+        if stage == "attn":
+            per_layer = (stats / (n_global * h.decoder.config.hidden_size)).tolist()
+            rec = {"stage": stage, "step": step, "tokens": done, "loss": sum(per_layer) / len(per_layer),
+                   "mse": dict(zip(map(str, h.windowed), per_layer))}
+        elif stage == "block":
+            rel = (stats / den.cpu()).tolist()  # relative error of each modified block
+            rec = {"stage": stage, "step": step, "tokens": done, "loss": sum(rel) / len(rel),
+                   "rel": dict(zip(map(str, h.modified), rel))}
+        else:
+            kl, ce = stats[0].item() / n_global, stats[1].item() / max(1, n_ce)
+            rec = {"stage": stage, "step": step, "tokens": done, "loss": cfg.temperature ** 2 * kl + cfg.ce_weight * ce,
+                   "kl": kl, "ce": ce if cfg.ce_weight > 0 else None}
+        rec["lr"] = opt.param_groups[0]["lr"]
+        run.train_s += time.perf_counter() - t_step
+        rec["elapsed_s"] = round(time.perf_counter() - t_start, 3)
+        rec["train_s"] = round(run.train_s, 3)
+        run.log(rec)
+        run.maybe_probe(run.offset + done - n_global, run.offset + done)
+        if bar is not None:
+            bar.update(n_global)
+            bar.set_postfix(loss=f"{rec['loss']:.4g}", step=f"{step}/{total}")
+        last = done >= n_tokens
+        if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            nxt = STAGES[STAGES.index(stage) + 1] if last else stage
+            state = {"schema_version": STATE_SCHEMA, "stage": nxt, "step": 0 if last else step,
+                     "tokens": 0 if last else done, "position": run.stream.position, "log_lines": run.log_lines,
+                     "train_s": run.train_s}
+            if d.main:
+                save_checkpoint(run.work, h, opt, scaler, state)
+            barrier(d)
+    if bar is not None:
+        bar.close()
+
+
+def merge_and_save(h: Hybrid, out: str | os.PathLike, tokenizer=None) -> nn.Module:
+    """Merge the LoRA adapters into the weights and save a plain hybrid that `layerboost.load` reads.
+
+    Returns:
+        the merged model (the adapters are gone from `h.peft_model` afterwards).
+    """
+    merged = h.peft_model.merge_and_unload()
+    for p in merged.parameters():
+        p.requires_grad_(False)
+    merged.eval()
+    save(merged, out, tokenizer=tokenizer)
+    return merged
+
+
+def _check_cache_space(cache: TeacherCache, h: Hybrid, cfg: HealConfig, budgets: dict) -> None:
+    """Raise before training when the targets this run may write do not fit the cache's disk (upper bound:
+    fp32 boundaries; files already there are counted as new)."""
+    d = h.decoder.config.hidden_size
+    n_bound = len({j for i in h.modified for j in (i, i + 1)}) if cfg.teacher_cache_blocks else 0
+    need = budgets.get("block", 0) * n_bound * 4 * d
+    need += budgets["kd"] * (8 * cfg.kd_topk if cfg.kd_topk else 4 * d)
+    free = shutil.disk_usage(cache.dir).free
+    if need > 0.9 * free:
+        raise HealConfigError(
+            f"the teacher cache may need {need / 1e9:.1f} GB and {cache.dir} has {free / 1e9:.1f} GB free: set "
+            "teacher_cache_blocks=False (block targets are 4 D bytes per token per layer boundary), a smaller "
+            "budget, or another teacher_cache folder")
+
+
+def _resolve_precision(p: str, device: torch.device) -> str:
+    if p == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if p == "fp16" and device.type != "cuda":
+        raise HealConfigError("precision fp16 needs a CUDA device; use fp32 (or bf16) on CPU")
+    return p
+
+
+def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.PathLike, out: str | os.PathLike,
+         tokens: int | str | None = None, attn_distill: bool = True, tokenizer=None, resume: bool = False,
+         config: HealConfig | None = None, probe_rows: torch.Tensor | None = None,
+         probe_at: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0), **options) -> Path:
+    """Convert the model to `plan`, heal it by distillation from the original, save the merged hybrid in `out`.
+
+    Args:
+        model_or_name: the original model (converted in place) or a name for `load_model`.
+        plan: a `LayerPlan` or a plan JSON file.
+        data: text file(s)/folder, or `hub:PATH[:CONFIG][:SPLIT]`; evaluation splits are refused.
+        out: output folder: the healed hybrid (readable by `layerboost.load`), `heal.json`, and
+            `heal_state/` (log.jsonl with one line per step, the latest checkpoint).
+        tokens: total budget (`10M`, `1.5M`, `200k`); default: the paper's 10M.
+        attn_distill: run stage 1 (attention transfer) before stage 2.
+        tokenizer: needed when `model_or_name` is a model object.
+        resume: continue from the checkpoint in `out/heal_state`.
+        config / **options: a `HealConfig`, or its fields as keyword arguments.
+        probe_rows: held-out token rows (B, T): when given, KL(teacher || student), next-token agreement and
+            perplexity on them are logged (`"probe": true` lines of log.jsonl) at the fractions `probe_at` of
+            the budget, so a healing curve can be drawn.
+
+    Returns:
+        `out`, the saved hybrid's folder.
+
+    Raises:
+        HealConfigError, TrainingDataError, CheckpointError, FileExistsError (out holds a run and resume is off).
+    """
+    from ..models import load_model
+
+    if config is None:
+        config = HealConfig(**({"tokens": tokens} if tokens is not None else {}), attn_distill=attn_distill, **options)
+    elif tokens is not None or options:
+        config = dataclasses.replace(config, **({"tokens": tokens} if tokens is not None else {}), **options)
+    cfg = config
+    d = setup_dist(cfg.device)
+    out = Path(out)
+    work = out / "heal_state"
+    model_name = model_or_name if isinstance(model_or_name, (str, os.PathLike)) else type(model_or_name).__name__
+    if isinstance(model_or_name, (str, os.PathLike)):
+        model, tokenizer = load_model(str(model_or_name), device=d.device)
+    else:
+        model = model_or_name.to(d.device)
+        if tokenizer is None:
+            raise HealConfigError("pass tokenizer= when heal gets a model object")
+    if not isinstance(plan, LayerPlan):
+        plan = LayerPlan.load(plan)
+    key = cfg.resume_key(str(data), plan, str(model_name))
+    ck = find_checkpoint(work)
+    if ck is not None and not resume:
+        raise FileExistsError(f"{out} already holds a heal run ({ck}); pass --resume to continue it or choose another --out")
+    if resume and ck is not None:
+        old = json.loads((work / "config.json").read_text()) if (work / "config.json").is_file() else None
+        old = HealConfig.upgrade_key(old)
+        if old != json.loads(json.dumps(key)):
+            diff = sorted(k for k in key["config"] if old and old.get("config", {}).get(k) != key["config"][k])
+            raise CheckpointError(f"{work} was made with other settings ({diff or 'data/plan/model'} differ): "
+                                  "resume with the same settings or start a new --out")
+
+    # The stream is checked (eval splits refused) before any model work.
+    def docs():
+        return documents(str(data), seed=cfg.seed, data_dir=cfg.data_dir, segment_chars=cfg.segment_chars)
+
+    docs()  # raises now for missing data or evaluation splits, before the model is touched
+    stream = PackedRows(docs, tokenizer, cfg.seq_len, cfg.seed, cfg.shuffle_rows)
+    precision = _resolve_precision(cfg.precision, d.device)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if cfg.kd_topk > vocab:
+        raise HealConfigError(f"kd_topk {cfg.kd_topk} is larger than the vocabulary ({vocab})")
+    cache = None
+    if cfg.teacher_cache:  # keyed by everything the teacher's targets depend on; the original weights, before surgery
+        src = Path(str(data))
+        cache = TeacherCache(cfg.teacher_cache, {
+            "architecture": type(model).__name__, "weights": model_fingerprint(model),
+            "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+            "data": str(src.resolve()) if src.exists() else str(data), "seq_len": cfg.seq_len, "seed": cfg.seed,
+            "shuffle_rows": cfg.shuffle_rows, "segment_chars": cfg.segment_chars, "precision": precision,
+            "device": d.device.type, "attn_implementation": model.config._attn_implementation})
+    h = build_hybrid(model, plan, cfg)
+    for attn, norm in h.originals.values():
+        attn.to(d.device)
+        norm.to(d.device)
+    h.peft_model.train()  # LoRA dropout; the base model has no dropout of its own at p=0
+    state = None
+    if resume and ck is not None:
+        state = load_checkpoint(ck, h)
+        stream.skip(state["position"])
+    if d.main:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "config.json").write_text(json.dumps(key, indent=1))
+        log = work / "log.jsonl"
+        keep = state["log_lines"] if state else 0
+        lines = log.read_text().splitlines(keepends=True)[:keep] if log.is_file() else []
+        log.write_text("".join(lines))
+    barrier(d)
+    run = _Run(h, cfg, d, stream, work, precision, log_lines=state["log_lines"] if state else 0,
+               probe_rows=probe_rows if d.main else None, probe_at=sorted({round(f * cfg.tokens) for f in probe_at}),
+               cache=cache, train_s=state.get("train_s", 0.0) if state else 0.0)
+    t0 = time.perf_counter()
+    budgets = dict(cfg.stage_tokens)  # {local stage, "kd"}, in order
+    if cfg.local == "attn" and not h.windowed:  # no swa / linear_swa layer: stage 1 has nothing to transfer
+        budgets = {"attn": 0, "kd": cfg.tokens}
+    if cache is not None:
+        _check_cache_space(cache, h, cfg, budgets)
+    stage = state["stage"] if state else next((s for s, n in budgets.items() if n > 0), "kd")
+    if state is None:
+        run.maybe_probe(-1, 0)
+    offset = 0
+    for s, n in budgets.items():
+        if STAGES.index(stage) <= STAGES.index(s):
+            run.offset = offset
+            if n > 0:
+                _train_stage(run, s, n, state if state and state["stage"] == s and state["step"] > 0 else None)
+            stage = STAGES[STAGES.index(s) + 1]
+        offset += n
+    seconds = time.perf_counter() - t0
+    if d.main:
+        merge_and_save(h, out, tokenizer)
+        summary = {"schema_version": STATE_SCHEMA, "model": str(model_name), "data": str(data), "plan": plan.to_dict(),
+                   "config": cfg.to_dict(), "stage_tokens": budgets, "processes": d.world,
+                   "seconds_this_session": round(seconds, 1), "train_s": round(run.train_s, 3),
+                   "teacher_cache": cache.summary() if cache is not None else None, "torch": torch.__version__}
+        (out / "heal.json").write_text(json.dumps(summary, indent=1))
+    barrier(d)
+    return out

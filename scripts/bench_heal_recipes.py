@@ -6,6 +6,7 @@
               --recipe block30:local=block,block_fraction=0.3  --recipe topk:kd_topk=64,teacher_cache=runs/tc
               `none_as=KIND` heals the plan with its `none` layers given another cacheless kind (how the
               removed `bias` and `linear` kinds were measured, docs/results.md), e.g. --recipe x:none_as=KIND
+              list values separate their items with `;`: --recipe attn_only:lora_targets=q_proj;k_proj;v_proj;o_proj
 
 Every recipe heals a fresh copy of the same model (`heal(..., probe_rows=..., probe_at=...)`); its log.jsonl
 holds held-out KL(base || student) per token, next-token agreement and perplexity at the probe points, with
@@ -49,6 +50,9 @@ def parse_recipe(text: str) -> tuple[str, dict]:
         k, eq, v = part.partition("=")
         if not eq:
             raise SystemExit(f"recipe {name!r}: {part!r} is not key=value")
+        if ";" in v:  # a list: lora_targets=q_proj;v_proj
+            opts[k.strip()] = [x for x in v.split(";") if x]
+            continue
         try:
             opts[k.strip()] = json.loads(v)
         except json.JSONDecodeError:

@@ -37,7 +37,6 @@ class Kind:
         options: the `LayerSpec` fields besides `kind` this kind takes (`window` is then required).
         letter, colour: one-letter code in plan strings; colour in plots.
         reads_input: the module reads the layer's normed input (False: `convert` drops the input norm).
-        experimental: on trial; `LayerPlan.counts()` lists it only when a plan uses it.
         export: format -> what that format writes for a layer of this kind (None: it cannot).
     """
 
@@ -49,7 +48,6 @@ class Kind:
     letter: str
     colour: str
     reads_input: bool = True
-    experimental: bool = False
     export: tuple[tuple[str, str | None], ...] = ()
 
     @property
@@ -114,4 +112,3 @@ def kind(name: str) -> Kind:
 NAMES = tuple(KINDS)
 WINDOWED = tuple(k for k, r in KINDS.items() if r.windowed)
 CACHELESS = tuple(k for k, r in KINDS.items() if r.cacheless)
-EXPERIMENTAL = tuple(k for k, r in KINDS.items() if r.experimental)

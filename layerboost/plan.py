@@ -19,7 +19,6 @@ SCHEMA_VERSION = 1
 KINDS = K.NAMES
 WINDOWED_KINDS = K.WINDOWED
 CACHELESS_KINDS = K.CACHELESS
-EXPERIMENTAL_KINDS = K.EXPERIMENTAL  # on trial (issue 11): `counts()` lists them only when a plan uses them
 
 
 class PlanError(ValueError):
@@ -162,8 +161,8 @@ class LayerPlan:
         return [s.kind for s in self.layers]
 
     def counts(self) -> dict[str, int]:
-        """Layers per kind: every established kind, and the experimental ones this plan uses."""
-        return {k: self.kinds.count(k) for k, r in K.KINDS.items() if not r.experimental or k in self.kinds}
+        """Layers per kind, for every kind."""
+        return {k: self.kinds.count(k) for k in K.KINDS}
 
     def table(self, scores: list[float] | None = None) -> str:
         """A readable table: layer, kind, window (and a score column if given)."""

@@ -196,9 +196,10 @@ def write_report(run_dir: str | Path) -> Path:
         rec = _load(d / "stages" / f"{st}.json")
         if rec:
             env = rec.get("environment")
-            if env is not None and env not in envs:
-                envs.append(env)
-            where = "?" if env is None else f"machine {envs.index(env) + 1}, {env['date']}"
+            machine = None if env is None else {k: v for k, v in env.items() if k not in ("date", "ram_available_bytes")}
+            if machine is not None and machine not in envs:
+                envs.append(machine)
+            where = "?" if env is None else f"machine {envs.index(machine) + 1}, {env['date']}"
             lines.append(f"| {st} | {rec['seconds']:.1f} | {where} |")
     lines += ["", "## 6. Environment (as each stage recorded it)", ""]
     for k, env in enumerate(envs, 1):

@@ -91,6 +91,8 @@ def test_pipeline_artefacts_consistent_and_resumable(tiny_dir, tmp_path, monkeyp
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the report copies numbers from the stage outputs
     md = report.read_text()
+    # every stage ran here: one machine in the environment section, as the stages recorded it
+    assert "| machine 1, " in md and "machine 2" not in md and f"torch {torch.__version__}" in md
     plan = lb.LayerPlan.load(d / "plan.json")
     assert plan.counts() == {"softmax": 2, "swa": 1, "linear_swa": 0, "none": 1}
     sens = json.loads((d / "analyze" / "sensitivity.json").read_text())

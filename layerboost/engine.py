@@ -271,7 +271,7 @@ class Engine:
                 self.caches[i].load(hc.layers[i])
                 hc.layers[i].reset()  # free the prompt's copy now
         self.pos = t
-        return self.model.lm_head(self.decoder.norm(h[:, -1:]))[:, 0]
+        return self.runner.logits(h[:, -1:])[:, 0]
 
     # ---- decode ---------------------------------------------------------------------------------
     def _qkv(self, attn, x, cos, sin):

@@ -31,7 +31,8 @@ class Kind:
 
     Attributes:
         name: the plan's `kind` value.
-        summary: one line for help texts and docs.
+        summary: one line saying what the kind computes (for readers of this table; the README's kind table
+            says the same).
         module: "ClassName" in layerboost.attention that replaces the attention (None: keep the original).
         cache: the per-layer cache type (see the module docstring); None for cacheless kinds.
         options: the `LayerSpec` fields besides `kind` this kind takes (`window` is then required).

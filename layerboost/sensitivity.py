@@ -194,8 +194,7 @@ class LayerRunner(DecoderRunner):
         """log p(target) at the given (row, position) pairs; the LM head runs once per distinct position
         (the choices of a packed item, and MMLU's four letters, read the same position)."""
         where, inverse = torch.unique(rows * h.shape[1] + positions, return_inverse=True)
-        x = self.decoder.norm(h.reshape(-1, h.shape[-1])[where])
-        logp = torch.log_softmax(self.model.lm_head(x).float(), dim=-1)
+        logp = torch.log_softmax(self.logits(h.reshape(-1, h.shape[-1])[where]).float(), dim=-1)
         return logp[inverse, targets]
 
     def windowed(self) -> bool:

@@ -7,7 +7,7 @@ import copy
 import torch
 
 from .. import kinds as K
-from ..plan import KINDS, LayerPlan, PlanError
+from ..plan import LayerPlan, PlanError
 from ..util import parse_dtype
 
 
@@ -105,8 +105,8 @@ def parse_kinds(text: str, num_layers: int) -> dict[str, int]:
     problems = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         kind, _, n = part.partition(":")
-        if kind not in KINDS:
-            problems.append(f"unknown kind {kind!r}; known kinds: {', '.join(KINDS)}")
+        if kind not in K.KINDS:
+            problems.append(f"unknown kind {kind!r}; known kinds: {', '.join(K.KINDS)}")
         elif kind in counts:
             problems.append(f"kind {kind!r} is listed twice")
         elif n and (not n.isdigit()):
@@ -130,7 +130,7 @@ def parse_kinds(text: str, num_layers: int) -> dict[str, int]:
 def interleave(counts: dict[str, int]) -> list[str]:
     """Spread the kinds evenly over the layers; with >= 2 softmax layers the first and last layer stay softmax.
 
-    Each remaining layer takes the kind furthest behind its even share (ties: the order of `KINDS`),
+    Each remaining layer takes the kind furthest behind its even share (ties: the order of `kinds.KINDS`),
     e.g. none:10,swa:10,softmax:10 -> S W - S W - ... S (S softmax, W swa, - none).
     """
     n = sum(counts.values())
@@ -144,7 +144,7 @@ def interleave(counts: dict[str, int]) -> list[str]:
     used = {k: 0 for k in left}
     for j, i in enumerate(slots):
         k = max((k for k in left if used[k] < left[k]),
-                key=lambda k: ((j + 1) * left[k] / total - used[k], -KINDS.index(k)))
+                key=lambda k: ((j + 1) * left[k] / total - used[k], -list(K.KINDS).index(k)))
         kinds[i] = k
         used[k] += 1
     return kinds  # type: ignore[return-value]

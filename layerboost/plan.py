@@ -391,9 +391,68 @@ class PlanPolicy:
         return out
 
 
+# A converted model keeps the window the original model applied to each layer here; `config.sliding_window`
+# itself is then lifted (see `convert`).
+NATIVE_WINDOW_KEY = "layerboost_native_sliding_window"
+
+
+def native_window(config, layer_idx: int) -> int | None:
+    """The sliding window the original model applies to this layer (Gemma 3's local layers; Mistral, Qwen2/3
+    options), or None for full attention."""
+    window = getattr(config, NATIVE_WINDOW_KEY, None) or getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return window if types[layer_idx] == "sliding_attention" else None
+    if config.model_type == "mistral":
+        return window
+    return None
+
+
+def native_plan(model_or_config) -> LayerPlan:
+    """The original model as a plan: `swa` (its own window) where it already slides, `softmax` elsewhere."""
+    config = getattr(model_or_config, "config", model_or_config)
+    n = config.num_hidden_layers
+    return LayerPlan(tuple(LayerSpec("swa", w) if (w := native_window(config, i)) else LayerSpec("softmax")
+                           for i in range(n)))
+
+
+def check_native(plan: LayerPlan, config) -> None:
+    """A layer that already slides cannot become full attention, nor see further than its own window: the
+    original weights never learned that (and `softmax` means "the original module, untouched").
+
+    Raises:
+        PlanError: naming each such layer and its native window.
+    """
+    bad = []
+    for i, spec in enumerate(plan.layers):
+        w = native_window(config, i)
+        if w and (spec.kind == "softmax" or K.KINDS[spec.kind].windowed and spec.window > w):
+            bad.append(f"layer {i} ({spec.kind}{f' {spec.window}' if spec.window else ''})")
+    if bad:
+        w = {native_window(config, i) for i in range(len(plan.layers))} - {None}
+        raise PlanError(f"{', '.join(bad)}: the original model already attends to a sliding window of "
+                        f"{'/'.join(map(str, sorted(w)))} tokens there; plan swa with that window (the layer as it is) "
+                        "or less, linear_swa or none")
+
+
+def cap_to_native(plan: LayerPlan, config) -> tuple[LayerPlan, list[int]]:
+    """`plan` with every layer that asks for more than the original model gives (softmax, or a wider window,
+    on a layer that already slides) set to the layer as it is (`swa` with its own window); and those layers."""
+    native = native_plan(config).layers
+    out, capped = [], []
+    for i, (spec, nat) in enumerate(zip(plan.layers, native)):
+        if nat.kind == "swa" and (spec.kind == "softmax" or K.KINDS[spec.kind].windowed and spec.window > nat.window):
+            spec = LayerSpec("swa", nat.window) if spec.kind in ("softmax", "swa") else \
+                LayerSpec(spec.kind, nat.window, spec.feature_dim, spec.mix)
+            capped.append(i)
+        out.append(spec)
+    return LayerPlan(tuple(out)), capped
+
+
 def make_plan(policy: PlanPolicy, scores, config=None) -> LayerPlan:
     """The plan `policy` places from per-layer scores (higher = more sensitive); `config` (the model's) is
-    needed by the budget policy only.
+    needed by the budget policy, and caps layers that slide natively at their own window (`cap_to_native`:
+    on Gemma 3, a local layer ranked softmax stays as it is, swa 512).
 
     Raises:
         PlanError: invalid policy settings, or settings the scores cannot satisfy.
@@ -402,11 +461,13 @@ def make_plan(policy: PlanPolicy, scores, config=None) -> LayerPlan:
         raise PlanError("invalid plan policy:\n  - " + "\n  - ".join(policy.problems()))
     p, w, k = policy, policy.window, policy.kind
     if p.policy == "counts":
-        return plan_by_counts(scores, p.softmax, p.swa, p.none, w, k)
-    if p.policy == "fractions":
-        return plan_by_fractions(scores, p.fractions[0], p.fractions[1], w, k)
-    if p.policy == "thresholds":
-        return plan_by_thresholds(scores, p.softmax_above, p.none_below, w, k)
-    if config is None:
+        plan = plan_by_counts(scores, p.softmax, p.swa, p.none, w, k)
+    elif p.policy == "fractions":
+        plan = plan_by_fractions(scores, p.fractions[0], p.fractions[1], w, k)
+    elif p.policy == "thresholds":
+        plan = plan_by_thresholds(scores, p.softmax_above, p.none_below, w, k)
+    elif config is None:
         raise PlanError("the budget policy needs the model's config (layer sizes)")
-    return plan_by_budget(scores, config, p.budget, p.context, w, p.budget_measure, p.none_below, k)
+    else:
+        plan = plan_by_budget(scores, config, p.budget, p.context, w, p.budget_measure, p.none_below, k)
+    return plan if config is None else cap_to_native(plan, config)[0]

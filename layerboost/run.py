@@ -120,12 +120,15 @@ class RunConfig:
             out.append(f"eval.wikitext_docs must be >= 0 or null, got {self.eval.wikitext_docs}")
         if self.eval.heldout_tokens < 0:
             out.append(f"eval.heldout_tokens must be >= 0, got {self.eval.heldout_tokens}")
-        from .sensitivity import PLAN_SCORES
+        from .sensitivity import ITERATIVE_SCORES, PLAN_SCORES
 
         if p.score not in PLAN_SCORES:
             out.append(f"plan.score: {p.score!r} must be one of {', '.join(PLAN_SCORES)}")
         if p.score in ("kl", "cosine") and not self.analyze.proxies:
             out.append(f"plan.score: {p.score!r} needs analyze.proxies: true")
+        if self.analyze.iterative and p.score not in ITERATIVE_SCORES:
+            out.append(f"analyze.iterative re-measures plan.score after each removal: use one of "
+                       f"{', '.join(ITERATIVE_SCORES)}, not {p.score!r}")
         import inspect
 
         from .bench import bench_latency, bench_throughput
@@ -358,7 +361,7 @@ def run(cfg: RunConfig, log=print) -> Path:
         analyze(model, tok, cfg.tasks, out_dir=r.dir / "analyze", limit=a.limit, seed=a.seed, data_dir=cfg.data_dir,
                 swa_window=a.swa_window, proxies=a.proxies, calib_seqs=a.calib_seqs, iterative_steps=a.iterative,
                 batch_tokens=a.batch_tokens, selection_size=a.selection_size, selection_seed=a.selection_seed,
-                iterative_score="drop" if cfg.plan.score == "drop" else "margin")
+                iterative_score=cfg.plan.score)
         return {"sensitivity": str(r.dir / "analyze" / "sensitivity.json")}
 
     r.run_stage("analyze", do_analyze)

@@ -5,7 +5,10 @@ prefill all run the model through it, so "causal" means the same thing everywher
 Masks: sdpa layers take `None` as plain causal (is_causal); eager layers apply whatever additive
 mask they get and nothing else, so for them the causal mask is spelled out. Packed rows (several
 segments sharing a prefix, sensitivity's multiple-choice items) get an additive tree mask under
-either implementation.
+either implementation. An original module that slides natively (Gemma 3's local layers) gets its
+window added to the mask; layerboost's own modules apply their windows themselves.
+
+Rotary tables: one per layer type where the family has several (Gemma 3: local and global theta).
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .surgery import decoder_parts
+from .plan import native_window
+from .surgery import architecture, decoder_parts
 
 
 def tree_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -26,9 +30,12 @@ def tree_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill_(~(causal & same)[:, None], torch.finfo(dtype).min)
 
 
-def causal_mask(t: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """Additive causal mask (1, 1, T, T) for eager attention (0: attend, dtype's min: masked)."""
-    keep = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+def causal_mask(t: int, dtype: torch.dtype, device, window: int | None = None) -> torch.Tensor:
+    """Additive causal mask (1, 1, T, T) (0: attend, dtype's min: masked), limited to the last `window` tokens."""
+    i = torch.arange(t, device=device)
+    keep = i[None] <= i[:, None]
+    if window is not None:
+        keep &= i[None] > i[:, None] - window
     return torch.zeros(1, 1, t, t, dtype=dtype, device=device).masked_fill_(~keep, torch.finfo(dtype).min)
 
 
@@ -42,19 +49,32 @@ class DecoderRunner:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.arch = architecture(model)
         self.decoder, self.layers = decoder_parts(model)
         self.eager = model.config._attn_implementation == "eager"
+        types = getattr(model.config, "layer_types", None)
+        self.layer_types = list(types) if self.arch.rope_per_layer_type else None
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def mask(self, t: int, dtype: torch.dtype, device, segments: torch.Tensor | None = None) -> torch.Tensor | None:
+    def mask(self, t: int, dtype: torch.dtype, device, segments: torch.Tensor | None = None,
+             window: int | None = None) -> torch.Tensor | None:
         """The attention mask layers get for rows of length t: a tree mask for packed segments, else
-        None (sdpa: causal) or the additive causal mask (eager)."""
+        None (sdpa: causal) or the additive causal mask (eager); `window` limits either to the last tokens."""
+        if window is not None and window >= t:
+            window = None
         if segments is not None:
-            return tree_mask(segments.to(device), dtype)
-        return causal_mask(t, dtype, device) if self.eager else None
+            m = tree_mask(segments.to(device), dtype)
+            return m if window is None else m.masked_fill_(causal_mask(t, dtype, device, window) < 0, torch.finfo(dtype).min)
+        return causal_mask(t, dtype, device, window) if self.eager or window is not None else None
+
+    def rotary(self, x: torch.Tensor, positions: torch.Tensor):
+        """(cos, sin) tables, or {layer type: (cos, sin)} for families with a rotary table per layer type."""
+        if self.layer_types is None:
+            return self.decoder.rotary_emb(x, position_ids=positions)
+        return {lt: self.decoder.rotary_emb(x, positions, lt) for lt in sorted(set(self.layer_types))}
 
     def embed(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
               segments: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
@@ -63,12 +83,34 @@ class DecoderRunner:
         x = self.decoder.embed_tokens(ids)
         t = ids.shape[1]
         pos = torch.arange(t, device=x.device)[None] if positions is None else positions.to(x.device)
-        pe = self.decoder.rotary_emb(x, position_ids=pos)
-        return x, dict(position_embeddings=pe, position_ids=pos, attention_mask=self.mask(t, x.dtype, x.device, segments))
+        ctx = dict(position_embeddings=self.rotary(x, pos), position_ids=pos,
+                   attention_mask=self.mask(t, x.dtype, x.device, segments))
+        ctx["_sliding"] = {}  # native window -> mask, built when a natively sliding module first needs it
+        ctx["_args"] = (t, x.dtype, x.device, segments)
+        return x, ctx
+
+    def layer_ctx(self, i: int, ctx: dict) -> dict:
+        """ctx as layer i needs it: its layer type's rotary table; a native window in the mask of an
+        original module that slides (layerboost modules, which carry a `spec`, window themselves)."""
+        out = {k: v for k, v in ctx.items() if not k.startswith("_")}
+        if self.layer_types is not None and isinstance(out["position_embeddings"], dict):
+            out["position_embeddings"] = out["position_embeddings"][self.layer_types[i]]
+        window = self.native_window(i)
+        if window is not None and "_args" in ctx:
+            t, dtype, device, segments = ctx["_args"]
+            if window not in ctx["_sliding"]:
+                ctx["_sliding"][window] = self.mask(t, dtype, device, segments, window=window)
+            out["attention_mask"] = ctx["_sliding"][window]
+        return out
+
+    def native_window(self, i: int) -> int | None:
+        """The window layer i's module relies on the mask for: an original module's native window (Mistral,
+        Gemma 3's local layers), None for full attention and for layerboost modules (which carry a `spec`)."""
+        return None if hasattr(self.layers[i].self_attn, "spec") else native_window(self.model.config, i)
 
     def layer(self, i: int, x: torch.Tensor, ctx: dict, **extra) -> torch.Tensor:
         """Decoder layer i on x (extra: e.g. cache=..., use_cache=True for a prefill)."""
-        out = self.layers[i](x, **ctx, **extra)
+        out = self.layers[i](x, **self.layer_ctx(i, ctx), **extra)
         return out[0] if isinstance(out, tuple) else out
 
     def run(self, x: torch.Tensor, ctx: dict, start: int = 0, end: int | None = None, **extra) -> torch.Tensor:
@@ -78,5 +120,9 @@ class DecoderRunner:
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head."""
-        return self.model.lm_head(self.decoder.norm(x))
+        """Final norm and LM head (and the family's logit softcap)."""
+        logits = self.model.lm_head(self.decoder.norm(x))
+        cap = getattr(self.model.config, self.arch.final_softcap, None) if self.arch.final_softcap else None
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits

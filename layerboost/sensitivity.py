@@ -198,8 +198,9 @@ class LayerRunner(DecoderRunner):
         return logp[inverse, targets]
 
     def windowed(self) -> bool:
-        """Whether any layer attends by row index (swa, linear_swa): packed rows would be wrong there."""
-        return any(kind(attention_kind(b.self_attn)).windowed for b in self.layers)
+        """Whether any layer attends by row index (swa, linear_swa, an original layer that slides natively):
+        packed rows would be wrong there."""
+        return any(kind(attention_kind(b.self_attn)).windowed or self.native_window(i) for i, b in enumerate(self.layers))
 
 
 @contextlib.contextmanager
@@ -242,6 +243,7 @@ def _read(runner: LayerRunner, seqs: _Seqs, outs: list[torch.Tensor]) -> list[fl
 
 
 PLAN_SCORES = ("drop", "margin", "kl", "cosine")
+ITERATIVE_SCORES = ("kl", "margin", "drop")  # signals `analyze --iterative` re-measures after each removal
 
 
 def plan_scores(result: dict, score: str) -> list[float]:
@@ -452,9 +454,10 @@ def layer_sensitivity(
 
 @torch.no_grad()
 def kl_proxy(model: nn.Module, calib: torch.Tensor, *, layers: list[int] | None = None, batch: int = 4,
-             progress: bool = True) -> list[float]:
+             progress: bool = True, reference: list[torch.Tensor] | None = None) -> list[float]:
     """Mean KL(base || variant) of next-token distributions on calibration text, per layer (`none`),
-    with the same prefix reuse. calib: (N, T) token ids without padding."""
+    with the same prefix reuse. calib: (N, T) token ids without padding. `reference`: the base's
+    log-probabilities per chunk of `batch` rows (default: the model as it is now)."""
     runner = LayerRunner(model)
     layers = list(range(len(runner.layers))) if layers is None else layers
     chunks = [calib[i : i + batch] for i in range(0, len(calib), batch)]
@@ -462,14 +465,14 @@ def kl_proxy(model: nn.Module, calib: torch.Tensor, *, layers: list[int] | None 
     ctx = [e[1] for e in emb]
 
     def logp(h):
-        return torch.log_softmax(runner.model.lm_head(runner.decoder.norm(h)).float(), dim=-1)
+        return torch.log_softmax(runner.logits(h).float(), dim=-1)
 
     def finish(h, b, start):
         for j in range(start, len(runner.layers)):
             h = runner.layer(j, h, ctx[b])
         return h
 
-    base_lp = [logp(finish(e[0], b, 0)) for b, e in enumerate(emb)]
+    base_lp = reference if reference is not None else [logp(finish(e[0], b, 0)) for b, e in enumerate(emb)]
     hidden, at, out = [e[0] for e in emb], 0, {}
     for i in tqdm(sorted(layers), desc="KL proxy", disable=not progress, dynamic_ncols=True):
         for b in range(len(hidden)):
@@ -488,8 +491,8 @@ def kl_proxy(model: nn.Module, calib: torch.Tensor, *, layers: list[int] | None 
 
 @torch.no_grad()
 def cosine_proxy(model: nn.Module, calib: torch.Tensor, *, batch: int = 4) -> list[float]:
-    """Per layer, 1 - cos(x, x + attn(x)): how much the attention sublayer changes the residual
-    stream (LLM-Drop's importance score; higher = more important). One base forward with hooks."""
+    """Per layer, 1 - cos(x, x + attn(x)) (attn(x) as the residual stream receives it): how much the attention
+    sublayer changes the residual stream (LLM-Drop's importance score; higher = more important). One base forward with hooks."""
     runner = LayerRunner(model)
     sums = [0.0] * len(runner.layers)
     count = 0
@@ -498,9 +501,11 @@ def cosine_proxy(model: nn.Module, calib: torch.Tensor, *, batch: int = 4) -> li
     for i, block in enumerate(runner.layers):
         handles.append(block.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])))
 
-        def after_attn(m, args, out, i=i):
-            x = inputs[i]
-            sums[i] += torch.nn.functional.cosine_similarity(x, x + out[0], dim=-1).sum().item()
+        def after_attn(m, args, out, i=i, block=block):
+            x, y = inputs[i], out[0]
+            if runner.arch.attn_out_norm:  # what the residual stream receives (Gemma 3 normalises the output)
+                y = getattr(block, runner.arch.attn_out_norm)(y)
+            sums[i] += torch.nn.functional.cosine_similarity(x, x + y, dim=-1).sum().item()
 
         handles.append(block.self_attn.register_forward_hook(after_attn))
     try:
@@ -571,6 +576,44 @@ def iterative_removal(model: nn.Module, items: list[MCItem], steps: int, *, batc
     return history
 
 
+@torch.no_grad()
+def iterative_kl(model: nn.Module, calib: torch.Tensor, steps: int, *, batch: int = 4, out_dir: str | Path | None = None,
+                 progress: bool = True) -> list[dict]:
+    """Iterative removal ranked by the KL proxy: remove the layer whose removal costs the least
+    KL(original || model), keep it removed, re-measure every remaining layer, repeat `steps` times. KL is
+    always taken against the original model, so step k ranks the cost of the k+1 removals together.
+    Each step is saved (and resumed) as out_dir/iterative_kl/step_k.json.
+
+    Returns:
+        one dict per step: the layer removed, its KL, and every remaining layer's KL (as `iterative_removal`).
+    """
+    runner = LayerRunner(model)
+    chunks = [calib[i : i + batch] for i in range(0, len(calib), batch)]
+    reference = [torch.log_softmax(runner.logits(runner.run(*runner.embed(c))).float(), dim=-1) for c in chunks]
+    removed: list[int] = []
+    history = []
+    with contextlib.ExitStack() as stack:
+        for step in range(steps):
+            remaining = [i for i in range(len(runner.layers)) if i not in removed]
+            f = Path(out_dir) / "iterative_kl" / f"step_{step:02d}.json" if out_dir else None
+            saved = json.loads(f.read_text()) if f is not None and f.is_file() else None
+            if saved is not None and saved["removed_before"] == removed and saved["n_calib"] == list(calib.shape):
+                kls = {int(k): v for k, v in saved["drops"].items()}
+            else:
+                kls = dict(zip(remaining, kl_proxy(model, calib, layers=remaining, batch=batch, progress=progress,
+                                                   reference=reference)))
+            pick = min(remaining, key=lambda i: (kls[i], i))
+            history.append({"step": step, "removed": pick, "drop": kls[pick], "drops": kls,
+                            "removed_before": list(removed)})
+            if f is not None and saved is None:
+                f.parent.mkdir(parents=True, exist_ok=True)
+                write_json(f, {**history[-1], "drops": {str(k): v for k, v in kls.items()},
+                               "n_calib": list(calib.shape)})
+            removed.append(pick)
+            stack.enter_context(variant(runner, pick, LayerSpec("none")))
+    return history
+
+
 def ranking_disagreements(one_shot: dict[int, float], history: list[dict]) -> list[dict]:
     """Steps where iterative removal picks another layer than the one-shot ranking would (the least
     sensitive one-shot layer among those not yet removed)."""
@@ -631,7 +674,7 @@ def analyze(
     calib_seqs: int = 8,
     calib_len: int = 256,
     iterative_steps: int = 0,
-    iterative_score: str = "margin",
+    iterative_score: str = "kl",
     batch_tokens: int = 8192,
     reuse_prefix: bool = True,
     progress: bool = True,
@@ -694,15 +737,20 @@ def analyze(
         result["timing"]["proxies_seconds"] = time.perf_counter() - t1
     if iterative_steps:
         t1 = time.perf_counter()
-        key = {"drop": "drop", "margin": "margin_drop"}[iterative_score]
-        hist = iterative_removal(model, items, iterative_steps, batch_tokens=batch_tokens, score=key, out_dir=out,
-                                 progress=progress)
+        if iterative_score == "kl":
+            calib = calibration_tokens(tokenizer, data_dir, calib_seqs, calib_len)
+            hist = iterative_kl(model, calib, iterative_steps, out_dir=out, progress=progress)
+        else:
+            key = {"drop": "drop", "margin": "margin_drop"}[iterative_score]
+            hist = iterative_removal(model, items, iterative_steps, batch_tokens=batch_tokens, score=key, out_dir=out,
+                                     progress=progress)
+        one_shot = {"drop": drops, "margin": result["sensitivity_margin"],
+                    "kl": result.get("proxies", {}).get("kl")}[iterative_score]
         result["iterative"] = {
             "history": [{k: (v if k != "drops" else {str(a): b for a, b in v.items()}) for k, v in h.items()}
                         for h in hist],
             "score": iterative_score,
-            "disagreements": ranking_disagreements(
-                dict(enumerate(drops if iterative_score == "drop" else result["sensitivity_margin"])), hist),
+            "disagreements": ranking_disagreements(dict(enumerate(one_shot)), hist) if one_shot is not None else [],
         }
         result["timing"]["iterative_seconds"] = time.perf_counter() - t1
     result["timing"]["total_seconds"] = time.perf_counter() - t0

@@ -16,17 +16,40 @@ from .attention import build_attention
 from .cache import install_cache_hook
 from .compat import detach_gguf_quantizer
 from .kinds import kind
-from .plan import LayerPlan
+from .plan import NATIVE_WINDOW_KEY, LayerPlan, check_native, native_window
 from .util import write_json
 
-# model_type -> attribute path of the decoder layer list. Each listed family has `self_attn`
-# with q/k/v/o_proj, `head_dim`, `scaling`, `num_key_value_groups`, `layer_idx` and a decoder
-# layer that adds the attention output to the residual.
+@dataclass(frozen=True)
+class Architecture:
+    """What layerboost needs to know of a decoder family. Every family has `self_attn` with q/k/v/o_proj,
+    `head_dim`, `scaling`, `num_key_value_groups`, `layer_idx`, and adds the attention output to the residual.
+
+    Attributes:
+        layers: attribute path of the decoder layer list.
+        mlp_in_norm: the MLP's input norm (Llama: post_attention_layernorm; Gemma 3: pre_feedforward_layernorm).
+        attn_out_norm, mlp_out_norm: norms on the attention / MLP output before the residual add (Gemma 3's
+            "sandwich" norms), or None.
+        rope_per_layer_type: the rotary module takes the layer type (Gemma 3: local layers use another theta).
+        final_softcap: config attribute of a tanh cap on the logits (Gemma), or None.
+    """
+
+    layers: str = "model.layers"
+    mlp_in_norm: str = "post_attention_layernorm"
+    attn_out_norm: str | None = None
+    mlp_out_norm: str | None = None
+    rope_per_layer_type: bool = False
+    final_softcap: str | None = None
+
+
+# model_type -> its Architecture
 ARCHITECTURES = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
+    "llama": Architecture(),
+    "mistral": Architecture(),
+    "qwen2": Architecture(),
+    "qwen3": Architecture(),
+    "gemma3_text": Architecture(mlp_in_norm="pre_feedforward_layernorm", attn_out_norm="post_attention_layernorm",
+                                mlp_out_norm="post_feedforward_layernorm", rope_per_layer_type=True,
+                                final_softcap="final_logit_softcapping"),
 }
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -54,19 +77,33 @@ def _get(obj, path: str):
     return obj
 
 
+def architecture(model_or_config) -> Architecture:
+    """The `Architecture` record of a model (or config).
+
+    Raises:
+        UnsupportedModelError: unknown architecture.
+    """
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"layerboost does not know the architecture {model_type!r} ({type(model_or_config).__name__}); "
+            f"supported model_type values: {', '.join(ARCHITECTURES)}"
+        )
+    arch = ARCHITECTURES[model_type]
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise UnsupportedModelError(f"{model_type} with attn_logit_softcapping is not supported (layerboost's "
+                                    "attention kinds do not cap attention scores)")
+    return arch
+
+
 def decoder_parts(model: nn.Module):
     """`(decoder_model, layers)` of a supported causal LM.
 
     Raises:
         UnsupportedModelError: unknown architecture.
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"layerboost does not know the architecture {model_type!r} ({type(model).__name__}); "
-            f"supported model_type values: {', '.join(ARCHITECTURES)}"
-        )
-    path = ARCHITECTURES[model_type]
+    path = architecture(model).layers
     return _get(model, path.rsplit(".", 1)[0]), _get(model, path)
 
 
@@ -95,6 +132,7 @@ def convert(model: nn.Module, plan: LayerPlan) -> list[Replacement]:
             f"attn_implementation in {SUPPORTED_ATTN_IMPLEMENTATIONS}"
         )
     plan = LayerPlan(plan.layers, num_layers=len(layers))  # validates the length
+    check_native(plan, model.config)
     record = []
     for i, (layer, spec) in enumerate(zip(layers, plan.layers)):
         old = layer.self_attn
@@ -103,6 +141,12 @@ def convert(model: nn.Module, plan: LayerPlan) -> list[Replacement]:
         if not kind(spec.kind).reads_input:  # none: the output does not depend on the normed input
             layer.input_layernorm = nn.Identity()
         record.append(Replacement(i, spec.kind, spec.window, type(old).__name__, type(new).__name__))
+    if any(native_window(model.config, i) for i in range(len(layers))):
+        # Every layer that slid natively is now a layerboost module that applies its own window, and the
+        # HF forward hands layers their mask by layer type: lift the config's window so every mask is
+        # causal + padding only (a sliding mask would hide linear_swa's older tokens). Kept for export.
+        setattr(model.config, NATIVE_WINDOW_KEY, getattr(model.config, NATIVE_WINDOW_KEY, None) or model.config.sliding_window)
+        model.config.sliding_window = max(model.config.max_position_embeddings, model.config.sliding_window)
     model.config.layerboost_plan = plan.to_dict()
     model.config.layerboost_version = __version__
     model.layerboost_plan = plan
@@ -236,7 +280,11 @@ def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch
 
 
 def _rebuild_rotary(model: nn.Module) -> None:
-    """Rotary inverse frequencies are computed buffers, not saved: recompute them off the meta device."""
+    """Computed buffers are not saved: recompute them off the meta device (rotary inverse frequencies,
+    Gemma's embedding scale)."""
     decoder, _ = decoder_parts(model)
     rot = decoder.rotary_emb
     decoder.rotary_emb = type(rot)(config=model.config)
+    emb = decoder.embed_tokens
+    if hasattr(emb, "scalar_embed_scale"):
+        emb.embed_scale = torch.tensor(emb.scalar_embed_scale)

@@ -276,3 +276,21 @@ def test_help_shows_every_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for part in ("--limit LIMIT", "(default: 200)", "padded tokens per forward (default: 8192)", "(default: kv)"):
         assert part in text
+
+
+def test_eval_mmlu_per_subject(files, tmp_path, capsys):
+    """--mmlu-per-subject takes N items from every subject (the other tasks keep --limit), and says so in the JSON;
+    N < 1 is one error line."""
+    d = tmp_path / "data"
+    shutil.copytree(files / "data", d)
+    (d / "mmlu").mkdir()
+    (d / "mmlu" / "test.jsonl").write_text("".join(
+        json.dumps({"question": f"w{5 + i % 7}", "subject": s, "choices": ["w6", "w7", "w8", "w9"], "answer": i % 4}) + "\n"
+        for s in ("alpha", "beta", "gamma") for i in range(5)))
+    out = tmp_path / "res.json"
+    assert main([str(a) for a in ["eval", "--model", files / "model", "--tasks", "piqa,mmlu", "--mmlu-per-subject", "2",
+                                  "--data-dir", d, "--out", out, "--per-item", "--no-progress"]]) == 0
+    res = json.loads(out.read_text())
+    assert res["mmlu_per_subject"] == 2 and res["tasks"]["mmlu"]["n"] == 6 and res["tasks"]["piqa"]["n"] == 8
+    fails(capsys, ["eval", "--model", files / "model", "--tasks", "mmlu", "--mmlu-per-subject", "0", "--data-dir", d],
+          "--mmlu-per-subject must be at least 1")

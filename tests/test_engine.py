@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import layerboost as lb
-from layerboost import LayerPlan, LayerSpec, UnsupportedModelError, expected_cache_bytes
-from layerboost.engine import CompileError, Engine, FullKV
+from layerboost import LayerPlan, LayerSpec, expected_cache_bytes
+from layerboost.engine import CompileError, Engine, FullKV, WindowKV
 from layerboost.plan import relative_cost
 
 from conftest import tiny_model
@@ -188,12 +188,28 @@ def test_clear_errors():
         e.prefill(prompt(batch=3))
     with pytest.raises(ValueError, match="max_seq_len"):
         e.generate(x, 20)
+
+
+@torch.no_grad()
+def test_native_sliding_window_models(one_thread):
+    """An original model that slides natively (Mistral's sliding_window; Gemma 3's local layers) decodes with
+    ring buffers of its own window, equal to its own HF generate past the window; converting it keeps those
+    layers at most that wide."""
     from transformers import MistralConfig, MistralForCausalLM
 
+    torch.manual_seed(0)
     mis = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, num_key_value_heads=1, sliding_window=16))
-    with pytest.raises(UnsupportedModelError, match="sliding window"):
-        Engine(mis, 1, 8)
+                                           num_attention_heads=2, num_key_value_heads=1, sliding_window=6,
+                                           attn_implementation="sdpa")).eval()
+    gem = tiny_model("gemma3", layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                     window=6)
+    for m in (mis, gem):
+        x = torch.randint(3, 64, (2, 10))
+        e = Engine(m, 2, 32)
+        assert [s.kind for s in e.plan.layers].count("swa") >= 2 and isinstance(e.caches[0], WindowKV)
+        assert torch.equal(e.generate(x, 16), m.generate(x, max_new_tokens=16, do_sample=False))
+        with pytest.raises(lb.PlanError, match="sliding window of 6"):
+            lb.convert(copy.deepcopy(m), lb.LayerPlan.uniform("softmax", m.config.num_hidden_layers))
 
 
 @pytest.mark.slow

@@ -25,8 +25,13 @@ KINDS = ["softmax", "swa", "swa", "softmax"]
 NEW = 30
 
 
+GEMMA_TYPES = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+
+
 def hybrid(arch, kinds=KINDS, window=W):
-    m = tiny_model(arch)
+    """gemma3: layers 1-2 slide natively (window 2W) and the plan narrows them to W: Gemma 3 picks a layer's
+    rotary table by its type, so only plans that keep each layer's type export to its own class."""
+    m = tiny_model(arch, layer_types=GEMMA_TYPES, window=2 * W) if arch == "gemma3" else tiny_model(arch)
     lb.convert(m, LayerPlan.from_kinds(kinds, window=window))
     return m
 
@@ -125,7 +130,7 @@ def test_transformers_export_matches_in_plain_transformers(exported, arch):
     ref, out = refs[arch], got[arch]
     cfg = json.loads((tmp / arch / "config.json").read_text())
     assert out["cls"] == {"llama": "MinistralForCausalLM", "mistral": "MinistralForCausalLM",
-                          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
+                          "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"}[arch]
     assert cfg["sliding_window"] == W and "layerboost_plan" not in cfg
     assert cfg["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
     assert out["dtype"] == "torch.float32"
@@ -281,6 +286,18 @@ def test_deci_refusals(tmp_path):
     refused(hybrid("llama", ["none", "softmax", "softmax", "softmax"]), tmp_path, "deci", "intermediate_size 128")
     refused(hybrid("qwen2", ["none", "softmax", "softmax", "softmax"]), tmp_path, "deci",
             "format 'deci' exports model_type llama, mistral, not 'qwen2'; use --format transformers")
+
+
+def test_gemma3_refuses_a_change_of_layer_type(tmp_path):
+    """Gemma 3 picks each layer's rotary table by its type: a full layer turned swa would be rotated with the local
+    theta by Gemma3ForCausalLM (and a sliding one turned softmax cannot be planned at all)."""
+    m = tiny_model("gemma3", layer_types=GEMMA_TYPES, window=2 * W)
+    lb.convert(m, LayerPlan.from_kinds(["swa", "swa", "swa", "softmax"], window=W))
+    msg = refused(m, tmp_path, "transformers", r"layers \[0\] change type .*theta 10000.0.*theta 1000000.0")
+    assert "\n" not in msg
+    refused(m, tmp_path, "deci", "not 'gemma3_text'")
+    with pytest.raises(lb.PlanError, match="layer 1 \\(softmax\\).*sliding window of 16"):
+        lb.convert(tiny_model("gemma3", layer_types=GEMMA_TYPES, window=2 * W), LayerPlan.uniform("softmax", 4))
 
 
 def test_refuses_unmerged_lora(tmp_path):

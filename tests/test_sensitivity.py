@@ -197,3 +197,32 @@ def test_cli_analyze_and_plan(tmp_path, tok, model):
             "--out", str(tmp_path / "p.json"))
     assert r.returncode == 0, r.stderr
     assert lb.LayerPlan.load(tmp_path / "p.json").counts()["softmax"] == 2
+
+
+@torch.no_grad()
+def test_iterative_kl_against_brute_force(tmp_path, one_thread):
+    """Each step's KL is KL(original || the model with every layer removed so far and the candidate removed),
+    recomputed here by converting copies and running the HF forward; steps resume from their files."""
+    import copy
+
+    m = tiny_model("llama", layers=5, seed=3)
+    calib = torch.randint(3, 128, (3, 20), generator=torch.Generator().manual_seed(4))
+    hist = S.iterative_kl(m, calib, 2, batch=2, out_dir=tmp_path, progress=False)
+    base = torch.log_softmax(m(calib).logits.float(), -1)
+
+    def kl_without(layers):
+        v = copy.deepcopy(m)
+        lb.convert(v, lb.LayerPlan(tuple(LayerSpec("none") if i in layers else LayerSpec("softmax") for i in range(5))))
+        lp = torch.log_softmax(v(calib).logits.float(), -1)
+        return (base.exp() * (base - lp)).sum(-1).mean().item()
+
+    first = hist[0]["removed"]
+    for i, v in hist[0]["drops"].items():
+        assert v == pytest.approx(kl_without({i}), rel=1e-4, abs=1e-6)
+    assert first == min(hist[0]["drops"], key=hist[0]["drops"].get)
+    assert hist[1]["removed_before"] == [first] and first not in hist[1]["drops"]
+    for i, v in hist[1]["drops"].items():
+        assert v == pytest.approx(kl_without({first, i}), rel=1e-4, abs=1e-6)
+    again = S.iterative_kl(m, calib, 2, batch=2, out_dir=tmp_path, progress=False)  # read back, not recomputed
+    assert [h["removed"] for h in again] == [h["removed"] for h in hist]
+    assert sorted(p.name for p in (tmp_path / "iterative_kl").iterdir()) == ["step_00.json", "step_01.json"]

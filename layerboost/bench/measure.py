@@ -14,7 +14,7 @@ import torch
 
 from ..cache import expected_cache_bytes
 from ..engine import Engine
-from ..plan import LayerPlan
+from ..plan import native_plan
 from .models import BenchError
 
 
@@ -162,7 +162,7 @@ def bench_latency(base, hybrid, batch: int = 16, prompt: int = 128, lengths=(512
     if device.type != "cuda" and memory_budget_bytes is not None:
         from ..surgery import plan_of
 
-        need = sum(expected_cache_bytes(plan_of(m) or LayerPlan.uniform("softmax", m.config.num_hidden_layers), m.config,
+        need = sum(expected_cache_bytes(plan_of(m) or native_plan(m), m.config,
                                         batch, tmax, next(m.parameters()).dtype) for m in models.values())
         if need > memory_budget_bytes:
             raise BenchError(f"latency at {tmax} tokens with batch {batch} needs {need / 2**30:.3g} GiB of cache (base + "
@@ -340,7 +340,7 @@ def bench_throughput(base, hybrid, concurrency=(50, 100, 200), prompt: int = 102
             m = models[n]
             from ..surgery import plan_of
 
-            plan = plan_of(m) or LayerPlan.uniform("softmax", m.config.num_hidden_layers)
+            plan = plan_of(m) or native_plan(m)
             dtype = next(m.parameters()).dtype
             theory = expected_cache_bytes(plan, m.config, c, prompt + output, dtype)
             res = {"model": n, "concurrency": c, "prompt": prompt, "output": output, "prefill": prefill,

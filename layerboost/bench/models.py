@@ -7,7 +7,7 @@ import copy
 import torch
 
 from .. import kinds as K
-from ..plan import LayerPlan, PlanError
+from ..plan import LayerPlan, PlanError, cap_to_native
 from ..util import parse_dtype
 
 
@@ -191,6 +191,8 @@ def load_models(args):
                             "the hybrid is built by --plan/--hybrid-kinds")
     n_layers = len(decoder_parts(base)[1])
     plan = hybrid_plan(n_layers, args.hybrid_kinds, args.window, args.plan)
+    if not args.plan:  # layers that slide natively (Gemma 3's local layers) keep at most their own window
+        plan = cap_to_native(plan, base.config)[0]
     hybrid = hybrid_of(base, plan)
     return base, hybrid, {"name": name, "plan": plan.to_dict(), "kinds": kinds_string(plan),
                           "params": sum(p.numel() for p in base.parameters()), "layers": n_layers}

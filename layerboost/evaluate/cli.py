@@ -11,6 +11,7 @@ import torch
 from .api import evaluate, format_table
 from .requests import Partition, load_task_docs, prepare_task
 from .tasks import MCTask, PAPER_TASKS, TASKS, get_task
+from ..util import UsageError
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +37,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                              "selection/evaluation partition that `analyze` and `compare` use")
     parser.add_argument("--selection-size", type=int, default=100, help="documents per task in the selection part")
     parser.add_argument("--selection-seed", type=int, default=0, help="seed of the partition")
+    parser.add_argument("--mmlu-per-subject", type=int, default=None, metavar="N",
+                        help="MMLU only: N items from each of its 57 subjects (seeded) instead of --limit")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -51,12 +54,16 @@ def run_eval_cli(args: argparse.Namespace) -> int:
 
     limit = args.limit
     tasks = [get_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
+    if args.mmlu_per_subject is not None and args.mmlu_per_subject < 1:
+        raise UsageError(f"--mmlu-per-subject must be at least 1, got {args.mmlu_per_subject}")
     if args.out:
         check_writable(args.out, folder=False)  # before the work, not after it
     docs = [load_task_docs(t, args.data_dir) for t in tasks]  # fail on missing data before the slow model load
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     part = None if args.partition == "all" else Partition(args.partition, args.selection_size, args.selection_seed)
-    prepared = [prepare_task(tok, t, limit=limit, seed=args.seed, docs=d, partition=part if isinstance(t, MCTask) else None)
+    per_subject = args.mmlu_per_subject
+    prepared = [prepare_task(tok, t, limit=limit, seed=args.seed, docs=d, partition=part if isinstance(t, MCTask) else None,
+                             per_stratum=per_subject if t.name == "mmlu" else None)
                 for t, d in zip(tasks, docs)]
     results = evaluate(
         model,
@@ -78,6 +85,7 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         "dtype": args.dtype,
         "device": args.device,
         "torch_threads": torch.get_num_threads(),
+        "mmlu_per_subject": per_subject,
         **results,
     }
     print(format_table(results))

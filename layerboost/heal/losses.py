@@ -42,7 +42,7 @@ def attn_step(h: Hybrid, ids: torch.Tensor, n_global: int, precision: str, scale
     with _autocast(ids.device, precision):
         for i in h.windowed:
             inp, target = record[i]
-            y = h.layers[i].self_attn(hidden_states=inp, **ctx)[0]
+            y = h.layers[i].self_attn(hidden_states=inp, **h.runner.layer_ctx(i, ctx))[0]
             err = (y.float() - target.float()).pow(2).sum()
             sq.append(err.detach())
             loss = loss + err / (len(h.windowed) * n_global * d)
@@ -87,7 +87,7 @@ def block_step(h: Hybrid, batches: list[tuple[torch.Tensor, list[int]]], precisi
     for ctx, tg in work:
         for k, i in enumerate(mods):
             with _autocast(dev, precision):
-                out = h.layers[i](tg[i], **ctx)
+                out = h.layers[i](tg[i], **h.runner.layer_ctx(i, ctx))
             y = out[0] if isinstance(out, tuple) else out  # (B, T, D)
             e = (y.float() - tg[i + 1].float()).pow(2).sum()
             if e.requires_grad:

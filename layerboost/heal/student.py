@@ -11,9 +11,9 @@ import torch.nn as nn
 
 from ..attention import LinearSlidingWindowAttention, NoAttention
 from ..kinds import kind
-from ..plan import LayerPlan
+from ..plan import LayerPlan, native_plan
 from ..runner import DecoderRunner
-from ..surgery import convert, decoder_parts, plan_of
+from ..surgery import architecture, convert, decoder_parts, plan_of
 from .config import HealConfig, HealConfigError
 
 
@@ -40,7 +40,7 @@ class Hybrid:
         originals: layer -> (original attention, original input norm), for every modified layer;
             kept outside the module tree so they are neither trained nor saved.
         prefix: layers [0, prefix) are identical in teacher and student (no change, no adapters).
-        windowed: layers whose kind is swa / linear_swa.
+        windowed: modified layers whose kind is swa / linear_swa (stage 1 trains their attention).
         runner: embeds rows and runs layers i..j (the same layers serve as teacher and student).
     """
 
@@ -134,8 +134,13 @@ def build_hybrid(model: nn.Module, plan: LayerPlan, cfg: HealConfig) -> Hybrid:
     if plan_of(model) is not None:
         raise ValueError("heal needs the original model (the teacher); this one is already a layerboost hybrid")
     decoder, layers = decoder_parts(model)
+    arch = architecture(model)
+    if arch.final_softcap and getattr(model.config, arch.final_softcap, None):
+        raise ValueError(f"heal's distillation losses compute logits without {arch.final_softcap} "
+                         f"({getattr(model.config, arch.final_softcap)}); this model cannot be healed yet")
     plan = LayerPlan(plan.layers, num_layers=len(layers))
-    originals = {i: (layers[i].self_attn, layers[i].input_layernorm) for i, s in enumerate(plan.layers) if s.kind != "softmax"}
+    native = native_plan(model).layers  # a layer planned as the original has it (Gemma 3's swa 512) is not modified
+    originals = {i: (layers[i].self_attn, layers[i].input_layernorm) for i, s in enumerate(plan.layers) if s != native[i]}
     if not originals:
         raise ValueError("the plan changes no layer: there is nothing to heal")
     torch.manual_seed(cfg.seed)  # kinds with random init (linear's `down`)
@@ -159,7 +164,7 @@ def build_hybrid(model: nn.Module, plan: LayerPlan, cfg: HealConfig) -> Hybrid:
                       target_modules=targets, bias="none")
     peft_model = get_peft_model(model, lcfg)
     first_diff = min(list(originals) + lora_layers)
-    windowed = [i for i, s in enumerate(plan.layers) if kind(s.kind).windowed]
+    windowed = [i for i, s in enumerate(plan.layers) if kind(s.kind).windowed and i in originals]
     adapter_layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
     if not all(isinstance(getattr(m, "_disable_adapters", None), bool) and m.disable_adapters is m._disable_adapters
                for m in adapter_layers):

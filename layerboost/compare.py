@@ -17,6 +17,8 @@ Rows (all hybrids share the plan counts and the healing token budget):
                      proxy, every other layer softmax, healed
     signal_<s>       row 3 with its layers chosen by another signal s (drop, margin, kl, cosine,
                      iterative), healed; skipped when s gives row 3's plan
+    <row>_seed<N>    a healed row again with healing seed N (LoRA init; the data order is fixed):
+                     continuous measures only, so the table shows how much healing itself varies
 
 Selection (the sensitivity analysis) reads only the selection partition of each split; every row is
 scored on the evaluation partition (every other item; MMLU: a stated number per subject), so no
@@ -35,6 +37,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +51,13 @@ ROWS = ("base", "converted", "layerboost", "no_attn_distill", "random", "pattern
         "llm_drop", "signal_margin", "signal_drop", "signal_cosine")
 SIGNALS = ("drop", "margin", "kl", "cosine", "iterative")
 CURVE_ROWS = ("layerboost", "no_attn_distill")  # rows whose healing is probed on held-out text
+HEALED = ("layerboost", "no_attn_distill", "pattern", "lolcats", "lolcats_gate", "llm_drop")  # rows `_seed<N>` may repeat
+
+
+def split_seed(row: str) -> tuple[str, int | None]:
+    """"layerboost_seed1" -> ("layerboost", 1); any other row name -> (name, None)."""
+    m = re.fullmatch(r"(.+)_seed(\d+)", row)
+    return (m.group(1), int(m.group(2))) if m else (row, None)
 
 
 @dataclass
@@ -129,9 +139,14 @@ class CompareConfig:
                     out.append(f"tasks: {t!r} is not a multiple-choice task (WikiText is always measured)")
             except (KeyError, ValueError, FileNotFoundError) as e:
                 out.append(f"tasks: {e}")
-        for r in self.rows:
-            if r not in ROWS and not (r.startswith("signal_") and r[7:] in SIGNALS):
-                out.append(f"rows: unknown row {r!r}; known: {', '.join(ROWS)}, signal_<{'|'.join(SIGNALS)}>")
+        for k, r in enumerate(self.rows):
+            base, seed = split_seed(r)
+            if seed is not None and (base not in HEALED and not base.startswith("signal_") or base not in self.rows[:k]):
+                out.append(f"rows: {r!r} repeats a healed row listed before it with another healing seed "
+                           f"({', '.join(HEALED)}, signal_<s>)")
+            elif base not in ROWS and not (base.startswith("signal_") and base[7:] in SIGNALS):
+                out.append(f"rows: unknown row {r!r}; known: {', '.join(ROWS)}, signal_<{'|'.join(SIGNALS)}>, "
+                           "<healed row>_seed<N>")
         if self.score not in PLAN_SCORES:
             out.append(f"score: {self.score!r} must be one of {', '.join(PLAN_SCORES)}")
         if min(self.softmax, self.swa, self.none) < 0:
@@ -209,6 +224,10 @@ def _row_plans(cfg: CompareConfig, sens: dict, n_layers: int, iterative_plan=Non
             scores = plan_scores(sens, "cosine")
             rows[r] = (P.plan_by_counts(scores, n_layers - cfg.none, 0, cfg.none, cfg.window), "both",
                        f"{cfg.none} attention-free layers by the cosine proxy, the rest softmax, healed")
+        elif split_seed(r)[1] is not None:
+            base, seed = split_seed(r)
+            plan, mode, desc = rows[base]
+            rows[r] = (plan, mode, f"{desc}; healing seed {seed} (continuous measures only)")
         elif r.startswith("signal_"):
             sig = r[len("signal_"):]
             plan = iterative_plan if sig == "iterative" else by(sig)
@@ -350,6 +369,8 @@ class Comparison:
                 probe = self.heldout()[:n]
             opts = dict(c.heal.options)
             opts.setdefault("data_dir", c.data_dir)
+            if split_seed(name)[1] is not None:
+                opts["seed"] = split_seed(name)[1]
             heal(copy.deepcopy(self.base), plan, data=_heal_data(c.heal.data, c.data_dir), out=out,
                  tokens=c.heal.tokens, attn_distill=heal_mode == "both", tokenizer=self.tok, resume=True,
                  probe_rows=probe, probe_at=tuple(c.heal.probe_at), **opts)
@@ -490,7 +511,7 @@ class Comparison:
                 desc += f": seed {med}"
             light = name.startswith("random_s")
             results[name] = self.row(name, plan, mode, desc, light=light)
-            if not light:
+            if not light and split_seed(name)[1] is None:
                 todo.append((name, plan, mode))
         md = write_comparison(self.dir, results, c, sens)
         if c.eval.multiple_choice:

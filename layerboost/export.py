@@ -220,6 +220,12 @@ def _write_transformers(model: nn.Module, out: Path) -> None:
     data["layer_types"] = [KINDS[s.kind].export_as("transformers") for s in plan.layers]
     if target_type in ("qwen2", "qwen3"):
         data["use_sliding_window"] = data["sliding_window"] is not None
+    if target_type == "gemma3_text":  # readers that place local layers by period (older vLLM) need the period too
+        n = len(data["layer_types"])
+        period = next((q for q in range(1, n + 1) if data["layer_types"] == [
+            "sliding_attention" if (i + 1) % q else "full_attention" for i in range(n)]), None)
+        if period is not None:
+            data["sliding_window_pattern"] = period
     config = CONFIG_MAPPING[target_type].from_dict(data)
     with torch.device("meta"):
         target = AutoModelForCausalLM.from_config(config)

@@ -558,18 +558,26 @@ def iterative_removal(model: nn.Module, items: list[MCItem], steps: int, *, batc
     Returns:
         one dict per step: the layer removed, its drop when removed, and all remaining layers' drops.
     """
-    runner = LayerRunner(model)
+    def measure(step, remaining, removed):
+        sub = Path(out_dir) / "iterative" / f"step_{step:02d}" if out_dir else None
+        res = layer_sensitivity(model, items, layers=remaining, batch_tokens=batch_tokens, out_dir=sub,
+                                fingerprint={"n_items": len(items), "removed": removed}, progress=progress)
+        return {r["layer"]: r[score] for r in res["layers"]}
+
+    return _remove_greedily(LayerRunner(model), steps, measure)
+
+
+def _remove_greedily(runner: LayerRunner, steps: int, measure) -> list[dict]:
+    """The loop of both iterative signals: score every remaining layer (`measure(step, remaining, removed)`,
+    with the layers removed so far removed), remove the lowest (ties: the lower index), repeat."""
     removed: list[int] = []
     history = []
     with contextlib.ExitStack() as stack:
         for step in range(steps):
             remaining = [i for i in range(len(runner.layers)) if i not in removed]
-            sub = Path(out_dir) / "iterative" / f"step_{step:02d}" if out_dir else None
-            res = layer_sensitivity(model, items, layers=remaining, batch_tokens=batch_tokens, out_dir=sub,
-                                    fingerprint={"n_items": len(items), "removed": removed}, progress=progress)
-            drops = {r["layer"]: r[score] for r in res["layers"]}
-            pick = min(remaining, key=lambda i: (drops[i], i))
-            history.append({"step": step, "removed": pick, "drop": drops[pick], "drops": drops,
+            scores = measure(step, remaining, list(removed))
+            pick = min(remaining, key=lambda i: (scores[i], i))
+            history.append({"step": step, "removed": pick, "drop": scores[pick], "drops": scores,
                             "removed_before": list(removed)})
             removed.append(pick)
             stack.enter_context(variant(runner, pick, LayerSpec("none")))
@@ -590,28 +598,21 @@ def iterative_kl(model: nn.Module, calib: torch.Tensor, steps: int, *, batch: in
     runner = LayerRunner(model)
     chunks = [calib[i : i + batch] for i in range(0, len(calib), batch)]
     reference = [torch.log_softmax(runner.logits(runner.run(*runner.embed(c))).float(), dim=-1) for c in chunks]
-    removed: list[int] = []
-    history = []
-    with contextlib.ExitStack() as stack:
-        for step in range(steps):
-            remaining = [i for i in range(len(runner.layers)) if i not in removed]
-            f = Path(out_dir) / "iterative_kl" / f"step_{step:02d}.json" if out_dir else None
-            saved = json.loads(f.read_text()) if f is not None and f.is_file() else None
-            if saved is not None and saved["removed_before"] == removed and saved["n_calib"] == list(calib.shape):
-                kls = {int(k): v for k, v in saved["drops"].items()}
-            else:
-                kls = dict(zip(remaining, kl_proxy(model, calib, layers=remaining, batch=batch, progress=progress,
-                                                   reference=reference)))
-            pick = min(remaining, key=lambda i: (kls[i], i))
-            history.append({"step": step, "removed": pick, "drop": kls[pick], "drops": kls,
-                            "removed_before": list(removed)})
-            if f is not None and saved is None:
-                f.parent.mkdir(parents=True, exist_ok=True)
-                write_json(f, {**history[-1], "drops": {str(k): v for k, v in kls.items()},
-                               "n_calib": list(calib.shape)})
-            removed.append(pick)
-            stack.enter_context(variant(runner, pick, LayerSpec("none")))
-    return history
+
+    def measure(step, remaining, removed):
+        f = Path(out_dir) / "iterative_kl" / f"step_{step:02d}.json" if out_dir else None
+        saved = json.loads(f.read_text()) if f is not None and f.is_file() else None
+        if saved is not None and saved["removed_before"] == removed and saved["n_calib"] == list(calib.shape):
+            return {int(k): v for k, v in saved["drops"].items()}
+        kls = dict(zip(remaining, kl_proxy(model, calib, layers=remaining, batch=batch, progress=progress,
+                                           reference=reference)))
+        if f is not None:
+            f.parent.mkdir(parents=True, exist_ok=True)
+            write_json(f, {"removed_before": removed, "drops": {str(k): v for k, v in kls.items()},
+                           "n_calib": list(calib.shape)})
+        return kls
+
+    return _remove_greedily(runner, steps, measure)
 
 
 def ranking_disagreements(one_shot: dict[int, float], history: list[dict]) -> list[dict]:

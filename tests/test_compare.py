@@ -114,6 +114,9 @@ def test_config_errors_listed_together():
     msg = str(e.value)
     for part in ("unknown row 'magic'", "score: 'vibes'", "lr must be > 0", "eval.limit must be >= 1"):
         assert part in msg
+    with pytest.raises(C.ConfigError) as e:  # a seed row repeats a healed row listed before it
+        C.CompareConfig.from_dict({"rows": ["layerboost_seed1", "layerboost", "random", "random_seed2"]})
+    assert str(e.value).count("repeats a healed row listed before it") == 2
     for name in ("compare", "compare-quick"):  # every shipped comparison config parses
         assert C.CompareConfig.load(name).rows[0] == "base"
     assert not C.CompareConfig.load("compare-quick").eval.multiple_choice
@@ -137,7 +140,7 @@ def tiny_compare(model_dir, out, rows=None):
         "model": str(model_dir), "out": str(out), "tasks": ["piqa", "arc_easy"], "threads": 1,
         "selection_size": 8, "analyze_limit": 4, "calib_seqs": 2, "iterative_limit": 2,
         "softmax": 2, "swa": 2, "none": 2, "window": 8, "linear_window": 8, "linear_feature_dim": 8,
-        "random_seeds": [0, 1, 2], "rows": rows or list(C.ROWS) + ["signal_iterative"],
+        "random_seeds": [0, 1, 2], "rows": rows or list(C.ROWS) + ["signal_iterative", "layerboost_seed1"],
         "heal": {"tokens": 512, "probe_tokens": 256,
                  "options": {"seq_len": 64, "batch_size": 2, "checkpoint_every": 1, "progress": False}},
         "eval": {"limit": 6, "wikitext_docs": 1, "wikitext_max_length": 128, "heldout_tokens": 256,
@@ -172,6 +175,10 @@ def test_every_row_end_to_end_and_resume(tiny_dir, tmp_path, one_thread):
         assert res[n]["counts"] == {"softmax": 2, "swa": 2, "linear_swa": 0, "none": 2}
     assert res["lolcats"]["counts"]["linear_swa"] == 6 and res["llm_drop"]["counts"] == {
         "softmax": 4, "swa": 0, "linear_swa": 0, "none": 2}
+    # another healing seed: the same plan and budget, continuous measures only, a different result
+    seeded, lb_row = res["layerboost_seed1"], res["layerboost"]
+    assert seeded["plan"] == lb_row["plan"] and seeded["heal"]["tokens"] == 512 and "wikitext" in seeded
+    assert "eval" not in seeded and seeded["heldout"]["kl"] != lb_row["heldout"]["kl"]
     # the healed random row is the median-KL seed's plan
     kls = sorted((res[f"random_s{s}"]["heldout"]["kl"], s) for s in range(3))
     assert res["random"]["plan"] == res[f"random_s{kls[1][1]}"]["plan"]

@@ -6,6 +6,7 @@ recomputation; the generic per-family tests (conftest.ARCHS) also run a tiny Gem
 """
 
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -234,4 +235,6 @@ def test_gemma3_270m_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     got = torch.load(tmp_path / "out.pt")
     assert got["cls"] == "Gemma3ForCausalLM" and torch.equal(got["out"], want)
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())  # the period too, for readers that use it
+    assert cfg["sliding_window"] == 128 and cfg["sliding_window_pattern"] == 6 and cfg["layer_types"][5] == "full_attention"
     assert (narrow(x).logits[0, -1] - model(x).logits[0, -1]).abs().max() > 1e-3  # the window of 128 is in effect

@@ -144,11 +144,23 @@ def overlaps_heldout(name: str, offset: int, length: int) -> bool:
     return any(is_heldout_block(name, b) for b in range(first, last + 1))
 
 
+def row_prefix(tokenizer) -> list[int]:
+    """[BOS] if the tokenizer starts every text with it, else []: packed rows then begin as the model's own
+    texts do. Gemma 3 270M, measured on 2 x 254 calibration tokens: perplexity 21.0 after BOS, 76.6 without.
+    SmolLM2's tokenizer adds no BOS, so its rows are unchanged."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a")["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
 def heldout_rows(tokenizer, data: str | os.PathLike, n_tokens: int, seq_len: int = 512) -> torch.Tensor:
     """(n_rows, seq_len) token ids of held-out text of the local files under `data` (training never sees it).
 
     Blocks are taken in a fixed hash order (mixing files), each tokenized and ended with EOS, packed
-    into rows; `n_rows` = ceil(n_tokens / seq_len). Deterministic for the same files and tokenizer.
+    into rows (each starting with `row_prefix`); `n_rows` = ceil(n_tokens / seq_len). Deterministic for
+    the same files and tokenizer.
 
     Raises:
         TrainingDataError: no local files, or not enough held-out text.
@@ -158,15 +170,17 @@ def heldout_rows(tokenizer, data: str | os.PathLike, n_tokens: int, seq_len: int
                      for b in range((f.stat().st_size + HELDOUT_BLOCK - 1) // HELDOUT_BLOCK)
                      if b > 0 and is_heldout_block(f.name, b)), key=lambda x: x[0])  # block 0: front matter
     n_rows = -(-n_tokens // seq_len)
+    prefix = row_prefix(tokenizer)
+    width = seq_len - len(prefix)
     buf: list[int] = []
     for _, f, b in blocks:
         with open(f, "rb") as fh:
             fh.seek(b * HELDOUT_BLOCK)
             text = fh.read(HELDOUT_BLOCK).decode("utf-8", errors="ignore")
         buf += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if len(buf) >= n_rows * seq_len:
-            return torch.tensor(buf[: n_rows * seq_len]).view(n_rows, seq_len)
-    raise TrainingDataError(f"{data} holds {len(buf)} held-out tokens, fewer than the {n_rows * seq_len} asked for")
+        if len(buf) >= n_rows * width:
+            return torch.tensor([prefix + buf[r * width : (r + 1) * width] for r in range(n_rows)])
+    raise TrainingDataError(f"{data} holds {len(buf)} held-out tokens, fewer than the {n_rows * width} asked for")
 
 
 def _file_documents(files: list[Path], seed: int, segment_chars: int) -> Iterator[str]:
@@ -259,13 +273,15 @@ class PackedRows:
         self._it = self._rows()
 
     def _packed(self) -> Iterator[list[int]]:
+        prefix = row_prefix(self.tok)
+        width = self.seq_len - len(prefix)
         buf: list[int] = []
         for text in self.docs_factory():
             buf.extend(self.tok(text, add_special_tokens=False)["input_ids"])
             buf.append(self.eos)
-            while len(buf) >= self.seq_len:
-                yield buf[: self.seq_len]
-                del buf[: self.seq_len]
+            while len(buf) >= width:
+                yield prefix + buf[:width]
+                del buf[:width]
 
     def _rows(self) -> Iterator[list[int]]:
         rng = random.Random(f"rows:{self.seed}")
@@ -321,6 +337,7 @@ def parse_tokens(value: str | int | float) -> int:
 
 __all__ = [
     "PackedRows",
+    "row_prefix",
     "heldout_rows",
     "overlaps_heldout",
     "TrainingDataError",

@@ -646,7 +646,11 @@ def calibration_tokens(tokenizer, data_dir=None, n_seqs: int = 8, seq_len: int =
             f"calibration text {path or 'corpus/wikipedia_paragraphs.txt'} not found: pass --data-dir or set "
             "LAYERBOOST_DATA_DIR to a folder holding corpus/wikipedia_paragraphs.txt"
         )
-    need = n_seqs * seq_len
+    from .corpus import row_prefix
+
+    prefix = row_prefix(tokenizer)  # Gemma: BOS first, as its own texts begin
+    width = seq_len - len(prefix)
+    need = n_seqs * width
     text, ids = "", []
     with path.open(encoding="utf-8") as f:
         while len(ids) < need:
@@ -658,7 +662,7 @@ def calibration_tokens(tokenizer, data_dir=None, n_seqs: int = 8, seq_len: int =
                                  f"{CALIBRATION_BYTES} bytes of {path}, which are reserved for calibration: ask for fewer")
             text += chunk
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return torch.tensor(ids[:need]).view(n_seqs, seq_len)
+    return torch.tensor([prefix + ids[r * width : (r + 1) * width] for r in range(n_seqs)])
 
 
 def analyze(

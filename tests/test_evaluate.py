@@ -282,3 +282,27 @@ def test_local_data_loads_and_evaluate_runs(tok, model):
     json.dumps(res)
     table = E.format_table(res)
     assert "arc_challenge" in table and "acc_norm" in table and "average" in table
+
+
+@torch.no_grad()
+def test_rolling_perplexity_projects_the_head_in_chunks(tok):
+    """score_rolling takes the LM head out of the model and projects 1,024 positions at a time (a whole
+    window of logits is 34 GB for Gemma 3's context and vocabulary); the log-likelihoods equal one full
+    forward's, and the head is back in place afterwards."""
+    from layerboost.evaluate.requests import RollingRequest
+
+    model = tiny_model(len(tok))
+    head = model.lm_head
+    seen = []
+    hook = head.register_forward_hook(lambda m, a, out: seen.append(a[0].shape[0]))
+    tokens = torch.randint(3, len(tok), (2500,), generator=torch.Generator().manual_seed(0)).tolist()
+    got = E.score_rolling(model, tok, [RollingRequest(doc_id=0, tokens=tokens, words=1, bytes=1)],
+                          max_length=2048, progress=False)[0]
+    hook.remove()
+    assert model.lm_head is head and max(seen) <= 1024 and sum(seen) == 2500
+    # reference: the model's own forward, full logits, over the same two rolling windows
+    ref = 0.0
+    for seq, n_pred in E.rolling_windows(tokens, tok.bos_token_id or tok.eos_token_id, 2048):
+        lp = torch.log_softmax(model(torch.tensor([seq[:-1]])).logits[0, -n_pred:].float(), -1)
+        ref += float(lp.gather(-1, torch.tensor(seq[-n_pred:])[:, None]).sum())
+    assert got == pytest.approx(ref, rel=1e-5)

@@ -3,6 +3,8 @@ lm-eval), and rolling-window perplexity."""
 
 from __future__ import annotations
 
+import contextlib
+
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -341,15 +343,34 @@ def score_rolling(
     prefix = HFLMTokenizer(tokenizer).prefix_token_id
     keep_arg = _accepts(model, "logits_to_keep")
     totals = []
-    for req in tqdm(requests, desc=desc, unit="doc", disable=not progress, dynamic_ncols=True):
-        total = 0.0
-        for seq, n_pred in rolling_windows(req.tokens, prefix, max_length):
-            ids = torch.tensor([seq[:-1]], device=device)
-            kwargs = {"logits_to_keep": n_pred} if keep_arg else {}
-            logits = model(input_ids=ids, use_cache=False, **kwargs).logits[0, -n_pred:]
-            targets = torch.tensor(seq[-n_pred:], device=device)
-            for s in range(0, n_pred, 1024):  # chunked log-softmax bounds memory on long windows
-                lp = F.log_softmax(logits[s : s + 1024].float(), dim=-1)
-                total += float(lp.gather(-1, targets[s : s + 1024, None]).sum())
-        totals.append(total)
+    with _head_outside(model) as head:
+        for req in tqdm(requests, desc=desc, unit="doc", disable=not progress, dynamic_ncols=True):
+            total = 0.0
+            for seq, n_pred in rolling_windows(req.tokens, prefix, max_length):
+                ids = torch.tensor([seq[:-1]], device=device)
+                kwargs = {"logits_to_keep": n_pred} if keep_arg else {}
+                out = model(input_ids=ids, use_cache=False, **kwargs).logits[0, -n_pred:]
+                targets = torch.tensor(seq[-n_pred:], device=device)
+                for s in range(0, n_pred, 1024):  # the LM head and log-softmax in chunks bound memory on long windows
+                    lp = F.log_softmax(head(out[s : s + 1024]).float(), dim=-1)
+                    total += float(lp.gather(-1, targets[s : s + 1024, None]).sum())
+            totals.append(total)
     return totals
+
+
+@contextlib.contextmanager
+def _head_outside(model):
+    """Yield the function that turns the model's `.logits` output into logits. The LM head is taken out of the
+    model for the duration (its input comes back as `.logits`, and is projected here 1,024 positions at a time):
+    a whole window of logits is window x vocab floats, 34 GB for Gemma 3's 32k context and 262k vocabulary.
+    Models that cap their logits (`final_logit_softcapping`) or have no swappable head keep their head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    name = next((n for n, m in model.named_children() if m is head), None) if head is not None else None
+    if name is None or getattr(model.config, "final_logit_softcapping", None):
+        yield lambda x: x
+        return
+    setattr(model, name, torch.nn.Identity())
+    try:
+        yield head
+    finally:
+        setattr(model, name, head)

@@ -196,12 +196,12 @@ def _policy_from_args(args):
     return None
 
 
-def _plan_from_args(args, scores, config):
+def _plan_from_args(args, scores, config, log=None):
     """The plan the policy arguments place (None if no policy was given)."""
     from .plan import make_plan
 
     policy = _policy_from_args(args)
-    return None if policy is None else make_plan(policy, scores, config)
+    return None if policy is None else make_plan(policy, scores, config, log=log)
 
 
 def _policy_args(p: argparse.ArgumentParser) -> None:
@@ -266,7 +266,7 @@ def cmd_analyze(args) -> int:
     scores = plan_scores(res, args.score)
     policy = _policy_from_args(args) or lb.plan.PlanPolicy(  # no policy given: thirds, --window and --linear apply
         "fractions", fractions=[1 / 3, 1 / 3], window=args.window, kind="linear_swa" if args.linear else "swa")
-    plan = lb.plan.make_plan(policy, scores, model.config)
+    plan = lb.plan.make_plan(policy, scores, model.config, log=print)
     plan.save(Path(args.out) / "plan.json")
     plot_sensitivity(res, plan, Path(args.out) / "sensitivity.png", score=args.score)
     print(sensitivity_table(res, plan))
@@ -288,7 +288,7 @@ def cmd_plan(args) -> int:
     if args.budget is not None and not args.model:
         raise UsageError("--budget needs --model (or a config folder) to know the layer sizes")
     config = model_config(args.model, hub=True) if args.model else None
-    plan = _plan_from_args(args, scores, config)
+    plan = _plan_from_args(args, scores, config, log=print)
     if plan is None:
         raise UsageError("give a policy: --softmax/--swa/--none counts, --fractions, --softmax-above/--none-below, or --budget")
     if config is not None:

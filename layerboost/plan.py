@@ -449,7 +449,7 @@ def cap_to_native(plan: LayerPlan, config) -> tuple[LayerPlan, list[int]]:
     return LayerPlan(tuple(out)), capped
 
 
-def make_plan(policy: PlanPolicy, scores, config=None) -> LayerPlan:
+def make_plan(policy: PlanPolicy, scores, config=None, log=None) -> LayerPlan:
     """The plan `policy` places from per-layer scores (higher = more sensitive); `config` (the model's) is
     needed by the budget policy, and caps layers that slide natively at their own window (`cap_to_native`:
     on Gemma 3, a local layer ranked softmax stays as it is, swa 512).
@@ -470,4 +470,11 @@ def make_plan(policy: PlanPolicy, scores, config=None) -> LayerPlan:
         raise PlanError("the budget policy needs the model's config (layer sizes)")
     else:
         plan = plan_by_budget(scores, config, p.budget, p.context, w, p.budget_measure, p.none_below, k)
-    return plan if config is None else cap_to_native(plan, config)[0]
+    if config is None:
+        return plan
+    plan, capped = cap_to_native(plan, config)
+    if capped and log is not None:
+        log(f"layers {capped} already slide in the original model (window "
+            f"{'/'.join(str(native_window(config, i)) for i in capped[:1])}): kept as they are where the policy "
+            "asked for more")
+    return plan

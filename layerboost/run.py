@@ -369,7 +369,7 @@ def run(cfg: RunConfig, log=print) -> Path:
 
     def do_plan():
         scores = plan_scores(sens, cfg.plan.score)
-        plan = make_plan(cfg.plan, scores, base()[0].config)
+        plan = make_plan(cfg.plan, scores, base()[0].config, log=log)
         plan.save(r.dir / "plan.json")
         plot_sensitivity(sens, plan, r.dir / "sensitivity.png", score=cfg.plan.score)
         log(plan.table([100 * s if cfg.plan.score == "drop" else s for s in scores]))  # the score that chose it

@@ -51,7 +51,10 @@ def test_native_plan_and_planning_caps():
     assert list(native_plan(m).kinds) == ["swa", "swa", "softmax"] * 2 and native_plan(m).layers[0].window == W
     # a policy that ranks local layers as softmax keeps them as they are (their own window), no wider
     scores = [5.0, 4.0, 0.0, 3.0, 2.0, 1.0]
-    plan = make_plan(PlanPolicy("counts", softmax=2, swa=2, none=2, window=16), scores, m.config)
+    said = []
+    plan = make_plan(PlanPolicy("counts", softmax=2, swa=2, none=2, window=16), scores, m.config, log=said.append)
+    assert said == ["layers [0, 1, 3, 4] already slide in the original model (window 8): kept as they are where the "
+                    "policy asked for more"]
     assert plan.layers[0] == LayerSpec("swa", W) and plan.layers[1] == LayerSpec("swa", W)  # softmax, swa 16 capped
     assert plan.layers[2] == LayerSpec("none")
     capped, which = cap_to_native(LayerPlan.from_kinds(["softmax"] * 6), m.config)

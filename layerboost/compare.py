@@ -130,7 +130,7 @@ class CompareConfig:
     def problems(self) -> list[str]:
         from .evaluate import get_task
         from .heal import HealConfig, HealConfigError
-        from .sensitivity import PLAN_SCORES
+        from .sensitivity import ITERATIVE_SCORES, PLAN_SCORES
 
         out = []
         for t in self.tasks:
@@ -149,6 +149,9 @@ class CompareConfig:
                            "<healed row>_seed<N>")
         if self.score not in PLAN_SCORES:
             out.append(f"score: {self.score!r} must be one of {', '.join(PLAN_SCORES)}")
+        elif "signal_iterative" in self.rows and self.score not in ITERATIVE_SCORES:
+            out.append(f"rows: signal_iterative re-measures `score` after each removal: use one of "
+                       f"{', '.join(ITERATIVE_SCORES)}, not {self.score!r}")
         if min(self.softmax, self.swa, self.none) < 0:
             out.append("softmax, swa and none must be >= 0")
         for k in ("selection_size", "window", "linear_window", "linear_feature_dim", "calib_seqs"):
@@ -244,16 +247,16 @@ def iterative_plan(model, tok, cfg: CompareConfig, out: Path):
     3's: the KL proxy (calibration text), else the margin or accuracy drop on `iterative_limit` items."""
     from . import plan as P
     from .evaluate import Partition, prepare_tasks
-    from .sensitivity import calibration_tokens, items_from_tasks, iterative_kl, iterative_removal
+    from .sensitivity import calibration_tokens, items_from_tasks, remove_iteratively
 
+    items = calib = None
     if cfg.score == "kl":  # the KL proxy re-measured after each removal, on the analysis' calibration text
-        hist = iterative_kl(model, calibration_tokens(tok, cfg.data_dir, cfg.calib_seqs), cfg.none, out_dir=out)
+        calib = calibration_tokens(tok, cfg.data_dir, cfg.calib_seqs)
     else:
         part = Partition("selection", cfg.selection_size, cfg.selection_seed)
-        prepared = prepare_tasks(tok, cfg.tasks, data_dir=cfg.data_dir, limit=cfg.iterative_limit, seed=0,
-                                 partition=part)
-        key = "margin_drop" if cfg.score == "margin" else "drop"
-        hist = iterative_removal(model, items_from_tasks(prepared), cfg.none, score=key, out_dir=out)
+        items = items_from_tasks(prepare_tasks(tok, cfg.tasks, data_dir=cfg.data_dir, limit=cfg.iterative_limit,
+                                               seed=0, partition=part))
+    hist = remove_iteratively(model, cfg.score, cfg.none, items=items, calib=calib, out_dir=out)
     removed = [h["removed"] for h in hist]
     last = hist[-1]["drops"] if hist else {}
     n = len(model.model.layers)

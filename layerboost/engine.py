@@ -42,9 +42,8 @@ from .attention import LinearSlidingWindowAttention, _repeat_kv
 from .cache import FullLayer, HybridCache, LinearWindowLayer, WindowLayer, expected_cache_bytes
 from .compat import apply_rope
 from .kinds import kind
-
-from .runner import DecoderRunner
 from .plan import LayerSpec, native_plan
+from .runner import DecoderRunner
 from .surgery import UnsupportedModelError, plan_of
 
 

@@ -423,14 +423,12 @@ def check_native(plan: LayerPlan, config) -> None:
     Raises:
         PlanError: naming each such layer and its native window.
     """
-    bad = []
-    for i, spec in enumerate(plan.layers):
-        w = native_window(config, i)
-        if w and (spec.kind == "softmax" or K.KINDS[spec.kind].windowed and spec.window > w):
-            bad.append(f"layer {i} ({spec.kind}{f' {spec.window}' if spec.window else ''})")
+    _, bad = cap_to_native(plan, config)
     if bad:
+        specs = [plan.layers[i] for i in bad]
         w = {native_window(config, i) for i in range(len(plan.layers))} - {None}
-        raise PlanError(f"{', '.join(bad)}: the original model already attends to a sliding window of "
+        raise PlanError(", ".join(f"layer {i} ({s.kind}{f' {s.window}' if s.window else ''})" for i, s in zip(bad, specs))
+                        + f": the original model already attends to a sliding window of "
                         f"{'/'.join(map(str, sorted(w)))} tokens there; plan swa with that window (the layer as it is) "
                         "or less, linear_swa or none")
 

@@ -54,6 +54,7 @@ class DecoderRunner:
         self.eager = model.config._attn_implementation == "eager"
         types = getattr(model.config, "layer_types", None)
         self.layer_types = list(types) if self.arch.rope_per_layer_type else None
+        self.native_windows = sorted({native_window(model.config, i) for i in range(len(self.layers))} - {None})
 
     @property
     def device(self) -> torch.device:
@@ -85,21 +86,19 @@ class DecoderRunner:
         pos = torch.arange(t, device=x.device)[None] if positions is None else positions.to(x.device)
         ctx = dict(position_embeddings=self.rotary(x, pos), position_ids=pos,
                    attention_mask=self.mask(t, x.dtype, x.device, segments))
-        ctx["_sliding"] = {}  # native window -> mask, built when a natively sliding module first needs it
-        ctx["_args"] = (t, x.dtype, x.device, segments)
+        # native window -> its mask, for original modules that slide (which modules are original may change
+        # after this call: heal's teacher mode swaps them back, so every window the config has gets one)
+        ctx["_sliding"] = {w: self.mask(t, x.dtype, x.device, segments, window=w) for w in self.native_windows}
         return x, ctx
 
     def layer_ctx(self, i: int, ctx: dict) -> dict:
         """ctx as layer i needs it: its layer type's rotary table; a native window in the mask of an
         original module that slides (layerboost modules, which carry a `spec`, window themselves)."""
-        out = {k: v for k, v in ctx.items() if not k.startswith("_")}
+        out = {k: v for k, v in ctx.items() if k != "_sliding"}
         if self.layer_types is not None and isinstance(out["position_embeddings"], dict):
             out["position_embeddings"] = out["position_embeddings"][self.layer_types[i]]
         window = self.native_window(i)
-        if window is not None and "_args" in ctx:
-            t, dtype, device, segments = ctx["_args"]
-            if window not in ctx["_sliding"]:
-                ctx["_sliding"][window] = self.mask(t, dtype, device, segments, window=window)
+        if window is not None:
             out["attention_mask"] = ctx["_sliding"][window]
         return out
 

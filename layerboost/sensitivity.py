@@ -453,6 +453,13 @@ def layer_sensitivity(
 
 
 @torch.no_grad()
+def base_logprobs(runner: LayerRunner, calib: torch.Tensor, batch: int) -> list[torch.Tensor]:
+    """Next-token log-probabilities (fp32) of the model as it is now, per chunk of `batch` rows of `calib`."""
+    return [torch.log_softmax(runner.logits(runner.run(*runner.embed(calib[i : i + batch]))).float(), dim=-1)
+            for i in range(0, len(calib), batch)]
+
+
+@torch.no_grad()
 def kl_proxy(model: nn.Module, calib: torch.Tensor, *, layers: list[int] | None = None, batch: int = 4,
              progress: bool = True, reference: list[torch.Tensor] | None = None) -> list[float]:
     """Mean KL(base || variant) of next-token distributions on calibration text, per layer (`none`),
@@ -472,7 +479,7 @@ def kl_proxy(model: nn.Module, calib: torch.Tensor, *, layers: list[int] | None 
             h = runner.layer(j, h, ctx[b])
         return h
 
-    base_lp = reference if reference is not None else [logp(finish(e[0], b, 0)) for b, e in enumerate(emb)]
+    base_lp = reference if reference is not None else base_logprobs(runner, calib, batch)
     hidden, at, out = [e[0] for e in emb], 0, {}
     for i in tqdm(sorted(layers), desc="KL proxy", disable=not progress, dynamic_ncols=True):
         for b in range(len(hidden)):
@@ -596,8 +603,7 @@ def iterative_kl(model: nn.Module, calib: torch.Tensor, steps: int, *, batch: in
         one dict per step: the layer removed, its KL, and every remaining layer's KL (as `iterative_removal`).
     """
     runner = LayerRunner(model)
-    chunks = [calib[i : i + batch] for i in range(0, len(calib), batch)]
-    reference = [torch.log_softmax(runner.logits(runner.run(*runner.embed(c))).float(), dim=-1) for c in chunks]
+    reference = base_logprobs(runner, calib, batch)
 
     def measure(step, remaining, removed):
         f = Path(out_dir) / "iterative_kl" / f"step_{step:02d}.json" if out_dir else None
@@ -613,6 +619,17 @@ def iterative_kl(model: nn.Module, calib: torch.Tensor, steps: int, *, batch: in
         return kls
 
     return _remove_greedily(runner, steps, measure)
+
+
+def remove_iteratively(model: nn.Module, score: str, steps: int, *, items: list[MCItem] | None = None,
+                       calib: torch.Tensor | None = None, out_dir: str | Path | None = None, batch_tokens: int = 8192,
+                       progress: bool = True) -> list[dict]:
+    """Iterative removal by the signal `score` (ITERATIVE_SCORES): the KL proxy on `calib`, or the gold-margin /
+    accuracy drop on `items`."""
+    if score == "kl":
+        return iterative_kl(model, calib, steps, out_dir=out_dir, progress=progress)
+    key = {"drop": "drop", "margin": "margin_drop"}[score]
+    return iterative_removal(model, items, steps, batch_tokens=batch_tokens, score=key, out_dir=out_dir, progress=progress)
 
 
 def ranking_disagreements(one_shot: dict[int, float], history: list[dict]) -> list[dict]:
@@ -742,13 +759,9 @@ def analyze(
         result["timing"]["proxies_seconds"] = time.perf_counter() - t1
     if iterative_steps:
         t1 = time.perf_counter()
-        if iterative_score == "kl":
-            calib = calibration_tokens(tokenizer, data_dir, calib_seqs, calib_len)
-            hist = iterative_kl(model, calib, iterative_steps, out_dir=out, progress=progress)
-        else:
-            key = {"drop": "drop", "margin": "margin_drop"}[iterative_score]
-            hist = iterative_removal(model, items, iterative_steps, batch_tokens=batch_tokens, score=key, out_dir=out,
-                                     progress=progress)
+        calib = calibration_tokens(tokenizer, data_dir, calib_seqs, calib_len) if iterative_score == "kl" else None
+        hist = remove_iteratively(model, iterative_score, iterative_steps, items=items, calib=calib, out_dir=out,
+                                  batch_tokens=batch_tokens, progress=progress)
         one_shot = {"drop": drops, "margin": result["sensitivity_margin"],
                     "kl": result.get("proxies", {}).get("kl")}[iterative_score]
         result["iterative"] = {

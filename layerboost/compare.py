@@ -69,6 +69,10 @@ class CompareHeal:
     options: dict = field(default_factory=dict)  # layerboost.heal.HealConfig fields, same for every row
 
 
+# eval settings read only by the multiple-choice pass (phase 2): they may change until a row is scored
+ACCURACY_ONLY = ("multiple_choice", "limit", "mmlu_per_subject", "seed", "batch_size", "dtype")
+
+
 @dataclass
 class CompareEval:
     multiple_choice: bool = True  # false: rows get only the continuous measures (a quick first look)
@@ -80,6 +84,7 @@ class CompareEval:
     wikitext_max_length: int | None = None  # rolling window; None = the model's context (lm-eval's)
     heldout_tokens: int = 16384
     heldout_seq_len: int = 512
+    dtype: str | None = None  # weights of the multiple-choice pass only; None = the config's dtype
 
 
 @dataclass
@@ -171,6 +176,11 @@ class CompareConfig:
             self.dtype = dtype_name(self.dtype)
         except UsageError as e:
             out.append(f"dtype: {e}")
+        if self.eval.dtype is not None:
+            try:
+                self.eval.dtype = dtype_name(self.eval.dtype)
+            except UsageError as e:
+                out.append(f"eval.dtype: {e}")
         if any(not 0 <= f <= 1 for f in self.heal.probe_at):
             out.append("heal.probe_at: fractions of the budget in [0, 1]")
         try:
@@ -305,8 +315,18 @@ class Comparison:
             old.pop("rows", None)
             if "heal_resolved" in old:  # healing settings removed since (fsdp) drop out as in a heal's resume key
                 old["heal_resolved"] = HealConfig.upgrade_key({"config": old["heal_resolved"]})["config"]
-            if old != json.loads(json.dumps(mine)):
-                diff = sorted(k for k in set(old) | set(mine) if old.get(k) != json.loads(json.dumps(mine)).get(k))
+            new = json.loads(json.dumps(mine))
+            defaults = json.loads(json.dumps(dataclasses.asdict(CompareConfig())))
+            for k, v in old.items():  # settings added since read as their defaults
+                if isinstance(v, dict) and isinstance(defaults.get(k), dict):
+                    old[k] = {**defaults[k], **v}
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if diff == ["eval"] and not any((self.dir / "rows").glob("*/eval_*.json")):
+                changed = sorted(k for k in new["eval"] if old["eval"].get(k) != new["eval"][k])
+                if set(changed) <= set(ACCURACY_ONLY):  # nothing measured depends on them yet
+                    self.log(f"[config] accuracy settings changed before any row was scored: {', '.join(changed)}")
+                    diff = []
+            if diff:
                 raise ConfigError(f"{self.dir} holds a comparison made with other settings ({', '.join(diff)}): "
                                   "use another `out`, or restore those settings to resume it")
         f.write_text(yaml.safe_dump({**dataclasses.asdict(self.cfg), "heal_resolved": mine["heal_resolved"]},
@@ -400,7 +420,7 @@ class Comparison:
                 items = [{"doc_id": it["doc_id"], "correct": int(it["pred" + key] == it["gold"]),
                           "margin": it["margin" + key]} for it in r.pop("items")]
                 res = {**r, "items": items, "mmlu_per_subject": self.cfg.eval.mmlu_per_subject
-                       if prep.task.name == "mmlu" else None}
+                       if prep.task.name == "mmlu" else None, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
                 _write(f, res)
             out[prep.task.name] = res
         return out
@@ -481,6 +501,9 @@ class Comparison:
         self.log(f"[{name}] multiple-choice evaluation")
         t0 = time.perf_counter()
         model, _ = self.model_for(name, plan, heal_mode)  # a healed row's weights are read back from its folder
+        dtype = parse_dtype(self.cfg.eval.dtype or self.cfg.dtype)
+        if next(model.parameters()).dtype != dtype:
+            model = (copy.deepcopy(model) if model is self.base else model).to(dtype)
         res["eval"] = self.evaluate_row(name, model)
         cols = [v[v["column"]] for v in res["eval"].values()]
         res["average"] = sum(cols) / len(cols)
@@ -576,7 +599,7 @@ def write_comparison(out: Path, results: dict, cfg: CompareConfig, sens: dict) -
     if any_row:
         evaluated = ("evaluation: every other item (" + ", ".join(f"{t} {any_row['eval'][t]['n']}" for t in tasks)
                      + (f"; MMLU {cfg.eval.mmlu_per_subject} per subject" if "mmlu" in tasks and cfg.eval.mmlu_per_subject
-                        else "") + ")")
+                        else "") + f"; weights in {cfg.eval.dtype or cfg.dtype})")
     else:
         evaluated = "no multiple-choice evaluation (eval.multiple_choice: false)"
     lines += [
@@ -586,7 +609,7 @@ def write_comparison(out: Path, results: dict, cfg: CompareConfig, sens: dict) -
         f"{cfg.heal.tokens} tokens for every healed row. Held-out text: {cfg.eval.heldout_tokens} tokens that "
         "neither healing nor calibration reads; WikiText-2: "
         f"{cfg.eval.wikitext_docs or 'all'} test documents, windows of {cfg.eval.wikitext_max_length or 'the model context'}"
-        " tokens.", ""]
+        f" tokens; healing, held-out text and WikiText-2 in {cfg.dtype}.", ""]
     head = "| row" + "".join(f" | {t} ({any_row['eval'][t]['column']})" for t in tasks)
     head += " | avg | WikiText ppl | held-out KL | agree | held-out ppl | speed (x base) | KV (x base) |"
     lines += [head, "|" + "---|" * (len(tasks) + 8)]

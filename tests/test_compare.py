@@ -4,6 +4,8 @@ row end to end on a tiny random model (resuming row by row)."""
 import json
 import random
 
+import yaml
+
 import pytest
 
 import layerboost as lb
@@ -211,3 +213,36 @@ def test_every_row_end_to_end_and_resume(tiny_dir, tmp_path, one_thread):
     cfg.window = 4
     with pytest.raises(C.ConfigError, match="other settings"):
         C.compare(cfg)
+
+
+@pytest.mark.slow
+def test_accuracy_dtype_changes_until_a_row_is_scored(tiny_dir, tmp_path, one_thread):
+    """eval.dtype sets the weights of the multiple-choice pass only; accuracy-only settings may change
+    until a row is scored, then they are refused like every other setting."""
+    import torch
+
+    out = tmp_path / "cmp"
+    cfg = tiny_compare(tiny_dir, out, rows=["base", "converted"])
+    cfg.eval.multiple_choice = False
+    C.compare(cfg, log=lambda *a: None)  # phase 1 only (fp32)
+    kl = json.loads((out / "rows" / "converted.json").read_text())["heldout"]["kl"]
+    # a config file written before eval.dtype existed: the missing setting reads as its default
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["eval"]["dtype"]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    cfg = tiny_compare(tiny_dir, out, rows=["base", "converted"])
+    cfg.eval.dtype = "bfloat16"
+    seen = []
+    cmp = C.Comparison(cfg, seen.append)
+    md = cmp.run().read_text()
+    assert any("accuracy settings changed before any row was scored: dtype, multiple_choice" in s for s in seen)
+    assert next(cmp.base.parameters()).dtype == torch.float32  # the base itself is never cast
+    for row in ("base", "converted"):
+        r = json.loads((out / "rows" / f"{row}.json").read_text())
+        assert {v["dtype"] for v in r["eval"].values()} == {"bfloat16"} and "eval" in r
+    assert json.loads((out / "rows" / "converted.json").read_text())["heldout"]["kl"] == kl  # phase 1 kept
+    assert "weights in bfloat16" in md and "held-out text and WikiText-2 in float32" in md
+    # once a row is scored, changing them mixes two settings in one table: refused
+    cfg = tiny_compare(tiny_dir, out, rows=["base", "converted"])
+    with pytest.raises(C.ConfigError, match=r"other settings \(eval\)"):
+        C.compare(cfg, log=lambda *a: None)

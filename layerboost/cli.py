@@ -310,6 +310,8 @@ def _config_with_overrides(cls, args):
 
     cfg = cls.load(args.config)
     overrides = {k: v for k, v in (("out", args.out), ("data_dir", args.data_dir), ("model", args.model)) if v}
+    if getattr(args, "rows", None):
+        overrides["rows"] = [r.strip() for r in args.rows.split(",") if r.strip()]
     cfg = cls.from_dict({**dataclasses.asdict(cfg), **overrides}) if overrides else cfg
     check_writable(cfg.out)
     return cfg
@@ -454,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "healing budgets; writes comparison.md with paired tests and figures. Resumes row by row.")
     p.add_argument("config", nargs="?", help="YAML config or a shipped name (compare); default: compare")
     _config_arguments(p, "comparison folder")
+    p.add_argument("--rows", help="comma-separated rows to run instead of the config's (e.g. the key rows' accuracy "
+                   "first; rows may be added to a folder later)")
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="rebuild report.md of a run folder from its stage outputs",

@@ -294,3 +294,14 @@ def test_eval_mmlu_per_subject(files, tmp_path, capsys):
     assert res["mmlu_per_subject"] == 2 and res["tasks"]["mmlu"]["n"] == 6 and res["tasks"]["piqa"]["n"] == 8
     fails(capsys, ["eval", "--model", files / "model", "--tasks", "mmlu", "--mmlu-per-subject", "0", "--data-dir", d],
           "--mmlu-per-subject must be at least 1")
+
+
+def test_compare_rows_option(tmp_path, capsys):
+    from layerboost.cli import _config_with_overrides
+    from layerboost.compare import CompareConfig
+
+    args = build_parser().parse_args(["compare", "--rows", "base, layerboost", "--out", str(tmp_path / "c")])
+    cfg = _config_with_overrides(CompareConfig, args)
+    assert cfg.rows == ["base", "layerboost"] and cfg.softmax == CompareConfig.load("compare").softmax
+    fails(capsys, ["compare", "--rows", "base,magic", "--out", tmp_path / "d"], "unknown row 'magic'")
+    assert not (tmp_path / "d").exists()

@@ -472,10 +472,11 @@ class Comparison:
         f = self.dir / "rows" / f"{name}.json"
         done = _read(f)
         if done is not None:
-            if "bench" in done and plan is not None and self.cfg.bench.enabled and \
-                    not (self.dir / "bench" / f"{_plan_hash(plan)}.json").is_file():
-                done["bench"] = self.bench_plan(plan)  # speed files deleted: measure again (e.g. on a quiet machine)
-                _write(f, done)
+            if "bench" in done and plan is not None and self.cfg.bench.enabled:
+                bench = self.bench_plan(plan)  # a deleted speed file is measured again (e.g. on a quiet machine)
+                if bench != done["bench"]:  # rows sharing a plan take the new measurement too
+                    done["bench"] = bench
+                    _write(f, done)
             self.log(f"[{name}] done before, skipped")
             return done
         self.log(f"[{name}] {description}")

@@ -201,6 +201,9 @@ def test_every_row_end_to_end_and_resume(tiny_dir, tmp_path, one_thread):
     seen = []
     C.compare(tiny_compare(tiny_dir, out), log=seen.append)
     assert speed.is_file()
+    again = json.loads(speed.read_text())
+    for n in ("converted", "layerboost", "no_attn_distill"):  # every row of that plan shows the new measurement
+        assert json.loads((out / "rows" / f"{n}.json").read_text())["bench"] == again
     assert any("[pattern] interleaved" in s for s in seen)
     assert sum("done before, skipped" in s for s in seen) == len(res) - 1 - sum("same_as" in r for r in res.values())
     # continuous measures only: every row still gets held-out KL with paired tests, no accuracy columns

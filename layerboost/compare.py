@@ -123,6 +123,11 @@ class CompareConfig:
     eval: CompareEval = field(default_factory=CompareEval)
     bench: CompareBench = field(default_factory=CompareBench)
 
+    @property
+    def accuracy_dtype(self) -> str:
+        """The weights' dtype in the multiple-choice pass."""
+        return self.eval.dtype or self.dtype
+
     @classmethod
     def load(cls, path_or_name: str | None) -> "CompareConfig":
         """A YAML file or a shipped config name (`compare`, `compare-quick`); None = `compare`."""
@@ -420,7 +425,7 @@ class Comparison:
                 items = [{"doc_id": it["doc_id"], "correct": int(it["pred" + key] == it["gold"]),
                           "margin": it["margin" + key]} for it in r.pop("items")]
                 res = {**r, "items": items, "mmlu_per_subject": self.cfg.eval.mmlu_per_subject
-                       if prep.task.name == "mmlu" else None, "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+                       if prep.task.name == "mmlu" else None, "dtype": dtype_name(next(model.parameters()).dtype)}
                 _write(f, res)
             out[prep.task.name] = res
         return out
@@ -502,7 +507,7 @@ class Comparison:
         self.log(f"[{name}] multiple-choice evaluation")
         t0 = time.perf_counter()
         model, _ = self.model_for(name, plan, heal_mode)  # a healed row's weights are read back from its folder
-        dtype = parse_dtype(self.cfg.eval.dtype or self.cfg.dtype)
+        dtype = parse_dtype(self.cfg.accuracy_dtype)
         if next(model.parameters()).dtype != dtype:
             model = (copy.deepcopy(model) if model is self.base else model).to(dtype)
         res["eval"] = self.evaluate_row(name, model)
@@ -600,7 +605,7 @@ def write_comparison(out: Path, results: dict, cfg: CompareConfig, sens: dict) -
     if any_row:
         evaluated = ("evaluation: every other item (" + ", ".join(f"{t} {any_row['eval'][t]['n']}" for t in tasks)
                      + (f"; MMLU {cfg.eval.mmlu_per_subject} per subject" if "mmlu" in tasks and cfg.eval.mmlu_per_subject
-                        else "") + f"; weights in {cfg.eval.dtype or cfg.dtype})")
+                        else "") + f"; weights in {cfg.accuracy_dtype})")
     else:
         evaluated = "no multiple-choice evaluation (eval.multiple_choice: false)"
     lines += [

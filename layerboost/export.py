@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .kinds import KINDS
 from .surgery import ARCHITECTURES, NATIVE_WINDOW_KEY
+from .util import dtype_name
 
 FORMATS = ("transformers", "deci")
 
@@ -286,7 +287,7 @@ def deci_config(config, plan, dtype: torch.dtype) -> dict:
         "pad_token_id": config.pad_token_id,
         "initializer_range": config.initializer_range,
         "use_cache": True,
-        "torch_dtype": str(dtype).removeprefix("torch."),  # of the weights written
+        "torch_dtype": dtype_name(dtype),  # of the weights written
         "block_configs": [{"attention": no_attention if KINDS[s.kind].export_as("deci") == "no_op" else attention, "ffn": ffn}
                           for s in plan.layers],
     }

@@ -21,8 +21,11 @@ class UsageError(ValueError):
     """Arguments or settings that cannot work together or with the files they name; the message says the fix."""
 
 
-def dtype_name(value: str) -> str:
-    """`float32` / `bfloat16` / `float16`, or their aliases fp32 / bf16 / fp16 -> the canonical name."""
+def dtype_name(value: str | torch.dtype) -> str:
+    """`float32` / `bfloat16` / `float16`, or their aliases fp32 / bf16 / fp16 -> the canonical name; a
+    torch.dtype -> its name (`torch.bfloat16` -> `bfloat16`)."""
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
     name = DTYPE_ALIASES.get(value, value)
     if name not in DTYPES:
         raise UsageError(f"dtype {value!r} is not known: use one of {', '.join(list(DTYPES) + list(DTYPE_ALIASES))}")
@@ -127,7 +130,7 @@ def environment(device: str | torch.device = "cpu", dtype: torch.dtype | None = 
            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
            "threads": torch.get_num_threads(), "device": str(device),
-           "dtype": None if dtype is None else str(dtype).replace("torch.", ""), "gpu": None,
+           "dtype": None if dtype is None else dtype_name(dtype), "gpu": None,
            "ram_bytes": psutil.virtual_memory().total, "ram_available_bytes": psutil.virtual_memory().available}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)

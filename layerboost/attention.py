@@ -156,22 +156,16 @@ class LinearSlidingWindowAttention(_ProjectedAttention):
             state = normalizer = None
         n, groups = k.shape[-2], self.num_key_value_groups
         k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)  # (B, nh, n, hs)
-        qi, kj = _positions(t, n, q.device)
         pad = allowed_mask(attention_mask, n)  # (B, 1, T, n) or None
-        in_window = (kj <= qi) & (kj > qi - self.window)
-        older = kj <= qi - self.window
-        win_mask = in_window if pad is None else in_window & (pad | (kj == qi))
-        old_mask = older if pad is None else older & pad
-
-        s = torch.matmul(q, k.transpose(-1, -2)).float() * self.scaling  # (B, nh, T, n)
-        s = s.masked_fill(~win_mask, float("-inf"))
-        a_win = torch.exp(s - s.amax(dim=-1, keepdim=True))
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)  # (B, nh, T, F), (B, nh, n, F)
-        a_old = torch.matmul(fq, fk.transpose(-1, -2)) * old_mask  # (B, nh, T, n)
         fw, fl = (f[None, :, None, None] for f in self.mix_factors())
-        weights = fw * a_win + fl * a_old
-        num = torch.matmul(weights, v.float())  # (B, nh, T, hs)
-        den = weights.sum(dim=-1, keepdim=True)
+        # A long prefill with no cached keys and no padded key goes block by block in O(T * window)
+        # memory; both forms give the same sums up to rounding (tested against each other).
+        # (A mask whose last row lets the last query see every key has no padded key.)
+        if n == t and t > 2 * self.window and (pad is None or bool(pad[:, :, -1].all())):
+            num, den = _blocked_linear_swa(q, k, v, fq, fk, fw, fl, self.window, self.scaling)
+        else:
+            num, den = _all_pairs_linear_swa(q, k, v, fq, fk, fw, fl, self.window, self.scaling, pad)
         if state is not None:
             num = num + fl * torch.matmul(fq, state)
             den = den + fl * torch.matmul(fq, normalizer.unsqueeze(-1))
@@ -184,6 +178,66 @@ class LinearSlidingWindowAttention(_ProjectedAttention):
                 fk_old = fk_old * pad[:, :, -1, :n_evict, None]
             layer.fold(torch.matmul(fk_old.transpose(-1, -2), v_old), fk_old.sum(dim=-2))
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1)), None
+
+
+def _all_pairs_linear_swa(q, k, v, fq, fk, fw, fl, window: int, scaling: float, pad=None):
+    """linear_swa's numerator (B, nh, T, hs) and denominator (B, nh, T, 1), fp32, with every
+    (query, key) pair's weight at once: O(T * n) memory. The new queries are the last T of the n keys
+    (q: (B, nh, T, hs); k, v: (B, nh, n, hs), repeated to nh heads); `pad` (B, 1, T, n) or None."""
+    qi, kj = _positions(q.shape[-2], k.shape[-2], q.device)
+    in_window = (kj <= qi) & (kj > qi - window)
+    older = kj <= qi - window
+    # Keep each query's own key so rows that are all padding never divide by zero.
+    win_mask = in_window if pad is None else in_window & (pad | (kj == qi))
+    old_mask = older if pad is None else older & pad
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * scaling  # (B, nh, T, n)
+    s = s.masked_fill(~win_mask, float("-inf"))
+    a_win = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    a_old = torch.matmul(fq, fk.transpose(-1, -2)) * old_mask
+    weights = fw * a_win + fl * a_old
+    return torch.matmul(weights, v.float()), weights.sum(dim=-1, keepdim=True)
+
+
+def _blocked_linear_swa(q, k, v, fq, fk, fw, fl, window: int, scaling: float):
+    """linear_swa's numerator (B, nh, T, hs) and denominator (B, nh, T, 1), fp32, over blocks of
+    `window` queries. A query at row r of block c sees, among the 2 * window keys of blocks c-1 and c
+    (column j, at offset j - window from the block's start), window keys where r < j <= r + window
+    and older keys where j <= r; every key of blocks <= c-2 is older and enters through a running
+    sum of phi(k) v over blocks. q, k, v: (B, nh, T, hs) with keys already repeated to nh heads;
+    no cached keys, no padding."""
+    b, nh, t, hs = q.shape
+    w = window
+    c = -(-t // w)  # blocks; the tail is padded with zeros, which no real query can see (causal)
+
+    def blocks(x):  # (B, nh, T, d) -> (B, nh, C, W, d)
+        return F.pad(x, (0, 0, 0, c * w - t)).view(b, nh, c, w, x.shape[-1])
+
+    def with_previous(x):  # (B, nh, C, W, d) -> (B, nh, C, 2W, d): block c-1 (zeros for c = 0), then c
+        return torch.cat([F.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1], x], dim=3)
+
+    qb, fqb = blocks(q), blocks(fq)
+    kb, vb, fkb = blocks(k), blocks(v.float()), blocks(fk)
+    r = torch.arange(w, device=q.device)[:, None]
+    j = torch.arange(2 * w, device=q.device)[None]
+    first = torch.arange(c, device=q.device)[:, None, None] == 0  # block 0 has no block before it
+    win_mask = (j > r) & (j <= r + w) & ~(first & (j < w))  # (C, W, 2W)
+    old_mask = (j <= r) & ~first
+
+    s = torch.matmul(qb, with_previous(kb).transpose(-1, -2)).float() * scaling  # (B, nh, C, W, 2W)
+    s = s.masked_fill(~win_mask, float("-inf"))
+    a_win = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    a_old = torch.matmul(fqb, with_previous(fkb).transpose(-1, -2)) * old_mask
+    fw, fl = fw[..., None], fl[..., None]  # (1, nh, 1, 1, 1)
+    weights = fw * a_win + fl * a_old
+    num = torch.matmul(weights, with_previous(vb))  # (B, nh, C, W, hs)
+    den = weights.sum(dim=-1, keepdim=True)
+    # keys of blocks <= c-2: the running sum over blocks, shifted by two
+    kv = torch.cumsum(torch.matmul(fkb.transpose(-1, -2), vb), dim=2)  # (B, nh, C, F, hs)
+    z = torch.cumsum(fkb.sum(dim=3), dim=2)  # (B, nh, C, F)
+    kv, z = F.pad(kv, (0, 0, 0, 0, 2, 0))[:, :, :c], F.pad(z, (0, 0, 2, 0))[:, :, :c]
+    num = num + fl * torch.matmul(fqb, kv)
+    den = den + fl * torch.matmul(fqb, z.unsqueeze(-1))
+    return num.reshape(b, nh, c * w, hs)[:, :, :t], den.reshape(b, nh, c * w, 1)[:, :, :t]
 
 
 class NoAttention(nn.Module):

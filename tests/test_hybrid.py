@@ -253,9 +253,10 @@ def _reference_linear_swa(attn, x, pe):
     return attn.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
-@pytest.mark.parametrize("mix", ["gate", "lolcats"])
+@pytest.mark.parametrize("mix,length", [("gate", 12), ("lolcats", 12), ("lolcats", 7), ("gate", 13)])
 @torch.no_grad()
-def test_linear_swa_matches_plain_reference(mix):
+def test_linear_swa_matches_plain_reference(mix, length):
+    """Window 4: 7 tokens take the all-pairs form, 12 and 13 (a partial last block) the blocked one."""
     base = tiny_model("llama", layers=1)
     m = copy.deepcopy(base)
     lb.convert(m, LayerPlan((LayerSpec("linear_swa", 4, 8, mix),)))
@@ -263,8 +264,8 @@ def test_linear_swa_matches_plain_reference(mix):
     attn = m.model.layers[0].self_attn
     with torch.no_grad():
         attn.gate.copy_(torch.linspace(-1, 1, attn.gate.numel()))  # per-head factors differ
-    x = torch.randn(2, 12, 64, generator=torch.Generator().manual_seed(0))
-    pos = torch.arange(12)[None]
+    x = torch.randn(2, length, 64, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(length)[None]
     pe = m.model.rotary_emb(x, position_ids=pos)
     got = attn(hidden_states=x, position_embeddings=pe, attention_mask=None)[0]
     ref = _reference_linear_swa(attn, x, pe)
@@ -273,6 +274,39 @@ def test_linear_swa_matches_plain_reference(mix):
     a, g = attn.mix_factors()
     s = torch.sigmoid(attn.gate)
     assert torch.equal(a, torch.ones_like(s) if mix == "gate" else s) and torch.equal(g, s if mix == "gate" else torch.ones_like(s))
+
+
+@pytest.mark.parametrize("length,window", [(50, 4), (64, 8), (9, 4)])
+def test_blocked_linear_swa_equals_all_pairs_with_gradients(length, window):
+    """The long-prefill form (blocks of `window` queries, running state) against the all-pairs form:
+    same outputs and same gradients for q, k, v, the feature maps' outputs and both mix factors."""
+    from layerboost.attention import _all_pairs_linear_swa, _blocked_linear_swa
+    g = torch.Generator().manual_seed(1)
+    b, nh, hs, f = 2, 3, 8, 10
+
+    def leaf(*shape, positive=False):
+        x = torch.randn(*shape, generator=g)
+        return (x.softmax(-1) if positive else x).requires_grad_()
+
+    q, k, v = leaf(b, nh, length, hs), leaf(b, nh, length, hs), leaf(b, nh, length, hs)
+    fq, fk = leaf(b, nh, length, f, positive=True), leaf(b, nh, length, f, positive=True)
+    fw, fl = (torch.rand(1, nh, 1, 1, generator=g).add(0.1).requires_grad_() for _ in range(2))
+    inputs = (q, k, v, fq, fk, fw, fl)
+    w_out = torch.randn(b, nh, length, hs, generator=g)
+    outs = []
+    for terms in (_all_pairs_linear_swa, _blocked_linear_swa):
+        num, den = terms(q, k, v, fq, fk, fw, fl, window, hs ** -0.5)
+        y = num / den
+        grads = torch.autograd.grad((y * w_out).sum(), inputs)
+        outs.append((y.detach(), grads))
+    (y0, g0), (y1, g1) = outs
+    assert y0.shape == y1.shape == (b, nh, length, hs)
+    assert (y0 - y1).abs().max() <= 1e-5
+    for a, c in zip(g0, g1):
+        assert (a - c).abs().max() <= 1e-4 * (1 + a.abs().max())
+    # the older keys matter here, so a blocked form that dropped its running state would fail
+    num, den = _all_pairs_linear_swa(q, k, v, fq, fk, fw, fl * 0, window, hs ** -0.5)
+    assert (num / den - y0).abs().max() > 1e-3
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ Rows (all hybrids share the plan counts and the healing token budget):
                      proxy, every other layer softmax, healed
     signal_<s>       row 3 with its layers chosen by another signal s (drop, margin, kl, cosine,
                      iterative), healed; skipped when s gives row 3's plan
-    <row>_seed<N>    a healed row again with healing seed N (LoRA init; the data order is fixed):
+    <row>_seed<N>    a healed row again with healing seed N (LoRA init and training-text order):
                      continuous measures only, so the table shows how much healing itself varies
 
 Selection (the sensitivity analysis) reads only the selection partition of each split; every row is

@@ -219,10 +219,10 @@ def _policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=positive(), default=64, help="window of the sliding-window layers")
     g.add_argument("--linear", action="store_true", help="use linear_swa instead of swa for windowed layers")
     g.add_argument("--score", choices=["drop", "margin", "kl", "cosine"], default="kl",
-                   help="rank layers by KL(base || variant) on calibration text (default: it gave the lowest held-out "
-                        "KL after healing among the signals measured, docs/results.md), the gold-answer margin drop, "
+                   help="rank layers by KL(base || variant) on calibration text (default; which signal heals best is "
+                        "measured in docs/results.md, the comparison's signal rows), the gold-answer margin drop, "
                         "the accuracy drop (the paper's Eq. 3), or the cosine proxy; --iterative re-measures the same "
-                        "signal after each removal (kl, margin or drop)")
+                        "signal after each removal (kl, cosine, margin or drop)")
 
 
 def cmd_analyze(args) -> int:
@@ -232,7 +232,7 @@ def cmd_analyze(args) -> int:
     from .evaluate import Partition, get_task
     from .plan import check_fits
     from .report import plot_sensitivity
-    from .sensitivity import ITERATIVE_SCORES, analyze, check_analysis_dir, plan_scores, sensitivity_table
+    from .sensitivity import analyze, check_analysis_dir, plan_scores, sensitivity_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,9 +243,6 @@ def cmd_analyze(args) -> int:
     if args.no_proxies and args.score in ("kl", "cosine"):
         raise UsageError(f"--score {args.score} ranks layers by a proxy that --no-proxies skips: drop --no-proxies, "
                          "or choose --score margin or drop")
-    if args.iterative and args.score not in ITERATIVE_SCORES:
-        raise UsageError(f"--iterative re-measures the --score signal after each removal: use --score "
-                         f"{', '.join(ITERATIVE_SCORES)}, not {args.score}")
     part = Partition("selection", args.selection_size, args.selection_seed).to_dict()
     check_analysis_dir(args.out, {"tasks": tasks, "limit": args.limit, "seed": args.seed, "partition": part})
 

@@ -140,7 +140,7 @@ class CompareConfig:
     def problems(self) -> list[str]:
         from .evaluate import get_task
         from .heal import HealConfig, HealConfigError
-        from .sensitivity import ITERATIVE_SCORES, PLAN_SCORES
+        from .sensitivity import PLAN_SCORES
 
         out = []
         for t in self.tasks:
@@ -159,9 +159,6 @@ class CompareConfig:
                            "<healed row>_seed<N>")
         if self.score not in PLAN_SCORES:
             out.append(f"score: {self.score!r} must be one of {', '.join(PLAN_SCORES)}")
-        elif "signal_iterative" in self.rows and self.score not in ITERATIVE_SCORES:
-            out.append(f"rows: signal_iterative re-measures `score` after each removal: use one of "
-                       f"{', '.join(ITERATIVE_SCORES)}, not {self.score!r}")
         if min(self.softmax, self.swa, self.none) < 0:
             out.append("softmax, swa and none must be >= 0")
         for k in ("selection_size", "window", "linear_window", "linear_feature_dim", "calib_seqs"):
@@ -259,13 +256,13 @@ def _row_plans(cfg: CompareConfig, sens: dict, n_layers: int, iterative_plan=Non
 def iterative_plan(model, tok, cfg: CompareConfig, out: Path):
     """Row 3 with the iterative signal: remove the least sensitive layer's attention, re-measure, repeat
     `none` times (LLM-Drop-style interactions); the rest ranked by the last step's scores. The signal is row
-    3's: the KL proxy (calibration text), else the margin or accuracy drop on `iterative_limit` items."""
+    3's: a proxy on calibration text (cosine, KL), else the margin or accuracy drop on `iterative_limit` items."""
     from . import plan as P
     from .evaluate import Partition, prepare_tasks
     from .sensitivity import calibration_tokens, items_from_tasks, remove_iteratively
 
     items = calib = None
-    if cfg.score == "kl":  # the KL proxy re-measured after each removal, on the analysis' calibration text
+    if cfg.score in ("kl", "cosine"):  # the proxy re-measured after each removal, on the analysis' calibration text
         calib = calibration_tokens(tok, cfg.data_dir, cfg.calib_seqs)
     else:
         part = Partition("selection", cfg.selection_size, cfg.selection_seed)

@@ -366,7 +366,7 @@ class PlanPolicy:
     context: int = 4096
     window: int = 64
     kind: str = "swa"
-    score: str = "kl"  # kl | margin | drop | cosine (kl measured best, docs/results.md)
+    score: str = "kl"  # kl | margin | drop | cosine (the signals compared after healing: docs/results.md)
 
     def problems(self) -> list[str]:
         out = []

@@ -243,7 +243,6 @@ def _read(runner: LayerRunner, seqs: _Seqs, outs: list[torch.Tensor]) -> list[fl
 
 
 PLAN_SCORES = ("drop", "margin", "kl", "cosine")
-ITERATIVE_SCORES = ("kl", "margin", "drop")  # signals `analyze --iterative` re-measures after each removal
 
 
 def plan_scores(result: dict, score: str) -> list[float]:
@@ -592,31 +591,41 @@ def _remove_greedily(runner: LayerRunner, steps: int, measure) -> list[dict]:
 
 
 @torch.no_grad()
-def iterative_kl(model: nn.Module, calib: torch.Tensor, steps: int, *, batch: int = 4, out_dir: str | Path | None = None,
-                 progress: bool = True) -> list[dict]:
-    """Iterative removal ranked by the KL proxy: remove the layer whose removal costs the least
-    KL(original || model), keep it removed, re-measure every remaining layer, repeat `steps` times. KL is
-    always taken against the original model, so step k ranks the cost of the k+1 removals together.
-    Each step is saved (and resumed) as out_dir/iterative_kl/step_k.json.
+def iterative_proxy(model: nn.Module, calib: torch.Tensor, steps: int, *, score: str, batch: int = 4,
+                    out_dir: str | Path | None = None, progress: bool = True) -> list[dict]:
+    """Iterative removal ranked by a proxy on calibration text: remove the layer that scores lowest, keep
+    it removed, re-measure every remaining layer, repeat `steps` times.
+
+    `kl`: KL(original || model with the candidate removed too), always against the original model, so
+    step k ranks the cost of the k+1 removals together. `cosine`: 1 - cos(x, x + attn(x)) of each
+    remaining layer in the model as it is now (LLM-Drop's iterative dropping). Each step is saved (and
+    resumed) as out_dir/iterative_<score>/step_k.json.
 
     Returns:
-        one dict per step: the layer removed, its KL, and every remaining layer's KL (as `iterative_removal`).
+        one dict per step: the layer removed, its score, and every remaining layer's score (as `iterative_removal`).
     """
+    if score not in ("kl", "cosine"):
+        raise AnalysisError(f"iterative_proxy: score must be kl or cosine, not {score!r}")
     runner = LayerRunner(model)
-    reference = base_logprobs(runner, calib, batch)
+    reference = base_logprobs(runner, calib, batch) if score == "kl" else None
+
+    def proxy(remaining):
+        if score == "kl":
+            return kl_proxy(model, calib, layers=remaining, batch=batch, progress=progress, reference=reference)
+        cos = cosine_proxy(model, calib, batch=batch)
+        return [cos[i] for i in remaining]
 
     def measure(step, remaining, removed):
-        f = Path(out_dir) / "iterative_kl" / f"step_{step:02d}.json" if out_dir else None
+        f = Path(out_dir) / f"iterative_{score}" / f"step_{step:02d}.json" if out_dir else None
         saved = json.loads(f.read_text()) if f is not None and f.is_file() else None
         if saved is not None and saved["removed_before"] == removed and saved["n_calib"] == list(calib.shape):
             return {int(k): v for k, v in saved["drops"].items()}
-        kls = dict(zip(remaining, kl_proxy(model, calib, layers=remaining, batch=batch, progress=progress,
-                                           reference=reference)))
+        scores = dict(zip(remaining, proxy(remaining)))
         if f is not None:
             f.parent.mkdir(parents=True, exist_ok=True)
-            write_json(f, {"removed_before": removed, "drops": {str(k): v for k, v in kls.items()},
+            write_json(f, {"removed_before": removed, "drops": {str(k): v for k, v in scores.items()},
                            "n_calib": list(calib.shape)})
-        return kls
+        return scores
 
     return _remove_greedily(runner, steps, measure)
 
@@ -624,10 +633,10 @@ def iterative_kl(model: nn.Module, calib: torch.Tensor, steps: int, *, batch: in
 def remove_iteratively(model: nn.Module, score: str, steps: int, *, items: list[MCItem] | None = None,
                        calib: torch.Tensor | None = None, out_dir: str | Path | None = None, batch_tokens: int = 8192,
                        progress: bool = True) -> list[dict]:
-    """Iterative removal by the signal `score` (ITERATIVE_SCORES): the KL proxy on `calib`, or the gold-margin /
-    accuracy drop on `items`."""
-    if score == "kl":
-        return iterative_kl(model, calib, steps, out_dir=out_dir, progress=progress)
+    """Iterative removal by the signal `score` (any of PLAN_SCORES): the KL or cosine proxy on `calib`, or the
+    gold-margin / accuracy drop on `items`."""
+    if score in ("kl", "cosine"):
+        return iterative_proxy(model, calib, steps, score=score, out_dir=out_dir, progress=progress)
     key = {"drop": "drop", "margin": "margin_drop"}[score]
     return iterative_removal(model, items, steps, batch_tokens=batch_tokens, score=key, out_dir=out_dir, progress=progress)
 
@@ -759,11 +768,13 @@ def analyze(
         result["timing"]["proxies_seconds"] = time.perf_counter() - t1
     if iterative_steps:
         t1 = time.perf_counter()
-        calib = calibration_tokens(tokenizer, data_dir, calib_seqs, calib_len) if iterative_score == "kl" else None
+        proxy = iterative_score in ("kl", "cosine")
+        calib = calibration_tokens(tokenizer, data_dir, calib_seqs, calib_len) if proxy else None
         hist = remove_iteratively(model, iterative_score, iterative_steps, items=items, calib=calib, out_dir=out,
                                   batch_tokens=batch_tokens, progress=progress)
-        one_shot = {"drop": drops, "margin": result["sensitivity_margin"],
-                    "kl": result.get("proxies", {}).get("kl")}[iterative_score]
+        proxies = result.get("proxies", {})
+        one_shot = {"drop": drops, "margin": result["sensitivity_margin"], "kl": proxies.get("kl"),
+                    "cosine": proxies.get("cosine")}[iterative_score]
         result["iterative"] = {
             "history": [{k: (v if k != "drops" else {str(a): b for a, b in v.items()}) for k, v in h.items()}
                         for h in hist],

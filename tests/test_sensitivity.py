@@ -186,9 +186,14 @@ def test_cli_analyze_and_plan(tmp_path, tok, model):
     tok.save_pretrained(tmp_path / "m")
     run = lambda *a: subprocess.run([sys.executable, "-m", "layerboost.cli", *a], capture_output=True, text=True)
     r = run("analyze", "--model", str(tmp_path / "m"), "--tasks", "piqa,arc_easy", "--limit", "4",
-            "--out", str(tmp_path / "a"), "--calib-seqs", "2", "--softmax", "2", "--swa", "1")
+            "--out", str(tmp_path / "a"), "--calib-seqs", "2", "--softmax", "2", "--swa", "1",
+            "--score", "cosine", "--iterative", "2")
     assert r.returncode == 0, r.stderr
     res = json.loads((tmp_path / "a" / "sensitivity.json").read_text())
+    hist = res["iterative"]["history"]  # LLM-Drop's iterative dropping: the cosine proxy re-measured
+    assert res["iterative"]["score"] == "cosine" and len(hist) == 2
+    assert hist[0]["drops"] == pytest.approx({str(i): c for i, c in enumerate(res["proxies"]["cosine"])})  # = one-shot
+    assert len(list((tmp_path / "a" / "iterative_cosine").glob("step_*.json"))) == 2
     assert len(res["sensitivity"]) == 4 and set(res["proxies"]["spearman_vs_drop"]) == {"kl", "cosine", "margin"}
     assert (tmp_path / "a" / "sensitivity.png").stat().st_size > 1000
     assert lb.LayerPlan.load(tmp_path / "a" / "plan.json").counts() == {"softmax": 2, "swa": 1, "linear_swa": 0, "none": 1}
@@ -207,7 +212,7 @@ def test_iterative_kl_against_brute_force(tmp_path, one_thread):
 
     m = tiny_model("llama", layers=5, seed=3)
     calib = torch.randint(3, 128, (3, 20), generator=torch.Generator().manual_seed(4))
-    hist = S.iterative_kl(m, calib, 2, batch=2, out_dir=tmp_path, progress=False)
+    hist = S.iterative_proxy(m, calib, 2, score="kl", batch=2, out_dir=tmp_path, progress=False)
     base = torch.log_softmax(m(calib).logits.float(), -1)
 
     def kl_without(layers):
@@ -223,6 +228,43 @@ def test_iterative_kl_against_brute_force(tmp_path, one_thread):
     assert hist[1]["removed_before"] == [first] and first not in hist[1]["drops"]
     for i, v in hist[1]["drops"].items():
         assert v == pytest.approx(kl_without({first, i}), rel=1e-4, abs=1e-6)
-    again = S.iterative_kl(m, calib, 2, batch=2, out_dir=tmp_path, progress=False)  # read back, not recomputed
+    again = S.iterative_proxy(m, calib, 2, score="kl", batch=2, out_dir=tmp_path, progress=False)  # read back
     assert [h["removed"] for h in again] == [h["removed"] for h in hist]
     assert sorted(p.name for p in (tmp_path / "iterative_kl").iterdir()) == ["step_00.json", "step_01.json"]
+
+
+@torch.no_grad()
+def test_iterative_cosine_against_hf_forward(tmp_path, one_thread):
+    """Each step's score is 1 - cos(x, x + attn(x)) of every remaining layer in the model with the layers
+    removed so far removed, recomputed here from hooks on a converted copy's HF forward."""
+    import copy
+
+    m = tiny_model("llama", layers=5, seed=5)
+    calib = torch.randint(3, 128, (3, 20), generator=torch.Generator().manual_seed(6))
+    hist = S.iterative_proxy(m, calib, 3, score="cosine", batch=2, out_dir=tmp_path, progress=False)
+
+    def cosines_without(removed):
+        v = copy.deepcopy(m)
+        lb.convert(v, lb.LayerPlan(tuple(LayerSpec("none") if i in removed else LayerSpec("softmax") for i in range(5))))
+        got, xs = {}, {}
+        hooks = [layer.register_forward_pre_hook(lambda mod, a, kw, i=i: xs.__setitem__(i, kw.get("hidden_states",
+                 a[0] if a else None)), with_kwargs=True) for i, layer in enumerate(v.model.layers)]
+        hooks += [layer.self_attn.register_forward_hook(lambda mod, a, out, i=i: got.__setitem__(
+                  i, 1 - torch.nn.functional.cosine_similarity(xs[i], xs[i] + out[0], dim=-1).mean().item()))
+                  for i, layer in enumerate(v.model.layers)]
+        v(calib)
+        for h in hooks:
+            h.remove()
+        return got
+
+    removed = []
+    for h in hist:
+        ref = cosines_without(set(removed))
+        assert h["removed_before"] == removed and set(h["drops"]) == set(range(5)) - set(removed)
+        for i, val in h["drops"].items():
+            assert val == pytest.approx(ref[i], rel=1e-4, abs=1e-6), (h["step"], i)
+        assert h["removed"] == min(h["drops"], key=lambda i: (h["drops"][i], i))
+        removed.append(h["removed"])
+    first_alone = S.cosine_proxy(m, calib, batch=2)
+    assert hist[1]["drops"] != {i: first_alone[i] for i in hist[1]["drops"]}  # re-measured, not the one-shot scores
+    assert sorted(p.name for p in (tmp_path / "iterative_cosine").iterdir()) == [f"step_0{k}.json" for k in range(3)]

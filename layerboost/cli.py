@@ -232,7 +232,7 @@ def cmd_analyze(args) -> int:
     from .evaluate import Partition, get_task
     from .plan import check_fits
     from .report import plot_sensitivity
-    from .sensitivity import analyze, check_analysis_dir, plan_scores, sensitivity_table
+    from .sensitivity import PROXY_SCORES, analyze, check_analysis_dir, plan_scores, sensitivity_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -240,7 +240,7 @@ def cmd_analyze(args) -> int:
     for t in tasks:
         get_task(t)
     check_writable(args.out)
-    if args.no_proxies and args.score in ("kl", "cosine"):
+    if args.no_proxies and args.score in PROXY_SCORES:
         raise UsageError(f"--score {args.score} ranks layers by a proxy that --no-proxies skips: drop --no-proxies, "
                          "or choose --score margin or drop")
     part = Partition("selection", args.selection_size, args.selection_seed).to_dict()

@@ -259,10 +259,10 @@ def iterative_plan(model, tok, cfg: CompareConfig, out: Path):
     3's: a proxy on calibration text (cosine, KL), else the margin or accuracy drop on `iterative_limit` items."""
     from . import plan as P
     from .evaluate import Partition, prepare_tasks
-    from .sensitivity import calibration_tokens, items_from_tasks, remove_iteratively
+    from .sensitivity import PROXY_SCORES, calibration_tokens, items_from_tasks, remove_iteratively
 
     items = calib = None
-    if cfg.score in ("kl", "cosine"):  # the proxy re-measured after each removal, on the analysis' calibration text
+    if cfg.score in PROXY_SCORES:  # the proxy re-measured after each removal, on the analysis' calibration text
         calib = calibration_tokens(tok, cfg.data_dir, cfg.calib_seqs)
     else:
         part = Partition("selection", cfg.selection_size, cfg.selection_seed)

@@ -120,11 +120,11 @@ class RunConfig:
             out.append(f"eval.wikitext_docs must be >= 0 or null, got {self.eval.wikitext_docs}")
         if self.eval.heldout_tokens < 0:
             out.append(f"eval.heldout_tokens must be >= 0, got {self.eval.heldout_tokens}")
-        from .sensitivity import PLAN_SCORES
+        from .sensitivity import PLAN_SCORES, PROXY_SCORES
 
         if p.score not in PLAN_SCORES:
             out.append(f"plan.score: {p.score!r} must be one of {', '.join(PLAN_SCORES)}")
-        if p.score in ("kl", "cosine") and not self.analyze.proxies:
+        if p.score in PROXY_SCORES and not self.analyze.proxies:
             out.append(f"plan.score: {p.score!r} needs analyze.proxies: true")
         import inspect
 

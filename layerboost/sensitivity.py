@@ -243,6 +243,7 @@ def _read(runner: LayerRunner, seqs: _Seqs, outs: list[torch.Tensor]) -> list[fl
 
 
 PLAN_SCORES = ("drop", "margin", "kl", "cosine")
+PROXY_SCORES = ("kl", "cosine")  # measured on calibration text, not on labelled items
 
 
 def plan_scores(result: dict, score: str) -> list[float]:
@@ -255,7 +256,7 @@ def plan_scores(result: dict, score: str) -> list[float]:
     """
     if score not in PLAN_SCORES:
         raise AnalysisError(f"score must be one of {', '.join(PLAN_SCORES)}, not {score!r}")
-    if score in ("kl", "cosine"):
+    if score in PROXY_SCORES:
         if score not in result.get("proxies", {}):
             raise AnalysisError(f"score {score!r} needs the proxies: run analyze without --no-proxies, or use --score drop")
         return result["proxies"][score]
@@ -604,7 +605,7 @@ def iterative_proxy(model: nn.Module, calib: torch.Tensor, steps: int, *, score:
     Returns:
         one dict per step: the layer removed, its score, and every remaining layer's score (as `iterative_removal`).
     """
-    if score not in ("kl", "cosine"):
+    if score not in PROXY_SCORES:
         raise AnalysisError(f"iterative_proxy: score must be kl or cosine, not {score!r}")
     runner = LayerRunner(model)
     reference = base_logprobs(runner, calib, batch) if score == "kl" else None
@@ -635,7 +636,7 @@ def remove_iteratively(model: nn.Module, score: str, steps: int, *, items: list[
                        progress: bool = True) -> list[dict]:
     """Iterative removal by the signal `score` (any of PLAN_SCORES): the KL or cosine proxy on `calib`, or the
     gold-margin / accuracy drop on `items`."""
-    if score in ("kl", "cosine"):
+    if score in PROXY_SCORES:
         return iterative_proxy(model, calib, steps, score=score, out_dir=out_dir, progress=progress)
     key = {"drop": "drop", "margin": "margin_drop"}[score]
     return iterative_removal(model, items, steps, batch_tokens=batch_tokens, score=key, out_dir=out_dir, progress=progress)
@@ -768,7 +769,7 @@ def analyze(
         result["timing"]["proxies_seconds"] = time.perf_counter() - t1
     if iterative_steps:
         t1 = time.perf_counter()
-        proxy = iterative_score in ("kl", "cosine")
+        proxy = iterative_score in PROXY_SCORES
         calib = calibration_tokens(tokenizer, data_dir, calib_seqs, calib_len) if proxy else None
         hist = remove_iteratively(model, iterative_score, iterative_steps, items=items, calib=calib, out_dir=out,
                                   batch_tokens=batch_tokens, progress=progress)

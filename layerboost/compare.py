@@ -110,7 +110,7 @@ class CompareConfig:
     analyze_limit: int | None = None  # items per task of the selection partition the analysis scores
     calib_seqs: int = 8
     iterative_limit: int | None = 10  # items per task for the (costly) iterative signal
-    score: str = "kl"  # the signal of row 3 (analyze's default)
+    score: str = "kl"  # the signal of row 3, one-shot (the signal_iterative row ranks iteratively by it)
     softmax: int = 10
     swa: int = 10
     none: int = 10
@@ -207,8 +207,8 @@ def _row_plans(cfg: CompareConfig, sens: dict, n_layers: int, iterative_plan=Non
     from .plan import LayerPlan, LayerSpec
     from .sensitivity import plan_scores
 
-    def by(score):
-        return P.plan_by_counts(plan_scores(sens, score), cfg.softmax, cfg.swa, cfg.none, cfg.window)
+    def by(score):  # one-shot: the iterative signal is its own row
+        return P.plan_by_counts(plan_scores(sens, score, "one-shot"), cfg.softmax, cfg.swa, cfg.none, cfg.window)
 
     main = by(cfg.score)
     rows: dict = {}
@@ -236,7 +236,7 @@ def _row_plans(cfg: CompareConfig, sens: dict, n_layers: int, iterative_plan=Non
                        f"every layer linear_swa (window {cfg.linear_window}, feature dim {cfg.linear_feature_dim}, "
                        f"mix {mix}), healed")
         elif r == "llm_drop":
-            scores = plan_scores(sens, "cosine")
+            scores = plan_scores(sens, "cosine", "one-shot")
             rows[r] = (P.plan_by_counts(scores, n_layers - cfg.none, 0, cfg.none, cfg.window), "both",
                        f"{cfg.none} attention-free layers by the cosine proxy, the rest softmax, healed")
         elif split_seed(r)[1] is not None:
@@ -259,7 +259,7 @@ def iterative_plan(model, tok, cfg: CompareConfig, out: Path):
     3's: a proxy on calibration text (cosine, KL), else the margin or accuracy drop on `iterative_limit` items."""
     from . import plan as P
     from .evaluate import Partition, prepare_tasks
-    from .sensitivity import PROXY_SCORES, calibration_tokens, items_from_tasks, remove_iteratively
+    from .sensitivity import PROXY_SCORES, calibration_tokens, items_from_tasks, iterative_scores, remove_iteratively
 
     items = calib = None
     if cfg.score in PROXY_SCORES:  # the proxy re-measured after each removal, on the analysis' calibration text
@@ -269,10 +269,7 @@ def iterative_plan(model, tok, cfg: CompareConfig, out: Path):
         items = items_from_tasks(prepare_tasks(tok, cfg.tasks, data_dir=cfg.data_dir, limit=cfg.iterative_limit,
                                                seed=0, partition=part))
     hist = remove_iteratively(model, cfg.score, cfg.none, items=items, calib=calib, out_dir=out)
-    removed = [h["removed"] for h in hist]
-    last = hist[-1]["drops"] if hist else {}
-    n = len(model.model.layers)
-    scores = [float("-inf") if i in removed else last.get(i, 0.0) for i in range(n)]
+    scores = iterative_scores(hist, len(model.model.layers))
     return P.plan_by_counts(scores, cfg.softmax, cfg.swa, cfg.none, cfg.window)
 
 

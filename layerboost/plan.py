@@ -340,6 +340,7 @@ def plan_by_budget(scores, config, budget: float, context: int = 4096, window: i
 
 
 POLICIES = ("counts", "fractions", "thresholds", "budget")
+RANKINGS = ("auto", "iterative", "one-shot")  # see sensitivity.plan_scores
 
 
 @dataclass
@@ -352,6 +353,8 @@ class PlanPolicy:
             cheapest plan whose cost relative to the base is <= budget at `context` tokens, `budget_measure`).
         window: window of the windowed layers; kind: swa or linear_swa for them.
         score: the sensitivity score layers are ranked by (see sensitivity.plan_scores).
+        ranking: iterative (by the analysis' iterative history of `score`), one-shot, or auto (iterative
+            where the analysis has that history).
     """
 
     policy: str = "counts"
@@ -367,6 +370,7 @@ class PlanPolicy:
     window: int = 64
     kind: str = "swa"
     score: str = "kl"  # kl | margin | drop | cosine (the signals compared after healing: docs/results.md)
+    ranking: str = "auto"
 
     def problems(self) -> list[str]:
         out = []
@@ -380,6 +384,8 @@ class PlanPolicy:
             out.append("the thresholds policy needs softmax_above and none_below")
         if self.policy == "budget" and self.budget is None:
             out.append("the budget policy needs budget")
+        if self.ranking not in RANKINGS:
+            out.append(f"ranking {self.ranking!r} must be one of {', '.join(RANKINGS)}")
         if self.budget_measure not in ("kv", "decode"):
             out.append(f"budget_measure {self.budget_measure!r} must be kv or decode")
         if self.kind not in K.WINDOWED:

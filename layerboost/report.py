@@ -29,27 +29,37 @@ SCORE_LABELS = {"drop": "avg. accuracy drop (points)", "margin": "gold-margin dr
                 "kl": "KL(base || variant), nats/token", "cosine": "1 - cos(x, x + attn(x))"}
 
 
-def plot_sensitivity(result: dict, plan, path: str | Path, score: str = "drop") -> Path:
-    """Bar chart of each layer's sensitivity under `score` (the one the plan was chosen by), coloured by
-    the planned kind (paper Fig. 4); the accuracy drop carries its 95% interval."""
-    from .sensitivity import plan_scores
+def plot_sensitivity(result: dict, plan, path: str | Path, score: str = "drop", ranking: str = "auto") -> Path:
+    """Bar chart of each layer's sensitivity under `score` and `ranking` (those the plan was chosen by),
+    coloured by the planned kind (paper Fig. 4); the one-shot accuracy drop carries its 95% interval. With
+    an iterative ranking, the bars are the last step's scores and removed layers are labelled r1, r2, ...
+    in removal order."""
+    from .sensitivity import plan_scores, ranking_used
 
     plt = _plt()
     rows = [r for r in result["layers"] if r["variant"] == "none"]
     x = [r["layer"] for r in rows]
-    vals = plan_scores(result, score)
-    y = [100 * vals[i] if score == "drop" else vals[i] for i in x]
-    lo = [100 * (r["drop"] - r["drop_ci95"][0]) for r in rows] if score == "drop" else [0] * len(x)
-    hi = [100 * (r["drop_ci95"][1] - r["drop"]) for r in rows] if score == "drop" else [0] * len(x)
+    iterative = ranking_used(result, score, ranking) == "iterative"
+    vals = plan_scores(result, score, ranking)
+    removed = [h["removed"] for h in result["iterative"]["history"]] if iterative else []
+    scale = 100 if score == "drop" else 1
+    y = [0.0 if i in removed else scale * vals[i] for i in x]
+    ci = score == "drop" and not iterative
+    lo = [100 * (r["drop"] - r["drop_ci95"][0]) for r in rows]
+    hi = [100 * (r["drop_ci95"][1] - r["drop"]) for r in rows]
     colours = [KINDS[plan[i].kind].colour if plan is not None else "#777777" for i in x]
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(x) + 2), 3.6), dpi=150)
-    ax.bar(x, y, color=colours, yerr=[lo, hi], capsize=1.5, error_kw={"elinewidth": 0.6, "alpha": 0.6})
+    ax.bar(x, y, color=colours, yerr=[lo, hi] if ci else None, capsize=1.5, error_kw={"elinewidth": 0.6, "alpha": 0.6})
+    top = max([abs(v) for v in y] + [1e-9])
+    for k, i in enumerate(removed):
+        ax.text(i, 0.02 * top, f"r{k + 1}", ha="center", va="bottom", fontsize=6, color=colours[x.index(i)])
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xlabel("decoder layer")
-    ax.set_ylabel(SCORE_LABELS[score])
+    ax.set_ylabel(SCORE_LABELS[score] + (f"\nafter {len(removed)} removals" if iterative else ""), fontsize=8)
     n = result.get("items_per_task", {})
-    ax.set_title(f"Attention removal sensitivity ({', '.join(result['tasks'])}; "
-                 f"{_span(n)} items/task)", fontsize=8)
+    what = (f"{', '.join(result['tasks'])}; {_span(n)} items/task" if score in ("drop", "margin")
+            else "calibration text")
+    ax.set_title(f"Attention removal sensitivity ({what}{'; iterative' if iterative else ''})", fontsize=8)
     ax.set_xticks(x)
     ax.tick_params(axis="x", labelsize=6)
     if plan is not None:
@@ -158,13 +168,17 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["## 2. Plan", ""]
     if plan_path.is_file():
         from .plan import LayerPlan
-        from .sensitivity import plan_scores
+        from .sensitivity import plan_scores, ranking_used
 
         plan = LayerPlan.load(plan_path)
         score = (cfg.get("plan") or {}).get("score", "drop")
-        scores = plan_scores(sens, score) if sens else None
+        ranking = (cfg.get("plan") or {}).get("ranking", "auto")
+        scores = plan_scores(sens, score, ranking) if sens else None
+        used = ranking_used(sens, score, ranking) if sens else "one-shot"
+        note = ("; iterative: re-measured after each removal, the removed layers ranked first in removal order "
+                "(their value is a rank, -(removals left))" if used == "iterative" else "")
         lines += ["```", plan.table([100 * s if score == "drop" else s for s in scores] if scores else None), "```", "",
-                  f"(score, used to choose the plan and shown in the figure: {SCORE_LABELS[score]})", ""]
+                  f"(score, used to choose the plan and shown in the figure: {SCORE_LABELS[score]}{note})", ""]
     else:
         lines += ["(not run)", ""]
 

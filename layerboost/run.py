@@ -37,7 +37,7 @@ class AnalyzeConfig:
     swa_window: int | None = None
     proxies: bool = True
     calib_seqs: int = 4
-    iterative: int = 0
+    iterative: int | str = "auto"  # removals re-measured by plan.score; auto: the plan's attention-free count
     batch_tokens: int = 8192
     selection_size: int = 100  # documents per task reserved for analysis; eval scores only the others
     selection_seed: int = 0
@@ -140,8 +140,14 @@ class RunConfig:
                                                           for x in (v if isinstance(v, list) else [v])):
                     out.append(f"bench.{name}.{key} must be >= {low}, got {v!r}")
         a = self.analyze
+        if a.iterative != "auto" and (not isinstance(a.iterative, int) or isinstance(a.iterative, bool) or a.iterative < 0):
+            out.append(f"analyze.iterative must be auto or a count >= 0, got {a.iterative!r}")
+        elif p.ranking == "iterative" and (a.iterative == 0 or (a.iterative == "auto" and (
+                p.policy == "thresholds" or p.score not in PROXY_SCORES))):
+            out.append("plan.ranking: iterative needs the iterative history: set analyze.iterative to a count > 0 "
+                       "(auto measures none for the thresholds policy and the margin and drop scores)")
         for key, v, low in (("analyze.limit", a.limit, 1), ("analyze.swa_window", a.swa_window, 1),
-                            ("analyze.calib_seqs", a.calib_seqs, 1), ("analyze.iterative", a.iterative, 0),
+                            ("analyze.calib_seqs", a.calib_seqs, 1),
                             ("analyze.batch_tokens", a.batch_tokens, 1), ("analyze.selection_size", a.selection_size, 1),
                             ("eval.batch_size", self.eval.batch_size, 1), ("threads", self.threads, 1),
                             ("plan.context", p.context, 1)):
@@ -337,7 +343,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     from .quality import heldout_metrics
     from .report import plot_sensitivity, write_report
     from .bench import bench_side_by_side
-    from .sensitivity import analyze, plan_scores
+    from .sensitivity import analyze, iterative_steps_for, plan_scores, ranking_used
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -355,8 +361,9 @@ def run(cfg: RunConfig, log=print) -> Path:
     def do_analyze():
         model, tok = base()
         a = cfg.analyze
+        steps = iterative_steps_for(cfg.plan, model.config) if a.iterative == "auto" else a.iterative
         analyze(model, tok, cfg.tasks, out_dir=r.dir / "analyze", limit=a.limit, seed=a.seed, data_dir=cfg.data_dir,
-                swa_window=a.swa_window, proxies=a.proxies, calib_seqs=a.calib_seqs, iterative_steps=a.iterative,
+                swa_window=a.swa_window, proxies=a.proxies, calib_seqs=a.calib_seqs, iterative_steps=steps,
                 batch_tokens=a.batch_tokens, selection_size=a.selection_size, selection_seed=a.selection_seed,
                 iterative_score=cfg.plan.score)
         return {"sensitivity": str(r.dir / "analyze" / "sensitivity.json")}
@@ -365,12 +372,13 @@ def run(cfg: RunConfig, log=print) -> Path:
     sens = json.loads((r.dir / "analyze" / "sensitivity.json").read_text())
 
     def do_plan():
-        scores = plan_scores(sens, cfg.plan.score)
-        plan = make_plan(cfg.plan, scores, base()[0].config, log=log)
+        p = cfg.plan
+        scores = plan_scores(sens, p.score, p.ranking)
+        plan = make_plan(p, scores, base()[0].config, log=log)
         plan.save(r.dir / "plan.json")
-        plot_sensitivity(sens, plan, r.dir / "sensitivity.png", score=cfg.plan.score)
-        log(plan.table([100 * s if cfg.plan.score == "drop" else s for s in scores]))  # the score that chose it
-        log(f"(layers ranked by {cfg.plan.score})")
+        plot_sensitivity(sens, plan, r.dir / "sensitivity.png", score=p.score, ranking=p.ranking)
+        log(plan.table([100 * s if p.score == "drop" else s for s in scores]))  # the score that chose it
+        log(f"(layers ranked by {p.score}, {ranking_used(sens, p.score, p.ranking)})")
         return {"plan": str(r.dir / "plan.json"), "counts": plan.counts()}
 
     r.run_stage("plan", do_plan)

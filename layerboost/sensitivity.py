@@ -30,7 +30,7 @@ from .attention import attention_kind, build_attention
 from .corpus import CALIBRATION_BYTES
 from .evaluate import common_prefix_len
 from .kinds import kind
-from .plan import LayerSpec
+from .plan import RANKINGS, LayerSpec
 from .runner import DecoderRunner
 from .surgery import decoder_parts
 from .util import write_json
@@ -246,16 +246,20 @@ PLAN_SCORES = ("drop", "margin", "kl", "cosine")
 PROXY_SCORES = ("kl", "cosine")  # measured on calibration text, not on labelled items
 
 
-def plan_scores(result: dict, score: str) -> list[float]:
+def plan_scores(result: dict, score: str, ranking: str = "auto") -> list[float]:
     """Per-layer scores a plan is chosen from (higher = more sensitive, keeps softmax):
 
     `drop`: average accuracy drop when the layer's attention is removed (the paper's Eq. 3);
     `margin`: drop of the mean gold-answer margin (continuous; fewer ties on few items);
     `kl`: KL(base || variant) of next-token distributions on calibration text (proxy);
     `cosine`: 1 - cos(x, x + attn(x)) on calibration text (LLM-Drop's importance).
+
+    `ranking`: "one-shot" scores each layer removed alone; "iterative" ranks by the analysis' iterative
+    history of the same signal (`iterative_scores`; the comparison's best signal, docs/results.md);
+    "auto" is iterative where the result holds that history, else one-shot (`ranking_used` names it).
     """
-    if score not in PLAN_SCORES:
-        raise AnalysisError(f"score must be one of {', '.join(PLAN_SCORES)}, not {score!r}")
+    if ranking_used(result, score, ranking) == "iterative":
+        return iterative_scores(result["iterative"]["history"], result["n_layers"])
     if score in PROXY_SCORES:
         if score not in result.get("proxies", {}):
             raise AnalysisError(f"score {score!r} needs the proxies: run analyze without --no-proxies, or use --score drop")
@@ -264,6 +268,55 @@ def plan_scores(result: dict, score: str) -> list[float]:
     if key not in result:
         raise AnalysisError(f"this sensitivity result has no {key!r} (written by an older layerboost?): run analyze again")
     return result[key]
+
+
+def ranking_used(result: dict, score: str, ranking: str = "auto") -> str:
+    """"iterative" or "one-shot": the ranking `plan_scores` uses for these arguments.
+
+    Raises:
+        AnalysisError: unknown score or ranking, or "iterative" asked of a result without that history.
+    """
+    if score not in PLAN_SCORES:
+        raise AnalysisError(f"score must be one of {', '.join(PLAN_SCORES)}, not {score!r}")
+    if ranking not in RANKINGS:
+        raise AnalysisError(f"ranking must be one of {', '.join(RANKINGS)}, not {ranking!r}")
+    it = result.get("iterative") or {}
+    has = it.get("score") == score and bool(it.get("history"))
+    if ranking == "iterative" and not has:
+        found = f"its iterative history ranks by {it['score']!r}" if it.get("history") else "it has no iterative history"
+        raise AnalysisError(f"ranking 'iterative' by {score!r}: {found}; run analyze --iterative K --score {score}, "
+                            "or rank one-shot")
+    return "iterative" if has and ranking != "one-shot" else "one-shot"
+
+
+def iterative_steps_for(policy, config=None):
+    """The iterative mode's default length, as a function of the one-shot result (for `analyze`): the
+    attention-free layers `policy` places from its one-shot scores. 0 where the plan will not use the
+    history (ranking "one-shot"; the thresholds policy, whose thresholds are in one-shot units) and for
+    the item signals (margin, drop: each step would repeat the whole item pass; ask with a count)."""
+    from .plan import make_plan
+
+    def steps(result: dict) -> int:
+        if policy.ranking == "one-shot" or policy.policy == "thresholds" or policy.score not in PROXY_SCORES:
+            return 0
+        return make_plan(policy, plan_scores(result, policy.score, "one-shot"), config).counts()["none"]
+
+    return steps
+
+
+def iterative_scores(history: list[dict], n_layers: int) -> list[float]:
+    """Plan scores from an iterative removal: the layers still there keep the last step's scores (measured
+    with every removed layer removed); the removed layers rank below all of them, in removal order
+    (the first removed is the least sensitive). A removed layer's value is min(0, lowest remaining
+    score) - (steps left when it was removed): a rank, not a measurement, for ordering and plotting."""
+    removed = [h["removed"] for h in history]
+    last = {int(k): v for k, v in history[-1]["drops"].items()} if history else {}
+    remaining = [last[i] for i in range(n_layers) if i not in removed]
+    floor = min([0.0, *remaining])
+    out = [last.get(i, 0.0) for i in range(n_layers)]
+    for k, i in enumerate(removed):
+        out[i] = floor - (len(removed) - k)
+    return out
 
 
 def item_scores(items: list[MCItem], lls: list[float]) -> dict[str, list[float]]:
@@ -705,7 +758,7 @@ def analyze(
     proxies: bool = True,
     calib_seqs: int = 8,
     calib_len: int = 256,
-    iterative_steps: int = 0,
+    iterative_steps=0,
     iterative_score: str = "kl",
     batch_tokens: int = 8192,
     reuse_prefix: bool = True,
@@ -718,6 +771,9 @@ def analyze(
     Items come from the selection partition of each split (`evaluate.Partition`: `selection_size`
     documents per task, seeded by `selection_seed`), which evaluation of a comparison never scores;
     `limit` subsamples within it. The output records the partition and the document ids used.
+
+    `iterative_steps`: removals of the iterative mode by `iterative_score` (0: none), or a function of the
+    one-shot result that returns them (the CLI and `run` pass the plan's attention-free layer count).
     """
     from .evaluate import Partition, prepare_tasks
 
@@ -767,6 +823,8 @@ def analyze(
                                  "margin": spearman(result["sensitivity_margin"], drops)},
         }
         result["timing"]["proxies_seconds"] = time.perf_counter() - t1
+    if callable(iterative_steps):
+        iterative_steps = iterative_steps(result)
     if iterative_steps:
         t1 = time.perf_counter()
         proxy = iterative_score in PROXY_SCORES

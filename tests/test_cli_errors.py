@@ -115,6 +115,15 @@ def test_analyze_proxy_score_needs_the_proxies(files, tmp_path, capsys):
     assert not (tmp_path / "a" / "layers").exists()
 
 
+def test_analyze_iterative_ranking_needs_the_history(files, tmp_path, capsys):
+    fails(capsys, analyze_args(files, tmp_path / "a", "--ranking", "iterative", "--iterative", "0"),
+          "--ranking iterative needs the iterative history", "--iterative K")
+    fails(capsys, analyze_args(files, tmp_path / "a", "--ranking", "iterative"),  # auto: no steps for --score margin
+          "--ranking iterative needs the iterative history")
+    fails(capsys, analyze_args(files, tmp_path / "a", "--iterative", "some"), "'some' is not a number")
+    assert not (tmp_path / "a" / "layers").exists()
+
+
 def test_analyze_checks_the_policy_before_the_analysis(files, tmp_path, capsys):
     fails(capsys, analyze_args(files, tmp_path / "a", "--softmax", "2"), "give at least two of the counts")
     fails(capsys, analyze_args(files, tmp_path / "a", "--softmax", "5", "--swa", "0"), "add up to the 4 layers")
@@ -208,6 +217,9 @@ def run_config(files, tmp_path, **changes):
     ({"bench__latency": {"batch": 0}}, ("bench.latency.batch must be >= 1",)),
     ({"plan__softmax": 10}, ("plan:", "add up to the 4 layers")),
     ({"plan__window": 100_000}, ("window 100000 is longer than the model's context of 512",)),
+    ({"analyze__iterative": -2, "plan__ranking": "best"}, ("analyze.iterative must be auto or a count >= 0, got -2",
+                                                          "ranking 'best' must be one of auto, iterative, one-shot")),
+    ({"analyze__iterative": 0, "plan__ranking": "iterative"}, ("plan.ranking: iterative needs the iterative history",)),
 ])
 def test_run_validates_the_whole_config_before_any_stage(files, tmp_path, capsys, changes, fragments):
     fails(capsys, run_config(files, tmp_path, **changes), *fragments)

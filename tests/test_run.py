@@ -8,6 +8,7 @@ import yaml
 
 import layerboost as lb
 from layerboost import run as R
+from layerboost import sensitivity as S
 
 from conftest import tiny_model
 
@@ -96,8 +97,13 @@ def test_pipeline_artefacts_consistent_and_resumable(tiny_dir, tmp_path, monkeyp
     plan = lb.LayerPlan.load(d / "plan.json")
     assert plan.counts() == {"softmax": 2, "swa": 1, "linear_swa": 0, "none": 1}
     sens = json.loads((d / "analyze" / "sensitivity.json").read_text())
-    assert cfg.plan.score == "kl" and plan.table(sens["proxies"]["kl"]) in md  # the score that chose the plan
-    assert plan == lb.plan.plan_by_counts(sens["proxies"]["kl"], 2, 1, 1, 8)
+    # the default ranking: the KL proxy re-measured after each removal, for the plan's one attention-free layer
+    hist = sens["iterative"]["history"]
+    assert cfg.analyze.iterative == "auto" and sens["iterative"]["score"] == "kl" and len(hist) == 1
+    assert hist[0]["drops"] == pytest.approx({str(i): v for i, v in enumerate(sens["proxies"]["kl"])})
+    scores = S.iterative_scores(hist, 4)
+    assert cfg.plan.score == "kl" and plan.table(scores) in md  # the score that chose the plan
+    assert plan == lb.plan.plan_by_counts(scores, 2, 1, 1, 8) and plan[hist[0]["removed"]].kind == "none"
     assert "KL(base || variant)" in md
     for name in ("base", "converted", "healed"):
         ev = json.loads((d / "eval" / f"{name}.json").read_text())

@@ -198,10 +198,54 @@ def test_cli_analyze_and_plan(tmp_path, tok, model):
     assert (tmp_path / "a" / "sensitivity.png").stat().st_size > 1000
     assert lb.LayerPlan.load(tmp_path / "a" / "plan.json").counts() == {"softmax": 2, "swa": 1, "linear_swa": 0, "none": 1}
     assert "Spearman" in r.stdout
-    r = run("plan", "--sensitivity", str(tmp_path / "a" / "sensitivity.json"), "--fractions", "0.5,0.25",
-            "--out", str(tmp_path / "p.json"))
+    # the plan ranks by the iterative history by default: the first layer removed loses its attention
+    assert lb.LayerPlan.load(tmp_path / "a" / "plan.json")[hist[0]["removed"]].kind == "none"
+    assert "layers ranked by cosine, iterative" in r.stdout
+    sens = str(tmp_path / "a" / "sensitivity.json")
+    r = run("plan", "--sensitivity", sens, "--fractions", "0.5,0.25", "--score", "cosine", "--out", str(tmp_path / "p.json"))
     assert r.returncode == 0, r.stderr
-    assert lb.LayerPlan.load(tmp_path / "p.json").counts()["softmax"] == 2
+    assert lb.LayerPlan.load(tmp_path / "p.json").kinds == P.plan_by_fractions(
+        S.iterative_scores(hist, 4), 0.5, 0.25).kinds
+    r = run("plan", "--sensitivity", sens, "--fractions", "0.5,0.25", "--ranking", "one-shot", "--score", "kl",
+            "--out", str(tmp_path / "p1.json"))
+    assert r.returncode == 0 and "ranked by kl, one-shot" in r.stdout, r.stderr
+    assert lb.LayerPlan.load(tmp_path / "p1.json") == P.plan_by_fractions(res["proxies"]["kl"], 0.5, 0.25)
+    r = run("plan", "--sensitivity", sens, "--fractions", "0.5,0.25", "--ranking", "iterative", "--score", "kl",
+            "--out", str(tmp_path / "p2.json"))
+    assert r.returncode != 0 and "ranks by 'cosine'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "p2.json").exists()
+
+
+def test_iterative_ranking_puts_removed_layers_first_in_order():
+    # step 0 removed layer 3, step 1 layer 1 (re-measured with 3 removed); the last step's scores rank the rest
+    hist = [{"removed": 3, "drops": {"0": 0.9, "1": 0.2, "2": 0.5, "3": 0.1, "4": 0.3}},
+            {"removed": 1, "drops": {"0": 1.2, "1": 0.25, "2": 0.6, "4": 0.7}}]
+    scores = S.iterative_scores(hist, 5)
+    order = sorted(range(5), key=lambda i: scores[i])  # least sensitive first
+    assert order == [3, 1, 2, 4, 0]  # removal order, then by the last step (2 < 4 there, 4 < 2 one-shot)
+    assert [scores[i] for i in (0, 2, 4)] == [1.2, 0.6, 0.7]
+    assert P.plan_by_counts(scores, 1, 2, 2).kinds == ["softmax", "none", "swa", "none", "swa"]
+    assert P.plan_by_counts(scores, 1, 3, 1).kinds[3] == "none"  # fewer none than removals: the first removed
+    one_shot = [0.9, 0.2, 0.5, 0.1, 0.3]
+    res = {"n_layers": 5, "proxies": {"kl": one_shot, "cosine": [0.0] * 5}, "iterative": {"score": "kl", "history": hist}}
+    assert S.plan_scores(res, "kl") == scores and S.ranking_used(res, "kl") == "iterative"
+    assert S.plan_scores(res, "kl", "one-shot") == one_shot
+    assert S.plan_scores(res, "cosine") == [0.0] * 5 and S.ranking_used(res, "cosine") == "one-shot"
+    with pytest.raises(S.AnalysisError, match="ranks by 'kl'.*--iterative K --score cosine"):
+        S.plan_scores(res, "cosine", "iterative")
+    with pytest.raises(S.AnalysisError, match="no iterative history"):
+        S.plan_scores({"n_layers": 5, "proxies": {"kl": one_shot}}, "kl", "iterative")
+
+
+def test_iterative_steps_default_to_the_plans_attention_free_count():
+    res = {"n_layers": 6, "proxies": {"kl": SCORES, "cosine": SCORES}, "sensitivity": SCORES}
+    steps = lambda **k: S.iterative_steps_for(P.PlanPolicy(**k))(res)
+    assert steps(policy="counts", softmax=2, swa=1) == 3
+    assert steps(policy="fractions", fractions=[0.5, 0.25]) == 1  # 3 softmax, round(1.5) = 2 swa, 1 none
+    assert steps(policy="counts", softmax=2, swa=1, ranking="one-shot") == 0  # the plan will not read it
+    assert steps(policy="thresholds", softmax_above=0.03, none_below=0.005) == 0  # thresholds: one-shot units
+    assert steps(policy="counts", softmax=2, swa=1, score="cosine") == 3
+    assert steps(policy="counts", softmax=2, swa=1, score="margin") == 0  # would repeat the item pass per step
 
 
 @torch.no_grad()

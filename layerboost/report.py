@@ -152,9 +152,18 @@ def write_report(run_dir: str | Path) -> Path:
     sens = _load(d / "analyze" / "sensitivity.json")
     lines += ["## 1. Layer sensitivity", ""]
     if sens:
-        n = sens["items_per_task"]
-        lines += [f"Drop in average accuracy when one layer's attention is removed ({_span(n)} items per task, "
-                  f"seed {sens['seed']}; {sens['timing']['total_seconds']:.0f} s).", ""]
+        from .sensitivity import ranking_used
+
+        n, plan_cfg = sens["items_per_task"], cfg.get("plan") or {}
+        score = plan_cfg.get("score", "drop")
+        used = ranking_used(sens, score, plan_cfg.get("ranking", "auto"))
+        steps = len(sens["iterative"]["history"]) if used == "iterative" else 0
+        lines += [f"Each layer's attention removed alone: accuracy and gold-margin drop on {_span(n)} selection items "
+                  f"per task (seed {sens['seed']})" + (", KL and cosine proxies on calibration text" if "proxies" in sens
+                                                       else "")
+                  + (f"; then {steps} layer{'s' * (steps != 1)} removed one at a time by the {score} score, re-measured after each"
+                     if steps else "") + f" ({sens['timing']['total_seconds']:.0f} s). The figure shows the score "
+                  f"the plan was chosen by: {SCORE_LABELS[score]}, {used}.", ""]
         if (d / "sensitivity.png").is_file():
             lines += ["![sensitivity](sensitivity.png)", ""]
         if "proxies" in sens:

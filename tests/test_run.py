@@ -103,6 +103,7 @@ def test_pipeline_artefacts_consistent_and_resumable(tiny_dir, tmp_path, monkeyp
     assert hist[0]["drops"] == pytest.approx({str(i): v for i, v in enumerate(sens["proxies"]["kl"])})
     scores = S.iterative_scores(hist, 4)
     assert cfg.plan.score == "kl" and plan.table(scores) in md  # the score that chose the plan
+    assert "then 1 layer removed one at a time by the kl score" in md and "nats/token, iterative." in md
     assert plan == lb.plan.plan_by_counts(scores, 2, 1, 1, 8) and plan[hist[0]["removed"]].kind == "none"
     assert "KL(base || variant)" in md
     for name in ("base", "converted", "healed"):

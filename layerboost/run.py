@@ -266,7 +266,8 @@ class Run:
     def stage_hash(self, stage: str) -> str:
         c = self.cfg
         own = {
-            "analyze": [c.model, c.tasks, c.data_dir, c.analyze],
+            # the iterative mode removes layers by plan.score, as many as the plan's `none` count (auto)
+            "analyze": [c.model, c.tasks, c.data_dir, c.analyze, c.plan if c.analyze.iterative else None],
             "plan": [c.plan],
             "convert": [],
             "heal": [c.heal, c.data_dir],

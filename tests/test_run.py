@@ -127,3 +127,18 @@ def test_pipeline_artefacts_consistent_and_resumable(tiny_dir, tmp_path, monkeyp
     stage_lines = [l for l in logs if l.startswith("[")]
     assert len(stage_lines) == len(R.STAGES) and all(l.endswith(")") and "up to date, skipped" in l for l in stage_lines)
     assert yaml.safe_load((d / "config.yaml").read_text())["model"] == str(tiny_dir)
+
+
+def test_analyze_stage_is_stale_when_what_the_iterative_mode_removes_changes(tiny_dir, tmp_path):
+    def analyze_hash(**changes):
+        cfg = tiny_config(tiny_dir, tmp_path / "run")
+        for key, value in changes.items():
+            section, name = key.split("__")
+            setattr(getattr(cfg, section), name, value)
+        return R.Run(cfg).stage_hash("analyze")
+
+    base = analyze_hash()
+    assert analyze_hash(plan__score="cosine") != base  # the iterative mode re-measures plan.score
+    assert analyze_hash(plan__none=2, plan__swa=0) != base  # auto: as many steps as the plan's none count
+    one_shot = analyze_hash(analyze__iterative=0)
+    assert analyze_hash(analyze__iterative=0, plan__none=2, plan__swa=0, plan__score="cosine") == one_shot

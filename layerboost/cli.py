@@ -241,8 +241,8 @@ def cmd_analyze(args) -> int:
     from .evaluate import Partition, get_task
     from .plan import check_fits
     from .report import plot_sensitivity
-    from .sensitivity import PROXY_SCORES, analyze, check_analysis_dir, iterative_steps_for, plan_scores, ranking_used
-    from .sensitivity import sensitivity_table
+    from .sensitivity import PROXY_SCORES, analyze, check_analysis_dir, iterative_problems, iterative_steps_for
+    from .sensitivity import plan_scores, ranking_used, sensitivity_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -253,15 +253,19 @@ def cmd_analyze(args) -> int:
     if args.no_proxies and args.score in PROXY_SCORES:
         raise UsageError(f"--score {args.score} ranks layers by a proxy that --no-proxies skips: drop --no-proxies, "
                          "or choose --score margin or drop")
-    auto_none = args.iterative == "auto" and (args.softmax_above is not None or args.score not in PROXY_SCORES)
-    if args.ranking == "iterative" and (args.iterative == 0 or auto_none):
-        raise UsageError("--ranking iterative needs the iterative history: give --iterative K with K > 0 "
-                         "(auto measures none for the threshold policy and the margin and drop scores)")
     part = Partition("selection", args.selection_size, args.selection_seed).to_dict()
     check_analysis_dir(args.out, {"tasks": tasks, "limit": args.limit, "seed": args.seed, "partition": part})
+    policy = _policy_from_args(args) or lb.plan.PlanPolicy(  # no policy given: thirds, --window and --linear apply
+        "fractions", fractions=[1 / 3, 1 / 3], window=args.window, kind="linear_swa" if args.linear else "swa",
+        score=args.score, ranking=args.ranking)
 
-    def policy_fits(config):  # the plan policy is tried on the model's layer count before the analysis
-        check_fits(_plan_from_args(args, [0.0] * config.num_hidden_layers, config), config, (args.window, args.swa_window))
+    def policy_fits(config):  # the plan policy and the iterative mode, tried on the model's layers before the analysis
+        n = config.num_hidden_layers
+        plan = lb.plan.make_plan(policy, [0.0] * n, config)
+        check_fits(plan, config, (args.window, args.swa_window))
+        problems = iterative_problems(policy, args.iterative, n, plan.counts()["none"])
+        if problems:
+            raise UsageError(f"--iterative {args.iterative} / --ranking {args.ranking}: " + "; ".join(problems))
 
     config = model_fits(args.model)
     if config is not None:
@@ -269,50 +273,50 @@ def cmd_analyze(args) -> int:
     model, tok = lb.load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     if config is None:
         policy_fits(model.config)
-    policy = _policy_from_args(args) or lb.plan.PlanPolicy(  # no policy given: thirds, --window and --linear apply
-        "fractions", fractions=[1 / 3, 1 / 3], window=args.window, kind="linear_swa" if args.linear else "swa",
-        score=args.score, ranking=args.ranking)
     steps = iterative_steps_for(policy, model.config) if args.iterative == "auto" else int(args.iterative)
     res = analyze(model, tok, tasks, out_dir=args.out, limit=args.limit, seed=args.seed,
                   data_dir=args.data_dir, swa_window=args.swa_window, proxies=not args.no_proxies,
                   calib_seqs=args.calib_seqs, iterative_steps=steps, batch_tokens=args.batch_tokens,
                   reuse_prefix=not args.naive, selection_size=args.selection_size, selection_seed=args.selection_seed,
                   iterative_score=args.score)
-    scores = plan_scores(res, args.score, args.ranking)
+    used = ranking_used(res, args.score, args.ranking, policy.thresholds)
+    scores = plan_scores(res, args.score, used)
     plan = lb.plan.make_plan(policy, scores, model.config, log=print)
     plan.save(Path(args.out) / "plan.json")
-    plot_sensitivity(res, plan, Path(args.out) / "sensitivity.png", score=args.score, ranking=args.ranking)
+    plot_sensitivity(res, plan, Path(args.out) / "sensitivity.png", score=args.score, ranking=used)
     print(sensitivity_table(res, plan))
     if "iterative" in res:
         print("iterative removal order:", [h["removed"] for h in res["iterative"]["history"]],
               "| disagreements with one-shot:", json.dumps(res["iterative"]["disagreements"]))
-    print(f"plan: layers ranked by {args.score}, {ranking_used(res, args.score, args.ranking)}")
+    print(f"plan: layers ranked by {args.score}, {used}")
     print(f"wrote {args.out}/sensitivity.json, sensitivity.png, plan.json "
           f"({res['timing']['total_seconds']:.0f} s)")
     return 0
 
 
 def cmd_plan(args) -> int:
+    import layerboost as lb
     from .models import model_config
     from .plan import check_fits
     from .sensitivity import load_sensitivity, plan_scores, ranking_used
 
     sens = load_sensitivity(args.sensitivity)
-    scores = plan_scores(sens, args.score, args.ranking)
+    policy = _policy_from_args(args)
+    if policy is None:
+        raise UsageError("give a policy: --softmax/--swa/--none counts, --fractions, --softmax-above/--none-below, or --budget")
+    used = ranking_used(sens, args.score, args.ranking, policy.thresholds)
+    scores = plan_scores(sens, args.score, used)
     check_writable(args.out, folder=False)
     if args.budget is not None and not args.model:
         raise UsageError("--budget needs --model (or a config folder) to know the layer sizes")
     config = model_config(args.model, hub=True) if args.model else None
-    plan = _plan_from_args(args, scores, config, log=print)
-    if plan is None:
-        raise UsageError("give a policy: --softmax/--swa/--none counts, --fractions, --softmax-above/--none-below, or --budget")
+    plan = lb.plan.make_plan(policy, scores, config, log=print)
     if config is not None:
         check_fits(plan, config)
     plan.save(args.out)
     print(plan.table(scores))
-    used = ranking_used(sens, args.score, args.ranking)
-    print(f"layers ranked by {args.score}, {used}" + (" (removed layers: -(removals left when removed), a rank)"
-                                                      if used == "iterative" else ""))
+    print(f"layers ranked by {args.score}, {used}" + (" (removed layers first, in removal order: their score is a "
+                                                      "rank below every measured one)" if used == "iterative" else ""))
     if config is not None:
         from .plan import relative_cost
 

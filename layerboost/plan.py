@@ -372,6 +372,12 @@ class PlanPolicy:
     score: str = "kl"  # kl | margin | drop | cosine (the signals compared after healing: docs/results.md)
     ranking: str = "auto"
 
+    @property
+    def thresholds(self) -> bool:
+        """Whether scores are compared with thresholds (softmax_above, none_below), which are in the units of
+        the one-shot scores: such a policy never ranks by an iterative history."""
+        return self.policy == "thresholds" or (self.policy == "budget" and self.none_below is not None)
+
     def problems(self) -> list[str]:
         out = []
         if self.policy not in POLICIES:
@@ -386,6 +392,9 @@ class PlanPolicy:
             out.append("the budget policy needs budget")
         if self.ranking not in RANKINGS:
             out.append(f"ranking {self.ranking!r} must be one of {', '.join(RANKINGS)}")
+        elif self.ranking == "iterative" and self.thresholds:
+            out.append("ranking iterative cannot serve thresholds (softmax_above / none_below), which are in "
+                       "one-shot score units: rank one-shot or auto, or place the plan by counts")
         if self.budget_measure not in ("kv", "decode"):
             out.append(f"budget_measure {self.budget_measure!r} must be kv or decode")
         if self.kind not in K.WINDOWED:

@@ -29,11 +29,17 @@ SCORE_LABELS = {"drop": "avg. accuracy drop (points)", "margin": "gold-margin dr
                 "kl": "KL(base || variant), nats/token", "cosine": "1 - cos(x, x + attn(x))"}
 
 
+def table_scores(scores: list[float], score: str, ranking: str) -> list[float]:
+    """Plan scores as the plan table prints them: the one-shot accuracy drop in points, the rest as measured
+    (an iterative ranking's removed layers carry ranks, not measurements: they stay as they are)."""
+    return [100 * s for s in scores] if score == "drop" and ranking == "one-shot" else list(scores)
+
+
 def plot_sensitivity(result: dict, plan, path: str | Path, score: str = "drop", ranking: str = "auto") -> Path:
     """Bar chart of each layer's sensitivity under `score` and `ranking` (those the plan was chosen by),
     coloured by the planned kind (paper Fig. 4); the one-shot accuracy drop carries its 95% interval. With
-    an iterative ranking, the bars are the last step's scores and removed layers are labelled r1, r2, ...
-    in removal order."""
+    an iterative ranking of K removals, the bars are the last step's scores (measured with the first K - 1
+    removed) and removed layers are labelled r1, r2, ... in removal order."""
     from .sensitivity import plan_scores, ranking_used
 
     plt = _plt()
@@ -55,7 +61,7 @@ def plot_sensitivity(result: dict, plan, path: str | Path, score: str = "drop", 
         ax.text(i, 0.02 * top, f"r{k + 1}", ha="center", va="bottom", fontsize=6, color=colours[x.index(i)])
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xlabel("decoder layer")
-    ax.set_ylabel(SCORE_LABELS[score] + (f"\nafter {len(removed)} removals" if iterative else ""), fontsize=8)
+    ax.set_ylabel(SCORE_LABELS[score] + (f"\nwith {len(removed) - 1} layers removed" if iterative else ""), fontsize=8)
     n = result.get("items_per_task", {})
     what = (f"{', '.join(result['tasks'])}; {_span(n)} items/task" if score in ("drop", "margin")
             else "calibration text")
@@ -136,6 +142,15 @@ def quality_table(evals: dict[str, dict]) -> list[str]:
     return rows + ["", "; ".join(notes) + "."]
 
 
+def _plan_ranking(cfg: dict, sens: dict) -> tuple[str, str]:
+    """The score and the ranking ("iterative" / "one-shot") the run's plan was chosen by."""
+    from .plan import PlanPolicy
+    from .sensitivity import ranking_used
+
+    policy = PlanPolicy(**(cfg.get("plan") or {"score": "drop"}))
+    return policy.score, ranking_used(sens, policy.score, policy.ranking, policy.thresholds)
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Build `report.md` in a run folder from the JSON each stage wrote (numbers are copied, not recomputed)."""
     import yaml
@@ -152,11 +167,7 @@ def write_report(run_dir: str | Path) -> Path:
     sens = _load(d / "analyze" / "sensitivity.json")
     lines += ["## 1. Layer sensitivity", ""]
     if sens:
-        from .sensitivity import ranking_used
-
-        n, plan_cfg = sens["items_per_task"], cfg.get("plan") or {}
-        score = plan_cfg.get("score", "drop")
-        used = ranking_used(sens, score, plan_cfg.get("ranking", "auto"))
+        n, score, used = sens["items_per_task"], *_plan_ranking(cfg, sens)
         steps = len(sens["iterative"]["history"]) if used == "iterative" else 0
         lines += [f"Each layer's attention removed alone: accuracy and gold-margin drop on {_span(n)} selection items "
                   f"per task (seed {sens['seed']})" + (", KL and cosine proxies on calibration text" if "proxies" in sens
@@ -177,16 +188,14 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["## 2. Plan", ""]
     if plan_path.is_file():
         from .plan import LayerPlan
-        from .sensitivity import plan_scores, ranking_used
+        from .sensitivity import plan_scores
 
         plan = LayerPlan.load(plan_path)
-        score = (cfg.get("plan") or {}).get("score", "drop")
-        ranking = (cfg.get("plan") or {}).get("ranking", "auto")
-        scores = plan_scores(sens, score, ranking) if sens else None
-        used = ranking_used(sens, score, ranking) if sens else "one-shot"
+        score, used = _plan_ranking(cfg, sens) if sens else ((cfg.get("plan") or {}).get("score", "drop"), "one-shot")
+        scores = plan_scores(sens, score, used) if sens else None
         note = ("; iterative: re-measured after each removal, the removed layers ranked first in removal order "
-                "(their value is a rank, -(removals left))" if used == "iterative" else "")
-        lines += ["```", plan.table([100 * s if score == "drop" else s for s in scores] if scores else None), "```", "",
+                "(their value is a rank below every measured score)" if used == "iterative" else "")
+        lines += ["```", plan.table(table_scores(scores, score, used) if scores else None), "```", "",
                   f"(score, used to choose the plan and shown in the figure: {SCORE_LABELS[score]}{note})", ""]
     else:
         lines += ["(not run)", ""]

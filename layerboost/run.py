@@ -142,10 +142,10 @@ class RunConfig:
         a = self.analyze
         if a.iterative != "auto" and (not isinstance(a.iterative, int) or isinstance(a.iterative, bool) or a.iterative < 0):
             out.append(f"analyze.iterative must be auto or a count >= 0, got {a.iterative!r}")
-        elif p.ranking == "iterative" and (a.iterative == 0 or (a.iterative == "auto" and (
-                p.policy == "thresholds" or p.score not in PROXY_SCORES))):
-            out.append("plan.ranking: iterative needs the iterative history: set analyze.iterative to a count > 0 "
-                       "(auto measures none for the thresholds policy and the margin and drop scores)")
+        elif not p.problems():
+            from .sensitivity import iterative_problems
+
+            out += [f"analyze.iterative / plan.ranking: {m}" for m in iterative_problems(p, a.iterative)]
         for key, v, low in (("analyze.limit", a.limit, 1), ("analyze.swa_window", a.swa_window, 1),
                             ("analyze.calib_seqs", a.calib_seqs, 1),
                             ("analyze.batch_tokens", a.batch_tokens, 1), ("analyze.selection_size", a.selection_size, 1),
@@ -254,6 +254,17 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _iterative_inputs(c: RunConfig) -> list:
+    """The plan settings the analysis' iterative mode depends on: its score, and (auto) the settings that set
+    the plan's attention-free count. None with the mode off, so such a run's analyze hash stays as it was."""
+    if not c.analyze.iterative:
+        return []
+    keys = ["score", "ranking", "policy", "softmax", "swa", "none", "fractions", "softmax_above", "none_below"]
+    if c.plan.policy == "budget":
+        keys += ["budget", "budget_measure", "context", "window", "kind"]
+    return [[k, getattr(c.plan, k)] for k in keys]
+
+
 class Run:
     """The run folder and its stage records."""
 
@@ -266,8 +277,7 @@ class Run:
     def stage_hash(self, stage: str) -> str:
         c = self.cfg
         own = {
-            # the iterative mode removes layers by plan.score, as many as the plan's `none` count (auto)
-            "analyze": [c.model, c.tasks, c.data_dir, c.analyze, c.plan if c.analyze.iterative else None],
+            "analyze": [c.model, c.tasks, c.data_dir, c.analyze] + _iterative_inputs(c),
             "plan": [c.plan],
             "convert": [],
             "heal": [c.heal, c.data_dir],
@@ -320,10 +330,17 @@ def check_before_work(cfg: RunConfig) -> None:
     check_writable(cfg.out)
     config = model_config(cfg.model)
     if config is not None:
+        from .sensitivity import iterative_problems
+
+        n = config.num_hidden_layers
         try:
-            check_fits(make_plan(cfg.plan, [0.0] * config.num_hidden_layers, config), config, (cfg.analyze.swa_window,))
+            plan = make_plan(cfg.plan, [0.0] * n, config)
+            check_fits(plan, config, (cfg.analyze.swa_window,))
         except PlanError as e:
-            raise ConfigError(f"plan: {e} ({cfg.model} has {config.num_hidden_layers} layers)") from e
+            raise ConfigError(f"plan: {e} ({cfg.model} has {n} layers)") from e
+        problems = iterative_problems(cfg.plan, cfg.analyze.iterative, n, plan.counts()["none"])
+        if problems:
+            raise ConfigError("analyze.iterative / plan.ranking: " + "; ".join(problems))
     if cfg.heal.enabled or cfg.eval.heldout_tokens:
         documents(_heal_data(cfg.heal.data, cfg.data_dir), seed=0, data_dir=cfg.data_dir)
 
@@ -342,7 +359,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     from .evaluate import Partition, evaluate, prepare_task
     from .plan import LayerPlan
     from .quality import heldout_metrics
-    from .report import plot_sensitivity, write_report
+    from .report import plot_sensitivity, table_scores, write_report
     from .bench import bench_side_by_side
     from .sensitivity import analyze, iterative_steps_for, plan_scores, ranking_used
 
@@ -374,12 +391,13 @@ def run(cfg: RunConfig, log=print) -> Path:
 
     def do_plan():
         p = cfg.plan
-        scores = plan_scores(sens, p.score, p.ranking)
+        used = ranking_used(sens, p.score, p.ranking, p.thresholds)
+        scores = plan_scores(sens, p.score, used)
         plan = make_plan(p, scores, base()[0].config, log=log)
         plan.save(r.dir / "plan.json")
-        plot_sensitivity(sens, plan, r.dir / "sensitivity.png", score=p.score, ranking=p.ranking)
-        log(plan.table([100 * s if p.score == "drop" else s for s in scores]))  # the score that chose it
-        log(f"(layers ranked by {p.score}, {ranking_used(sens, p.score, p.ranking)})")
+        plot_sensitivity(sens, plan, r.dir / "sensitivity.png", score=p.score, ranking=used)
+        log(plan.table(table_scores(scores, p.score, used)))  # the score that chose it
+        log(f"(layers ranked by {p.score}, {used})")
         return {"plan": str(r.dir / "plan.json"), "counts": plan.counts()}
 
     r.run_stage("plan", do_plan)

@@ -246,7 +246,7 @@ PLAN_SCORES = ("drop", "margin", "kl", "cosine")
 PROXY_SCORES = ("kl", "cosine")  # measured on calibration text, not on labelled items
 
 
-def plan_scores(result: dict, score: str, ranking: str = "auto") -> list[float]:
+def plan_scores(result: dict, score: str, ranking: str = "auto", thresholds: bool = False) -> list[float]:
     """Per-layer scores a plan is chosen from (higher = more sensitive, keeps softmax):
 
     `drop`: average accuracy drop when the layer's attention is removed (the paper's Eq. 3);
@@ -257,8 +257,9 @@ def plan_scores(result: dict, score: str, ranking: str = "auto") -> list[float]:
     `ranking`: "one-shot" scores each layer removed alone; "iterative" ranks by the analysis' iterative
     history of the same signal (`iterative_scores`; the comparison's best signal, docs/results.md);
     "auto" is iterative where the result holds that history, else one-shot (`ranking_used` names it).
+    `thresholds`: the policy compares scores with thresholds (`PlanPolicy.thresholds`), so one-shot.
     """
-    if ranking_used(result, score, ranking) == "iterative":
+    if ranking_used(result, score, ranking, thresholds) == "iterative":
         return iterative_scores(result["iterative"]["history"], result["n_layers"])
     if score in PROXY_SCORES:
         if score not in result.get("proxies", {}):
@@ -270,20 +271,29 @@ def plan_scores(result: dict, score: str, ranking: str = "auto") -> list[float]:
     return result[key]
 
 
-def ranking_used(result: dict, score: str, ranking: str = "auto") -> str:
-    """"iterative" or "one-shot": the ranking `plan_scores` uses for these arguments.
+def ranking_used(result: dict, score: str, ranking: str = "auto", thresholds: bool = False) -> str:
+    """"iterative" or "one-shot": the ranking `plan_scores` uses for these arguments. A threshold policy
+    ranks one-shot (its thresholds are in one-shot units); auto ranks iteratively where `result` holds an
+    iterative history of `score`.
 
     Raises:
-        AnalysisError: unknown score or ranking, or "iterative" asked of a result without that history.
+        AnalysisError: unknown score or ranking, or "iterative" asked of a threshold policy or of a result
+            without that history.
     """
     if score not in PLAN_SCORES:
         raise AnalysisError(f"score must be one of {', '.join(PLAN_SCORES)}, not {score!r}")
     if ranking not in RANKINGS:
         raise AnalysisError(f"ranking must be one of {', '.join(RANKINGS)}, not {ranking!r}")
+    if thresholds:
+        if ranking == "iterative":
+            raise AnalysisError("ranking 'iterative' cannot serve thresholds (softmax_above / none_below), which are "
+                                "in one-shot score units: rank one-shot or auto, or choose the plan by counts")
+        return "one-shot"
     it = result.get("iterative") or {}
     has = it.get("score") == score and bool(it.get("history"))
     if ranking == "iterative" and not has:
-        found = f"its iterative history ranks by {it['score']!r}" if it.get("history") else "it has no iterative history"
+        found = (f"its iterative history ranks by {it.get('score', 'an older analysis signal')!r}" if it.get("history")
+                 else "it has no iterative history")
         raise AnalysisError(f"ranking 'iterative' by {score!r}: {found}; run analyze --iterative K --score {score}, "
                             "or rank one-shot")
     return "iterative" if has and ranking != "one-shot" else "one-shot"
@@ -292,23 +302,44 @@ def ranking_used(result: dict, score: str, ranking: str = "auto") -> str:
 def iterative_steps_for(policy, config=None):
     """The iterative mode's default length, as a function of the one-shot result (for `analyze`): the
     attention-free layers `policy` places from its one-shot scores. 0 where the plan will not use the
-    history (ranking "one-shot"; the thresholds policy, whose thresholds are in one-shot units) and for
+    history (ranking "one-shot"; threshold policies, whose thresholds are in one-shot units) and for
     the item signals (margin, drop: each step would repeat the whole item pass; ask with a count)."""
     from .plan import make_plan
 
     def steps(result: dict) -> int:
-        if policy.ranking == "one-shot" or policy.policy == "thresholds" or policy.score not in PROXY_SCORES:
+        if policy.ranking == "one-shot" or policy.thresholds or policy.score not in PROXY_SCORES:
             return 0
         return make_plan(policy, plan_scores(result, policy.score, "one-shot"), config).counts()["none"]
 
     return steps
 
 
+def iterative_problems(policy, iterative, n_layers: int | None = None, n_none: int | None = None) -> list[str]:
+    """What the iterative mode `iterative` ("auto" or a count) and `policy.ranking` cannot do, found before
+    any work: more steps than layers, or an iterative ranking that will get no history. `n_layers` and
+    `n_none` (the plan's attention-free count, from `make_plan` on any scores) are checked when known."""
+    out = []
+    if iterative != "auto" and n_layers is not None and iterative > n_layers:
+        out.append(f"{iterative} iterative steps, but the model has {n_layers} layers: ask for at most {n_layers}")
+    if policy.ranking != "iterative" or policy.thresholds:
+        return out  # a threshold policy with ranking iterative: its own check (PlanPolicy, ranking_used)
+    if iterative == "auto":
+        steps = n_none if policy.score in PROXY_SCORES else 0
+    else:
+        steps = iterative
+    if steps == 0:
+        out.append("ranking 'iterative' needs the iterative history, and the iterative mode measures no step here "
+                   "(auto: as many as the plan's attention-free layers, for the kl and cosine scores only): "
+                   "ask for a count of steps > 0, or rank one-shot or auto")
+    return out
+
+
 def iterative_scores(history: list[dict], n_layers: int) -> list[float]:
-    """Plan scores from an iterative removal: the layers still there keep the last step's scores (measured
-    with every removed layer removed); the removed layers rank below all of them, in removal order
-    (the first removed is the least sensitive). A removed layer's value is min(0, lowest remaining
-    score) - (steps left when it was removed): a rank, not a measurement, for ordering and plotting."""
+    """Plan scores from an iterative removal of K layers: the layers still there keep the last step's
+    scores (each measured with the first K - 1 removed layers removed, the step that chose the K-th); the
+    removed layers rank below all of them, in removal order (the first removed is the least sensitive).
+    A removed layer's value is min(0, lowest remaining score) - (steps left when it was removed): a rank,
+    not a measurement."""
     removed = [h["removed"] for h in history]
     last = {int(k): v for k, v in history[-1]["drops"].items()} if history else {}
     remaining = [last[i] for i in range(n_layers) if i not in removed]
@@ -630,6 +661,9 @@ def iterative_removal(model: nn.Module, items: list[MCItem], steps: int, *, batc
 def _remove_greedily(runner: LayerRunner, steps: int, measure) -> list[dict]:
     """The loop of both iterative signals: score every remaining layer (`measure(step, remaining, removed)`,
     with the layers removed so far removed), remove the lowest (ties: the lower index), repeat."""
+    if steps > len(runner.layers):
+        raise AnalysisError(f"{steps} iterative steps, but the model has {len(runner.layers)} layers: ask for at most "
+                            f"{len(runner.layers)}")
     removed: list[int] = []
     history = []
     with contextlib.ExitStack() as stack:
@@ -745,6 +779,13 @@ def calibration_tokens(tokenizer, data_dir=None, n_seqs: int = 8, seq_len: int =
     return torch.tensor([prefix + ids[r * width : (r + 1) * width] for r in range(n_seqs)])
 
 
+def _check_steps(steps):
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise AnalysisError(f"iterative_steps must be a count >= 0 or a function of the one-shot result (for the "
+                            f"CLI's auto: iterative_steps_for(policy, config)), not {steps!r}")
+    return steps
+
+
 def analyze(
     model,
     tokenizer,
@@ -777,6 +818,8 @@ def analyze(
     """
     from .evaluate import Partition, prepare_tasks
 
+    if not callable(iterative_steps):
+        _check_steps(iterative_steps)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -824,7 +867,7 @@ def analyze(
         }
         result["timing"]["proxies_seconds"] = time.perf_counter() - t1
     if callable(iterative_steps):
-        iterative_steps = iterative_steps(result)
+        iterative_steps = _check_steps(iterative_steps(result))
     if iterative_steps:
         t1 = time.perf_counter()
         proxy = iterative_score in PROXY_SCORES

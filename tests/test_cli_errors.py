@@ -115,12 +115,51 @@ def test_analyze_proxy_score_needs_the_proxies(files, tmp_path, capsys):
     assert not (tmp_path / "a" / "layers").exists()
 
 
+def written_analysis(path, iterative):
+    """A sensitivity.json whose one-shot and iterative KL rankings disagree (layers 2 and 4 swap places)."""
+    from layerboost import sensitivity as S
+
+    path.write_text(json.dumps({
+        "schema_version": S.SCHEMA_VERSION, "n_layers": 5, "sensitivity": [0.0] * 5, "sensitivity_margin": [0.0] * 5,
+        "proxies": {"kl": [0.9, 0.2, 0.5, 0.1, 0.3], "cosine": [0.1] * 5}, "iterative": iterative}))
+    return path
+
+
+HISTORY = [{"step": 0, "removed": 3, "drops": {"0": 0.9, "1": 0.2, "2": 0.5, "3": 0.1, "4": 0.3}},
+           {"step": 1, "removed": 1, "drops": {"0": 1.2, "1": 0.25, "2": 0.6, "4": 0.7}}]
+
+
+def test_plan_ranks_by_the_iterative_history_unless_told_otherwise(tmp_path, capsys):
+    sens = written_analysis(tmp_path / "s.json", {"score": "kl", "history": HISTORY})
+
+    def plan(*more):
+        assert main(["plan", "--sensitivity", str(sens), "--out", str(tmp_path / "p.json"), *more]) == 0
+        out = capsys.readouterr().out
+        (tmp_path / "p.json").rename(tmp_path / f"p{len(list(tmp_path.glob('p*.json')))}.json")
+        return lb.LayerPlan.load(sorted(tmp_path.glob("p*.json"))[-1]).kinds, out
+
+    kinds, out = plan("--softmax", "1", "--none", "3")  # auto: the history (removed 3, then 1; then 2 < 4)
+    assert kinds == ["softmax", "none", "none", "none", "swa"] and "ranked by kl, iterative" in out
+    kinds, out = plan("--softmax", "1", "--none", "3", "--ranking", "one-shot")  # one-shot: 4 (0.3) < 2 (0.5)
+    assert kinds == ["softmax", "none", "swa", "none", "none"] and "ranked by kl, one-shot" in out
+    # thresholds are in one-shot units: auto ranks one-shot (the iterative scores would make layer 4 softmax)
+    kinds, out = plan("--softmax-above", "0.65", "--none-below", "0.25")
+    assert kinds == ["softmax", "none", "swa", "none", "swa"] and "ranked by kl, one-shot" in out
+    fails(capsys, ["plan", "--sensitivity", sens, "--softmax-above", "0.65", "--none-below", "0.25", "--ranking",
+                   "iterative", "--out", tmp_path / "x.json"], "cannot serve thresholds")
+    old = written_analysis(tmp_path / "old.json", {"history": HISTORY})  # written before histories named their score
+    fails(capsys, ["plan", "--sensitivity", old, "--none", "3", "--softmax", "1", "--ranking", "iterative",
+                   "--out", tmp_path / "x.json"], "older analysis", "--iterative K --score kl")
+    assert not (tmp_path / "x.json").exists()
+
+
 def test_analyze_iterative_ranking_needs_the_history(files, tmp_path, capsys):
     fails(capsys, analyze_args(files, tmp_path / "a", "--ranking", "iterative", "--iterative", "0"),
-          "--ranking iterative needs the iterative history", "--iterative K")
+          "ranking 'iterative' needs the iterative history", "ask for a count of steps > 0")
     fails(capsys, analyze_args(files, tmp_path / "a", "--ranking", "iterative"),  # auto: no steps for --score margin
-          "--ranking iterative needs the iterative history")
+          "--iterative auto / --ranking iterative", "measures no step here")
     fails(capsys, analyze_args(files, tmp_path / "a", "--iterative", "some"), "'some' is not a number")
+    fails(capsys, analyze_args(files, tmp_path / "a", "--iterative", "9"), "9 iterative steps, but the model has 4 layers")
     assert not (tmp_path / "a" / "layers").exists()
 
 
@@ -219,7 +258,12 @@ def run_config(files, tmp_path, **changes):
     ({"plan__window": 100_000}, ("window 100000 is longer than the model's context of 512",)),
     ({"analyze__iterative": -2, "plan__ranking": "best"}, ("analyze.iterative must be auto or a count >= 0, got -2",
                                                           "ranking 'best' must be one of auto, iterative, one-shot")),
-    ({"analyze__iterative": 0, "plan__ranking": "iterative"}, ("plan.ranking: iterative needs the iterative history",)),
+    ({"analyze__iterative": 0, "plan__ranking": "iterative"}, ("ranking 'iterative' needs the iterative history",)),
+    ({"plan__ranking": "iterative", "plan__none": 0, "plan__swa": 2},  # auto: as many steps as none layers, here 0
+     ("analyze.iterative / plan.ranking", "measures no step here")),
+    ({"analyze__iterative": 9}, ("9 iterative steps, but the model has 4 layers",)),
+    ({"plan__policy": "thresholds", "plan__softmax_above": 0.5, "plan__none_below": 0.1, "plan__ranking": "iterative"},
+     ("cannot serve thresholds",)),
 ])
 def test_run_validates_the_whole_config_before_any_stage(files, tmp_path, capsys, changes, fragments):
     fails(capsys, run_config(files, tmp_path, **changes), *fragments)

@@ -140,5 +140,6 @@ def test_analyze_stage_is_stale_when_what_the_iterative_mode_removes_changes(tin
     base = analyze_hash()
     assert analyze_hash(plan__score="cosine") != base  # the iterative mode re-measures plan.score
     assert analyze_hash(plan__none=2, plan__swa=0) != base  # auto: as many steps as the plan's none count
+    assert analyze_hash(plan__window=16) == base  # the counts policy's none count does not depend on the window
     one_shot = analyze_hash(analyze__iterative=0)
     assert analyze_hash(analyze__iterative=0, plan__none=2, plan__swa=0, plan__score="cosine") == one_shot

@@ -202,14 +202,6 @@ def _policy_from_args(args):
     return None
 
 
-def _plan_from_args(args, scores, config, log=None):
-    """The plan the policy arguments place (None if no policy was given)."""
-    from .plan import make_plan
-
-    policy = _policy_from_args(args)
-    return None if policy is None else make_plan(policy, scores, config, log=log)
-
-
 def _policy_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plan policy (most sensitive layers keep softmax, least sensitive lose attention)")
     g.add_argument("--softmax", type=positive(zero=True), help="number of softmax layers (counts: give two of three)")
@@ -273,10 +265,10 @@ def cmd_analyze(args) -> int:
     model, tok = lb.load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     if config is None:
         policy_fits(model.config)
-    steps = iterative_steps_for(policy, model.config) if args.iterative == "auto" else int(args.iterative)
     res = analyze(model, tok, tasks, out_dir=args.out, limit=args.limit, seed=args.seed,
                   data_dir=args.data_dir, swa_window=args.swa_window, proxies=not args.no_proxies,
-                  calib_seqs=args.calib_seqs, iterative_steps=steps, batch_tokens=args.batch_tokens,
+                  calib_seqs=args.calib_seqs, iterative_steps=iterative_steps_for(policy, model.config, args.iterative),
+                  batch_tokens=args.batch_tokens,
                   reuse_prefix=not args.naive, selection_size=args.selection_size, selection_seed=args.selection_seed,
                   iterative_score=args.score)
     used = ranking_used(res, args.score, args.ranking, policy.thresholds)

@@ -379,9 +379,9 @@ def run(cfg: RunConfig, log=print) -> Path:
     def do_analyze():
         model, tok = base()
         a = cfg.analyze
-        steps = iterative_steps_for(cfg.plan, model.config) if a.iterative == "auto" else a.iterative
         analyze(model, tok, cfg.tasks, out_dir=r.dir / "analyze", limit=a.limit, seed=a.seed, data_dir=cfg.data_dir,
-                swa_window=a.swa_window, proxies=a.proxies, calib_seqs=a.calib_seqs, iterative_steps=steps,
+                swa_window=a.swa_window, proxies=a.proxies, calib_seqs=a.calib_seqs,
+                iterative_steps=iterative_steps_for(cfg.plan, model.config, a.iterative),
                 batch_tokens=a.batch_tokens, selection_size=a.selection_size, selection_seed=a.selection_seed,
                 iterative_score=cfg.plan.score)
         return {"sensitivity": str(r.dir / "analyze" / "sensitivity.json")}

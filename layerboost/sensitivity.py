@@ -299,15 +299,24 @@ def ranking_used(result: dict, score: str, ranking: str = "auto", thresholds: bo
     return "iterative" if has and ranking != "one-shot" else "one-shot"
 
 
-def iterative_steps_for(policy, config=None):
-    """The iterative mode's default length, as a function of the one-shot result (for `analyze`): the
-    attention-free layers `policy` places from its one-shot scores. 0 where the plan will not use the
-    history (ranking "one-shot"; threshold policies, whose thresholds are in one-shot units) and for
-    the item signals (margin, drop: each step would repeat the whole item pass; ask with a count)."""
+def auto_measures(policy) -> bool:
+    """Whether the iterative mode's `auto` measures any step (as many as the plan's attention-free layers):
+    not where the plan will not use the history (ranking "one-shot"; threshold policies, whose thresholds
+    are in one-shot units), nor for the item signals (margin, drop: each step would repeat the whole item
+    pass; ask with a count)."""
+    return policy.ranking != "one-shot" and not policy.thresholds and policy.score in PROXY_SCORES
+
+
+def iterative_steps_for(policy, config=None, iterative="auto"):
+    """The `iterative_steps` argument of `analyze`: a count as given, or for "auto" a function of the one-shot
+    result: the attention-free layers `policy` places from the one-shot scores where `auto_measures`, else 0."""
     from .plan import make_plan
 
+    if iterative != "auto":
+        return iterative
+
     def steps(result: dict) -> int:
-        if policy.ranking == "one-shot" or policy.thresholds or policy.score not in PROXY_SCORES:
+        if not auto_measures(policy):
             return 0
         return make_plan(policy, plan_scores(result, policy.score, "one-shot"), config).counts()["none"]
 
@@ -323,11 +332,7 @@ def iterative_problems(policy, iterative, n_layers: int | None = None, n_none: i
         out.append(f"{iterative} iterative steps, but the model has {n_layers} layers: ask for at most {n_layers}")
     if policy.ranking != "iterative" or policy.thresholds:
         return out  # a threshold policy with ranking iterative: its own check (PlanPolicy, ranking_used)
-    if iterative == "auto":
-        steps = n_none if policy.score in PROXY_SCORES else 0
-    else:
-        steps = iterative
-    if steps == 0:
+    if iterative == 0 or (iterative == "auto" and (not auto_measures(policy) or n_none == 0)):
         out.append("ranking 'iterative' needs the iterative history, and the iterative mode measures no step here "
                    "(auto: as many as the plan's attention-free layers, for the kl and cosine scores only): "
                    "ask for a count of steps > 0, or rank one-shot or auto")

@@ -4,6 +4,7 @@
                   windows from `config.layer_types` (full_attention / sliding_attention) + `sliding_window`
     deci          softmax + none plans: the DeciLM / Nemotron-NAS `block_configs` format (attention
                   `no_op` for none layers), which vLLM, SGLang, TensorRT-LLM and mlx-lm implement
+    gguf          one file for llama.cpp, every plan of softmax, swa and none layers (export_gguf.py)
 
 Anything a format cannot hold exactly is refused before a file is written, and the export is written
 to a temporary folder that is renamed into place at the end, so a failed export leaves nothing behind.
@@ -19,11 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .export_gguf import GGUF_TYPES, GGUFExportError, write_gguf
 from .kinds import KINDS
 from .surgery import ARCHITECTURES, NATIVE_WINDOW_KEY
 from .util import dtype_name
 
-FORMATS = ("transformers", "deci")
+FORMATS = ("transformers", "deci", "gguf")
 
 # Source model_type -> the native transformers class of the export (format "transformers").
 # Llama and Mistral go to Ministral: MinistralForCausalLM has Llama's modules and weight names unchanged
@@ -72,15 +74,19 @@ class ExportError(ValueError):
 
 
 def export(model_or_path, out_dir: str | os.PathLike, format: str = "transformers", tokenizer=None,
-           dtype: torch.dtype = torch.float32) -> Path:
+           dtype: torch.dtype | str = torch.float32, gguf_arch: str | None = None,
+           tokenizer_pre: str | None = None) -> Path:
     """Write a converted hybrid in a format that loads without layerboost.
 
     Args:
         model_or_path: a converted model, or anything `layerboost.load_model` opens (a saved hybrid folder).
-        out_dir: new folder (must not exist, or be empty).
-        format: "transformers" (softmax + swa with one window) or "deci" (softmax + none).
+        out_dir: new folder (must not exist, or be empty); for "gguf" a new file name ending in .gguf.
+        format: "transformers" (softmax + swa with one window), "deci" (softmax + none) or "gguf" (llama.cpp).
         tokenizer: saved with the export (when a path is given, the tokenizer found there is used).
-        dtype: weights dtype when `model_or_path` is a path.
+        dtype: weights dtype when `model_or_path` is a path; for "gguf" the file's type, one of
+            f32, f16, bf16, q8_0 (a torch dtype is taken as its name).
+        gguf_arch, tokenizer_pre: "gguf" only: override the llama.cpp architecture chosen from the plan, and
+            name the llama.cpp pre-tokenizer of a tokenizer layerboost does not recognise.
 
     Returns:
         the output folder.
@@ -92,6 +98,10 @@ def export(model_or_path, out_dir: str | os.PathLike, format: str = "transformer
     out = Path(out_dir)
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; known formats: {', '.join(FORMATS)}")
+    if format == "gguf":
+        return _export_gguf(model_or_path, out, tokenizer, dtype, gguf_arch, tokenizer_pre)
+    if not isinstance(dtype, torch.dtype):
+        raise ExportError(f"dtype {dtype!r} is for GGUF files: the {format} format writes float32, bfloat16 or float16")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not an empty folder: choose a new output folder")
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -118,6 +128,32 @@ def export(model_or_path, out_dir: str | os.PathLike, format: str = "transformer
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+_GGUF_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _export_gguf(model_or_path, out: Path, tokenizer, dtype, arch, tokenizer_pre) -> Path:
+    gguf_type = _GGUF_NAMES.get(dtype, dtype)
+    if gguf_type not in GGUF_TYPES:
+        raise ExportError(f"GGUF type {dtype!r} is not written; choose one of {', '.join(GGUF_TYPES)}")
+    if out.suffix != ".gguf":
+        raise ExportError(f"{out}: a GGUF export is one file; give a name ending in .gguf")
+    if out.exists():
+        raise ExportError(f"{out} exists: choose a new file name (an export never replaces a file)")
+    if not out.parent.is_dir():
+        raise ExportError(f"folder {out.parent} does not exist: create it or choose another --out")
+    if isinstance(model_or_path, (str, os.PathLike)):
+        from .models import load_model
+
+        model, found_tok = load_model(str(model_or_path), dtype=torch.float32)
+        tokenizer = found_tok if tokenizer is None else tokenizer
+    else:
+        model = model_or_path
+    try:
+        return write_gguf(model, tokenizer, out, gguf_type, arch=arch, tokenizer_pre=tokenizer_pre)
+    except GGUFExportError as e:
+        raise ExportError(str(e)) from None
 
 
 # ---- checks -----------------------------------------------------------------------------------------

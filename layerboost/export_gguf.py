@@ -1,0 +1,316 @@
+"""GGUF export: one file llama.cpp loads as it is, with weights, tokenizer and chat template inside.
+
+Written with the `gguf` package (no converter script, no remote code). Each plan goes to the llama.cpp
+architecture that computes exactly what layerboost computes:
+
+    llama        every layer softmax (the base model)
+    deci         softmax + none: a layer with 0 heads has no attention and no cache (stock llama.cpp)
+    granite_swa  softmax + swa: per-layer sliding windows (stock llama.cpp). Its attention sinks are written
+                 as a logit of -30000 per head, which is an exact zero weight, and its multipliers as 1
+    deci + swa   softmax + swa + none: deci with `attention.sliding_window` and a per-layer
+                 `attention.sliding_window_pattern`, which llama.cpp reads once
+                 engines/llama.cpp/deci-sliding-window.patch is applied (engines/llama.cpp/build.sh);
+                 stock llama.cpp would ignore the window and attend to every token
+
+Windows: llama.cpp hides key p0 from query p1 when p1 - p0 >= n_swa, so a query sees the last n_swa tokens,
+itself included: layerboost's `swa` window W is written unchanged. llama.cpp has one window per model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .kinds import KINDS
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+GGUF_ARCHS = ("llama", "deci", "granite_swa")
+SINK_LOGIT = -30000.0  # exp(-30000 - max) is 0 in float32: a sink that takes no weight
+
+# llama.cpp `tokenizer.ggml.pre` names of the Hugging Face pre-tokenizers recognised here, keyed by the
+# pre-tokenizer's JSON (tokenizer.json). Anything else needs `tokenizer_pre=` (the name llama.cpp's
+# convert_hf_to_gguf.py reports for that tokenizer): a wrong guess would split text differently.
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+KNOWN_PRE_TOKENIZERS = {
+    json.dumps(_BYTE_LEVEL, sort_keys=True): "gpt-2",
+    json.dumps({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]},
+               sort_keys=True): "smollm",
+}
+
+
+class GGUFExportError(ValueError):
+    """The model cannot be written exactly as a GGUF llama.cpp runs; nothing was written."""
+
+
+def gguf_arch(plan) -> str:
+    """The llama.cpp architecture a Llama-family plan exports to (see the module docstring)."""
+    kinds = {s.kind for s in plan.layers}
+    if kinds == {"softmax"}:
+        return "llama"
+    if "swa" in kinds and "none" not in kinds:
+        return "granite_swa"
+    return "deci"
+
+
+def needs_patch(plan) -> bool:
+    """True when the export runs only in llama.cpp with engines/llama.cpp/deci-sliding-window.patch."""
+    kinds = {s.kind for s in plan.layers}
+    return {"swa", "none"} <= kinds
+
+
+def describe(path: str | os.PathLike) -> str:
+    """One line on what a written GGUF file needs: its architecture and the llama.cpp that runs it."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    arch = fields["general.architecture"].contents()
+    window = fields.get(f"{arch}.attention.sliding_window")
+    if arch == "deci" and window is not None:
+        return ("architecture deci with sliding windows: runs in llama.cpp with engines/llama.cpp/deci-sliding-"
+                "window.patch (engines/llama.cpp/build.sh); stock llama.cpp would attend to every token")
+    return f"architecture {arch}: runs in stock llama.cpp (tested with the version engines/llama.cpp/build.sh pins)"
+
+
+def problems(model: nn.Module, gguf_type: str, arch: str | None = None) -> list[str]:
+    """Everything that stops an exact GGUF export of `model`, one line each (empty: it exports)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if gguf_type not in GGUF_TYPES:
+        return [f"unknown GGUF type {gguf_type!r}; choose one of {', '.join(GGUF_TYPES)}"]
+    if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        return ["the model still holds LoRA adapters (peft): merge them first (model.merge_and_unload())"]
+    plan = getattr(model, "layerboost_plan", None)
+    cfg = model.config
+    if cfg.model_type not in ("llama", "mistral"):
+        return [f"GGUF export writes Llama and Mistral models, not model_type {cfg.model_type!r}"]
+    out = []
+    if plan is not None:
+        chosen = arch or gguf_arch(plan)
+        if arch is not None and arch not in GGUF_ARCHS:
+            return [f"unknown GGUF architecture {arch!r}; choose one of {', '.join(GGUF_ARCHS)}"]
+        kinds = [s.kind for s in plan.layers]
+        unsupported = sorted({k for k in kinds if k not in ("softmax", "swa", "none")})
+        if unsupported:
+            where = [i for i, k in enumerate(kinds) if k in unsupported]
+            out.append(f"layers {where} are {', '.join(unsupported)}: llama.cpp has no linear attention beside a "
+                       "window; re-plan those layers as swa, softmax or none")
+        if kinds[0] == "none" and chosen == "deci":
+            out.append("layer 0 is none: llama.cpp reads head sizes from layer 0, so the file would not load; "
+                       "re-plan with attention (softmax or swa) in layer 0")
+        if chosen == "llama" and set(kinds) != {"softmax"}:
+            out.append("the llama architecture holds softmax layers only: leave the architecture to choose itself")
+        if chosen == "granite_swa" and "none" in kinds:
+            out.append("granite_swa has no layer without attention: use the deci architecture for plans with none")
+        windows = sorted({s.window for s in plan.layers if s.kind == "swa"})
+        if len(windows) > 1:
+            out.append(f"the plan has several windows {windows}: llama.cpp holds one window per model; "
+                       "re-plan with one window")
+    rope = dict(getattr(cfg, "rope_parameters", None) or {})
+    if rope.get("rope_type", "default") != "default":
+        out.append(f"rope_type {rope.get('rope_type')!r} is not written yet: only the default rotary embedding")
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        out.append("attention or MLP biases are not written to GGUF")
+    if cfg.hidden_act != "silu":
+        out.append(f"hidden_act {cfg.hidden_act!r}: llama.cpp's Llama architectures run silu MLPs")
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if head_dim * cfg.num_attention_heads != cfg.hidden_size and (plan is None or gguf_arch(plan) == "deci"):
+        out.append(f"head_dim {head_dim} x {cfg.num_attention_heads} heads != hidden_size: deci reads no head size")
+    if gguf_type == "q8_0":
+        odd = sorted({n for n, p in model.named_parameters() if p.dim() == 2 and p.shape[1] % 32})
+        if odd:
+            out.append(f"q8_0 packs rows in blocks of 32 values; {odd[0]} has rows of another length: use f16 or bf16")
+    return out
+
+
+def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, gguf_type: str = "f32",
+               arch: str | None = None, tokenizer_pre: str | None = None) -> Path:
+    """Write `model` (a layerboost hybrid or a plain Llama/Mistral) and `tokenizer` as one GGUF file.
+
+    Raises:
+        GGUFExportError: the model, plan or tokenizer cannot be written exactly (one problem per line);
+            nothing was written.
+    """
+    import gguf
+
+    found = problems(model, gguf_type, arch)
+    if tokenizer is None:
+        found.append("no tokenizer: llama.cpp needs the vocabulary inside the file")
+    if not found:
+        try:
+            pre = tokenizer_pre or pre_tokenizer_name(tokenizer)
+        except GGUFExportError as e:
+            found.append(str(e))
+    if found:
+        raise GGUFExportError("\n".join(found))
+    from .plan import LayerPlan
+
+    plan = getattr(model, "layerboost_plan", None) or LayerPlan.from_kinds(["softmax"] * model.config.num_hidden_layers)
+    arch = arch or gguf_arch(plan)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        _write_config(writer, model.config, plan, arch, gguf_type)
+        _write_vocab(writer, tokenizer, model.config.vocab_size, pre)
+        _write_tensors(writer, model, plan, arch, gguf_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---- metadata -----------------------------------------------------------------------------------------
+
+_FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_BF16
+
+
+def _write_config(w, cfg, plan, arch: str, gguf_type: str) -> None:
+    n = cfg.num_hidden_layers
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attends = [s.kind != "none" for s in plan.layers]
+    w.add_name(str(getattr(cfg, "_name_or_path", "") or "layerboost hybrid").rstrip("/").split("/")[-1])
+    w.add_file_type(_FILE_TYPES[gguf_type])
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(n)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    if arch == "deci":  # per-layer head counts; 0 heads = no attention
+        w.add_head_count([cfg.num_attention_heads if a else 0 for a in attends])
+        w.add_head_count_kv([cfg.num_key_value_heads if a else 0 for a in attends])
+        w.add_feed_forward_length([cfg.intermediate_size] * n)
+    else:
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv(cfg.num_key_value_heads)
+        w.add_feed_forward_length(cfg.intermediate_size)
+    windows = {s.window for s in plan.layers if s.kind == "swa"}
+    if windows:
+        w.add_sliding_window(windows.pop())
+        w.add_sliding_window_pattern([s.kind == "swa" for s in plan.layers])
+    if arch == "granite_swa":  # Granite's multipliers, all neutral
+        w.add_logit_scale(1.0)
+        w.add_residual_scale(1.0)
+        w.add_embedding_scale(1.0)
+        w.add_attention_scale(1.0 / head_dim ** 0.5)
+
+
+def pre_tokenizer_name(tokenizer) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for a Hugging Face fast tokenizer whose pre-tokenizer is recognised."""
+    state = _tokenizer_json(tokenizer)
+    key = json.dumps(state.get("pre_tokenizer"), sort_keys=True)
+    if key not in KNOWN_PRE_TOKENIZERS:
+        raise GGUFExportError(
+            f"the tokenizer's pre-tokenizer ({key[:120]}) is not one layerboost recognises: pass the llama.cpp name "
+            "for it (--tokenizer-pre NAME; llama.cpp's convert_hf_to_gguf.py prints it as 'tokenizer.ggml.pre')")
+    return KNOWN_PRE_TOKENIZERS[key]
+
+
+def _tokenizer_json(tokenizer) -> dict:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise GGUFExportError(f"{type(tokenizer).__name__} is not a fast (tokenizer.json) tokenizer: GGUF export "
+                              "reads the vocabulary and merges from one")
+    return json.loads(backend.to_str())
+
+
+def _write_vocab(w, tokenizer, vocab_size: int, pre: str) -> None:
+    import gguf
+
+    state = _tokenizer_json(tokenizer)
+    model = state["model"]
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise GGUFExportError(f"tokenizer model {model.get('type')} (byte_fallback {model.get('byte_fallback')}): GGUF "
+                              "export writes byte-level BPE tokenizers (GPT-2 style) only")
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    if max(by_id) >= vocab_size:
+        raise GGUFExportError(f"the tokenizer has ids up to {max(by_id)}, beyond the model's vocab_size {vocab_size}")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    for name, setter in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id),
+                         ("unk", w.add_unk_token_id)):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None:
+            setter(int(token_id))
+    # Whether a BOS is put in front of each text: what the tokenizer itself does.
+    probe = tokenizer("a")["input_ids"]
+    w.add_add_bos_token(bool(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]))
+    w.add_add_eos_token(bool(tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id]))
+    if getattr(tokenizer, "chat_template", None):
+        w.add_chat_template(tokenizer.chat_template)
+
+
+# ---- tensors ------------------------------------------------------------------------------------------
+
+
+def _rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder q/k rows from Hugging Face's rotate-half layout to llama.cpp's interleaved pairs (rope type NORM)."""
+    out_dim = w.shape[0]
+    return w.reshape(heads, 2, out_dim // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _add(w, name: str, t: torch.Tensor, gguf_type: str) -> None:
+    import gguf
+
+    data = t.detach().to(torch.float32).cpu().numpy()
+    if data.ndim == 1 or gguf_type == "f32":  # norms, sinks and f32 files stay float32
+        w.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
+    elif gguf_type == "f16":
+        w.add_tensor(name, data.astype(np.float16))
+    else:
+        qtype = {"bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[gguf_type]
+        w.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+
+def _write_tensors(w, model: nn.Module, plan, arch: str, gguf_type: str) -> None:
+    cfg = model.config
+    state = model.state_dict()
+    _add(w, "token_embd.weight", state["model.embed_tokens.weight"], gguf_type)
+    _add(w, "output_norm.weight", state["model.norm.weight"], gguf_type)
+    if not cfg.tie_word_embeddings:
+        _add(w, "output.weight", state["lm_head.weight"], gguf_type)
+    for i, spec in enumerate(plan.layers):
+        p = f"model.layers.{i}."
+        if KINDS[spec.kind].cache is not None:  # attends: q/k/v/o and the input norm
+            _add(w, f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"], gguf_type)
+            _add(w, f"blk.{i}.attn_q.weight", _rope_rows(state[p + "self_attn.q_proj.weight"], cfg.num_attention_heads),
+                 gguf_type)
+            _add(w, f"blk.{i}.attn_k.weight", _rope_rows(state[p + "self_attn.k_proj.weight"], cfg.num_key_value_heads),
+                 gguf_type)
+            _add(w, f"blk.{i}.attn_v.weight", state[p + "self_attn.v_proj.weight"], gguf_type)
+            _add(w, f"blk.{i}.attn_output.weight", state[p + "self_attn.o_proj.weight"], gguf_type)
+            if arch == "granite_swa":
+                _add(w, f"blk.{i}.attn_sinks.weight", torch.full((cfg.num_attention_heads,), SINK_LOGIT), gguf_type)
+        _add(w, f"blk.{i}.ffn_norm.weight", state[p + "post_attention_layernorm.weight"], gguf_type)
+        _add(w, f"blk.{i}.ffn_gate.weight", state[p + "mlp.gate_proj.weight"], gguf_type)
+        _add(w, f"blk.{i}.ffn_up.weight", state[p + "mlp.up_proj.weight"], gguf_type)
+        _add(w, f"blk.{i}.ffn_down.weight", state[p + "mlp.down_proj.weight"], gguf_type)

@@ -1,0 +1,165 @@
+"""Run GGUF exports in llama.cpp's own tools: find them, serve a file, generate, score perplexity, benchmark.
+
+The tools are the ones engines/llama.cpp/build.sh builds (the pinned llama.cpp with the deci sliding-window
+patch) in `$LAYERBOOST_LLAMA_CPP/bin` (default ~/.cache/layerboost/llama.cpp/bin). Everything here talks to
+those programs through their command lines and llama-server's HTTP API: nothing of llama.cpp is imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+TOOLS = ("llama-server", "llama-perplexity", "llama-bench", "llama-batched-bench", "llama-completion")
+
+
+class LlamaCppMissing(RuntimeError):
+    """The llama.cpp tools are not built where layerboost looks for them."""
+
+
+def tools_dir() -> Path:
+    return Path(os.environ.get("LAYERBOOST_LLAMA_CPP", Path.home() / ".cache/layerboost/llama.cpp")) / "bin"
+
+
+def tool(name: str) -> Path:
+    """Path of one llama.cpp program; LlamaCppMissing (one line with the fix) when it is not built."""
+    path = tools_dir() / name
+    if not os.access(path, os.X_OK):
+        raise LlamaCppMissing(f"{name} not found in {tools_dir()}: build the pinned, patched llama.cpp with "
+                              "engines/llama.cpp/build.sh (or point LAYERBOOST_LLAMA_CPP at its folder)")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A running llama-server on one GGUF file (use `serve()`)."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def _post(self, path: str, body: dict) -> dict:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return json.loads(r.read())
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._post("/tokenize", {"content": text, "add_special": False})["tokens"]
+
+    def greedy(self, prompt_ids: list[int], n: int) -> list[int]:
+        """`n` greedy tokens after `prompt_ids` (token ids in, token ids out; end-of-text does not stop it)."""
+        out = self._post("/completion", {"prompt": list(prompt_ids), "n_predict": n, "temperature": 0.0, "top_k": 1,
+                                         "samplers": ["top_k"], "ignore_eos": True, "cache_prompt": False,
+                                         "return_tokens": True})
+        return out["tokens"]
+
+
+@contextmanager
+def serve(gguf: str | os.PathLike, ctx: int = 2048, threads: int = 2, flash_attn: str = "on", kv_type: str = "f16"):
+    """Start llama-server on `gguf` (one slot), yield a `Server`, stop it afterwards.
+
+    kv_type, flash_attn: comparisons with layerboost's float32 need kv_type "f32" and flash_attn "off": llama.cpp's
+    CPU flash-attention kernel and its default f16 cache round to half precision (log-probabilities of SmolLM2
+    then differ by up to ~5e-3 from float32; with f32 and no flash attention by ~2e-4).
+    """
+    port = _free_port()
+    cmd = [str(tool("llama-server")), "-m", str(gguf), "-c", str(ctx), "-t", str(threads), "-np", "1",
+           "-fa", flash_attn, "-ctk", kv_type, "-ctv", kv_type, "--host", "127.0.0.1", "--port", str(port),
+           "--no-webui"]
+    log = open(Path(gguf).with_suffix(".server.log"), "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {proc.returncode}: see {log.name}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"llama-server did not come up in 120 s: see {log.name}")
+            time.sleep(0.2)
+        yield Server(url)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def perplexity(gguf: str | os.PathLike, text_file: str | os.PathLike, ctx: int, chunks: int,
+               threads: int = 2, kv_type: str = "f16", flash_attn: str = "on") -> float:
+    """llama-perplexity's final estimate over the first `chunks` chunks of `ctx` tokens of `text_file`."""
+    cmd = [str(tool("llama-perplexity")), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx), "-b", str(ctx),
+           "--chunks", str(chunks), "-t", str(threads), "-ctk", kv_type, "-ctv", kv_type, "-fa", flash_attn]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
+    if out.returncode or not found:
+        raise RuntimeError(f"llama-perplexity failed ({out.returncode}): {(out.stdout + out.stderr)[-2000:]}")
+    return float(found.group(1))
+
+
+def reference_perplexity(model, token_ids: list[int], ctx: int, chunks: int) -> float:
+    """layerboost's perplexity computed the way llama-perplexity scores chunks: each chunk of `ctx` tokens is run
+    alone and the second half of its tokens is scored (the first half is context); no BOS is added."""
+    import torch
+    import torch.nn.functional as F
+
+    first, nll, count = ctx // 2, 0.0, 0
+    with torch.no_grad():
+        for c in range(chunks):
+            ids = torch.tensor(token_ids[c * ctx:(c + 1) * ctx]).unsqueeze(0)
+            if ids.shape[1] < ctx:
+                raise ValueError(f"the text holds {len(token_ids)} tokens, fewer than {chunks} chunks of {ctx}")
+            logits = model(ids).logits[0, first:ctx - 1].double()
+            nll += F.cross_entropy(logits, ids[0, first + 1:ctx], reduction="sum").item()
+            count += ctx - 1 - first
+    return float(torch.tensor(nll / count).exp())
+
+
+def _json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def bench(gguf: str | os.PathLike, depths=(0,), n_gen: int = 128, n_prompt: int = 0, reps: int = 3,
+          threads: int = 2, flash_attn: int = 1, extra=()) -> list[dict]:
+    """llama-bench rows (its JSONL output): decode of `n_gen` tokens after `depths` tokens of context, and
+    prompt processing of `n_prompt` tokens when given."""
+    cmd = [str(tool("llama-bench")), "-m", str(gguf), "-t", str(threads), "-fa", str(flash_attn), "-r", str(reps),
+           "-p", str(n_prompt), "-n", str(n_gen), "-d", ",".join(map(str, depths)), "-o", "jsonl", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"llama-bench failed ({out.returncode}): {out.stderr[-2000:]}")
+    return _json_lines(out.stdout)
+
+
+def batched_bench(gguf: str | os.PathLike, parallel=(1, 4, 8, 16), n_prompt: int = 512, n_gen: int = 64,
+                  threads: int = 2, ctx: int | None = None, flash_attn: str = "on") -> list[dict]:
+    """llama-batched-bench rows (JSONL): `parallel` sequences of `n_prompt` prompt tokens and `n_gen` new tokens
+    each, decoded together."""
+    ctx = ctx or max(parallel) * (n_prompt + n_gen)
+    cmd = [str(tool("llama-batched-bench")), "-m", str(gguf), "-c", str(ctx), "-b", "2048", "-ub", "512",
+           "-npp", str(n_prompt), "-ntg", str(n_gen), "-npl", ",".join(map(str, parallel)), "-t", str(threads),
+           "-fa", flash_attn, "--output-format", "jsonl"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"llama-batched-bench failed ({out.returncode}): {out.stderr[-2000:]}")
+    return _json_lines(out.stdout)

@@ -181,7 +181,7 @@ def _policy_from_args(args):
     from .plan import PlanPolicy
 
     common = dict(window=args.window, kind="linear_swa" if args.linear else "swa", score=args.score,
-                  ranking=args.ranking)
+                  ranking=args.ranking, target=args.target)
     if args.budget is not None:
         return PlanPolicy("budget", budget=args.budget, context=args.context, budget_measure=args.budget_measure,
                           none_below=args.none_below, **common)
@@ -224,6 +224,9 @@ def _policy_args(p: argparse.ArgumentParser) -> None:
                    help="iterative: by the analysis' iterative history of --score (removed layers first, the rest by "
                         "the last step's scores: the signal that healed best, docs/results.md); one-shot: each layer "
                         "removed alone; auto (default): iterative where the analysis has that history")
+    g.add_argument("--target", choices=["layerboost", "llama.cpp", "transformers"], default="layerboost",
+                   help="what will serve the model: only plans it runs are placed (llama.cpp: softmax/swa/none, one "
+                        "window, attention in layer 0; transformers: softmax/swa, one window; layerboost: any)")
 
 
 def cmd_analyze(args) -> int:
@@ -249,7 +252,7 @@ def cmd_analyze(args) -> int:
     check_analysis_dir(args.out, {"tasks": tasks, "limit": args.limit, "seed": args.seed, "partition": part})
     policy = _policy_from_args(args) or lb.plan.PlanPolicy(  # no policy given: thirds, --window and --linear apply
         "fractions", fractions=[1 / 3, 1 / 3], window=args.window, kind="linear_swa" if args.linear else "swa",
-        score=args.score, ranking=args.ranking)
+        score=args.score, ranking=args.ranking, target=args.target)
 
     def policy_fits(config):  # the plan policy and the iterative mode, tried on the model's layers before the analysis
         n = config.num_hidden_layers

@@ -11,6 +11,8 @@ architecture that computes exactly what layerboost computes:
                  `attention.sliding_window_pattern`, which llama.cpp reads once
                  engines/llama.cpp/deci-sliding-window.patch is applied (engines/llama.cpp/build.sh);
                  stock llama.cpp would ignore the window and attend to every token
+    gemma3       Gemma 3 plans of softmax + swa (stock llama.cpp): the per-layer pattern from the plan, one
+                 window; llama.cpp gives sliding layers the local rotary table, so every layer keeps its type
 
 Windows: llama.cpp hides key p0 from query p1 when p1 - p0 >= n_swa, so a query sees the last n_swa tokens,
 itself included: layerboost's `swa` window W is written unchanged. llama.cpp has one window per model.
@@ -29,7 +31,7 @@ import torch.nn as nn
 from .kinds import KINDS
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-GGUF_ARCHS = ("llama", "deci", "granite_swa")
+GGUF_ARCHS = ("llama", "deci", "granite_swa", "gemma3")
 SINK_LOGIT = -30000.0  # exp(-30000 - max) is 0 in float32: a sink that takes no weight
 
 # llama.cpp `tokenizer.ggml.pre` names of the Hugging Face pre-tokenizers recognised here, keyed by the
@@ -47,8 +49,10 @@ class GGUFExportError(ValueError):
     """The model cannot be written exactly as a GGUF llama.cpp runs; nothing was written."""
 
 
-def gguf_arch(plan) -> str:
-    """The llama.cpp architecture a Llama-family plan exports to (see the module docstring)."""
+def gguf_arch(plan, model_type: str = "llama") -> str:
+    """The llama.cpp architecture a plan of a `model_type` model exports to (see the module docstring)."""
+    if model_type == "gemma3_text":
+        return "gemma3"
     kinds = {s.kind for s in plan.layers}
     if kinds == {"softmax"}:
         return "llama"
@@ -86,8 +90,10 @@ def problems(model: nn.Module, gguf_type: str, arch: str | None = None) -> list[
         return ["the model still holds LoRA adapters (peft): merge them first (model.merge_and_unload())"]
     plan = getattr(model, "layerboost_plan", None)
     cfg = model.config
-    if cfg.model_type not in ("llama", "mistral"):
-        return [f"GGUF export writes Llama and Mistral models, not model_type {cfg.model_type!r}"]
+    if cfg.model_type not in ("llama", "mistral", "gemma3_text"):
+        return [f"GGUF export writes Llama, Mistral and Gemma 3 models, not model_type {cfg.model_type!r}"]
+    if cfg.model_type == "gemma3_text":
+        return _gemma3_problems(model, plan, gguf_type, arch)
     out = []
     if plan is not None:
         chosen = arch or gguf_arch(plan)
@@ -120,11 +126,54 @@ def problems(model: nn.Module, gguf_type: str, arch: str | None = None) -> list[
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     if head_dim * cfg.num_attention_heads != cfg.hidden_size and (plan is None or gguf_arch(plan) == "deci"):
         out.append(f"head_dim {head_dim} x {cfg.num_attention_heads} heads != hidden_size: deci reads no head size")
-    if gguf_type == "q8_0":
-        odd = sorted({n for n, p in model.named_parameters() if p.dim() == 2 and p.shape[1] % 32})
-        if odd:
-            out.append(f"q8_0 packs rows in blocks of 32 values; {odd[0]} has rows of another length: use f16 or bf16")
-    return out
+    return out + _q8_problems(model, gguf_type)
+
+
+def _q8_problems(model: nn.Module, gguf_type: str) -> list[str]:
+    if gguf_type != "q8_0":
+        return []
+    odd = sorted({n for n, p in model.named_parameters() if p.dim() == 2 and p.shape[1] % 32})
+    return [f"q8_0 packs rows in blocks of 32 values; {odd[0]} has rows of another length: use f16 or bf16"] if odd else []
+
+
+def _gemma3_problems(model: nn.Module, plan, gguf_type: str, arch: str | None) -> list[str]:
+    from .plan import native_plan
+
+    cfg = model.config
+    out = []
+    if arch not in (None, "gemma3"):
+        out.append(f"a Gemma 3 model exports to the gemma3 architecture, not {arch}")
+    plan = plan or native_plan(cfg)
+    kinds = [s.kind for s in plan.layers]
+    bad = [i for i, k in enumerate(kinds) if k not in ("softmax", "swa")]
+    if bad:
+        out.append(f"layers {bad} are {kinds[bad[0]]}: llama.cpp's gemma3 runs softmax and swa layers only; re-plan "
+                   "them as swa or softmax")
+    windows = sorted({s.window for s in plan.layers if s.kind == "swa"})
+    if len(windows) > 1:
+        out.append(f"the plan has several windows {windows}: llama.cpp holds one window per model; give every "
+                   "sliding layer the same window")
+    types, rope = cfg.layer_types, cfg.rope_parameters
+    moved = [i for i, k in enumerate(kinds) if k in ("softmax", "swa")
+             and (k == "swa") != (types[i] == "sliding_attention")
+             and rope["sliding_attention"] != rope["full_attention"]]
+    if moved:
+        out.append(f"layers {moved} change type (full <-> sliding), but llama.cpp's gemma3 rotates sliding layers with "
+                   "the local table and full layers with the global one: keep each layer's type (a smaller window on "
+                   "a sliding layer exports)")
+    if cfg.query_pre_attn_scalar != cfg.head_dim:
+        out.append(f"query_pre_attn_scalar {cfg.query_pre_attn_scalar} != head_dim {cfg.head_dim}: llama.cpp's gemma3 "
+                   "scales queries by head_dim")
+    if getattr(cfg, "attn_logit_softcapping", None):
+        out.append("attention logit soft-capping is not in llama.cpp's gemma3")
+    if cfg.hidden_activation != "gelu_pytorch_tanh":
+        out.append(f"hidden_activation {cfg.hidden_activation!r}: llama.cpp's gemma3 runs the tanh GELU")
+    full = rope["full_attention"]
+    if full.get("rope_type", "default") not in ("default", "linear") or \
+            rope["sliding_attention"].get("rope_type", "default") != "default":
+        out.append(f"rope types {full.get('rope_type')!r} / {rope['sliding_attention'].get('rope_type')!r}: only "
+                   "default, and linear scaling on the global layers, are written")
+    return out + _q8_problems(model, gguf_type)
 
 
 def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, gguf_type: str = "f32",
@@ -140,24 +189,30 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, gguf_type: 
     found = problems(model, gguf_type, arch)
     if tokenizer is None:
         found.append("no tokenizer: llama.cpp needs the vocabulary inside the file")
-    if not found:
+    pre = tokenizer_pre
+    if not found and model.config.model_type != "gemma3_text" and pre is None:
         try:
-            pre = tokenizer_pre or pre_tokenizer_name(tokenizer)
+            pre = pre_tokenizer_name(tokenizer)
         except GGUFExportError as e:
             found.append(str(e))
     if found:
         raise GGUFExportError("\n".join(found))
-    from .plan import LayerPlan
+    from .plan import native_plan
 
-    plan = getattr(model, "layerboost_plan", None) or LayerPlan.from_kinds(["softmax"] * model.config.num_hidden_layers)
-    arch = arch or gguf_arch(plan)
+    plan = getattr(model, "layerboost_plan", None) or native_plan(model.config)
+    arch = arch or gguf_arch(plan, model.config.model_type)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
-        _write_config(writer, model.config, plan, arch, gguf_type)
-        _write_vocab(writer, tokenizer, model.config.vocab_size, pre)
-        _write_tensors(writer, model, plan, arch, gguf_type)
+        if arch == "gemma3":
+            _write_gemma3_config(writer, model.config, plan, gguf_type)
+            _write_spm_vocab(writer, tokenizer, model.config.vocab_size)
+            _write_gemma3_tensors(writer, model, gguf_type)
+        else:
+            _write_config(writer, model.config, plan, arch, gguf_type)
+            _write_vocab(writer, tokenizer, model.config.vocab_size, pre)
+            _write_tensors(writer, model, plan, arch, gguf_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
@@ -314,3 +369,108 @@ def _write_tensors(w, model: nn.Module, plan, arch: str, gguf_type: str) -> None
         _add(w, f"blk.{i}.ffn_gate.weight", state[p + "mlp.gate_proj.weight"], gguf_type)
         _add(w, f"blk.{i}.ffn_up.weight", state[p + "mlp.up_proj.weight"], gguf_type)
         _add(w, f"blk.{i}.ffn_down.weight", state[p + "mlp.down_proj.weight"], gguf_type)
+
+
+# ---- Gemma 3 ------------------------------------------------------------------------------------------
+
+
+def _write_gemma3_config(w, cfg, plan, gguf_type: str) -> None:
+    rope = cfg.rope_parameters
+    w.add_name(str(getattr(cfg, "_name_or_path", "") or "layerboost hybrid").rstrip("/").split("/")[-1])
+    w.add_file_type(_FILE_TYPES[gguf_type])
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_freq_base(float(rope["full_attention"]["rope_theta"]))
+    w.add_rope_freq_base_swa(float(rope["sliding_attention"]["rope_theta"]))
+    if rope["full_attention"].get("rope_type") == "linear":
+        import gguf
+
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["full_attention"]["factor"]))
+    if getattr(cfg, "final_logit_softcapping", None):
+        w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+    windows = {s.window for s in plan.layers if s.kind == "swa"}
+    if windows:
+        w.add_sliding_window(windows.pop())
+        w.add_sliding_window_pattern([s.kind == "swa" for s in plan.layers])
+
+
+def _write_gemma3_tensors(w, model: nn.Module, gguf_type: str) -> None:
+    """Gemma's RMSNorm scales by (1 + weight), llama.cpp's by weight: every norm is written plus one. q/k keep
+    their order (Gemma rotates halves, as llama.cpp's gemma3 does)."""
+    cfg, state = model.config, model.state_dict()
+    _add(w, "token_embd.weight", state["model.embed_tokens.weight"], gguf_type)
+    _add(w, "output_norm.weight", state["model.norm.weight"] + 1, gguf_type)
+    if not cfg.tie_word_embeddings:
+        _add(w, "output.weight", state["lm_head.weight"], gguf_type)
+    names = {"input_layernorm": "attn_norm", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+             "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+             "post_feedforward_layernorm": "post_ffw_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    for i in range(cfg.num_hidden_layers):
+        for hf, ours in names.items():
+            t = state[f"model.layers.{i}.{hf}.weight"]
+            _add(w, f"blk.{i}.{ours}.weight", t + 1 if "norm" in hf else t, gguf_type)
+
+
+def _write_spm_vocab(w, tokenizer, vocab_size: int) -> None:
+    """A byte-fallback BPE tokenizer (Gemma's) as llama.cpp's sentencepiece vocabulary ("llama").
+
+    llama.cpp's sentencepiece tokenizer merges, again and again, the adjacent pair whose joined text is the
+    token with the highest score; a Hugging Face BPE merges the pair ranked first. Each token made by a merge
+    gets minus that merge's rank as its score, so the two merge in the same order.
+    """
+    import gguf
+
+    state = _tokenizer_json(tokenizer)
+    model = state["model"]
+    if model.get("type") != "BPE" or not model.get("byte_fallback"):
+        raise GGUFExportError(f"tokenizer model {model.get('type')} (byte_fallback {model.get('byte_fallback')}): a "
+                              "Gemma 3 export writes byte-fallback BPE tokenizers only")
+    rank = {}
+    for r, m in enumerate(model["merges"]):
+        a, b = m.split(" ") if isinstance(m, str) else m
+        rank.setdefault(a + b, r)
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder
+    tokens, scores, types = [], [], []
+    for i in range(vocab_size):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]"), scores.append(-1e9), types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(t)
+        scores.append(-float(rank.get(t, len(rank))))
+        if i in added and added[i].special:
+            types.append(gguf.TokenType.UNKNOWN if t == tokenizer.unk_token else gguf.TokenType.CONTROL)
+        elif i in added:
+            types.append(gguf.TokenType.USER_DEFINED)
+        elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    for name, setter in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id),
+                         ("unk", w.add_unk_token_id)):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None:
+            setter(int(token_id))
+    probe = tokenizer("a")["input_ids"]
+    w.add_add_bos_token(bool(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]))
+    w.add_add_eos_token(bool(tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id]))
+    w.add_add_space_prefix(False)
+    if getattr(tokenizer, "chat_template", None):
+        w.add_chat_template(tokenizer.chat_template)

@@ -117,9 +117,11 @@ def perplexity(gguf: str | os.PathLike, text_file: str | os.PathLike, ctx: int, 
     return float(found.group(1))
 
 
-def reference_perplexity(model, token_ids: list[int], ctx: int, chunks: int) -> float:
+def reference_perplexity(model, token_ids: list[int], ctx: int, chunks: int, bos: int | None = None) -> float:
     """layerboost's perplexity computed the way llama-perplexity scores chunks: each chunk of `ctx` tokens is run
-    alone and the second half of its tokens is scored (the first half is context); no BOS is added."""
+    alone and the second half of its tokens is scored (the first half is context). `token_ids`: the text as
+    llama-perplexity tokenizes it, with a BOS in front when the model adds one; `bos`: that BOS id, which
+    llama-perplexity also writes over each chunk's first token (None when the model adds none)."""
     import torch
     import torch.nn.functional as F
 
@@ -129,6 +131,8 @@ def reference_perplexity(model, token_ids: list[int], ctx: int, chunks: int) -> 
             ids = torch.tensor(token_ids[c * ctx:(c + 1) * ctx]).unsqueeze(0)
             if ids.shape[1] < ctx:
                 raise ValueError(f"the text holds {len(token_ids)} tokens, fewer than {chunks} chunks of {ctx}")
+            if bos is not None:
+                ids[0, 0] = bos
             logits = model(ids).logits[0, first:ctx - 1].double()
             nll += F.cross_entropy(logits, ids[0, first + 1:ctx], reduction="sum").item()
             count += ctx - 1 - first
@@ -152,14 +156,51 @@ def bench(gguf: str | os.PathLike, depths=(0,), n_gen: int = 128, n_prompt: int 
 
 
 def batched_bench(gguf: str | os.PathLike, parallel=(1, 4, 8, 16), n_prompt: int = 512, n_gen: int = 64,
-                  threads: int = 2, ctx: int | None = None, flash_attn: str = "on") -> list[dict]:
+                  threads: int = 2, ctx: int | None = None, flash_attn: str = "on", extra=()) -> list[dict]:
     """llama-batched-bench rows (JSONL): `parallel` sequences of `n_prompt` prompt tokens and `n_gen` new tokens
     each, decoded together."""
     ctx = ctx or max(parallel) * (n_prompt + n_gen)
     cmd = [str(tool("llama-batched-bench")), "-m", str(gguf), "-c", str(ctx), "-b", "2048", "-ub", "512",
            "-npp", str(n_prompt), "-ntg", str(n_gen), "-npl", ",".join(map(str, parallel)), "-t", str(threads),
-           "-fa", flash_attn, "--output-format", "jsonl"]
+           "-fa", flash_attn, "--output-format", "jsonl", *extra]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"llama-batched-bench failed ({out.returncode}): {out.stderr[-2000:]}")
     return _json_lines(out.stdout)
+
+
+def side_by_side(files: dict[str, Path], depths=(0, 1024, 4096), rounds: int = 2, n_gen: int = 64,
+                 threads: int = 2) -> dict:
+    """llama-bench decode tokens/s of each file at each depth, the files alternating round by round (so drift
+    of the machine hits each alike); the median of the rounds."""
+    import statistics
+
+    got: dict = {name: {d: [] for d in depths} for name in files}
+    for _ in range(rounds):
+        for name, path in files.items():
+            for r in bench(path, depths=depths, n_gen=n_gen, reps=1, threads=threads):
+                got[name][r["n_depth"]].append(r["avg_ts"])
+    return {name: {d: statistics.median(v) for d, v in by.items()} for name, by in got.items()}
+
+
+def serve_stage(base_model, tokenizer, hybrid, out_dir: str | os.PathLike, gguf_type: str = "f32",
+                depths=(0, 1024, 4096), threads: int = 2) -> dict:
+    """`run`'s last step for target llama.cpp: the base and the hybrid as GGUF files, and their decode speed in
+    llama.cpp side by side. Without the built tools the files are still written and the reason is returned."""
+    from .export_gguf import describe, write_gguf
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"base": out / f"base-{gguf_type}.gguf", "hybrid": out / f"hybrid-{gguf_type}.gguf"}
+    for name, model in (("base", base_model), ("hybrid", hybrid)):
+        if not files[name].exists():
+            write_gguf(model, tokenizer, files[name], gguf_type)
+    rec = {"files": {k: str(v) for k, v in files.items()}, "needs": describe(files["hybrid"])}
+    try:
+        speed = side_by_side(files, depths=depths, threads=threads)
+    except LlamaCppMissing as e:
+        return {**rec, "skipped": str(e)}
+    lines = ["| context | base tok/s | hybrid tok/s | hybrid / base |", "|---|---|---|---|"]
+    lines += [f"| {d} | {speed['base'][d]:.1f} | {speed['hybrid'][d]:.1f} | {speed['hybrid'][d] / speed['base'][d]:.2f}x |"
+              for d in depths]
+    return {**rec, "decode_tok_s": speed, "table": "\n".join(lines), "threads": threads}

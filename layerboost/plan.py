@@ -355,6 +355,7 @@ class PlanPolicy:
         score: the sensitivity score layers are ranked by (see sensitivity.plan_scores).
         ranking: iterative (by the analysis' iterative history of `score`), one-shot, or auto (iterative
             where the analysis has that history).
+        target: what will serve the model (see TARGETS); only plans it can run are placed.
     """
 
     policy: str = "counts"
@@ -371,6 +372,7 @@ class PlanPolicy:
     kind: str = "swa"
     score: str = "kl"  # kl | margin | drop | cosine (the signals compared after healing: docs/results.md)
     ranking: str = "auto"
+    target: str = "layerboost"
 
     @property
     def thresholds(self) -> bool:
@@ -395,6 +397,15 @@ class PlanPolicy:
         elif self.ranking == "iterative" and self.thresholds:
             out.append("ranking iterative cannot serve thresholds (softmax_above / none_below), which are in "
                        "one-shot score units: rank one-shot or auto, or place the plan by counts")
+        if self.target not in TARGETS:
+            out.append(f"target {self.target!r} must be one of {', '.join(TARGETS)}")
+        elif self.target != "layerboost" and self.kind != "swa":
+            out.append(f"target {self.target} runs no {self.kind} layers: use swa for the windowed layers")
+        elif self.target == "transformers" and (self.thresholds or self.policy == "budget" or (self.none or 0) > 0
+                                                or (self.fractions and len(self.fractions) == 2
+                                                    and abs(sum(self.fractions) - 1) > 1e-9)):
+            out.append("target transformers has no layer without attention: place softmax and swa layers only "
+                       "(counts with none 0, or fractions that sum to 1)")
         if self.budget_measure not in ("kv", "decode"):
             out.append(f"budget_measure {self.budget_measure!r} must be kv or decode")
         if self.kind not in K.WINDOWED:
@@ -404,6 +415,32 @@ class PlanPolicy:
         elif self.window <= 0:
             out.append(f"window must be > 0, got {self.window}")
         return out
+
+
+# Where a model will be served, and what each target cannot run (layerboost's own runtime runs every plan).
+TARGETS = ("layerboost", "llama.cpp", "transformers")
+
+
+def target_problems(plan: LayerPlan, target: str) -> list[str]:
+    """Why `target` cannot run `plan`, one line each (empty: it can).
+
+    llama.cpp (GGUF export): softmax, swa and none layers, one window, attention in layer 0 (it reads head sizes
+    there). transformers (export --format transformers): softmax and swa layers, one window.
+    """
+    if target == "layerboost":
+        return []
+    kinds = [s.kind for s in plan.layers]
+    allowed = {"llama.cpp": ("softmax", "swa", "none"), "transformers": ("softmax", "swa")}[target]
+    out = []
+    bad = [i for i, k in enumerate(kinds) if k not in allowed]
+    if bad:
+        out.append(f"layers {bad} are {kinds[bad[0]]}: {target} runs only {', '.join(allowed)} layers")
+    if target == "llama.cpp" and kinds[0] == "none":
+        out.append("layer 0 is none: llama.cpp reads head sizes from layer 0; keep attention there")
+    windows = sorted({s.window for s in plan.layers if s.window is not None})
+    if len(windows) > 1:
+        out.append(f"several windows {windows}: {target} holds one window per model")
+    return out
 
 
 # A converted model keeps the window the original model applied to each layer here; `config.sliding_window`
@@ -473,6 +510,8 @@ def make_plan(policy: PlanPolicy, scores, config=None, log=None) -> LayerPlan:
     if policy.problems():
         raise PlanError("invalid plan policy:\n  - " + "\n  - ".join(policy.problems()))
     p, w, k = policy, policy.window, policy.kind
+    if p.target == "llama.cpp" and len(scores):  # layer 0 keeps attention there: rank it above every layer
+        scores = [max(scores) + 1.0] + list(scores[1:])
     if p.policy == "counts":
         plan = plan_by_counts(scores, p.softmax, p.swa, p.none, w, k)
     elif p.policy == "fractions":
@@ -483,8 +522,15 @@ def make_plan(policy: PlanPolicy, scores, config=None, log=None) -> LayerPlan:
         raise PlanError("the budget policy needs the model's config (layer sizes)")
     else:
         plan = plan_by_budget(scores, config, p.budget, p.context, w, p.budget_measure, p.none_below, k)
-    if config is None:
-        return plan
+    if config is not None:
+        plan = _capped(plan, config, log)
+    problems = target_problems(plan, p.target)
+    if problems:
+        raise PlanError(f"the plan cannot run in {p.target}:\n  - " + "\n  - ".join(problems))
+    return plan
+
+
+def _capped(plan: LayerPlan, config, log) -> LayerPlan:
     plan, capped = cap_to_native(plan, config)
     if capped and log is not None:
         log(f"layers {capped} already slide in the original model (window "

@@ -222,9 +222,16 @@ def write_report(run_dir: str | Path) -> Path:
             lines += ["```", b["table"], "```", ""]
         for png in sorted((d / "bench").glob(f"{name}*.png")):
             lines += [f"![{png.stem}](bench/{png.name})", ""]
+    served = (_load(d / "stages" / "serve.json") or {}).get("outputs")
+    if served:
+        lines += ["### In llama.cpp", "", f"GGUF files: `{served['files']['base']}`, `{served['files']['hybrid']}` "
+                  f"({served['needs']})", ""]
+        lines += [served["table"], "", f"llama-bench decode of 64 tokens after each context, {served['threads']} threads, "
+                  "flash attention on, base and hybrid alternating (median of 2 rounds).", ""] if served.get("table") \
+            else [f"Not measured: {served['skipped']}", ""]
     lines += ["## 5. Time per stage", "", "| stage | seconds | ran on |", "|---|---|---|"]
     envs = []
-    for st in ("analyze", "plan", "convert", "heal", "eval", "bench"):
+    for st in ("analyze", "plan", "convert", "heal", "eval", "bench", "serve"):
         rec = _load(d / "stages" / f"{st}.json")
         if rec:
             env = rec.get("environment")

@@ -23,7 +23,7 @@ from .plan import PlanError, PlanPolicy, make_plan
 from .util import UsageError, dtype_name, environment, parse_dtype, resolve_device, write_json
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-STAGES = ("analyze", "plan", "convert", "heal", "eval", "bench", "report")
+STAGES = ("analyze", "plan", "convert", "heal", "eval", "bench", "serve", "report")
 
 
 class ConfigError(ValueError):
@@ -283,6 +283,7 @@ class Run:
             "heal": [c.heal, c.data_dir],
             "eval": [c.eval, c.tasks, c.data_dir],
             "bench": [c.bench],
+            "serve": [c.plan.target],
             "report": [],
         }[stage]
         upstream = [self.hashes[s] for s in STAGES[: STAGES.index(stage)] if s in self.hashes]
@@ -487,6 +488,12 @@ def run(cfg: RunConfig, log=print) -> Path:
         return bench_side_by_side(base()[0], plan, r.dir / "bench", b.latency, b.throughput, accuracy=acc)
 
     r.run_stage("bench", do_bench)
+    if cfg.plan.target == "llama.cpp":  # the export, and llama.cpp's own speed of base and hybrid
+        from .llama_cpp import serve_stage
+
+        served = heal_rec["outputs"].get("model") or str(r.dir / "converted")
+        r.run_stage("serve", lambda: serve_stage(base()[0], base()[1], load_model(served, dtype=torch.float32)[0],
+                                                 r.dir / "serve", threads=cfg.threads or 2))
     r.run_stage("report", lambda: {"report": str(write_report(r.dir))})
     return r.dir / "report.md"
 

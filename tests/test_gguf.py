@@ -284,3 +284,148 @@ def test_llama_cpp_perplexity_equals_layerboosts(tmp_path, smol, wikitext, name)
     ours = reference_perplexity(m, ids, ctx=256, chunks=4)
     theirs = perplexity(path, text, ctx=256, chunks=4, kv_type="f32", flash_attn="off")
     assert abs(theirs - ours) / ours < 5e-4, (theirs, ours)
+
+
+@pytest.mark.slow
+def test_serve_stage_writes_both_files_and_measures_them_in_llama_cpp(tmp_path, tokenizer):
+    """`run`'s last step for target llama.cpp, on tiny models: two GGUF files and a decode table."""
+    from layerboost.llama_cpp import serve_stage
+
+    _llama_cpp()
+    base, hyb = tiny_model("llama", vocab=VOCAB), hybrid(["softmax", "swa", "none", "softmax"])
+    rec = serve_stage(base, tokenizer, hyb, tmp_path / "serve", depths=(0, 256))
+    assert set(rec["decode_tok_s"]) == {"base", "hybrid"}
+    assert all(v > 0 for by in rec["decode_tok_s"].values() for v in by.values())
+    assert "deci-sliding-window.patch" in rec["needs"] and "| 256 | " in rec["table"]
+    f, _ = read(rec["files"]["hybrid"])
+    assert f["deci.attention.sliding_window_pattern"] == [False, True, False, False]
+    assert read(rec["files"]["base"])[0]["general.architecture"] == "llama"
+
+
+# ---- Gemma 3 -----------------------------------------------------------------------------------------
+
+GEMMA_TYPES = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+
+
+def spm_tokenizer():
+    """A byte-fallback BPE tokenizer shaped like Gemma's: specials, 256 byte tokens, a few pieces and merges."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"])}
+    vocab.update({f"<0x{b:02X}>": 4 + b for b in range(256)})
+    for piece in ["\u2581", "t", "h", "e", "th", "the", "\u2581the"]:
+        vocab[piece] = len(vocab)
+    merges = [("t", "h"), ("th", "e"), ("\u2581", "the")]
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
+    tk.normalizer = normalizers.Replace(" ", "\u2581")
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    return tok
+
+
+def gemma_hybrid(window=4):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                           max_position_embeddings=512, sliding_window=8, layer_types=GEMMA_TYPES,
+                           attn_implementation="sdpa", pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    m = Gemma3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name:
+                p.uniform_(-0.5, 0.5)
+    lb.convert(m, LayerPlan(tuple(lb.LayerSpec("swa", window) if t == "sliding_attention" else lb.LayerSpec("softmax")
+                                  for t in GEMMA_TYPES)))
+    return m
+
+
+def test_gemma3_keys_norms_and_sentencepiece_vocab_read_back(tmp_path):
+    m, tok = gemma_hybrid(), spm_tokenizer()
+    f, t = read(write_gguf(m, tok, tmp_path / "g.gguf", "f32"))
+    cfg = m.config
+    assert f["general.architecture"] == "gemma3" and f["gemma3.block_count"] == 6
+    assert f["gemma3.attention.sliding_window"] == 4
+    assert f["gemma3.attention.sliding_window_pattern"] == [x == "sliding_attention" for x in GEMMA_TYPES]
+    assert f["gemma3.rope.freq_base"] == cfg.rope_parameters["full_attention"]["rope_theta"]
+    assert f["gemma3.rope.freq_base_swa"] == cfg.rope_parameters["sliding_attention"]["rope_theta"]
+    assert f["gemma3.attention.key_length"] == 16
+    sd = m.state_dict()
+    for hf, ours in (("input_layernorm", "attn_norm"), ("self_attn.q_norm", "attn_q_norm"),
+                     ("post_feedforward_layernorm", "post_ffw_norm"), ("pre_feedforward_layernorm", "ffn_norm")):
+        np.testing.assert_array_equal(t[f"blk.2.{ours}.weight"].data, (sd[f"model.layers.2.{hf}.weight"] + 1).numpy())
+    np.testing.assert_array_equal(t["blk.0.attn_q.weight"].data, sd["model.layers.0.self_attn.q_proj.weight"].numpy())
+    assert "output.weight" not in t  # tied
+    # the vocabulary as llama.cpp's sentencepiece tokenizer reads it: merges ranked by score
+    assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.add_space_prefix"] is False
+    tokens, scores, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.scores"], f["tokenizer.ggml.token_type"]
+    score = dict(zip(tokens, scores))
+    assert score["th"] == 0 and score["the"] == -1 and score["\u2581the"] == -2 and score["t"] == -3
+    assert types[tokens.index("<0x41>")] == 6 and types[1] == 3 and types[3] == 2  # BYTE, CONTROL, UNKNOWN
+    assert f["tokenizer.ggml.bos_token_id"] == 2 and f["tokenizer.ggml.add_bos_token"] is False
+
+
+def test_gemma3_plans_llama_cpp_cannot_run_are_refused(tmp_path):
+    tok = spm_tokenizer()
+    m = gemma_hybrid()
+    m.layerboost_plan = LayerPlan(tuple(lb.LayerSpec("swa", 4) if i != 2 else lb.LayerSpec("swa", 4)
+                                        for i in range(6)))  # a global layer planned swa: its rotary table moves
+    with pytest.raises(GGUFExportError, match=r"layers \[2, 5\] change type"):
+        write_gguf(m, tok, tmp_path / "g.gguf")
+    m.layerboost_plan = LayerPlan(tuple(lb.LayerSpec("none") if i == 1 else s
+                                        for i, s in enumerate(gemma_hybrid().layerboost_plan.layers)))
+    with pytest.raises(GGUFExportError, match="gemma3 runs softmax and swa layers only"):
+        write_gguf(m, tok, tmp_path / "g.gguf")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_gemma3_hybrid_in_llama_cpp_generates_layerboosts_tokens(tmp_path, wikitext):
+    """Gemma 3 270M with its local windows narrowed 512 -> 128: tokens, greedy tokens past the window and
+    perplexity equal layerboost's in llama.cpp's own gemma3."""
+    from layerboost.llama_cpp import perplexity, reference_perplexity, serve
+
+    _llama_cpp()
+    model, tok = lb.load_model("gemma3-270m")
+    lb.convert(model, LayerPlan(tuple(lb.LayerSpec("swa", 128) if s.kind == "swa" else s
+                                      for s in lb.plan.native_plan(model).layers)))
+    path = write_gguf(model, tok, tmp_path / "gemma.gguf", "f32")
+    lines = [ln.strip() for ln in wikitext.read_text().splitlines() if len(ln.strip()) > 600]
+    with serve(path, ctx=512, kv_type="f32", flash_attn="off") as server:
+        for line in lines[:3]:
+            assert server.tokenize(line) == tok(line, add_special_tokens=False)["input_ids"]
+        for line in lines[:2]:
+            compared, ties = compare_greedy(server, model, tok(line)["input_ids"][:150], 40)
+            assert compared == 40 and ties <= 1
+    text = tmp_path / "text.txt"
+    text.write_text(wikitext.read_text()[:12000])
+    ids = tok(text.read_text())["input_ids"]  # Gemma adds a BOS in front, as llama-perplexity does
+    assert ids[0] == tok.bos_token_id
+    ours = reference_perplexity(model, ids, ctx=256, chunks=3, bos=tok.bos_token_id)
+    theirs = perplexity(path, text, ctx=256, chunks=3, kv_type="f32", flash_attn="off")
+    assert abs(theirs - ours) / ours < 5e-4, (theirs, ours)
+
+
+def test_cli_export_gguf_writes_a_file_and_refuses_in_one_line(tmp_path, tokenizer, capsys):
+    from layerboost.cli import main
+
+    m = hybrid(["softmax", "swa", "none", "softmax"])
+    lb.save(m, tmp_path / "hybrid", tokenizer=tokenizer)
+    out = tmp_path / "h.gguf"
+    assert main(["export", "--model", str(tmp_path / "hybrid"), "--format", "gguf", "--dtype", "q8_0",
+                 "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"wrote {out}" in said and "deci-sliding-window.patch" in said
+    assert read(out)[1]["blk.0.attn_q.weight"].tensor_type.name == "Q8_0"
+    # an existing file is never replaced; a folder name, an unknown type and a non-GGUF dtype fail in one line
+    for args, expect in ((["--out", str(out)], "exists: choose a new file name"),
+                         (["--out", str(tmp_path / "folder")], "ending in .gguf"),
+                         (["--out", str(tmp_path / "x.gguf"), "--dtype", "q4_0"], "invalid choice")):
+        assert main(["export", "--model", str(tmp_path / "hybrid"), "--format", "gguf", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert expect in err and len(err.splitlines()) <= 2, err
+    assert main(["export", "--model", str(tmp_path / "hybrid"), "--format", "deci", "--dtype", "q8_0",
+                 "--out", str(tmp_path / "d")]) == 2
+    assert "is for GGUF files" in capsys.readouterr().err

@@ -48,3 +48,24 @@ def test_missing_and_broken_files(tmp_path):
 def test_table_lists_layers():
     t = LayerPlan.from_kinds(["softmax", "swa"], window=8).table(scores=[0.5, 0.25])
     assert "swa" in t and "0.2500" in t and "total: 1 softmax, 1 swa" in t
+
+
+def test_target_llama_cpp_keeps_attention_in_layer_0_and_refuses_what_it_cannot_run():
+    from layerboost.plan import PlanError, PlanPolicy, make_plan, target_problems
+
+    scores = [0.0, 5.0, 4.0, 3.0, 2.0, 1.0]  # layer 0 the least sensitive: the plain ranking drops its attention
+    free = make_plan(PlanPolicy("counts", softmax=2, swa=2, none=2, window=8), scores)
+    assert free.layers[0].kind == "none"
+    assert target_problems(free, "llama.cpp") == [
+        "layer 0 is none: llama.cpp reads head sizes from layer 0; keep attention there"]
+    served = make_plan(PlanPolicy("counts", softmax=2, swa=2, none=2, window=8, target="llama.cpp"), scores)
+    assert [s.kind for s in served.layers] == ["softmax", "softmax", "swa", "swa", "none", "none"]
+    assert target_problems(served, "llama.cpp") == []
+    with pytest.raises(PlanError, match="runs no linear_swa"):
+        make_plan(PlanPolicy("counts", softmax=2, swa=2, none=2, kind="linear_swa", target="llama.cpp"), scores)
+    with pytest.raises(PlanError, match="no layer without attention"):
+        make_plan(PlanPolicy("counts", softmax=2, swa=2, none=2, target="transformers"), scores)
+    ok = make_plan(PlanPolicy("counts", softmax=3, swa=3, none=0, target="transformers"), scores)
+    assert {s.kind for s in ok.layers} == {"softmax", "swa"}
+    with pytest.raises(PlanError, match="target 'vllm' must be one of"):
+        make_plan(PlanPolicy("counts", softmax=3, swa=3, none=0, target="vllm"), scores)

@@ -311,12 +311,17 @@ def _write_vocab(w, tokenizer, vocab_size: int, pre: str) -> None:
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model["merges"]])
+    _write_specials(w, tokenizer)
+
+
+def _write_specials(w, tokenizer) -> None:
+    """Special token ids, whether a BOS / EOS is added to each text (what the tokenizer itself does), and the
+    chat template."""
     for name, setter in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id),
                          ("unk", w.add_unk_token_id)):
         token_id = getattr(tokenizer, f"{name}_token_id", None)
         if token_id is not None:
             setter(int(token_id))
-    # Whether a BOS is put in front of each text: what the tokenizer itself does.
     probe = tokenizer("a")["input_ids"]
     w.add_add_bos_token(bool(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]))
     w.add_add_eos_token(bool(tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id]))
@@ -463,14 +468,5 @@ def _write_spm_vocab(w, tokenizer, vocab_size: int) -> None:
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    for name, setter in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("pad", w.add_pad_token_id),
-                         ("unk", w.add_unk_token_id)):
-        token_id = getattr(tokenizer, f"{name}_token_id", None)
-        if token_id is not None:
-            setter(int(token_id))
-    probe = tokenizer("a")["input_ids"]
-    w.add_add_bos_token(bool(tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]))
-    w.add_add_eos_token(bool(tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id]))
     w.add_add_space_prefix(False)
-    if getattr(tokenizer, "chat_template", None):
-        w.add_chat_template(tokenizer.chat_template)
+    _write_specials(w, tokenizer)

@@ -6,7 +6,7 @@ For SmolLM2-135M (base, softmax + none, softmax + swa, the default 10/10/10 plan
 with its local windows narrowed to 128 (f32 files, f32 cache): greedy tokens on 3 WikiText prompts (100 tokens
 + 60 new) and how many equal layerboost's, the largest log-probability difference over those tokens with flash
 attention off and on, and perplexity on 8 chunks of 256 tokens in both engines. `--model DIR` adds a saved
-hybrid (e.g. a run's healed model) as one more row.
+hybrid (e.g. a run's healed model) as one more row, `--gguf FILE` its export made by the CLI.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ PLANS = {"base": None, "softmax+none": ["softmax"] * 20 + ["none"] * 10, "softma
          "default 10/10/10": ["softmax", "swa", "none"] * 10}
 
 
-def measure(name, model, tok, text: str, tmp: Path, prompt_len: int = 100, new: int = 60) -> str:
-    path = write_gguf(model, tok, tmp / "m.gguf", "f32")
+def measure(name, model, tok, text: str, tmp: Path, prompt_len: int = 100, new: int = 60, gguf=None) -> str:
+    path = Path(gguf) if gguf else write_gguf(model, tok, tmp / "m.gguf", "f32")
     lines = [ln.strip() for ln in text.splitlines() if len(ln.strip()) > 600][:3]
     prompts = [tok(line)["input_ids"][:prompt_len] for line in lines]
     eng = Engine(model, 1, prompt_len + new + 1)
@@ -59,7 +59,8 @@ def measure(name, model, tok, text: str, tmp: Path, prompt_len: int = 100, new: 
     bos = tok.bos_token_id if ids[:1] == [tok.bos_token_id] else None
     ours = reference_perplexity(model, ids, 256, 8, bos=bos)
     theirs = perplexity(path, f, 256, 8, kv_type="f32", flash_attn="off")
-    path.unlink()
+    if not gguf:
+        path.unlink()
     return (f"| {name} | {equal}/{total} | {gaps['off']:.1e} | {gaps['on']:.1e} | {ours:.4f} | {theirs:.4f} | "
             f"{(theirs - ours) / ours:+.1e} |")
 
@@ -67,6 +68,7 @@ def measure(name, model, tok, text: str, tmp: Path, prompt_len: int = 100, new: 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a saved hybrid folder to add as a row")
+    ap.add_argument("--gguf", help="with --model: its f32 export written by `layerboost export --format gguf`")
     ap.add_argument("--skip-families", action="store_true")
     args = ap.parse_args()
     text = (default_data_dir() / "wikitext/wiki.test.raw").read_text()
@@ -89,7 +91,7 @@ def main() -> int:
             print(measure("Gemma 3 270M, local windows 128", g, gtok, text, tmp, prompt_len=150, new=40), flush=True)
         if args.model:
             m, tok = lb.load_model(args.model)
-            print(measure(f"`{args.model}`", m, tok, text, tmp), flush=True)
+            print(measure(f"`{args.model}`", m, tok, text, tmp, gguf=args.gguf), flush=True)
     return 0
 
 

@@ -106,10 +106,10 @@ def serve(gguf: str | os.PathLike, ctx: int = 2048, threads: int = 2, flash_attn
 
 
 def perplexity(gguf: str | os.PathLike, text_file: str | os.PathLike, ctx: int, chunks: int,
-               threads: int = 2, kv_type: str = "f16", flash_attn: str = "on") -> float:
+               threads: int = 2, kv_type: str = "f16", flash_attn: str = "on", extra=()) -> float:
     """llama-perplexity's final estimate over the first `chunks` chunks of `ctx` tokens of `text_file`."""
     cmd = [str(tool("llama-perplexity")), "-m", str(gguf), "-f", str(text_file), "-c", str(ctx), "-b", str(ctx),
-           "--chunks", str(chunks), "-t", str(threads), "-ctk", kv_type, "-ctv", kv_type, "-fa", flash_attn]
+           "--chunks", str(chunks), "-t", str(threads), "-ctk", kv_type, "-ctv", kv_type, "-fa", flash_attn, *extra]
     out = subprocess.run(cmd, capture_output=True, text=True)
     found = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
     if out.returncode or not found:

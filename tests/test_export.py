@@ -319,7 +319,9 @@ def test_refuses_non_empty_out_and_plain_models(tmp_path):
     (tmp_path / "out" / "keep.txt").unlink()
     export(m, tmp_path / "out")  # an empty folder is fine
     refused(tiny_model("llama"), tmp_path / "out", "transformers", "not a layerboost hybrid")
-    with pytest.raises(ExportError, match="unknown export format 'gguf'"):
+    with pytest.raises(ExportError, match="unknown export format 'onnx'"):
+        export(m, tmp_path / "x", format="onnx")
+    with pytest.raises(ExportError, match="ending in .gguf"):  # a GGUF export is one file
         export(m, tmp_path / "x", format="gguf")
 
 

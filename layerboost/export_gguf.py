@@ -61,12 +61,6 @@ def gguf_arch(plan, model_type: str = "llama") -> str:
     return "deci"
 
 
-def needs_patch(plan) -> bool:
-    """True when the export runs only in llama.cpp with engines/llama.cpp/deci-sliding-window.patch."""
-    kinds = {s.kind for s in plan.layers}
-    return {"swa", "none"} <= kinds
-
-
 def describe(path: str | os.PathLike) -> str:
     """One line on what a written GGUF file needs: its architecture and the llama.cpp that runs it."""
     import gguf

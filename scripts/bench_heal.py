@@ -11,6 +11,7 @@ The variants run interleaved on the same batches (warm-up excluded, medians over
 machine's load hits them alike; the ratios are printed last. Timing goes to stderr, results to stdout.
 
     python scripts/bench_heal.py [--repeats 5] [--batch 4] [--seq 256] [--threads 2]
+    python scripts/bench_heal.py --precisions fp32 bf16   # layerboost's two stages in each precision, interleaved
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"],
+                    help="instead of the naive comparison: layerboost's stage-1 and stage-2 steps in each of these "
+                         "precisions (autocast; LoRA weights, optimizer state and losses stay float32)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -82,7 +86,7 @@ def main() -> int:
         opt_n.step()
         opt_n.zero_grad(set_to_none=True)
 
-    def ours_factory(cfg):
+    def ours_factory(cfg, precision="fp32"):
         h = build_hybrid(copy.deepcopy(base), plan, cfg)
         h.peft_model.train()
         steps = {}
@@ -96,9 +100,9 @@ def main() -> int:
                 for p in params:
                     p.requires_grad_(True)
                 if stage == "kd":
-                    kd_step(h, ids, ids.numel(), ids.numel(), cfg, "fp32")
+                    kd_step(h, ids, ids.numel(), ids.numel(), cfg, precision)
                 else:
-                    attn_step(h, ids, ids.numel(), "fp32")
+                    attn_step(h, ids, ids.numel(), precision)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
@@ -106,6 +110,8 @@ def main() -> int:
         return steps
 
     cfg = HealConfig(tokens=1000, seq_len=args.seq, batch_size=args.batch, progress=False)
+    if args.precisions:
+        return precision_study(args, cfg, ours_factory, batches, n_tok, plan)
     same = ours_factory(HealConfig(tokens=1000, seq_len=args.seq, lora_layers="all",
                                    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), progress=False))
     ours = ours_factory(cfg)
@@ -137,6 +143,35 @@ def main() -> int:
             json.dump(res, fh, indent=1)
     print(f"ratio ours/naive {tph['ours'] / tph['naive']:.2f}x, ours-same/naive {tph['ours-same'] / tph['naive']:.2f}x, "
           f"mix/naive {tph['mix'] / tph['naive']:.2f}x")
+    return 0
+
+
+def precision_study(args, cfg, ours_factory, batches, n_tok, plan) -> int:
+    """Stage-1 and stage-2 steps of layerboost.heal in each precision, on the same batches, interleaved."""
+    variants = {}
+    for p in args.precisions:
+        steps = ours_factory(cfg, p)
+        variants[f"stage1 {p}"], variants[f"stage2 {p}"] = steps["attn"], steps["kd"]
+    times = {k: [] for k in variants}
+    for r, ids in enumerate(batches):
+        for name, fn in variants.items():
+            t = time.perf_counter()
+            fn(ids)
+            if r > 0:  # the first round is warm-up
+                times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"model {args.model}, plan {plan.counts()}, batch {args.batch}x{args.seq}, {args.threads} threads, "
+          f"medians of {args.repeats} interleaved steps")
+    for k, v in med.items():
+        print(f"{k:12s} {v:6.2f} s/step  {n_tok / v:7.0f} tokens/s")
+    ref = args.precisions[0]
+    for p in args.precisions[1:]:
+        print(f"{p} / {ref}: stage 1 {med[f'stage1 {ref}'] / med[f'stage1 {p}']:.2f}x, "
+              f"stage 2 {med[f'stage2 {ref}'] / med[f'stage2 {p}']:.2f}x tokens/s")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"median_step_s": med, "batch": [args.batch, args.seq], "threads": args.threads,
+                       "repeats": args.repeats, "torch": torch.__version__}, fh, indent=1)
     return 0
 
 

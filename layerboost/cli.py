@@ -97,6 +97,13 @@ def positive(cast=int, zero: bool = False):
     return parse
 
 
+def nonempty(value: str) -> str:
+    """An argparse type: text that is not empty or only blanks."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty: give some text")
+    return value
+
+
 def iterative_steps(value: str):
     """An argparse type: `auto` or a count >= 0."""
     return value if value == "auto" else positive(zero=True)(value)
@@ -166,6 +173,10 @@ def cmd_generate(args) -> int:
                    for p in prompts]
     tok.padding_side = "left"
     enc = tok(prompts, return_tensors="pt", padding=True).to(args.device)
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and enc["input_ids"].shape[1] + args.max_new_tokens > context:
+        raise UsageError(f"{enc['input_ids'].shape[1]} prompt tokens + --max-new-tokens {args.max_new_tokens} exceed the "
+                         f"model's context of {context} tokens: ask for fewer new tokens")
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                              temperature=args.temperature if args.temperature > 0 else None,
@@ -411,9 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text with a base or converted model",
                        description="Greedy (or sampled) generation; several --prompt values run as one left-padded batch.")
     _model_args(p)
-    p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
+    p.add_argument("--prompt", required=True, action="append", type=nonempty, help="prompt text (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=positive(), default=64, help="tokens to generate per prompt")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--temperature", type=positive(float, zero=True), default=0.0, help="0 = greedy")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.set_defaults(func=cmd_generate)
 

@@ -361,3 +361,21 @@ def test_compare_rows_option(tmp_path, capsys):
     assert cfg.rows == ["base", "layerboost"] and cfg.softmax == CompareConfig.load("compare").softmax
     fails(capsys, ["compare", "--rows", "base,magic", "--out", tmp_path / "d"], "unknown row 'magic'")
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["generate", "--prompt", ""], ["--prompt", "is empty"]),
+    (["generate", "--prompt", "w5", "--temperature", "-1"], ["--temperature", "must be >= 0"]),
+    (["generate", "--prompt", "w5", "--max-new-tokens", "100000000"], ["exceed the model's context of 512"]),
+    (["eval", "--tasks", ""], ["names no task"]),
+    (["eval", "--tasks", " , "], ["names no task"]),
+])
+def test_empty_and_impossible_requests_fail_in_one_line(files, capsys, argv, fragments):
+    fails(capsys, [*argv, "--model", files / "model"] + (["--data-dir", files / "data"] if argv[0] == "eval" else []),
+          *fragments)
+
+
+@pytest.mark.parametrize("argv", [["latency", "--batch", "0"], ["latency", "--prompt", "-3"], ["latency", "--repeats", "0"],
+                                  ["throughput", "--output", "0"]])
+def test_bench_counts_must_be_positive(capsys, argv):
+    fails(capsys, ["bench", *argv, "--model", "smollm2-135m"], "must be > 0")

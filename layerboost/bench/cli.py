@@ -61,16 +61,16 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `latency` and `throughput` sub-commands to `parser` (the `layerboost bench` parser)."""
     sub = parser.add_subparsers(dest="bench_command", required=True)
-    from ..cli import RawHelpFormatter
+    from ..cli import RawHelpFormatter, positive
 
     lat = sub.add_parser("latency", help="decode latency and memory vs decode length (batch 16), base vs hybrid",
                          description=_package_doc(), formatter_class=RawHelpFormatter)
     _common(lat)
-    lat.add_argument("--batch", type=int, default=16, help="sequences decoded together")
-    lat.add_argument("--prompt", type=int, default=128, help="prompt tokens")
+    lat.add_argument("--batch", type=positive(), default=16, help="sequences decoded together")
+    lat.add_argument("--prompt", type=positive(), default=128, help="prompt tokens")
     lat.add_argument("--lengths", type=_ints, default=None,
                      help="decode lengths (default CPU 512,1024,2048,4096; GPU 1024,...,32768)")
-    lat.add_argument("--repeats", type=int, default=3, help="measured repeats (median, min, max)")
+    lat.add_argument("--repeats", type=positive(), default=3, help="measured repeats (median, min, max)")
     lat.add_argument("--sample-steps", type=int, default=0,
                      help="0: decode every token (default); S: time S steps at each length and estimate totals")
     lat.add_argument("--chunk", type=int, default=64, help="full method: steps per model turn")
@@ -80,11 +80,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                          description=_package_doc(), formatter_class=RawHelpFormatter)
     _common(thr)
     thr.add_argument("--concurrency", type=_ints, default=[50, 100, 200], help="sequences in flight per level")
-    thr.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 1024)")
-    thr.add_argument("--output", type=int, default=None, help="generated tokens per sequence (default CPU 16, GPU 256)")
+    thr.add_argument("--prompt", type=positive(), default=None, help="prompt tokens (default 1024)")
+    thr.add_argument("--output", type=positive(), default=None, help="generated tokens per sequence (default CPU 16, GPU 256)")
     thr.add_argument("--prefill", choices=["shared", "batched"], default=None,
                      help="shared: one prompt copied into every row (CPU default); batched: C prompts (GPU default)")
-    thr.add_argument("--repeats", type=int, default=1, help="decode repeats per level (median)")
+    thr.add_argument("--repeats", type=positive(), default=1, help="decode repeats per level (median)")
     thr.add_argument("--eval-json", help="accuracy per model ({'base': 0.5, 'hybrid': 0.48}) for a Figure 2 plot")
 
 

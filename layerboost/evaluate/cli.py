@@ -54,6 +54,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
 
     limit = args.limit
     tasks = [get_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError(f"--tasks {args.tasks!r} names no task: give a comma-separated list, e.g. piqa,arc_easy")
     if args.mmlu_per_subject is not None and args.mmlu_per_subject < 1:
         raise UsageError(f"--mmlu-per-subject must be at least 1, got {args.mmlu_per_subject}")
     if args.out:

@@ -135,6 +135,8 @@ class LayerPlan:
     @classmethod
     def load(cls, path: str | Path, num_layers: int | None = None) -> "LayerPlan":
         path = Path(path)
+        if path.is_dir():
+            raise PlanError(f"{path} is a folder: give the plan JSON file (e.g. {path / 'plan.json'})")
         if not path.is_file():
             raise PlanError(f"plan file {path} does not exist")
         try:

@@ -379,3 +379,10 @@ def test_empty_and_impossible_requests_fail_in_one_line(files, capsys, argv, fra
                                   ["throughput", "--output", "0"]])
 def test_bench_counts_must_be_positive(capsys, argv):
     fails(capsys, ["bench", *argv, "--model", "smollm2-135m"], "must be > 0")
+
+
+def test_heal_refuses_a_budget_below_one_step_and_a_plan_folder(files, tmp_path, capsys):
+    common = ["heal", "--model", files / "model", "--data", files / "data" / "corpus", "--out", tmp_path / "h"]
+    fails(capsys, [*common, "--plan", files / "plan.json", "--tokens", "10"], "less than one training row")
+    assert not (tmp_path / "h").exists()
+    fails(capsys, [*common, "--plan", files], "is a folder", "plan.json")

@@ -266,6 +266,9 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
     elif tokens is not None or options:
         config = dataclasses.replace(config, **({"tokens": tokens} if tokens is not None else {}), **options)
     cfg = config
+    if cfg.tokens < cfg.seq_len:  # not one training row: the "healed" model would be the converted one
+        raise HealConfigError(f"tokens {cfg.tokens} is less than one training row (seq_len {cfg.seq_len} tokens): "
+                              "give a larger budget, e.g. 200k")
     d = setup_dist(cfg.device)
     out = Path(out)
     work = out / "heal_state"

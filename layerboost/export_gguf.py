@@ -31,7 +31,7 @@ import torch.nn as nn
 from .kinds import KINDS
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-GGUF_ARCHS = ("llama", "deci", "granite_swa", "gemma3")
+LLAMA_ARCHS = ("llama", "deci", "granite_swa")  # what a Llama / Mistral model can be written as
 SINK_LOGIT = -30000.0  # exp(-30000 - max) is 0 in float32: a sink that takes no weight
 
 # llama.cpp `tokenizer.ggml.pre` names of the Hugging Face pre-tokenizers recognised here, keyed by the
@@ -91,8 +91,8 @@ def problems(model: nn.Module, gguf_type: str, arch: str | None = None) -> list[
     out = []
     if plan is not None:
         chosen = arch or gguf_arch(plan)
-        if arch is not None and arch not in GGUF_ARCHS:
-            return [f"unknown GGUF architecture {arch!r}; choose one of {', '.join(GGUF_ARCHS)}"]
+        if arch is not None and arch not in LLAMA_ARCHS:
+            return [f"a {cfg.model_type} model is written as {', '.join(LLAMA_ARCHS)}, not {arch!r}"]
         kinds = [s.kind for s in plan.layers]
         unsupported = sorted({k for k in kinds if k not in ("softmax", "swa", "none")})
         if unsupported:
@@ -224,21 +224,30 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, gguf_type: 
 _FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # llama_ftype: ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_BF16
 
 
-def _write_config(w, cfg, plan, arch: str, gguf_type: str) -> None:
-    n = cfg.num_hidden_layers
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    attends = [s.kind != "none" for s in plan.layers]
+def _write_common(w, cfg, plan, gguf_type: str, head_dim: int) -> None:
+    """The keys every architecture here writes alike: sizes, norm epsilon, and the plan's window and pattern."""
     w.add_name(str(getattr(cfg, "_name_or_path", "") or "layerboost hybrid").rstrip("/").split("/")[-1])
     w.add_file_type(_FILE_TYPES[gguf_type])
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(n)
+    w.add_block_count(cfg.num_hidden_layers)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_rope_dimension_count(head_dim)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
+    windows = {s.window for s in plan.layers if s.kind == "swa"}
+    if windows:
+        w.add_sliding_window(windows.pop())
+        w.add_sliding_window_pattern([s.kind == "swa" for s in plan.layers])
+
+
+def _write_config(w, cfg, plan, arch: str, gguf_type: str) -> None:
+    n = cfg.num_hidden_layers
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    attends = [s.kind != "none" for s in plan.layers]
+    _write_common(w, cfg, plan, gguf_type, head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     if arch == "deci":  # per-layer head counts; 0 heads = no attention
         w.add_head_count([cfg.num_attention_heads if a else 0 for a in attends])
         w.add_head_count_kv([cfg.num_key_value_heads if a else 0 for a in attends])
@@ -247,10 +256,6 @@ def _write_config(w, cfg, plan, arch: str, gguf_type: str) -> None:
         w.add_head_count(cfg.num_attention_heads)
         w.add_head_count_kv(cfg.num_key_value_heads)
         w.add_feed_forward_length(cfg.intermediate_size)
-    windows = {s.window for s in plan.layers if s.kind == "swa"}
-    if windows:
-        w.add_sliding_window(windows.pop())
-        w.add_sliding_window_pattern([s.kind == "swa" for s in plan.layers])
     if arch == "granite_swa":  # Granite's multipliers, all neutral
         w.add_logit_scale(1.0)
         w.add_residual_scale(1.0)
@@ -375,18 +380,10 @@ def _write_tensors(w, model: nn.Module, plan, arch: str, gguf_type: str) -> None
 
 def _write_gemma3_config(w, cfg, plan, gguf_type: str) -> None:
     rope = cfg.rope_parameters
-    w.add_name(str(getattr(cfg, "_name_or_path", "") or "layerboost hybrid").rstrip("/").split("/")[-1])
-    w.add_file_type(_FILE_TYPES[gguf_type])
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
+    _write_common(w, cfg, plan, gguf_type, cfg.head_dim)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    w.add_vocab_size(cfg.vocab_size)
     w.add_rope_freq_base(float(rope["full_attention"]["rope_theta"]))
     w.add_rope_freq_base_swa(float(rope["sliding_attention"]["rope_theta"]))
     if rope["full_attention"].get("rope_type") == "linear":
@@ -396,10 +393,6 @@ def _write_gemma3_config(w, cfg, plan, gguf_type: str) -> None:
         w.add_rope_scaling_factor(float(rope["full_attention"]["factor"]))
     if getattr(cfg, "final_logit_softcapping", None):
         w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
-    windows = {s.window for s in plan.layers if s.kind == "swa"}
-    if windows:
-        w.add_sliding_window(windows.pop())
-        w.add_sliding_window_pattern([s.kind == "swa" for s in plan.layers])
 
 
 def _write_gemma3_tensors(w, model: nn.Module, gguf_type: str) -> None:

@@ -12,13 +12,11 @@ import os
 import re
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-
-TOOLS = ("llama-server", "llama-perplexity", "llama-bench", "llama-batched-bench", "llama-completion")
-
 
 class LlamaCppMissing(RuntimeError):
     """The llama.cpp tools are not built where layerboost looks for them."""
@@ -58,12 +56,18 @@ class Server:
     def tokenize(self, text: str) -> list[int]:
         return self._post("/tokenize", {"content": text, "add_special": False})["tokens"]
 
+    def completion(self, prompt_ids: list[int], n: int, n_probs: int = 0) -> dict:
+        """llama-server's /completion answer for `n` greedy tokens after `prompt_ids` (end-of-text does not stop
+        it): `tokens`, and with `n_probs` the log-probabilities of the top `n_probs` tokens at each step."""
+        body = {"prompt": list(prompt_ids), "n_predict": n, "temperature": 0.0, "top_k": 1, "samplers": ["top_k"],
+                "ignore_eos": True, "cache_prompt": False, "return_tokens": True}
+        if n_probs:
+            body.update(n_probs=n_probs, post_sampling_probs=False)
+        return self._post("/completion", body)
+
     def greedy(self, prompt_ids: list[int], n: int) -> list[int]:
-        """`n` greedy tokens after `prompt_ids` (token ids in, token ids out; end-of-text does not stop it)."""
-        out = self._post("/completion", {"prompt": list(prompt_ids), "n_predict": n, "temperature": 0.0, "top_k": 1,
-                                         "samplers": ["top_k"], "ignore_eos": True, "cache_prompt": False,
-                                         "return_tokens": True})
-        return out["tokens"]
+        """`n` greedy tokens after `prompt_ids` (token ids in, token ids out)."""
+        return self.completion(prompt_ids, n)["tokens"]
 
 
 @contextmanager
@@ -78,9 +82,10 @@ def serve(gguf: str | os.PathLike, ctx: int = 2048, threads: int = 2, flash_attn
     cmd = [str(tool("llama-server")), "-m", str(gguf), "-c", str(ctx), "-t", str(threads), "-np", "1",
            "-fa", flash_attn, "-ctk", kv_type, "-ctv", kv_type, "--host", "127.0.0.1", "--port", str(port),
            "--no-webui"]
-    log = open(Path(gguf).with_suffix(".server.log"), "w")
+    log = tempfile.NamedTemporaryFile("w", prefix="llama-server-", suffix=".log", delete=False)  # kept for errors
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    ok = False
     try:
         deadline = time.time() + 120
         while True:
@@ -96,6 +101,7 @@ def serve(gguf: str | os.PathLike, ctx: int = 2048, threads: int = 2, flash_attn
                 raise RuntimeError(f"llama-server did not come up in 120 s: see {log.name}")
             time.sleep(0.2)
         yield Server(url)
+        ok = True
     finally:
         proc.terminate()
         try:
@@ -103,6 +109,8 @@ def serve(gguf: str | os.PathLike, ctx: int = 2048, threads: int = 2, flash_attn
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+        if ok:  # the log is kept (and named in the error) only when something failed
+            os.unlink(log.name)
 
 
 def perplexity(gguf: str | os.PathLike, text_file: str | os.PathLike, ctx: int, chunks: int,
@@ -192,9 +200,8 @@ def serve_stage(base_model, tokenizer, hybrid, out_dir: str | os.PathLike, gguf_
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"base": out / f"base-{gguf_type}.gguf", "hybrid": out / f"hybrid-{gguf_type}.gguf"}
-    for name, model in (("base", base_model), ("hybrid", hybrid)):
-        if not files[name].exists():
-            write_gguf(model, tokenizer, files[name], gguf_type)
+    for name, model in (("base", base_model), ("hybrid", hybrid)):  # written anew: a rerun follows a changed hybrid
+        write_gguf(model, tokenizer, files[name], gguf_type)
     rec = {"files": {k: str(v) for k, v in files.items()}, "needs": describe(files["hybrid"])}
     try:
         speed = side_by_side(files, depths=depths, threads=threads)

@@ -40,9 +40,7 @@ def measure(name, model, tok, text: str, tmp: Path, prompt_len: int = 100, new: 
         worst = 0.0
         with serve(path, ctx=512, kv_type="f32", flash_attn=fa) as s:
             for ids in prompts:
-                out = s._post("/completion", {"prompt": ids, "n_predict": new, "temperature": 0.0, "top_k": 1,
-                                              "samplers": ["top_k"], "ignore_eos": True, "cache_prompt": False,
-                                              "return_tokens": True, "n_probs": 1, "post_sampling_probs": False})
+                out = s.completion(ids, new, n_probs=1)
                 theirs = out["tokens"]
                 with torch.no_grad():
                     lp = torch.log_softmax(model(torch.tensor([ids + theirs])).logits[0].double(), -1)

@@ -170,6 +170,8 @@ def test_several_windows_and_unknown_tokenizers_are_refused(tmp_path, tokenizer)
         write_gguf(hybrid(["softmax"] * 4), odd, tmp_path / "m.gguf")
     write_gguf(hybrid(["softmax"] * 4), odd, tmp_path / "m.gguf", tokenizer_pre="gpt-2")  # the user names it
     assert (tmp_path / "m.gguf").is_file()
+    with pytest.raises(GGUFExportError, match="not 'gemma3'"):  # a Llama is never written as another family
+        write_gguf(hybrid(["softmax"] * 4), tokenizer, tmp_path / "g.gguf", arch="gemma3")
     with pytest.raises(GGUFExportError, match="model_type 'qwen2'"):
         write_gguf(tiny_model("qwen2", vocab=VOCAB), tokenizer, tmp_path / "q.gguf")
 

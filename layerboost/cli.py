@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -142,6 +143,13 @@ def user_errors() -> tuple[type[Exception], ...]:
             ModelLoadError, UnsupportedModelError, ExportError, TaskError, AnalysisError, BenchError)
 
 
+def add_force(p: argparse.ArgumentParser, writes: str) -> None:
+    """--force, and what the command writes (`folder` or `file`, claimed by `claimed_output` before it runs)."""
+    p.add_argument("--force", action="store_true",
+                   help="write into --out even when another command, other settings or other files own it")
+    p.set_defaults(writes=writes)
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
                    help="smollm2-135m (embedded), a .gguf file, a local HF or layerboost folder, or a hub id")
@@ -152,7 +160,6 @@ def cmd_convert(args) -> int:
     import layerboost as lb
 
     plan = lb.LayerPlan.load(args.plan)
-    check_new_folder(args.out)
     model_fits(args.model, plan)
     model, tok = lb.load_model(args.model, dtype=DTYPES[args.dtype], device=args.device)
     record = lb.convert(model, plan)
@@ -319,7 +326,7 @@ def cmd_plan(args) -> int:
     plan = lb.plan.make_plan(policy, scores, config, log=print)
     if config is not None:
         check_fits(plan, config)
-    plan.save(args.out)
+    plan.save(args.out, extra={"written_by": args.written_by})
     print(plan.table(scores))
     print(f"layers ranked by {args.score}, {used}" + (" (removed layers first, in removal order: their score is a "
                                                       "rank below every measured one)" if used == "iterative" else ""))
@@ -347,14 +354,31 @@ def _config_with_overrides(cls, args):
 
 def _config_arguments(p: argparse.ArgumentParser, folder: str) -> None:
     p.add_argument("--out", help=f"{folder} (overrides the config's out)")
+    p.add_argument("--force", action="store_true", help=f"write into the {folder} even when another command, other "
+                   "settings or other files own it (stages whose settings changed are recomputed)")
     p.add_argument("--data-dir", help="local data folder (overrides the config's data_dir)")
     p.add_argument("--model", help="model (overrides the config's model)")
+
+
+def _claim_config_out(cfg, command: str, args):
+    """Claim a run / comparison folder (outputs.py) with the config's settings; what only says where, or how
+    fast, is left out (a comparison's rows may be added to its folder later)."""
+    from .outputs import claim
+
+    import dataclasses
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("out", "device", "threads", "rows")}
+    return claim(cfg.out, command, settings, model=cfg.model, force=args.force,
+                 resume_hint="rerun with the settings it was made with (its config.yaml), pass --force to recompute "
+                             "the stages the new settings change, or ")
 
 
 def cmd_run(args) -> int:
     from .run import RunConfig, run
 
-    report = run(_config_with_overrides(RunConfig, args), log=lambda m: print(m, flush=True))
+    cfg = _config_with_overrides(RunConfig, args)
+    with _claim_config_out(cfg, "run", args):
+        report = run(cfg, log=lambda m: print(m, flush=True))
     print(f"report: {report}")
     return 0
 
@@ -362,17 +386,21 @@ def cmd_run(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import CompareConfig, compare
 
-    md = compare(_config_with_overrides(CompareConfig, args), log=lambda m: print(m, flush=True))
+    cfg = _config_with_overrides(CompareConfig, args)
+    with _claim_config_out(cfg, "compare", args):
+        md = compare(cfg, log=lambda m: print(m, flush=True))
     print(f"comparison: {md}")
     return 0
 
 
 def cmd_report(args) -> int:
+    from .outputs import folder_lock
     from .report import write_report
 
     if not (Path(args.run) / "stages").is_dir():
         raise UsageError(f"--run {args.run} is not a run folder (no stages/ inside): give the folder `layerboost run` wrote")
-    print(f"wrote {write_report(args.run)}")
+    with folder_lock(Path(args.run), "report"):  # not while a run writes there
+        print(f"wrote {write_report(args.run)}")
     return 0
 
 
@@ -409,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="layerboost",
         description="Make a pretrained LLM cheaper to serve by reducing attention layer by layer (LayerBoost).",
     )
-    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (before the command)")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
 
     p = sub.add_parser("convert", help="convert a model to a hybrid following a layer plan and save it",
@@ -417,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--plan", required=True, help="plan JSON: {'schema_version': 1, 'layers': [{'kind': ...}, ...]}")
     p.add_argument("--out", required=True, help="output folder")
+    add_force(p, "folder")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("generate", help="generate text with a base or converted model",
@@ -433,6 +462,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="zero-shot benchmarks scored like lm-evaluation-harness",
                        description="Evaluate a model on multiple-choice tasks and perplexity; JSON + table.")
     add_eval_arguments(p)
+    add_force(p, "file")
     p.set_defaults(func=run_eval_cli)
     p = sub.add_parser("analyze", help="layer sensitivity: benchmark drop when each layer's attention is removed",
                        description="For each decoder layer, score the model with only that layer's attention removed "
@@ -464,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--naive", action="store_true", help="recompute every layer for every variant (for checking)")
     p.add_argument("--threads", type=positive(), help="torch CPU threads (default: torch's)")
     _policy_args(p)
+    add_force(p, "folder")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("plan", help="turn a sensitivity.json into a layer plan",
@@ -473,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="plan.json", help="plan JSON to write")
     p.add_argument("--model", help="model (for --budget: layer sizes; checks the plan fits it)")
     _policy_args(p)
+    add_force(p, "file")
     p.set_defaults(func=cmd_plan)
 
     from .heal import add_heal_arguments, run_heal_cli
@@ -481,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert the model to the plan, then distil: attention transfer for windowed layers "
                        "(stage 1), LoRA logit distillation (stage 2); merge adapters and save. Resumable.")
     add_heal_arguments(p)
+    add_force(p, "folder")
     p.set_defaults(func=run_heal_cli)
 
     from .bench import add_bench_arguments, run_bench_cli
@@ -488,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="decode latency, memory and throughput: hybrid vs base in one run",
                        description="Benchmarks that measure the base model and its hybrid alternately in one process.")
     add_bench_arguments(p)
-    p.set_defaults(func=run_bench_cli)
+    p.set_defaults(func=run_bench_cli, writes="folder")
 
     p = sub.add_parser("run", help="the whole pipeline: analyze, plan, convert, heal, eval, bench, report",
                        description="Run every stage from a YAML config into one run folder, ending with report.md. "
@@ -542,20 +575,81 @@ def one_line(e: Exception) -> str:
     return " ".join(lines[:1] + ["; ".join(lines[1:])]).strip()
 
 
+NOT_SETTINGS = {"func", "debug", "force", "out", "resume", "no_progress", "threads", "device", "command", "writes",
+                "written_by"}  # what may change between a command and its rerun into the same output
+
+
+def command_settings(args) -> dict:
+    """The arguments that decide what a command writes (its output's owner record)."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
+
+
+def claimed_output(args):
+    """Claim the command's --out before it runs (outputs.py): folders get a manifest and a lock, files are
+    checked for their writer. Commands without `writes`, an unset --out, and ranks > 0 of a launcher claim nothing."""
+    import contextlib
+    import os
+
+    from .outputs import check_file, claim, written_by
+
+    writes, out = getattr(args, "writes", None), getattr(args, "out", None)
+    if writes is None or not out or int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    settings = command_settings(args)
+    if writes == "file":
+        check_file(Path(out), args.command, settings, args.force)
+        args.written_by = written_by(args.command, settings)
+        return contextlib.nullcontext()
+    hint = "resume it with the settings it was made with (--resume), or " if args.command == "heal" else ""
+    key = " ".join(x for x in (args.command, getattr(args, "bench_command", None)) if x)
+    return claim(out, args.command, settings, model=getattr(args, "model", None), force=args.force, resume_hint=hint,
+                 key=key)
+
+
+def normalise_argv(argv: list[str]) -> tuple[list[str], bool]:
+    """(argv, debug): `--debug` taken from anywhere before `--`, and `--opt -5k` joined as `--opt=-5k` so that a
+    negative value reaches the option's own check instead of argparse's "expected one argument"."""
+    out, debug, i = [], False, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            out += argv[i:]
+            break
+        if a == "--debug":
+            debug = True
+        elif a.startswith("--") and "=" not in a and i + 1 < len(argv) and re.match(r"-\.?\d", argv[i + 1]):
+            out.append(f"{a}={argv[i + 1]}")
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out, debug
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run one sub-command. A user's mistake ends in one `error: ...` line on stderr and exit status 2;
-    `--debug` shows its traceback instead. Anything else is a bug and keeps its traceback."""
+    """Run one sub-command. A user's mistake ends in one `error: ...` line on stderr and exit status 2, Ctrl-C
+    in one line and exit status 130; `--debug` (anywhere on the command line) shows the traceback instead.
+    Anything else is a bug and keeps its traceback."""
+    argv, debug = normalise_argv(sys.argv[1:] if argv is None else list(argv))
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0), or a bad argument (2; its `error:` line is printed)
         return e.code if isinstance(e.code, int) else 2
+    args.debug = debug
     try:
-        return args.func(args)
+        with claimed_output(args):
+            return args.func(args)
     except user_errors() as e:
         if args.debug:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted; finished work is kept (a heal keeps its last checkpoint): run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ the command line instead; it registers the model and then runs lm-eval's own CLI
 
 from __future__ import annotations
 
+import hashlib
 import json
+import sys
 import warnings
 from pathlib import Path
 
@@ -141,12 +143,90 @@ def task_names_to_run(mapping: dict[str, list[tuple[str, list[int]]]], prefix: s
     return [f"{prefix}mmlu" if task == "mmlu" else pairs[0][0] for task, pairs in mapping.items()]
 
 
-def main() -> None:
-    """lm-eval's command line with the `layerboost` model registered."""
+SHIPPED = ("piqa", "arc_easy", "arc_challenge", "winogrande", "mmlu")  # tasks whose data layerboost reads locally
+
+
+def _option(argv: list[str], name: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _set_option(argv: list[str], name: str, value: str) -> list[str]:
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == name:
+            skip = True
+            continue
+        if not a.startswith(name + "="):
+            out.append(a)
+    return [*out, name, value]
+
+
+def prepare_argv(argv: list[str]) -> list[str]:
+    """lm-eval's arguments, checked and made to work offline: the model path must exist; with the hub offline
+    (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or `--data-dir` given, the shipped tasks (piqa, arc_easy, arc_challenge,
+    winogrande, mmlu) run lm-eval's own task definitions on the local data: their full evaluation splits are
+    written as local task copies (`lb_<task>`) and `--include_path` points lm-eval at them.
+
+    Raises:
+        UsageError, ModelLoadError, DataNotFoundError: naming the problem and the fix.
+    """
+    from .data import default_data_dir
+    from .evaluate import TASKS
+    from .models import check_model_name
+    from .util import hub_offline
+
+    data_dir = _option(argv, "--data-dir")
+    argv = [a for i, a in enumerate(argv) if a != "--data-dir" and not a.startswith("--data-dir=")
+            and not (i > 0 and argv[i - 1] == "--data-dir")]
+    margs = _option(argv, "--model_args") or ""
+    path = dict(kv.split("=", 1) for kv in margs.split(",") if "=" in kv).get("path")
+    if _option(argv, "--model") == "layerboost":
+        if not path:
+            raise UsageError("--model layerboost needs --model_args path=MODEL (a model folder, a .gguf file, or an "
+                             "embedded name such as smollm2-135m)")
+        check_model_name(path)
+    tasks = [t.strip() for t in (_option(argv, "--tasks") or "").split(",") if t.strip()]
+    local = [t for t in tasks if t in SHIPPED]
+    if not local or not (hub_offline() or data_dir) or _option(argv, "--include_path"):
+        return argv
+    from .data import load_dataset_docs
+
+    root = Path(data_dir) if data_dir else default_data_dir()
+    out = Path.home() / ".cache" / "layerboost" / "lm_eval_tasks" / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+    selected = {t: load_dataset_docs(TASKS[t].dataset, data_dir=root).docs for t in local}
+    mapping = write_local_tasks(selected, out)
+    renamed = {t: n for t, n in zip(local, task_names_to_run(mapping))}
+    print(f"layerboost: offline, the tasks {', '.join(local)} run lm-eval's definitions on {root} as "
+          f"{', '.join(renamed.values())} (task copies in {out})", file=sys.stderr)
+    argv = _set_option(argv, "--tasks", ",".join(renamed.get(t, t) for t in tasks))
+    return _set_option(argv, "--include_path", str(out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """lm-eval's command line with the `layerboost` model registered (and `prepare_argv`'s checks and offline
+    task copies). A mistake ends in one `error:` line, exit status 2."""
     from lm_eval.__main__ import cli_evaluate
 
+    from .data import DataNotFoundError
+    from .models import ModelLoadError
+
+    try:
+        argv = prepare_argv(list(sys.argv[1:] if argv is None else argv))
+    except (UsageError, ModelLoadError, DataNotFoundError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    sys.argv = [sys.argv[0], *argv]
     cli_evaluate()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -137,6 +137,27 @@ def check_model_name(name_or_path: str) -> None:
                              f"an embedded model ({', '.join(EMBEDDED_MODELS)}) or a hub id like org/name")
 
 
+def _local(path: Path, what: str, load):
+    """`load()` of a local folder's model or tokenizer; what transformers raises for a damaged folder becomes one
+    ModelLoadError naming the folder and the fix."""
+    try:
+        return load()
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        try:
+            custom = "auto_map" in json.loads((path / "config.json").read_text())
+        except (OSError, ValueError):
+            custom = False
+        if custom or "trust_remote_code" in text:
+            raise ModelLoadError(f"{path} asks to run its own model code (auto_map in config.json); layerboost never runs "
+                                 "a checkpoint's code: use a model of an architecture transformers ships") from e
+        if what == "tokenizer":
+            raise ModelLoadError(f"cannot load the tokenizer of {path} ({text[:200]}): copy the tokenizer files "
+                                 "(tokenizer.json, tokenizer_config.json) from the original model into it") from e
+        raise ModelLoadError(f"cannot load the model in {path} ({text[:200]}): its config.json or weights are damaged "
+                             "or incomplete; restore the folder or save the model again") from e
+
+
 def model_config(name_or_path: str, hub: bool = False):
     """The model's transformers config, read without loading its weights (a layerboost folder: its base config).
 
@@ -199,10 +220,10 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.float32, device: st
 
         model = load(path, dtype=dtype)
         # config=: the folder's config.json names a model_type transformers does not know (surgery.save)
-        tok = AutoTokenizer.from_pretrained(path, config=model.config)
+        tok = _local(path, "tokenizer", lambda: AutoTokenizer.from_pretrained(path, config=model.config))
     elif path.is_dir():
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(path)
+        model = _local(path, "model", lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype))
+        tok = _local(path, "tokenizer", lambda: AutoTokenizer.from_pretrained(path))
     elif path.exists() or name_or_path.startswith((".", "/")):
         raise ModelLoadError(f"{name_or_path!r} is neither a model folder nor a .gguf file")
     else:

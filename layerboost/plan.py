@@ -149,8 +149,11 @@ class LayerPlan:
     def to_dict(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, "layers": [s.to_dict() for s in self.layers]}
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+    def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """Write the plan JSON atomically; `extra`: more top-level keys (e.g. `written_by`), ignored when read."""
+        from .util import write_json
+
+        write_json(path, {**self.to_dict(), **(extra or {})})
 
     def __len__(self) -> int:
         return len(self.layers)

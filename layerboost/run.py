@@ -131,14 +131,13 @@ class RunConfig:
         from .bench import bench_latency, bench_throughput
 
         for name, fn in (("latency", bench_latency), ("throughput", bench_throughput)):
-            known = set(inspect.signature(fn).parameters) - {"base", "hybrid", "device"}
-            for key in sorted(set(getattr(self.bench, name)) - known):
-                out.append(f"bench.{name}.{key}: unknown setting (known: {', '.join(sorted(known))})")
+            params = {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                      if k not in ("base", "hybrid", "device")}
+            for key in sorted(set(getattr(self.bench, name)) - set(params)):
+                out.append(f"bench.{name}.{key}: unknown setting (known: {', '.join(sorted(params))})")
             for key, v in getattr(self.bench, name).items():
-                low = 0 if key in ("warmup", "sample_steps", "profile_steps") else 1
-                if not isinstance(v, (bool, str)) and any(not isinstance(x, (int, float)) or x < low
-                                                          for x in (v if isinstance(v, list) else [v])):
-                    out.append(f"bench.{name}.{key} must be >= {low}, got {v!r}")
+                if key in params:
+                    out += [f"bench.{name}.{key} {m}, got {v!r}" for m in _option_problems(v, params[key], key)]
         a = self.analyze
         if a.iterative != "auto" and (not isinstance(a.iterative, int) or isinstance(a.iterative, bool) or a.iterative < 0):
             out.append(f"analyze.iterative must be auto or a count >= 0, got {a.iterative!r}")
@@ -182,6 +181,26 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _option_problems(v, default, key: str) -> list[str]:
+    """A bench option's value against its default's type: counts (>= 1; >= 0 for warm-up, sampling and
+    profiling steps), lists of counts, flags and names."""
+    low = 0 if key in ("warmup", "sample_steps", "profile_steps") else 1
+
+    def count(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+    if isinstance(default, bool):
+        return [] if isinstance(v, bool) else ["must be true or false"]
+    if isinstance(default, (list, tuple)):
+        ok = count(v) or (isinstance(v, list) and v and all(count(x) for x in v))
+        return [] if ok else [f"must be a count >= {low} or a non-empty list of them"]
+    if isinstance(default, str):
+        return [] if isinstance(v, str) and v else ["must be a name"]
+    if default is None and v is None:
+        return []
+    return [] if count(v) else [f"must be an integer >= {low}" + (" or null" if default is None else "")]
 
 
 def shipped_configs() -> list[str]:

@@ -45,7 +45,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "fp16"],
+    ap.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "bf16w", "fp16"],
                     help="instead of the naive comparison: layerboost's stage-1 and stage-2 steps in each of these "
                          "precisions (autocast; LoRA weights, optimizer state and losses stay float32)")
     args = ap.parse_args()
@@ -87,7 +87,10 @@ def main() -> int:
         opt_n.zero_grad(set_to_none=True)
 
     def ours_factory(cfg, precision="fp32"):
-        h = build_hybrid(copy.deepcopy(base), plan, cfg)
+        m = copy.deepcopy(base)
+        if precision == "bf16w":  # frozen weights stored in bf16 (LoRA masters stay fp32), bf16 autocast
+            m, precision = m.to(torch.bfloat16), "bf16"
+        h = build_hybrid(m, plan, cfg)
         h.peft_model.train()
         steps = {}
         for stage in ("attn", "kd"):

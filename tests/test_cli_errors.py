@@ -177,10 +177,12 @@ def test_analyze_never_overwrites_another_analysis(files, tmp_path, capsys):
     other = {"schema_version": 1, "model": "someone/else", "tasks": ["arc_easy"], "limit": 4, "seed": 0,
              "sensitivity": [0.1, 0.2, 0.3, 0.4]}
     (out / "sensitivity.json").write_text(json.dumps(other))
-    fails(capsys, analyze_args(files, out), "holds another analysis", "tasks", "another --out")
+    fails(capsys, analyze_args(files, out), "holds files layerboost did not record writing (sensitivity.json)", "--force")
+    # --force passes the folder's owner check; the analysis' own check still refuses another analysis
+    fails(capsys, analyze_args(files, out, "--force"), "holds another analysis", "tasks", "another --out")
     other["tasks"] = ["piqa"]  # same settings, another model: found once the model is loaded, before any scoring
     (out / "sensitivity.json").write_text(json.dumps(other))
-    fails(capsys, analyze_args(files, out), "holds another analysis", "model 'someone/else'")
+    fails(capsys, analyze_args(files, out, "--force"), "holds another analysis", "model 'someone/else'")
     assert json.loads((out / "sensitivity.json").read_text()) == other
     assert not (out / "layers").exists()
 
@@ -202,7 +204,7 @@ def test_convert_keeps_an_existing_model(files, tmp_path, capsys):
     shutil.copytree(files / "model", tmp_path / "m")
     before = (tmp_path / "m" / "config.json").read_text()
     fails(capsys, ["convert", "--model", files / "model", "--plan", files / "plan.json", "--out", tmp_path / "m"],
-          "already holds a model")
+          "holds files layerboost did not record writing (config.json", "--force")
     assert (tmp_path / "m" / "config.json").read_text() == before
 
 
@@ -253,7 +255,7 @@ def run_config(files, tmp_path, **changes):
     ({"heal__options": {"seq_len": 1, "lr": -1}}, ("seq_len must be >= 2", "lr must be > 0")),
     ({"eval__limit": -1}, ("eval.limit must be >= 1",)),
     ({"analyze__limit": 0}, ("analyze.limit must be >= 1",)),
-    ({"bench__latency": {"batch": 0}}, ("bench.latency.batch must be >= 1",)),
+    ({"bench__latency": {"batch": 0}}, ("bench.latency.batch must be an integer >= 1, got 0",)),
     ({"plan__softmax": 10}, ("plan:", "add up to the 4 layers")),
     ({"plan__window": 100_000}, ("window 100000 is longer than the model's context of 512",)),
     ({"analyze__iterative": -2, "plan__ranking": "best"}, ("analyze.iterative must be auto or a count >= 0, got -2",

@@ -231,6 +231,37 @@ def test_merge_and_reload_equals_unmerged(tmp_path):
     assert not torch.allclose(unmerged, teacher, atol=1e-3)
 
 
+def test_snapshots_at_probes_rebuild_the_model_at_each_point(tmp_path):
+    """heal(snapshots=True) saves the trainable parameters at every probe; loading the last one into a fresh
+    hybrid and merging gives the saved healed model, loading the first one gives the unhealed conversion."""
+    from layerboost.heal import load_snapshot
+    from layerboost.surgery import CheckpointError
+
+    out = _heal(tmp_path, "o", 1024, attn_fraction=0.25, probe_rows=_heldout(2, 32), probe_at=(0.0, 0.5, 1.0),
+                snapshots=True, precision="bf16")
+    probes = [r for r in _log(out) if r.get("probe")]
+    snaps = out / "heal_state" / "snapshots"
+    assert [p["snapshot"] for p in probes] == [f"{p['tokens']}.safetensors" for p in probes]
+    assert [p["tokens"] for p in probes][0] == 0 and probes[-1]["tokens"] == 1024
+    ids = torch.randint(1, 128, (2, 40))
+    cfg = HealConfig(tokens=1024, **{**FAST, "attn_fraction": 0.25})
+    with torch.no_grad():
+        healed = lb.load(out)(input_ids=ids, use_cache=False).logits
+        unhealed = tiny_model("llama", layers=4)
+        lb.convert(unhealed, _plan())
+        unhealed = unhealed(input_ids=ids, use_cache=False).logits
+    for name, want in ((probes[-1]["snapshot"], healed), (probes[0]["snapshot"], unhealed)):
+        h = build_hybrid(tiny_model("llama", layers=4), _plan(), cfg)
+        load_snapshot(snaps / name, h)
+        with torch.no_grad():
+            got = h.peft_model.merge_and_unload()(input_ids=ids, use_cache=False).logits
+        assert torch.allclose(got, want, atol=1e-4), (name, (got - want).abs().max())
+    assert not torch.allclose(healed, unhealed, atol=1e-3)
+    other = build_hybrid(tiny_model("llama", layers=4), _plan(), HealConfig(tokens=1024, **{**FAST, "lora_rank": 2}))
+    with pytest.raises(CheckpointError, match="another model, plan or LoRA settings"):
+        load_snapshot(snaps / probes[-1]["snapshot"], other)
+
+
 # ---- long-job behaviour (child processes) ---------------------------------------------------------------
 
 

@@ -56,6 +56,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on a GPU); compile time is reported apart")
     p.add_argument("--out", help="folder for the JSON and PNG plots")
+    p.add_argument("--force", action="store_true",
+                   help="write into --out even when another command, other settings or other files own it")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:

@@ -92,7 +92,9 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     }
     print(format_table(results))
     if args.out:
+        from ..util import write_json
+
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        write_json(args.out, {**results, "written_by": getattr(args, "written_by", None)})
         print(f"results written to {args.out}")
     return 0

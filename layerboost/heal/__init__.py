@@ -38,6 +38,7 @@ The package, module by module: config (HealConfig), student (the one network in 
 stage's step and loss, the probe), checkpoint, dist (data-parallel), train (the loop: `heal`), cli.
 """
 
+from .checkpoint import load_snapshot
 from .cli import add_heal_arguments, main, run_heal_cli
 from .config import LORA_TARGETS, PAPER_TOKENS, STAGES, HealConfig, HealConfigError
 from .losses import _kd_chunks, _kd_targets, _teacher_topk, attention_mse, attn_step, distill_kl, kd_step, probe
@@ -46,4 +47,4 @@ from .train import heal, merge_and_save
 
 __all__ = ["HealConfig", "HealConfigError", "Hybrid", "LORA_TARGETS", "PAPER_TOKENS", "STAGES", "_kd_chunks",
            "_kd_targets", "_teacher_topk", "add_heal_arguments", "attention_mse", "attn_step", "build_hybrid",
-           "distill_kl", "heal", "kd_step", "main", "merge_and_save", "probe", "run_heal_cli", "stage_params"]
+           "distill_kl", "heal", "kd_step", "load_snapshot", "main", "merge_and_save", "probe", "run_heal_cli", "stage_params"]

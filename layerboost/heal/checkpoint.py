@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def load_checkpoint(ck: Path, h: Hybrid) -> dict:
         params = load_file(ck / "params.safetensors")
         rng = load_file(ck / "rng.safetensors")
         opt = torch.load(ck / "optimizer.pt", weights_only=True, map_location="cpu")
-    except (OSError, ValueError, SafetensorError, RuntimeError, json.JSONDecodeError, EOFError) as e:
+    except (OSError, ValueError, SafetensorError, RuntimeError, json.JSONDecodeError, EOFError, pickle.UnpicklingError) as e:
         raise CheckpointError(
             f"the heal checkpoint {ck} is corrupt or incomplete ({type(e).__name__}: {e}); delete {ck.parent} "
             "to start over, or restore the folder"
@@ -82,3 +83,36 @@ def load_checkpoint(ck: Path, h: Hybrid) -> dict:
             torch.cuda.set_rng_state_all(cuda)
     state["_opt"] = opt
     return state
+
+
+def save_snapshot(work: Path, h: Hybrid, tokens: int) -> Path:
+    """The trainable parameters after `tokens` tokens, to work/snapshots/<tokens>.safetensors (atomically)."""
+    from safetensors.torch import save_file
+
+    path = work / "snapshots" / f"{tokens}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: p.detach().contiguous().cpu() for k, p in heal_params(h).items()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_snapshot(path: str | os.PathLike, h: Hybrid) -> None:
+    """Load a snapshot written by `save_snapshot` into a hybrid built with the same model, plan and settings.
+
+    Raises:
+        CheckpointError: unreadable, or made for another model, plan or settings.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        params = load_file(path)
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read the snapshot {path} ({type(e).__name__}: {e})") from e
+    mine = heal_params(h)
+    if set(params) != set(mine) or any(params[k].shape != p.shape for k, p in mine.items()):
+        raise CheckpointError(f"{path} was saved for another model, plan or LoRA settings")
+    with torch.no_grad():
+        for k, p in mine.items():
+            p.copy_(params[k])

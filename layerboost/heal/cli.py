@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..corpus import documents
 from ..plan import LayerPlan
 from ..surgery import CheckpointError
 from .checkpoint import find_checkpoint
-from .config import HealConfig
+from .config import HealConfig, HealConfigError
 from .dist import setup_dist
 from .train import heal
 
@@ -20,7 +21,8 @@ def add_heal_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", required=True, help="plan JSON (from `layerboost plan`)")
     p.add_argument("--data", required=True,
                    help="training text: a file or folder of .txt, or hub:PATH[:CONFIG][:SPLIT]; eval splits are refused")
-    p.add_argument("--tokens", default="10M", help="token budget of both stages, e.g. 10M (paper), 1.5M, 200k")
+    p.add_argument("--tokens", default=None, help="token budget of both stages, e.g. 10M (the paper's; the default, said "
+                   "when used: hours on a GPU, days on a CPU), 1.5M, 200k")
     p.add_argument("--out", required=True, help="output folder for the healed hybrid")
     p.add_argument("--no-attn-distill", action="store_true", help="skip stage 1 (attention transfer)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -69,6 +71,11 @@ def _check_before_loading(args: argparse.Namespace, cfg: HealConfig) -> None:
     """What `heal` would find wrong only after loading the model: the plan, --out, --resume and the data."""
     from ..cli import check_writable, model_fits
 
+    from ..models import is_layerboost_dir
+
+    if is_layerboost_dir(args.model):
+        raise HealConfigError(f"--model {args.model} is already a layerboost hybrid: heal takes the original model (the "
+                              "teacher) and --plan, and converts it itself")
     model_fits(args.model, LayerPlan.load(args.plan))
     check_writable(args.out)
     out = Path(args.out)
@@ -89,6 +96,10 @@ def run_heal_cli(args: argparse.Namespace) -> int:
              "lora_dropout", "lora_targets", "lora_layers", "neighbours", "temperature", "ce_weight", "kl_chunk",
              "checkpoint_every", "precision", "device", "local", "block_fraction", "block_lr", "kd_topk", "teacher_cache"]
     opts = {n: getattr(args, n) for n in names}
+    if args.tokens is None:
+        args.tokens = "10M"
+        print("heal: no --tokens given: healing the paper's budget of 10M tokens (about 50 hours on 2 CPU cores); pass "
+              "e.g. --tokens 200k for a first look", file=sys.stderr)
     cfg = HealConfig(tokens=args.tokens, attn_distill=not args.no_attn_distill, attn_lora=not args.no_attn_lora,
                      progress=not args.no_progress, data_dir=args.data_dir,
                      teacher_cache_blocks=not args.no_teacher_cache_blocks, **opts)

@@ -154,33 +154,29 @@ def _kd_chunks(hs: torch.Tensor, ht: torch.Tensor, labels: torch.Tensor | None, 
     ce_sum = hs.new_zeros((), dtype=torch.float32)
     topk = isinstance(ht, tuple)
     for a in range(0, hs.shape[0], chunk):
-        zs = nn.functional.linear(hs[a:a + chunk], w, b).float()  # (C, V)
+        zs_low = nn.functional.linear(hs[a:a + chunk], w, b)  # (C, V), in the matmul's dtype
         if topk:
+            zs = zs_low.float()
             zs_t = zs / tau if tau != 1.0 else zs
-            lse_s = torch.logsumexp(zs_t, dim=-1, keepdim=True)
-            kl, g = _topk_kl(zs_t, lse_s, ht[0][a:a + chunk], ht[1][a:a + chunk].long())
+            kl, g = _topk_kl(zs_t, torch.logsumexp(zs_t, dim=-1, keepdim=True), ht[0][a:a + chunk],
+                             ht[1][a:a + chunk].long())
             kl_sum += kl.sum()
             g.mul_(tau / n_kl)
         else:
-            zt = nn.functional.linear(ht[a:a + chunk], w, b).float()
-            if tau != 1.0:
-                zs_t, zt = zs / tau, zt.div_(tau)
-            else:
-                zs_t = zs
-            lse_t = torch.logsumexp(zt, dim=-1, keepdim=True)
-            lse_s = torch.logsumexp(zs_t, dim=-1, keepdim=True)
-            p_t = (zt - lse_t).exp_()
-            # KL = sum p_t (log p_t - log p_s) = sum p_t (zt - zs) - lse_t + lse_s   (sum p_t = 1)
-            kl_sum += (zt.sub_(zs_t).mul_(p_t).sum(-1, keepdim=True) - lse_t + lse_s).sum()
-            g = (zs_t - lse_s).exp_().sub_(p_t).mul_(tau / n_kl)  # d(tau^2 KL / n) / d logits
+            # fused log-softmaxes and row dot products: these (C, V) passes dominate the loop on a CPU
+            zt = nn.functional.linear(ht[a:a + chunk], w, b)
+            lt = torch.log_softmax(zt / tau if tau != 1.0 else zt, dim=-1, dtype=torch.float32)
+            ls = torch.log_softmax(zs_low / tau if tau != 1.0 else zs_low, dim=-1, dtype=torch.float32)
+            p_t = lt.exp()
+            kl_sum += torch.linalg.vecdot(p_t, lt.sub_(ls)).sum()  # sum p_t (log p_t - log p_s)
+            g = ls.exp_().sub_(p_t).mul_(tau / n_kl)  # d(tau^2 KL / n) / d logits
         if ce_weight > 0:
             lab = labels[a:a + chunk]
             ok = lab >= 0
-            lse = torch.logsumexp(zs, dim=-1, keepdim=True) if tau != 1.0 else lse_s
-            picked = zs.gather(-1, lab.clamp(min=0)[:, None])
-            ce_sum += ((lse - picked).squeeze(-1) * ok).sum()
-            pg = (zs - lse).exp_()
-            pg.scatter_add_(-1, lab.clamp(min=0)[:, None], -torch.ones_like(picked))
+            lp = torch.log_softmax(zs_low, dim=-1, dtype=torch.float32)  # at temperature 1
+            ce_sum += (-lp.gather(-1, lab.clamp(min=0)[:, None]).squeeze(-1) * ok).sum()
+            pg = lp.exp_()
+            pg.scatter_add_(-1, lab.clamp(min=0)[:, None], -torch.ones_like(pg[:, :1]))
             g += pg.mul_(ok[:, None] * (ce_weight / n_ce))
         grad[a:a + chunk] = (g.to(w.dtype) @ w).to(hs.dtype)  # (C, D)
     return kl_sum, ce_sum, grad
@@ -232,7 +228,7 @@ def kd_step(h: Hybrid, ids: torch.Tensor, n_kl: int, n_ce: int, cfg: HealConfig,
         labels[:, :-1] = ids[:, 1:]
         labels = labels.reshape(-1)
     d = hs.shape[-1]
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(ids.device, precision):  # the head's matmuls in `precision`, the KL in fp32
         kl, ce, grad = _kd_chunks(hs.detach().reshape(-1, d), ht, labels, h.lm_head.weight,
                                   h.lm_head.bias, cfg.temperature, cfg.ce_weight, n_kl, n_ce, cfg.kl_chunk)
     if hs.requires_grad:

@@ -125,14 +125,14 @@ def build_hybrid(model: nn.Module, plan: LayerPlan, cfg: HealConfig) -> Hybrid:
     """Convert `model` (the original, in place), add LoRA with peft, and keep the teacher's attention aside.
 
     Raises:
-        ValueError: the model is already converted (the teacher's attention would be gone).
+        HealConfigError: the model is already converted (the teacher's attention would be gone).
     """
     import peft
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
 
     if plan_of(model) is not None:
-        raise ValueError("heal needs the original model (the teacher); this one is already a layerboost hybrid")
+        raise HealConfigError("heal needs the original model (the teacher); this one is already a layerboost hybrid")
     decoder, layers = decoder_parts(model)
     arch = architecture(model)
     if arch.final_softcap and getattr(model.config, arch.final_softcap, None):

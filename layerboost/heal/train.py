@@ -20,7 +20,8 @@ from ..corpus import PackedRows, TrainingDataError, documents
 from ..plan import LayerPlan
 from ..surgery import CheckpointError, save
 from ..teacher_cache import TeacherCache, model_fingerprint
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ..util import write_json
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_snapshot
 from .config import HealConfig, HealConfigError, STAGES, STATE_SCHEMA
 from .dist import Dist, all_reduce, barrier, setup_dist
 from .losses import attn_step, block_step, kd_step, probe
@@ -62,6 +63,7 @@ class _Run:
     offset: int = 0  # tokens of earlier stages
     cache: TeacherCache | None = None
     train_s: float = 0.0  # seconds spent in training steps, all stages and sessions (no probes, no checkpoints)
+    snapshots: bool = False  # save the trainable parameters at every probe (heal_state/snapshots/<tokens>.safetensors)
 
     def maybe_probe(self, before: int, after: int) -> None:
         """Probe held-out text at every point of `probe_at` in (before, after] (0 is probed when before == -1)."""
@@ -70,9 +72,12 @@ class _Run:
         for at in self.probe_at:
             if before < at <= after or (before == -1 and at == 0):
                 t0 = time.perf_counter()
-                rec = {"probe": True, "tokens": after if at else 0, **probe(self.h, self.probe_rows, self.precision)}
+                # always in fp32: what a probe reads must not depend on the training precision
+                rec = {"probe": True, "tokens": after if at else 0, **probe(self.h, self.probe_rows, "fp32")}
                 rec["probe_s"] = round(time.perf_counter() - t0, 3)
                 rec["train_s"] = round(self.train_s, 3)
+                if self.snapshots:
+                    rec["snapshot"] = save_snapshot(self.work, self.h, rec["tokens"]).name
                 self.log(rec)
 
     def log(self, record: dict) -> None:
@@ -235,7 +240,7 @@ def _resolve_precision(p: str, device: torch.device) -> str:
 def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.PathLike, out: str | os.PathLike,
          tokens: int | str | None = None, attn_distill: bool = True, tokenizer=None, resume: bool = False,
          config: HealConfig | None = None, probe_rows: torch.Tensor | None = None,
-         probe_at: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0), **options) -> Path:
+         probe_at: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0), snapshots: bool = False, **options) -> Path:
     """Convert the model to `plan`, heal it by distillation from the original, save the merged hybrid in `out`.
 
     Args:
@@ -251,7 +256,9 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
         config / **options: a `HealConfig`, or its fields as keyword arguments.
         probe_rows: held-out token rows (B, T): when given, KL(teacher || student), next-token agreement and
             perplexity on them are logged (`"probe": true` lines of log.jsonl) at the fractions `probe_at` of
-            the budget, so a healing curve can be drawn.
+            the budget, so a healing curve can be drawn. Probes run in fp32 whatever the training precision.
+        snapshots: also save the trainable parameters at every probe (`heal_state/snapshots/<tokens>.safetensors`,
+            read back by `load_snapshot`), so the model at each point of the curve can be evaluated later.
 
     Returns:
         `out`, the saved hybrid's folder.
@@ -331,7 +338,7 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
     barrier(d)
     run = _Run(h, cfg, d, stream, work, precision, log_lines=state["log_lines"] if state else 0,
                probe_rows=probe_rows if d.main else None, probe_at=sorted({round(f * cfg.tokens) for f in probe_at}),
-               cache=cache, train_s=state.get("train_s", 0.0) if state else 0.0)
+               cache=cache, train_s=state.get("train_s", 0.0) if state else 0.0, snapshots=snapshots)
     t0 = time.perf_counter()
     budgets = dict(cfg.stage_tokens)  # {local stage, "kd"}, in order
     if cfg.local == "attn" and not h.windowed:  # no swa / linear_swa layer: stage 1 has nothing to transfer
@@ -356,6 +363,6 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
                    "config": cfg.to_dict(), "stage_tokens": budgets, "processes": d.world,
                    "seconds_this_session": round(seconds, 1), "train_s": round(run.train_s, 3),
                    "teacher_cache": cache.summary() if cache is not None else None, "torch": torch.__version__}
-        (out / "heal.json").write_text(json.dumps(summary, indent=1))
+        write_json(out / "heal.json", summary)
     barrier(d)
     return out

@@ -1,0 +1,208 @@
+"""Output folders and files: who wrote them, one writer at a time, nothing a user made overwritten.
+
+Every command that writes claims its output first (`claim`), before any work:
+
+- a folder gets a manifest, `.layerboost.json`: the command, the model and, per part of the command (`bench
+  latency` and `bench throughput` share a folder), its settings and their hash, its command line, its state
+  (`running`, `complete`, `failed`, `interrupted`) and, once done, the files written. A folder that holds other files,
+  or a manifest of another command or of other settings, is refused with one line naming the owner and
+  the fix (`--force`, another `--out`, or `--resume` where the command resumes).
+- a file (a plan, a results JSON) records the same in its own `written_by` key; an existing file without it,
+  or written by another command or settings, is refused the same way.
+- a path inside a folder that another command owns (a run's eval/ results, a model's folder) is refused.
+- one writer per folder: an advisory lock (`fcntl.flock` on `.layerboost.lock`, holding the writer's pid and
+  command) is taken before the checks and held until the command ends; a second command on the same
+  folder fails at once naming the holder. The kernel drops the lock when its process dies, so the lock of a
+  killed command is taken over without a stale-lock problem.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import hashlib
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .util import UsageError, check_writable, write_json
+
+MANIFEST = ".layerboost.json"
+LOCK = ".layerboost.lock"
+OWN_FILES = {MANIFEST, LOCK}
+
+
+class OutputError(UsageError):
+    """An output path that belongs to something else, or that another command is writing."""
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def written_by(command: str, settings: dict) -> dict:
+    """What a file records about its writer (its `written_by` key)."""
+    return {"command": command, "settings_hash": settings_hash(settings)}
+
+
+def read_manifest(folder: str | os.PathLike) -> dict | None:
+    try:
+        m = json.loads((Path(folder) / MANIFEST).read_text())
+        return m if isinstance(m, dict) and "command" in m else None
+    except (OSError, ValueError):
+        return None
+
+
+def _owner_line(m: dict) -> str:
+    return f"`layerboost {m['command']}`" + (f" (model {m['model']})" if m.get("model") else "")
+
+
+def _differs(old: dict, settings: dict) -> list[str]:
+    """Names of the settings that differ from a manifest's (all of them when it does not list its settings)."""
+    prev = old.get("settings")
+    if not isinstance(prev, dict):
+        return sorted(settings)
+    return sorted(k for k in set(prev) | set(settings) if prev.get(k) != json.loads(json.dumps(settings.get(k), default=str)))
+
+
+def _enclosing_owner(path: Path, command: str) -> tuple[Path, dict] | None:
+    """The nearest folder above `path` whose manifest names another command."""
+    for parent in path.parents:
+        m = read_manifest(parent)
+        if m is not None:
+            return (parent, m) if m["command"] != command else None
+    return None
+
+
+def check_folder(out: Path, command: str, settings: dict, resume_hint: str, force: bool, key: str | None = None) -> None:
+    """Raise OutputError unless `out` is new, empty, or this command's with these settings (or force). `key` (default
+    `command`) names the part of a command that owns its own settings, e.g. `bench latency` beside `bench throughput`
+    in one bench folder."""
+    if force:
+        return
+    outer = _enclosing_owner(out, command)
+    if outer is not None:
+        raise OutputError(f"--out {out} is inside {outer[0]}, which {_owner_line(outer[1])} wrote: choose a folder "
+                          "outside it, or pass --force")
+    if not out.is_dir():
+        return
+    m = read_manifest(out)
+    if m is None:
+        others = sorted(p.name for p in out.iterdir() if p.name not in OWN_FILES)
+        if others:
+            raise OutputError(f"--out {out} holds files layerboost did not record writing ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}): choose a new or empty folder, or pass --force "
+                              "to write there anyway")
+        return
+    if m["command"] != command:
+        raise OutputError(f"--out {out} was written by {_owner_line(m)}, not by `layerboost {command}`: choose another "
+                          "--out, or pass --force to replace its results")
+    mine = m.get("parts", {}).get(key or command)
+    if mine is not None and mine.get("settings_hash") != settings_hash(settings):
+        diff = _differs(mine, settings)
+        raise OutputError(f"--out {out} holds a `layerboost {key or command}` made with other settings "
+                          f"({', '.join(diff[:6])} differ): {resume_hint}choose another --out, or pass --force to "
+                          "replace it")
+
+
+def check_file(path: Path, command: str, settings: dict, force: bool) -> None:
+    """Raise OutputError unless `path` is new, or a JSON file this command wrote with these settings (or force)."""
+    check_writable(path, folder=False)
+    if force:
+        return
+    outer = _enclosing_owner(path, command)
+    if outer is not None:
+        raise OutputError(f"--out {path} is inside {outer[0]}, which {_owner_line(outer[1])} wrote: write it "
+                          "elsewhere, or pass --force")
+    if not path.exists():
+        return
+    try:
+        mark = json.loads(path.read_text()).get("written_by")
+    except (OSError, ValueError, AttributeError):
+        mark = None
+    if not isinstance(mark, dict) or mark.get("command") != command:
+        raise OutputError(f"--out {path} already exists and was not written by `layerboost {command}`: choose another "
+                          "--out, or pass --force to overwrite it")
+    if mark.get("settings_hash") != settings_hash(settings):
+        raise OutputError(f"--out {path} was written by `layerboost {command}` with other settings: choose another "
+                          "--out, or pass --force to overwrite it")
+
+
+@contextmanager
+def folder_lock(out: Path, command: str) -> Iterator[None]:
+    """Hold the advisory lock of `out` (created if needed) for the duration; fail at once if it is held."""
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise OutputError(f"--out {out} is being written by {holder}: wait for it to finish, or choose another "
+                              "--out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} (layerboost {command})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _files(out: Path) -> dict[str, int]:
+    """{relative path: mtime_ns} of the files under `out`, the manifest and lock excepted."""
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*")
+            if p.is_file() and p.name not in OWN_FILES}
+
+
+@contextmanager
+def claim(out: str | os.PathLike, command: str, settings: dict, *, model: str | None = None, force: bool = False,
+          resume_hint: str = "", key: str | None = None) -> Iterator[Path]:
+    """Own folder `out` for `command` while the block runs: the checks of `check_folder` (before and again under
+    the lock), the lock, and the manifest. Its `parts` record each command key's settings, argv, state
+    (`running`, then `complete` with the files written, or `failed` / `interrupted`)."""
+    out, key = Path(out), key or command
+    check_writable(out)
+    check_folder(out, command, settings, resume_hint, force, key)  # before the folder or its lock is created
+    created = not out.exists()
+    try:
+        yield from _claimed(out, command, settings, model, force, resume_hint, key)
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):  # refused or failed before writing: no trace
+            out.rmdir()
+
+
+def _claimed(out: Path, command: str, settings: dict, model, force: bool, resume_hint: str, key: str):
+    with folder_lock(out, command):
+        check_folder(out, command, settings, resume_hint, force, key)  # a writer may have finished in between
+        settings = json.loads(json.dumps(settings, default=str))
+        old = read_manifest(out)
+        manifest = old if old is not None and old["command"] == command else {"command": command, "model": model,
+                                                                               "parts": {}}
+        before = _files(out)
+        previous = manifest.setdefault("parts", {}).get(key)
+        part = {"settings": settings, "settings_hash": settings_hash(settings), "argv": sys.argv[1:],
+                "started": datetime.datetime.now().isoformat(timespec="seconds"), "state": "running", "pid": os.getpid()}
+        manifest["parts"][key] = part
+        write_json(out / MANIFEST, manifest)
+        try:
+            yield out
+        except BaseException as e:
+            if any(before.get(f) != t for f, t in _files(out).items()):
+                part["state"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            elif previous is not None:  # nothing written: the folder stays as it was
+                manifest["parts"][key] = previous
+            else:
+                del manifest["parts"][key]
+            if manifest["parts"]:
+                write_json(out / MANIFEST, manifest)
+            else:  # a command refused before writing anything leaves no trace
+                (out / MANIFEST).unlink(missing_ok=True)
+            raise
+        finally:
+            if not (out / MANIFEST).exists():
+                (out / LOCK).unlink(missing_ok=True)
+        part.update(state="complete", finished=datetime.datetime.now().isoformat(timespec="seconds"),
+                    files=sorted(f for f, t in _files(out).items() if before.get(f) != t))  # written or rewritten
+        write_json(out / MANIFEST, manifest)

@@ -80,6 +80,212 @@ def heal_rows(args) -> int:
     return 0
 
 
+def _read(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write(path: Path, obj) -> None:
+    from layerboost.util import write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, obj)
+
+
+def model_at(base, plan, settings: dict, row: str, snapshot: Path):
+    """The row's hybrid after the snapshot's tokens: a fresh conversion, its trainable parameters loaded, merged."""
+    from layerboost.heal import HealConfig, build_hybrid, load_snapshot
+
+    cfg = HealConfig(**settings, **ROWS[row])
+    h = build_hybrid(copy.deepcopy(base), plan, cfg)
+    load_snapshot(snapshot, h)
+    return h.peft_model.merge_and_unload().eval()
+
+
+def evaluate_points(args) -> int:
+    """WikiText-2 (every document) and accuracy on the evaluation partition (per item) of the base and of each row
+    at --eval-at tokens; each (model, task) result is a file, so a killed evaluation resumes."""
+    import layerboost as lb
+    from layerboost.evaluate import Partition, evaluate, perplexity_metrics, prepare_task, score_rolling
+
+    out = Path(args.out)
+    meta = _read(out / "curve_settings.json")
+    if meta is None:
+        raise SystemExit(f"error: {out} holds no curve (run the heal phase first)")
+    base, tok = lb.load_model(meta["model"])
+    plan = lb.LayerPlan.from_dict(meta["plan"])
+    part = Partition("evaluation", args.selection_size, 0)
+    tasks = [prepare_task(tok, t, limit=args.limit, seed=0, partition=part) for t in args.tasks.split(",")]
+    wiki = prepare_task(tok, "wikitext", limit=args.wikitext_docs, seed=0)
+    points = [("base", None, None)] + [(row, t, out / row / "heal_state" / "snapshots" / f"{t}.safetensors")
+                                        for row in args.rows.split(",") for t in _snapshot_tokens(out / row, args.eval_at)]
+    for row, tokens, snap in points:
+        name = "base" if row == "base" else f"{row}_{tokens}"
+        folder = out / "eval" / name
+        todo = [p for p in tasks if _read(folder / f"{p.task.name}.json") is None]
+        if not todo and _read(folder / "wikitext.json") is not None:
+            continue
+        model = base if row == "base" else model_at(base, plan, meta["settings"], row, snap)
+        print(f"[curve] evaluating {name}", file=sys.stderr)
+        for prep in todo:
+            r = evaluate(model, tok, [], prepared=[prep], batch_size=32, per_item=True, progress=True)["tasks"][prep.task.name]
+            key = "_norm" if r["column"] == "acc_norm" else ""
+            r["items"] = [{"doc_id": it["doc_id"], "correct": int(it["pred" + key] == it["gold"]),
+                           "margin": it["margin" + key]} for it in r.pop("items")]
+            _write(folder / f"{prep.task.name}.json", {**r, "partition": part.to_dict(), "limit": args.limit})
+        if _read(folder / "wikitext.json") is None:
+            lls = score_rolling(model, tok, wiki.requests, desc="wikitext")
+            _write(folder / "wikitext.json", {**perplexity_metrics(wiki.requests, lls), "doc_logliks": lls})
+    return 0
+
+
+def _snapshot_tokens(folder: Path, eval_at: str) -> list[int]:
+    """The probed token counts (snapshots) nearest each --eval-at point ('last': the final one)."""
+    probes = [json.loads(x) for x in (folder / "heal_state" / "log.jsonl").read_text().splitlines()
+              if '"probe"' in x]
+    have = [p["tokens"] for p in probes if p.get("snapshot")]
+    want = [max(have) if x.strip() == "last" else token_list(x)[0] for x in eval_at.split(",") if x.strip()]
+    return sorted({min(have, key=lambda t: abs(t - w)) for w in want if have})
+
+
+def fit_gap(tokens: list[float], gaps: list[float]) -> dict:
+    """Least squares of log(gap) = a - b log(tokens) (a power law of the quality gap), with the standard errors
+    of a and b, and the tokens at which the gap reaches given levels (with a 95% interval from a and b's
+    covariance, by sampling)."""
+    import numpy as np
+
+    x, y = np.log(np.asarray(tokens, float)), np.log(np.asarray(gaps, float))
+    X = np.stack([np.ones_like(x), -x], 1)
+    coef, res, *_ = np.linalg.lstsq(X, y, rcond=None)
+    dof = max(1, len(x) - 2)
+    s2 = float(((y - X @ coef) ** 2).sum()) / dof
+    cov = s2 * np.linalg.inv(X.T @ X)
+    return {"a": float(coef[0]), "b": float(coef[1]), "se_a": float(cov[0, 0] ** 0.5), "se_b": float(cov[1, 1] ** 0.5),
+            "cov": cov.tolist(), "points": len(x), "residual_sd": s2 ** 0.5}
+
+
+def tokens_to(fit: dict, gap: float, draws: int = 20000) -> dict:
+    """Tokens at which the fitted gap reaches `gap`: point estimate and a 95% interval (parameter draws)."""
+    import numpy as np
+
+    if fit["b"] <= 0:
+        return {"tokens": None, "ci95": None}
+    rng = np.random.default_rng(0)
+    ab = rng.multivariate_normal([fit["a"], fit["b"]], fit["cov"], size=draws)
+    ok = ab[:, 1] > 0
+    t = np.exp((ab[ok, 0] - np.log(gap)) / ab[ok, 1])
+    return {"tokens": float(np.exp((fit["a"] - np.log(gap)) / fit["b"])),
+            "ci95": [float(np.percentile(t, 2.5)), float(np.percentile(t, 97.5))], "draws_with_b_above_0": float(ok.mean())}
+
+
+def report(args) -> int:
+    """curve.json and curve.png from the probes and the evaluations; prints the table."""
+    import math
+
+    from layerboost.stats import mcnemar, paired_bootstrap
+
+    out = Path(args.out)
+    meta = _read(out / "curve_settings.json")
+    rows = [r for r in args.rows.split(",") if (out / r / "heal_state" / "log.jsonl").is_file()]
+    curves = {r: [json.loads(x) for x in (out / r / "heal_state" / "log.jsonl").read_text().splitlines()
+                  if '"probe"' in x] for r in rows}
+    evals = {p.name: {f.stem: json.loads(f.read_text()) for f in p.glob("*.json")}
+             for p in sorted((out / "eval").glob("*")) if p.is_dir()} if (out / "eval").is_dir() else {}
+
+    def items(e):
+        keys, correct, margin, task = [], [], [], []
+        for t in sorted(k for k in e if k != "wikitext"):
+            for it in e[t]["items"]:
+                keys.append((t, it["doc_id"]))
+                correct.append(it["correct"])
+                margin.append(it["margin"] if math.isfinite(it["margin"]) else 0.0)
+                task.append(t)
+        return keys, correct, margin, task
+
+    tests = {}
+    for name, e in evals.items():
+        if name == "base" or "base" not in evals:
+            continue
+        others = [("base", evals["base"])]
+        row, _, tok = name.rpartition("_")
+        twin = {"attn": "no_attn", "no_attn": "attn"}.get(row)
+        if twin and f"{twin}_{tok}" in evals and row == "attn":
+            others.append((f"{twin}_{tok}", evals[f"{twin}_{tok}"]))
+        for other, f in others:
+            t = {}
+            ka, ca, ma, ta = items(e)
+            kb, cb, mb, _ = items(f)
+            if ka and ka == kb:
+                t.update(mcnemar=mcnemar(ca, cb), accuracy=paired_bootstrap(ca, cb, strata=ta),
+                         margin=paired_bootstrap(ma, mb, strata=ta))
+            if "wikitext" in e and "wikitext" in f:  # per document: log-likelihood per word
+                wa = e["wikitext"]["doc_logliks"]
+                wb = f["wikitext"]["doc_logliks"]
+                t["wikitext_loglik_per_doc"] = paired_bootstrap(wa, wb)
+            tests[f"{name} vs {other}"] = t
+
+    fits, answers = {}, {}
+    for r, pts in curves.items():
+        pts = [p for p in pts if p["tokens"] > 0]
+        if len(pts) >= 3:
+            gaps = [math.log(p["ppl"] / p["ppl_teacher"]) for p in pts]
+            fits[f"{r}: held-out log-perplexity gap"] = f = fit_gap([p["tokens"] for p in pts], gaps)
+            answers[r] = {f"held-out ppl {x}x base": tokens_to(f, math.log(x)) for x in (1.5, 1.3)}
+            fits[f"{r}: held-out KL"] = fit_gap([p["tokens"] for p in pts], [p["kl"] for p in pts])
+        wk = sorted((int(n.rpartition("_")[2]), e["wikitext"]["word_perplexity"]) for n, e in evals.items()
+                    if n.startswith(r + "_") and n.rpartition("_")[0] == r and "wikitext" in e)
+        if len(wk) >= 3 and "base" in evals and "wikitext" in evals["base"]:
+            b = evals["base"]["wikitext"]["word_perplexity"]
+            fits[f"{r}: WikiText-2 log word-perplexity gap"] = f = fit_gap([t for t, _ in wk],
+                                                                           [math.log(v / b) for _, v in wk])
+            answers[r].update({f"WikiText-2 {x}x base": tokens_to(f, math.log(x)) for x in (1.5, 1.3)})
+    record = {"settings": meta, "curves": curves, "evaluations": {n: {t: {k: v for k, v in r.items() if k not in (
+        "items", "doc_logliks")} for t, r in e.items()} for n, e in evals.items()}, "tests": tests, "fits": fits,
+        "answers": answers}
+    _write(out / "curve.json", record)
+    plot(curves, evals, out / "curve.png")
+    print(json.dumps({"answers": answers, "fits": {k: {x: v[x] for x in ("a", "b", "se_b", "points")}
+                                                   for k, v in fits.items()}}, indent=1))
+    if args.docs:
+        import shutil
+
+        Path(args.docs).mkdir(parents=True, exist_ok=True)
+        for f in ("curve.json", "curve.png"):
+            shutil.copy(out / f, Path(args.docs) / f)
+    return 0
+
+
+def plot(curves: dict, evals: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for r, pts in curves.items():
+        tok = [max(p["tokens"], 1) / 1e6 for p in pts]
+        hours = [p["train_s"] / 3600 for p in pts]
+        axes[0].plot(tok, [p["kl"] for p in pts], marker="o", label=r)
+        axes[1].plot(hours, [p["kl"] for p in pts], marker="o", label=r)
+        wk = sorted((int(n.rpartition("_")[2]) / 1e6, e["wikitext"]["word_perplexity"]) for n, e in evals.items()
+                    if n.rpartition("_")[0] == r and "wikitext" in e)
+        if wk:
+            axes[2].plot(*zip(*wk), marker="s", label=r)
+    if "base" in evals and "wikitext" in evals["base"]:
+        axes[2].axhline(evals["base"]["wikitext"]["word_perplexity"], color="k", ls="--", label="base")
+    axes[0].axhline(0, color="k", ls="--", lw=0.8)
+    for ax, (x, y) in zip(axes, [("healing tokens (millions)", "held-out KL to the base (nats/token)"),
+                                 ("training hours (this CPU)", "held-out KL to the base (nats/token)"),
+                                 ("healing tokens (millions)", "WikiText-2 word perplexity")]):
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, frameon=False)
+    axes[0].set_xscale("symlog", linthresh=0.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("phase", choices=["heal", "evaluate", "report"])
@@ -92,19 +298,26 @@ def main() -> int:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--probe-at", default=PROBE_AT)
     ap.add_argument("--probe-tokens", type=int, default=16384, help="held-out tokens read at each probe")
-    ap.add_argument("--eval-at", default="200k,1M,2M")
+    ap.add_argument("--eval-at", default="200k,1M,last", help="snapshots to evaluate (nearest probe; last: the end)")
+    ap.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,winogrande,mmlu")
+    ap.add_argument("--limit", type=int, default=None, help="items per task (default: the whole evaluation partition)")
+    ap.add_argument("--selection-size", type=int, default=100, help="documents per task the partition reserves")
+    ap.add_argument("--wikitext-docs", type=int, default=None, help="WikiText-2 documents (default: all 62)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="runs/heal_curve")
     ap.add_argument("--docs", default=None, help="report: also copy curve.json / curve.png here")
     ap.add_argument("--smoke", action="store_true", help="tiny budget (4k tokens, 512 probe tokens)")
     args = ap.parse_args()
     if args.smoke:
-        args.tokens, args.probe_tokens, args.probe_at, args.eval_at = "4096", 512, "0,2048", "2048,4096"
+        args.tokens, args.probe_tokens, args.probe_at, args.eval_at = "4096", 512, "0,1024,2048,3072", "1024,2048,last"
+        args.limit, args.wikitext_docs = args.limit or 8, args.wikitext_docs or 1
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.phase == "heal":
         return heal_rows(args)
-    raise SystemExit(f"error: phase {args.phase} is not written yet")
+    if args.phase == "evaluate":
+        return evaluate_points(args)
+    return report(args)
 
 
 if __name__ == "__main__":

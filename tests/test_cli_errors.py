@@ -256,6 +256,9 @@ def run_config(files, tmp_path, **changes):
     ({"eval__limit": -1}, ("eval.limit must be >= 1",)),
     ({"analyze__limit": 0}, ("analyze.limit must be >= 1",)),
     ({"bench__latency": {"batch": 0}}, ("bench.latency.batch must be an integer >= 1, got 0",)),
+    ({"bench__latency": {"lengths": "lots"}}, ("bench.latency.lengths must be a count >= 1 or a non-empty list",)),
+    ({"bench__latency": {"lengths": [512, "x"]}, "bench__throughput": {"compile": "yes"}},
+     ("bench.latency.lengths must be", "bench.throughput.compile must be true or false")),
     ({"plan__softmax": 10}, ("plan:", "add up to the 4 layers")),
     ({"plan__window": 100_000}, ("window 100000 is longer than the model's context of 512",)),
     ({"analyze__iterative": -2, "plan__ranking": "best"}, ("analyze.iterative must be auto or a count >= 0, got -2",
@@ -270,6 +273,15 @@ def run_config(files, tmp_path, **changes):
 def test_run_validates_the_whole_config_before_any_stage(files, tmp_path, capsys, changes, fragments):
     fails(capsys, run_config(files, tmp_path, **changes), *fragments)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_refused_config_leaves_the_run_folder_as_it_was(files, tmp_path, capsys):
+    from layerboost.outputs import claim
+
+    with claim(tmp_path / "run", "run", {"x": 1}):  # a run folder with its config.yaml
+        (tmp_path / "run" / "config.yaml").write_text("mine: 1\n")
+    fails(capsys, run_config(files, tmp_path, bench__latency={"lengths": "lots"}), "bench.latency.lengths")
+    assert (tmp_path / "run" / "config.yaml").read_text() == "mine: 1\n"
 
 
 # ---- bench -------------------------------------------------------------------------------------------

@@ -262,6 +262,33 @@ def test_snapshots_at_probes_rebuild_the_model_at_each_point(tmp_path):
         load_snapshot(snaps / probes[-1]["snapshot"], other)
 
 
+def test_bf16_weights_train_fp32_adapters(tmp_path):
+    """weights_dtype bfloat16: frozen weights of student and teacher in bf16, the trainable parameters in fp32
+    (peft's LoRA and the kinds' own), the healed model saved in bf16; it heals (KL falls); fp32 precision refused."""
+    import layerboost.heal.train as T
+
+    seen = {}
+    orig = T._fp32_masters
+
+    def spy(h):
+        orig(h)
+        seen["trainable"] = {p.dtype for p in T.heal_params(h).values()}
+        seen["frozen"] = {p.dtype for n, p in h.peft_model.named_parameters() if "mlp.up_proj.base_layer" in n}
+
+    T._fp32_masters = spy
+    try:
+        out = _heal(tmp_path, "o", 4096, weights_dtype="bfloat16", precision="bf16", probe_rows=_heldout(2, 32),
+                    probe_at=(0.0, 1.0), lr=3e-3)
+    finally:
+        T._fp32_masters = orig
+    assert seen == {"trainable": {torch.float32}, "frozen": {torch.bfloat16}}
+    assert next(lb.load(out).parameters()).dtype == torch.bfloat16
+    probes = [r for r in _log(out) if r.get("probe")]
+    assert probes[-1]["kl"] < probes[0]["kl"]
+    with pytest.raises(HealConfigError, match="set precision bf16"):
+        HealConfig(weights_dtype="bfloat16", precision="fp32")
+
+
 # ---- long-job behaviour (child processes) ---------------------------------------------------------------
 
 
@@ -328,26 +355,68 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ranks(out: Path, opts: dict, world: int = 2) -> list[subprocess.Popen]:
+    port = _free_port()
+    return [_child(out, opts, {"WORLD_SIZE": str(world), "RANK": str(r), "LOCAL_RANK": str(r),
+                               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for r in range(world)]
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """Two heals agree: the same steps, losses within 1e-4 relative (float sums in another order: the gradients
+    of 2 processes are summed by FSDP2), weights within 1e-5; and healing changed the weights by far more."""
+    la, lb_ = _log(a), _log(b)
+    assert [(r["stage"], r["tokens"]) for r in la] == [(r["stage"], r["tokens"]) for r in lb_]
+    for x, y in zip(la, lb_):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-8)
+    sa, sb = lb.load(a).state_dict(), lb.load(b).state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
+    base = tiny_model("llama", layers=4).state_dict()
+    moved = max((sa[k] - base[k]).abs().max().item() for k in base if k in sa and "mlp" in k)
+    assert moved > 1e-3  # the MLP adapters trained (a rank that skipped them would still match within 1e-5)
+
+
 @pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("parallel", ["replicate", "shard"])
+def test_two_processes_match_one(tmp_path, parallel):
+    """FSDP2 under 2 processes (replicated, or sharded: each rank holds half of every layer) == 1 process with
+    the same global batch; the budget's last step gives the ranks unequal rows (and micro-batches)."""
     opts = dict(FAST, tokens=3000, attn_fraction=0.4, tmp=str(tmp_path), threads=1)
     _corpus(tmp_path)
-    port = _free_port()
-    procs = [
-        _child(tmp_path / "ddp", {**opts, "batch_size": 2},
-               {"WORLD_SIZE": "2", "RANK": str(r), "LOCAL_RANK": str(r), "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port)})
-        for r in range(2)
-    ]
+    procs = _ranks(tmp_path / "ddp", {**opts, "batch_size": 2, "parallel": parallel})
     _child_main(str(tmp_path / "single"), json.dumps(opts))
     for p in procs:
         assert p.wait(timeout=180) == 0, p.stdout.read()
-    a, b = _log(tmp_path / "single"), _log(tmp_path / "ddp")
-    assert [(r["stage"], r["tokens"]) for r in a] == [(r["stage"], r["tokens"]) for r in b]
-    for x, y in zip(a, b):
-        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4, abs=1e-8)
-    sa, sb = lb.load(tmp_path / "single").state_dict(), lb.load(tmp_path / "ddp").state_dict()
-    assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
+    _same_run(tmp_path / "single", tmp_path / "ddp")
+
+
+@pytest.mark.slow
+def test_killed_two_process_heal_resumes(tmp_path):
+    """Both ranks of a sharded heal killed mid-stage-2; rerun with --resume, the result equals an uninterrupted
+    single-process heal (the checkpoint holds full tensors: any world size resumes any other)."""
+    opts = dict(FAST, tokens=6000, attn_fraction=0.2, checkpoint_every=2, tmp=str(tmp_path), threads=1,
+                parallel="shard")
+    _corpus(tmp_path)
+    killed = tmp_path / "killed"
+    procs = _ranks(killed, {**opts, "batch_size": 2})
+    state = killed / "heal_state" / "checkpoint" / "state.json"
+    deadline = time.time() + 180
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        try:
+            s = json.loads(state.read_text())
+            if s["stage"] == "kd" and s["step"] >= 4:
+                break
+        except (OSError, json.JSONDecodeError, KeyError):
+            pass
+        time.sleep(0.02)
+    assert all(p.poll() is None for p in procs), "the run finished before it could be killed: raise its budget"
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    assert not (killed / "heal.json").exists()
+    for p in _ranks(killed, {**opts, "batch_size": 2, "resume": True}):
+        assert p.wait(timeout=180) == 0, p.stdout.read()
+    _child_main(str(tmp_path / "ref"), json.dumps(opts))
+    _same_run(tmp_path / "ref", killed)
 
 
 if __name__ == "__main__":

@@ -12,22 +12,52 @@ import torch
 
 from ..surgery import CheckpointError
 from .config import STAGES, STATE_SCHEMA
+from .dist import Dist, full, load_full, reshard, shard_like
 from .student import Hybrid, heal_params
 
 
-def save_checkpoint(work: Path, h: Hybrid, opt, scaler, state: dict) -> None:
-    """Write work/checkpoint atomically (tmp folder, then rename); the previous one survives a crash."""
+def full_params(h: Hybrid, d: Dist | None = None) -> dict[str, torch.Tensor]:
+    """Every healing parameter as a full CPU tensor (gathered from the ranks' shards; collective)."""
+    if d is not None:
+        reshard(d)
+    return {k: full(p.detach()).contiguous().cpu() for k, p in heal_params(h).items()}
+
+
+def full_optimizer_state(opt) -> dict:
+    """The optimiser's state dict with full CPU tensors (collective), as a single process would write it."""
+    sd = opt.state_dict()
+    sd["state"] = {i: {k: full(v).cpu() if torch.is_tensor(v) else v for k, v in sorted(st.items())}
+                   for i, st in sorted(sd["state"].items())}
+    return sd
+
+
+def load_optimizer(opt, sd: dict) -> None:
+    """Load a state dict of full tensors, laying each state tensor out as its parameter is (sharded or not)."""
+    opt.load_state_dict(sd)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for k, v in opt.state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    opt.state[p][k] = shard_like(p, v)
+
+
+def save_checkpoint(work: Path, h: Hybrid, opt, scaler, state: dict, d: Dist | None = None) -> None:
+    """Write work/checkpoint atomically (tmp folder, then rename); the previous one survives a crash. Every rank
+    calls it (the tensors are gathered); rank 0 writes."""
     from safetensors.torch import save_file
 
+    params, optimizer = full_params(h, d), full_optimizer_state(opt)
+    if d is not None and not d.main:
+        return
     ck, tmp, old = work / "checkpoint", work / "checkpoint.tmp", work / "checkpoint.old"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: p.detach().contiguous().cpu() for k, p in heal_params(h).items()}, tmp / "params.safetensors")
+    save_file(params, tmp / "params.safetensors")
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng |= {f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
     save_file(rng, tmp / "rng.safetensors")
-    torch.save({"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None},
+    torch.save({"optimizer": optimizer, "scaler": scaler.state_dict() if scaler is not None else None},
                tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
     with open(tmp / "state.json", "rb") as f:
@@ -71,11 +101,10 @@ def load_checkpoint(ck: Path, h: Hybrid) -> dict:
     if set(params) != set(mine):
         missing, extra = sorted(set(mine) - set(params)), sorted(set(params) - set(mine))
         raise CheckpointError(f"{ck} does not match this model and plan: missing {missing[:5]}, unexpected {extra[:5]}")
-    with torch.no_grad():
-        for k, p in mine.items():
-            if params[k].shape != p.shape:
-                raise CheckpointError(f"{ck}: {k} has shape {tuple(params[k].shape)}, expected {tuple(p.shape)}")
-            p.copy_(params[k])
+    for k, p in mine.items():
+        if params[k].shape != p.shape:
+            raise CheckpointError(f"{ck}: {k} has shape {tuple(params[k].shape)}, expected {tuple(p.shape)}")
+        load_full(p, params[k])
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
@@ -85,15 +114,18 @@ def load_checkpoint(ck: Path, h: Hybrid) -> dict:
     return state
 
 
-def save_snapshot(work: Path, h: Hybrid, tokens: int) -> Path:
-    """The trainable parameters after `tokens` tokens, to work/snapshots/<tokens>.safetensors (atomically)."""
+def save_snapshot(work: Path, h: Hybrid, tokens: int, d: Dist | None = None) -> Path:
+    """The trainable parameters after `tokens` tokens, to work/snapshots/<tokens>.safetensors (atomically; every
+    rank calls it, rank 0 writes)."""
     from safetensors.torch import save_file
 
     path = work / "snapshots" / f"{tokens}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: p.detach().contiguous().cpu() for k, p in heal_params(h).items()}, tmp)
-    os.replace(tmp, path)
+    params = full_params(h, d)
+    if d is None or d.main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(params, tmp)
+        os.replace(tmp, path)
     return path
 
 
@@ -113,6 +145,5 @@ def load_snapshot(path: str | os.PathLike, h: Hybrid) -> None:
     mine = heal_params(h)
     if set(params) != set(mine) or any(params[k].shape != p.shape for k, p in mine.items()):
         raise CheckpointError(f"{path} was saved for another model, plan or LoRA settings")
-    with torch.no_grad():
-        for k, p in mine.items():
-            p.copy_(params[k])
+    for k, p in mine.items():
+        load_full(p, params[k])

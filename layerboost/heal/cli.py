@@ -61,6 +61,11 @@ def add_heal_arguments(p: argparse.ArgumentParser) -> None:
     from ..cli import add_device_dtype
 
     add_device_dtype(g, dtype=False)
+    g.add_argument("--weights-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="frozen weights of student and teacher; bfloat16 halves their memory (needs --precision bf16)")
+    g.add_argument("--parallel", choices=["replicate", "shard"], default="replicate",
+                   help="under torchrun: replicate (every rank holds the model; data parallel) or shard (FSDP2 shards "
+                        "the decoder layers of student and teacher over the ranks)")
     g.add_argument("--no-attn-lora", action="store_true", help="stage 1 trains only feature maps and gates")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--no-teacher-cache-blocks", action="store_true",
@@ -94,7 +99,7 @@ def run_heal_cli(args: argparse.Namespace) -> int:
     """Run `layerboost heal` from parsed arguments; prints the output folder."""
     names = ["attn_fraction", "seq_len", "batch_size", "grad_accum", "seed", "attn_lr", "lr", "lora_rank", "lora_alpha",
              "lora_dropout", "lora_targets", "lora_layers", "neighbours", "temperature", "ce_weight", "kl_chunk",
-             "checkpoint_every", "precision", "device", "local", "block_fraction", "block_lr", "kd_topk", "teacher_cache"]
+             "checkpoint_every", "precision", "device", "parallel", "weights_dtype", "local", "block_fraction", "block_lr", "kd_topk", "teacher_cache"]
     opts = {n: getattr(args, n) for n in names}
     if args.tokens is None:
         args.tokens = "10M"
@@ -105,7 +110,7 @@ def run_heal_cli(args: argparse.Namespace) -> int:
                      teacher_cache_blocks=not args.no_teacher_cache_blocks, **opts)
     _check_before_loading(args, cfg)
     out = heal(args.model, args.plan, data=args.data, out=args.out, resume=args.resume, config=cfg)
-    if setup_dist(cfg.device).main:
+    if setup_dist(cfg.device, cfg.parallel).main:
         print(out)
     return 0
 

@@ -47,6 +47,11 @@ class HealConfig:
         teacher_cache_blocks: the block stage caches its boundaries too (4 D bytes per token per boundary).
         checkpoint_every: optimiser steps between checkpoints (0: only at stage ends).
         precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16 (autocast + grad scaling).
+        weights_dtype: dtype the model's frozen weights (student and teacher) are loaded in: float32, or bfloat16
+            (half the memory; needs precision bf16; the adapters, their optimiser state and the losses stay fp32,
+            and the adapters merge into bf16 weights at the end).
+        parallel: under torchrun, `replicate` (every rank holds the model, FSDP2 with one shard: data parallel)
+            or `shard` (FSDP2 shards the decoder layers, student and teacher, over the ranks); see dist.py.
         data_dir: the evaluation data directory whose splits are refused as training data.
     """
 
@@ -85,6 +90,8 @@ class HealConfig:
     checkpoint_every: int = 100
     precision: str = "auto"
     device: str = "auto"
+    parallel: str = "replicate"
+    weights_dtype: str = "float32"
     shuffle_rows: int = 256
     segment_chars: int = 8192
     progress: bool = True
@@ -119,6 +126,12 @@ class HealConfig:
             problems.append("ce_weight, weight_decay and max_grad_norm must be >= 0")
         if self.local not in LOCAL_STAGES:
             problems.append(f"local must be one of {', '.join(LOCAL_STAGES)}, got {self.local!r}")
+        if self.weights_dtype not in ("float32", "bfloat16"):
+            problems.append(f"weights_dtype must be float32 or bfloat16, got {self.weights_dtype!r}")
+        elif self.weights_dtype == "bfloat16" and self.precision not in ("bf16", "auto"):
+            problems.append(f"weights_dtype bfloat16 computes in bf16: set precision bf16 (got {self.precision!r})")
+        if self.parallel not in ("replicate", "shard"):
+            problems.append(f"parallel must be replicate or shard, got {self.parallel!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if not self.lora_targets:
@@ -146,7 +159,8 @@ class HealConfig:
         d["lora_targets"] = list(self.lora_targets)
         if d["local"] == "attn":  # block_fraction and block_lr change nothing then
             del d["block_fraction"], d["block_lr"]
-        for k, v in {"local": "attn", "kd_topk": 0, "teacher_cache": None, "teacher_cache_blocks": True}.items():
+        for k, v in {"local": "attn", "kd_topk": 0, "teacher_cache": None, "teacher_cache_blocks": True,
+                     "parallel": "replicate", "weights_dtype": "float32"}.items():
             if d[k] == v:
                 del d[k]
         return d
@@ -156,6 +170,7 @@ class HealConfig:
         d = self.to_dict()
         for k in ("progress", "checkpoint_every", "device", "data_dir"):
             d.pop(k)
+        d.pop("parallel", None)  # how the ranks hold the model, not what is computed: any mode resumes any other
         for k in ("teacher_cache", "teacher_cache_blocks"):  # where targets come from, not what they are
             d.pop(k, None)
         return {"config": d, "data": str(data), "plan": plan.to_dict(), "model": model}

@@ -52,7 +52,8 @@ def attn_step(h: Hybrid, ids: torch.Tensor, n_global: int, precision: str, scale
 
 
 def block_step(h: Hybrid, batches: list[tuple[torch.Tensor, list[int]]], precision: str, dist: Dist,
-               scale: float = 1.0, cache: TeacherCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               scale: float = 1.0, cache: TeacherCache | None = None,
+               n_real: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The block stage on one optimiser step's local micro-batches [(ids (B, T), stream rows)]: backward of
     mean_i sum ||block_i(x_i) - y_i||^2 / den_i, den_i = sum ||y_i - x_i||^2 over the step's global batch.
 
@@ -62,37 +63,43 @@ def block_step(h: Hybrid, batches: list[tuple[torch.Tensor, list[int]]], precisi
 
     Returns:
         (err (M,), den (M,)), fp32, detached, M = modified layers: this process's summed squared errors and
-        the global normalisers; err / den is the relative error of each layer.
+        the global normalisers; err / den is the relative error of each layer. Micro-batches from `n_real` on
+        only pair up the processes' collectives: they count nowhere and backpropagate with weight 0.
     """
+    n_real = len(batches) if n_real is None else n_real
     mods = h.modified
     need = sorted({j for i in mods for j in (i, i + 1)})  # layer boundaries: inputs and outputs
     dev = h.lm_head.weight.device
     den = torch.zeros(len(mods), device=dev)
     work = []
-    for ids, rows in batches:
+    for b, (ids, rows) in enumerate(batches):
+        real = b < n_real
         with torch.no_grad(), _autocast(ids.device, precision):
             x, ctx = h.embed(ids)
-            got = [cache.load(boundary_name(j), rows, ids.shape[1], dev) for j in need] if cache is not None else None
+            got = ([cache.load(boundary_name(j), rows, ids.shape[1], dev) for j in need]
+                   if cache is not None and real else None)
             if got is not None and all(g is not None for g in got):
                 tg = {j: g["h"] for j, g in zip(need, got)}
             else:
                 tg = h.teacher_boundaries(h.run(x, 0, h.prefix, ctx), ctx, need)
-                if cache is not None:
+                if cache is not None and real:
                     for j in need:
                         cache.save(boundary_name(j), rows, {"h": tg[j]})
-            den += torch.stack([(tg[i + 1].float() - tg[i].float()).pow(2).sum() for i in mods])
-        work.append((ctx, tg))
+            if real:
+                den += torch.stack([(tg[i + 1].float() - tg[i].float()).pow(2).sum() for i in mods])
+        work.append((ctx, tg, real))
     all_reduce(den, dist)
     err = torch.zeros(len(mods), device=dev)
-    for ctx, tg in work:
+    for ctx, tg, real in work:
         for k, i in enumerate(mods):
             with _autocast(dev, precision):
                 out = h.layers[i](tg[i], **h.runner.layer_ctx(i, ctx))
             y = out[0] if isinstance(out, tuple) else out  # (B, T, D)
             e = (y.float() - tg[i + 1].float()).pow(2).sum()
             if e.requires_grad:
-                (e * (scale / (len(mods) * den[k]))).backward()
-            err[k] += e.detach()
+                (e * ((scale if real else 0.0) / (len(mods) * den[k]))).backward()
+            if real:
+                err[k] += e.detach()
     return err, den
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -21,9 +22,9 @@ from ..plan import LayerPlan
 from ..surgery import CheckpointError, save
 from ..teacher_cache import TeacherCache, model_fingerprint
 from ..util import write_json
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint, save_snapshot
+from .checkpoint import find_checkpoint, full_params, load_checkpoint, load_optimizer, save_checkpoint, save_snapshot
 from .config import HealConfig, HealConfigError, STAGES, STATE_SCHEMA
-from .dist import Dist, all_reduce, barrier, setup_dist
+from .dist import Dist, all_reduce, barrier, distribute, reshard, setup_dist
 from .losses import attn_step, block_step, kd_step, probe
 from .student import Hybrid, build_hybrid, heal_params, stage_params
 
@@ -77,7 +78,7 @@ class _Run:
                 rec["probe_s"] = round(time.perf_counter() - t0, 3)
                 rec["train_s"] = round(self.train_s, 3)
                 if self.snapshots:
-                    rec["snapshot"] = save_snapshot(self.work, self.h, rec["tokens"]).name
+                    rec["snapshot"] = save_snapshot(self.work, self.h, rec["tokens"], self.dist).name
                 self.log(rec)
 
     def log(self, record: dict) -> None:
@@ -89,6 +90,7 @@ class _Run:
 
 def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> None:
     cfg, h, d = run.cfg, run.h, run.dist
+    reshard(d)
     params = stage_params(h, stage, cfg)
     for p in heal_params(h).values():
         p.requires_grad_(False)
@@ -104,7 +106,7 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
     total = math.ceil(n_tokens / step_tokens)
     step, done = 0, 0
     if resume is not None:
-        opt.load_state_dict(resume["_opt"]["optimizer"])
+        load_optimizer(opt, resume["_opt"]["optimizer"])
         if scaler is not None and resume["_opt"]["scaler"] is not None:
             scaler.load_state_dict(resume["_opt"]["scaler"])
         step, done = resume["step"], resume["tokens"]
@@ -138,22 +140,27 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
         mine = rows[d.rank::d.world]
         ids = list(range(first_row, first_row + len(rows)))[d.rank::d.world]  # stream rows: the cache's keys
         batches = [(torch.stack(mine[i:j]).to(d.device), ids[i:j]) for i, j in _micro_batch_spans(mine, cfg.batch_size)]
+        n_real = len(batches)
+        if d.world > 1:  # every rank runs as many micro-batches as the busiest (FSDP2's collectives pair up);
+            # the extra ones repeat the step's first row with weight 0
+            most = max(len(list(_micro_batch_spans(rows[r::d.world], cfg.batch_size))) for r in range(d.world))
+            batches += [(rows[0][None].to(d.device), None)] * (most - n_real)
         if stage == "block":
-            err, den = block_step(h, batches, run.precision, d, scale, run.cache if cfg.teacher_cache_blocks else None)
+            err, den = block_step(h, batches, run.precision, d, scale, run.cache if cfg.teacher_cache_blocks else None,
+                                  n_real=n_real)
             stats += err.cpu()
-        for mb, mb_rows in batches:
+        for k, (mb, mb_rows) in enumerate(batches):
+            w = scale if k < n_real else 0.0
             if stage == "attn":
-                stats += attn_step(h, mb, n_global, run.precision, scale).cpu()
+                got = attn_step(h, mb, n_global, run.precision, w).cpu()
             elif stage == "kd":
-                stats += kd_step(h, mb, n_global, max(1, n_ce), cfg, run.precision, scale, mb_rows, run.cache).cpu()
-        if d.world > 1:
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-            all_reduce(flat, d)
-            o = 0
-            for p in params:
-                p.grad = flat[o:o + p.numel()].view_as(p).clone()
-                o += p.numel()
-            all_reduce(stats, d)
+                got = kd_step(h, mb, n_global, max(1, n_ce), cfg, run.precision, w, mb_rows,
+                              run.cache if k < n_real else None).cpu()
+            else:
+                continue
+            if k < n_real:
+                stats += got
+        all_reduce(stats, d)  # the gradients were summed by FSDP2 in the backward passes (dist.py)
         if scaler is not None:
             scaler.unscale_(opt)
         if cfg.max_grad_norm > 0:
@@ -193,8 +200,7 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
             state = {"schema_version": STATE_SCHEMA, "stage": nxt, "step": 0 if last else step,
                      "tokens": 0 if last else done, "position": run.stream.position, "log_lines": run.log_lines,
                      "train_s": run.train_s}
-            if d.main:
-                save_checkpoint(run.work, h, opt, scaler, state)
+            save_checkpoint(run.work, h, opt, scaler, state, d)
             barrier(d)
     if bar is not None:
         bar.close()
@@ -227,6 +233,14 @@ def _check_cache_space(cache: TeacherCache, h: Hybrid, cfg: HealConfig, budgets:
             f"the teacher cache may need {need / 1e9:.1f} GB and {cache.dir} has {free / 1e9:.1f} GB free: set "
             "teacher_cache_blocks=False (block targets are 4 D bytes per token per layer boundary), a smaller "
             "budget, or another teacher_cache folder")
+
+
+def _fp32_masters(h: Hybrid) -> None:
+    """Trainable parameters in fp32 whatever the frozen weights' dtype (peft keeps LoRA in fp32 already; a kind's
+    own parameters are made in the model's dtype)."""
+    for p in heal_params(h).values():
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def _resolve_precision(p: str, device: torch.device) -> str:
@@ -276,16 +290,21 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
     if cfg.tokens < cfg.seq_len:  # not one training row: the "healed" model would be the converted one
         raise HealConfigError(f"tokens {cfg.tokens} is less than one training row (seq_len {cfg.seq_len} tokens): "
                               "give a larger budget, e.g. 200k")
-    d = setup_dist(cfg.device)
+    d = setup_dist(cfg.device, cfg.parallel)
     out = Path(out)
     work = out / "heal_state"
     model_name = model_or_name if isinstance(model_or_name, (str, os.PathLike)) else type(model_or_name).__name__
+    # sharded: the whole model is read into CPU memory, and only the shards go to the device (distribute)
+    load_to = torch.device("cpu") if d.world > 1 and d.mode == "shard" else d.device
+    weights = getattr(torch, cfg.weights_dtype)
     if isinstance(model_or_name, (str, os.PathLike)):
-        model, tokenizer = load_model(str(model_or_name), device=d.device)
+        model, tokenizer = load_model(str(model_or_name), dtype=weights, device=load_to)
     else:
-        model = model_or_name.to(d.device)
+        model = model_or_name.to(load_to, weights)
         if tokenizer is None:
             raise HealConfigError("pass tokenizer= when heal gets a model object")
+    # several processes: rank 0 merges the adapters into an unsharded copy of the original at the end
+    original = copy.deepcopy(model).cpu() if d.world > 1 and d.main and not isinstance(model_or_name, (str, os.PathLike)) else None
     if not isinstance(plan, LayerPlan):
         plan = LayerPlan.load(plan)
     key = cfg.resume_key(str(data), plan, str(model_name))
@@ -307,6 +326,9 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
     docs()  # raises now for missing data or evaluation splits, before the model is touched
     stream = PackedRows(docs, tokenizer, cfg.seq_len, cfg.seed, cfg.shuffle_rows)
     precision = _resolve_precision(cfg.precision, d.device)
+    if cfg.weights_dtype == "bfloat16" and precision != "bf16":
+        raise HealConfigError(f"weights_dtype bfloat16 computes in bf16, but precision resolves to {precision} here: "
+                              "set precision bf16")
     vocab = model.get_output_embeddings().weight.shape[0]
     if cfg.kd_topk > vocab:
         raise HealConfigError(f"kd_topk {cfg.kd_topk} is larger than the vocabulary ({vocab})")
@@ -320,6 +342,9 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
             "shuffle_rows": cfg.shuffle_rows, "segment_chars": cfg.segment_chars, "precision": precision,
             "device": d.device.type, "attn_implementation": model.config._attn_implementation})
     h = build_hybrid(model, plan, cfg)
+    _fp32_masters(h)
+    distribute(h, d)  # FSDP2 units when several processes run (a no-op for one)
+    h.peft_model.to(d.device)
     for attn, norm in h.originals.values():
         attn.to(d.device)
         norm.to(d.device)
@@ -337,7 +362,7 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
         log.write_text("".join(lines))
     barrier(d)
     run = _Run(h, cfg, d, stream, work, precision, log_lines=state["log_lines"] if state else 0,
-               probe_rows=probe_rows if d.main else None, probe_at=sorted({round(f * cfg.tokens) for f in probe_at}),
+               probe_rows=probe_rows, probe_at=sorted({round(f * cfg.tokens) for f in probe_at}),
                cache=cache, train_s=state.get("train_s", 0.0) if state else 0.0, snapshots=snapshots)
     t0 = time.perf_counter()
     budgets = dict(cfg.stage_tokens)  # {local stage, "kd"}, in order
@@ -357,7 +382,18 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
             stage = STAGES[STAGES.index(s) + 1]
         offset += n
     seconds = time.perf_counter() - t0
-    if d.main:
+    if d.world > 1:  # the shards gathered, merged by rank 0 into an unsharded copy of the original
+        params = full_params(h, d)
+        if d.main:
+            if original is None:
+                original, _ = load_model(str(model_or_name), dtype=weights, device="cpu")
+            h0 = build_hybrid(original, plan, cfg)
+            _fp32_masters(h0)
+            for k, p in heal_params(h0).items():
+                with torch.no_grad():
+                    p.copy_(params[k])
+            merge_and_save(h0, out, tokenizer)
+    elif d.main:
         merge_and_save(h, out, tokenizer)
         summary = {"schema_version": STATE_SCHEMA, "model": str(model_name), "data": str(data), "plan": plan.to_dict(),
                    "config": cfg.to_dict(), "stage_tokens": budgets, "processes": d.world,

@@ -1,0 +1,40 @@
+"""scripts/heal_curve.py's law fit against exact power laws (an independent closed form)."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("heal_curve", Path(__file__).parents[1] / "scripts" / "heal_curve.py")
+C = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(C)
+
+
+def test_fit_recovers_an_exact_power_law_and_its_crossing():
+    tokens = [5e4, 1e5, 2e5, 5e5, 1e6, 2e6]
+    gaps = [2.0 * t ** -0.5 for t in tokens]
+    f = C.fit_gap(tokens, gaps)
+    assert f["a"] == pytest.approx(math.log(2.0), abs=1e-9) and f["b"] == pytest.approx(0.5, abs=1e-12)
+    t = C.tokens_to(f, 1e-3)  # 2 T^-0.5 = 1e-3  <=>  T = (2 / 1e-3)^2 = 4e6
+    assert t["tokens"] == pytest.approx(4e6, rel=1e-9)
+    lo, hi = t["ci95"]
+    assert lo == pytest.approx(4e6, rel=1e-3) and hi == pytest.approx(4e6, rel=1e-3)  # no scatter, no width
+
+
+def test_noisy_law_gives_an_interval_that_covers_the_truth():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    tokens = np.geomspace(5e4, 2e6, 8)
+    gaps = 1.5 * tokens ** -0.3 * np.exp(rng.normal(0, 0.05, len(tokens)))
+    f = C.fit_gap(list(tokens), list(gaps))
+    truth = (1.5 / 0.02) ** (1 / 0.3)
+    t = C.tokens_to(f, 0.02)
+    assert t["ci95"][0] < truth < t["ci95"][1] and t["ci95"][1] / t["ci95"][0] > 1.05
+    assert f["b"] == pytest.approx(0.3, abs=3 * f["se_b"])
+
+
+def test_a_gap_that_does_not_fall_has_no_crossing():
+    f = C.fit_gap([1e5, 2e5, 4e5], [0.1, 0.12, 0.15])
+    assert f["b"] < 0 and C.tokens_to(f, 0.05)["tokens"] is None

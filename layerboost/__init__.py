@@ -1,7 +1,9 @@
 """layerboost: make a pretrained LLM cheaper to serve by reducing attention layer by layer
 (LayerBoost, arXiv 2604.22050)."""
 
-__version__ = "0.1.0"
+from .util import version as _version  # noqa: E402
+
+__version__ = _version()
 
 from .cache import HybridCache, expected_cache_bytes  # noqa: E402
 from .export import ExportError, export  # noqa: E402

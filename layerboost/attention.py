@@ -27,7 +27,7 @@ from .kinds import kind
 from .plan import LayerSpec
 
 
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     """(B, nkv, n, hs) -> (B, nkv * groups, n, hs)"""
     if groups == 1:
         return x
@@ -88,7 +88,7 @@ class SlidingWindowAttention(_ProjectedAttention):
         # Keep each query's own key so rows that are all padding never softmax over nothing (NaN).
         allowed = band if pad is None else band & (pad | (kj == qi))
         y = F.scaled_dot_product_attention(
-            q, _repeat_kv(k, self.num_key_value_groups), _repeat_kv(v, self.num_key_value_groups),
+            q, repeat_kv(k, self.num_key_value_groups), repeat_kv(v, self.num_key_value_groups),
             attn_mask=allowed, scale=self.scaling,
         )  # (B, nh, T, hs)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1)), None
@@ -155,7 +155,7 @@ class LinearSlidingWindowAttention(_ProjectedAttention):
         else:
             state = normalizer = None
         n, groups = k.shape[-2], self.num_key_value_groups
-        k, v = _repeat_kv(k, groups), _repeat_kv(v, groups)  # (B, nh, n, hs)
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)  # (B, nh, n, hs)
         pad = allowed_mask(attention_mask, n)  # (B, 1, T, n) or None
         fq, fk = self.feature_map_q(q), self.feature_map_k(k)  # (B, nh, T, F), (B, nh, n, F)
         fw, fl = (f[None, :, None, None] for f in self.mix_factors())

@@ -181,12 +181,6 @@ class HybridCache(Cache):
         """Bytes held by all layers (keys, values and linear states)."""
         return sum(layer.nbytes() for layer in self.layers)
 
-    def nbytes_by_kind(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for spec, layer in zip(self.plan.layers, self.layers):
-            out[spec.kind] = out.get(spec.kind, 0) + layer.nbytes()
-        return out
-
 
 def expected_cache_bytes(plan: LayerPlan, config, batch: int, seq_len: int, dtype=torch.float32) -> int:
     """Bytes a `HybridCache` holds after `seq_len` tokens (the formula the tests check).

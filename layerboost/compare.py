@@ -359,11 +359,11 @@ class Comparison:
 
     def heldout(self):
         from .corpus import heldout_rows
-        from .run import _heal_data
+        from .run import heal_data
 
         if not hasattr(self, "_heldout"):
             e = self.cfg.eval
-            self._heldout = heldout_rows(self.tok, _heal_data(self.cfg.heal.data, self.cfg.data_dir), e.heldout_tokens,
+            self._heldout = heldout_rows(self.tok, heal_data(self.cfg.heal.data, self.cfg.data_dir), e.heldout_tokens,
                                          e.heldout_seq_len)
         return self._heldout
 
@@ -372,7 +372,7 @@ class Comparison:
         """The row's model: the base, a converted copy, or the healed hybrid (healing resumes)."""
         from . import convert, load
         from .heal import heal
-        from .run import _heal_data
+        from .run import heal_data
 
         if plan is None:
             return self.base, None
@@ -393,7 +393,7 @@ class Comparison:
             opts.setdefault("data_dir", c.data_dir)
             if split_seed(name)[1] is not None:
                 opts["seed"] = split_seed(name)[1]
-            heal(copy.deepcopy(self.base), plan, data=_heal_data(c.heal.data, c.data_dir), out=out,
+            heal(copy.deepcopy(self.base), plan, data=heal_data(c.heal.data, c.data_dir), out=out,
                  tokens=c.heal.tokens, attn_distill=heal_mode == "both", tokenizer=self.tok, resume=True,
                  probe_rows=probe, probe_at=tuple(c.heal.probe_at), **opts)
         summary = json.loads((out / "heal.json").read_text())
@@ -675,9 +675,9 @@ def write_comparison(out: Path, results: dict, cfg: CompareConfig, sens: dict) -
 
 def plot_comparison(out: Path, results: dict) -> list[Path]:
     """Accuracy vs decode speed (paper Fig. 2 style) and the healing curves (held-out KL and ppl vs tokens)."""
-    from .report import _plt
+    from .report import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     paths = []
     pts = [(n, r) for n, r in results.items() if "eval" in r and r.get("bench")]
     if pts:

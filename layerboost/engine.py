@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import LinearSlidingWindowAttention, _repeat_kv
+from .attention import LinearSlidingWindowAttention, repeat_kv
 from .cache import FullLayer, HybridCache, LinearWindowLayer, WindowLayer, expected_cache_bytes
 from .compat import apply_rope
 from .kinds import kind
@@ -309,8 +309,8 @@ class Engine:
         Done every step, times 0 while t < W (the slot then holds nothing, or a key still in the window).
         """
         leaving = (pos >= attn.window).float()  # (1,)
-        k_old = _repeat_kv(cache.k.index_select(2, slot), self.groups)  # (B, nh, 1, hs)
-        v_old = _repeat_kv(cache.v.index_select(2, slot), self.groups).float()
+        k_old = repeat_kv(cache.k.index_select(2, slot), self.groups)  # (B, nh, 1, hs)
+        v_old = repeat_kv(cache.v.index_select(2, slot), self.groups).float()
         fk = attn.feature_map_k(k_old) * leaving  # (B, nh, 1, F)
         cache.state.add_(torch.matmul(fk.transpose(-1, -2), v_old))
         cache.normalizer.add_(fk[:, :, 0])

@@ -16,7 +16,7 @@ def _span(counts: dict) -> str:
     return str(lo) if lo == hi else f"{lo}-{hi}"
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,7 +42,7 @@ def plot_sensitivity(result: dict, plan, path: str | Path, score: str = "drop", 
     removed) and removed layers are labelled r1, r2, ... in removal order."""
     from .sensitivity import plan_scores, ranking_used
 
-    plt = _plt()
+    plt = pyplot()
     rows = [r for r in result["layers"] if r["variant"] == "none"]
     x = [r["layer"] for r in rows]
     iterative = ranking_used(result, score, ranking) == "iterative"

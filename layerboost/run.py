@@ -47,7 +47,7 @@ PlanConfig = PlanPolicy  # the run config's `plan:` section
 
 
 @dataclass
-class HealConfig:
+class RunHeal:
     enabled: bool = True
     data: str = "corpus"  # relative to the data dir, a path, or a hub dataset
     tokens: str | int = "200k"
@@ -83,7 +83,7 @@ class RunConfig:
     threads: int | None = None
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
-    heal: HealConfig = field(default_factory=HealConfig)
+    heal: RunHeal = field(default_factory=RunHeal)
     eval: EvalConfig = field(default_factory=EvalConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
@@ -362,7 +362,7 @@ def check_before_work(cfg: RunConfig) -> None:
         if problems:
             raise ConfigError("analyze.iterative / plan.ranking: " + "; ".join(problems))
     if cfg.heal.enabled or cfg.eval.heldout_tokens:
-        documents(_heal_data(cfg.heal.data, cfg.data_dir), seed=0, data_dir=cfg.data_dir)
+        documents(heal_data(cfg.heal.data, cfg.data_dir), seed=0, data_dir=cfg.data_dir)
 
 
 # ---- the pipeline -----------------------------------------------------------------------------------
@@ -444,7 +444,7 @@ def run(cfg: RunConfig, log=print) -> Path:
         if work.exists() and (not mark.is_file() or mark.read_text() != r.hashes["heal"]):
             shutil.rmtree(work)  # made with other settings: its checkpoints cannot be resumed
         mark.write_text(r.hashes["heal"])
-        out = heal(cfg.model, plan, data=_heal_data(h.data, cfg.data_dir), tokens=h.tokens, out=work,
+        out = heal(cfg.model, plan, data=heal_data(h.data, cfg.data_dir), tokens=h.tokens, out=work,
                    attn_distill=h.attn_distill, data_dir=cfg.data_dir, resume=True, **h.options)
         return {"model": str(out)}
 
@@ -472,7 +472,7 @@ def run(cfg: RunConfig, log=print) -> Path:
                     for t in cfg.tasks]
         if e.wikitext_docs != 0:
             prepared.append(prepare_task(tok, "wikitext", data_dir=cfg.data_dir, limit=e.wikitext_docs, seed=e.seed))
-        rows = heldout_rows(tok, _heal_data(cfg.heal.data, cfg.data_dir), e.heldout_tokens, 512) if e.heldout_tokens else None
+        rows = heldout_rows(tok, heal_data(cfg.heal.data, cfg.data_dir), e.heldout_tokens, 512) if e.heldout_tokens else None
         for name, path in todo.items():
             model = base()[0] if path is None else load_model(str(path), dtype=dtype, device=device)[0]
             res = evaluate(model, tok, [], prepared=prepared, batch_size=e.batch_size, per_item=True,
@@ -517,7 +517,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     return r.dir / "report.md"
 
 
-def _heal_data(data: str, data_dir) -> str:
+def heal_data(data: str, data_dir) -> str:
     """`corpus` (or any relative name) resolves inside the data dir when it exists there."""
     from .data import resolve_data_dir
 

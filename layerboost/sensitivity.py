@@ -87,7 +87,7 @@ def check_analysis_dir(out, settings: dict) -> None:
 
 
 @dataclass
-class MCItem:
+class PackedItem:
     """One multiple-choice request in token ids, as `evaluate.prepare_tasks` builds it."""
 
     task: str
@@ -98,14 +98,14 @@ class MCItem:
     source: object  # the evaluator's MCItem (choices, for acc_norm's length normalisation)
 
 
-def items_from_tasks(prepared) -> list[MCItem]:
+def items_from_tasks(prepared) -> list[PackedItem]:
     """Flatten `evaluate.PreparedTask`s (multiple-choice ones) into token-level items."""
     out = []
     for pt in prepared:
         if pt.items is None:
             raise ValueError(f"task {pt.task.name!r} is not multiple choice: sensitivity needs scored choices")
         for req in pt.requests:
-            out.append(MCItem(pt.task.name, [list(c) for c in req.context_tokens],
+            out.append(PackedItem(pt.task.name, [list(c) for c in req.context_tokens],
                               [list(c) for c in req.continuation_tokens], req.item.gold, pt.task.column, req.item))
     return out
 
@@ -124,7 +124,7 @@ class _Seqs:
     n_tokens: int
 
 
-def _pack(items: list[MCItem], batch_tokens: int, share_context: bool = True) -> _Seqs:
+def _pack(items: list[PackedItem], batch_tokens: int, share_context: bool = True) -> _Seqs:
     """Rows to score, batched by length (longest first) within `batch_tokens` padded tokens.
 
     share_context=True: one row per item. The tokens all its choices' inputs start with come once,
@@ -355,7 +355,7 @@ def iterative_scores(history: list[dict], n_layers: int) -> list[float]:
     return out
 
 
-def item_scores(items: list[MCItem], lls: list[float]) -> dict[str, list[float]]:
+def item_scores(items: list[PackedItem], lls: list[float]) -> dict[str, list[float]]:
     """Per item: correct (0/1) under the task's column, and the gold margin (gold score - best other),
     with the evaluator's own prediction rule."""
     from .evaluate import ItemScore, item_predictions
@@ -378,7 +378,7 @@ def _mean_se(x: list[float]) -> tuple[float, float]:
     return m, math.sqrt(var / n)
 
 
-def compare(items: list[MCItem], base: dict, var: dict) -> dict:
+def compare_scores(items: list[PackedItem], base: dict, var: dict) -> dict:
     """Drop of a variant against the base, per task and averaged, with paired 95% intervals."""
     tasks = sorted({it.task for it in items})
     per_task = {}
@@ -450,7 +450,7 @@ class Store:
 @torch.no_grad()
 def layer_sensitivity(
     model: nn.Module,
-    items: list[MCItem],
+    items: list[PackedItem],
     *,
     variants: tuple[LayerSpec, ...] = (LayerSpec("none"),),
     layers: list[int] | None = None,
@@ -464,7 +464,7 @@ def layer_sensitivity(
 
     Args:
         model: a supported causal LM (unconverted, or a hybrid: variants then change one more layer).
-        items: the multiple-choice items (see `MCItem`).
+        items: the multiple-choice items (see `PackedItem`).
         variants: attention kinds to try per layer (`none`, and e.g. `LayerSpec("swa", 64)`).
         layers: which layers (default: all).
         reuse_prefix: share the base hidden states entering each layer (exact; False = naive recompute).
@@ -523,7 +523,7 @@ def layer_sensitivity(
             store.put(names[(i, v)], raw[(i, v)])
             bar.update(1)
             if base is not None:  # known up front when resuming or recomputing naively
-                bar.set_postfix(layer=i, drop=f"{compare(items, base, item_scores(items, lls))['drop']:+.3f}")
+                bar.set_postfix(layer=i, drop=f"{compare_scores(items, base, item_scores(items, lls))['drop']:+.3f}")
             else:
                 bar.set_postfix(layer=i)
     bar.close()
@@ -533,7 +533,7 @@ def layer_sensitivity(
     results = {}
     for (i, v), r in raw.items():
         res = LayerResult(i, v.kind if v.kind == "none" else f"{v.kind}{v.window}", r["seconds"],
-                          **compare(items, base, item_scores(items, r["loglikelihoods"])))
+                          **compare_scores(items, base, item_scores(items, r["loglikelihoods"])))
         results[(i, v)] = asdict(res) | {"loglikelihoods": r["loglikelihoods"]}
     return {"base": base, "layers": [results[k] for k in todo], "n_tokens": seqs.n_tokens}
 
@@ -644,7 +644,7 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 @torch.no_grad()
-def iterative_removal(model: nn.Module, items: list[MCItem], steps: int, *, batch_tokens: int = 8192,
+def iterative_removal(model: nn.Module, items: list[PackedItem], steps: int, *, batch_tokens: int = 8192,
                       score: str = "margin_drop", out_dir: str | Path | None = None, progress: bool = True) -> list[dict]:
     """Remove the least sensitive layer's attention, re-measure the remaining layers on the modified
     model, and repeat `steps` times. Each step is saved (and resumed) under out_dir/iterative/step_k.
@@ -723,7 +723,7 @@ def iterative_proxy(model: nn.Module, calib: torch.Tensor, steps: int, *, score:
     return _remove_greedily(runner, steps, measure)
 
 
-def remove_iteratively(model: nn.Module, score: str, steps: int, *, items: list[MCItem] | None = None,
+def remove_iteratively(model: nn.Module, score: str, steps: int, *, items: list[PackedItem] | None = None,
                        calib: torch.Tensor | None = None, out_dir: str | Path | None = None, batch_tokens: int = 8192,
                        progress: bool = True) -> list[dict]:
     """Iterative removal by the signal `score` (any of PLAN_SCORES): the KL or cosine proxy on `calib`, or the

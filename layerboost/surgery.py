@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from . import __version__
+from .util import version
 from .attention import build_attention
 from .cache import install_cache_hook
 from .compat import detach_gguf_quantizer
@@ -148,7 +148,7 @@ def convert(model: nn.Module, plan: LayerPlan) -> list[Replacement]:
         setattr(model.config, NATIVE_WINDOW_KEY, getattr(model.config, NATIVE_WINDOW_KEY, None) or model.config.sliding_window)
         model.config.sliding_window = max(model.config.max_position_embeddings, model.config.sliding_window)
     model.config.layerboost_plan = plan.to_dict()
-    model.config.layerboost_version = __version__
+    model.config.layerboost_version = version()
     model.layerboost_plan = plan
     model.layerboost_replacements = record
     model._layerboost_hook = install_cache_hook(decoder, plan)

@@ -50,6 +50,17 @@ def resolve_device(value: str) -> str:
     return value
 
 
+def version() -> str:
+    """layerboost's version, as installed (pyproject.toml is its one home)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("layerboost")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "0+unknown"
+
+
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set: nothing may be fetched from the hub."""
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
@@ -123,10 +134,8 @@ def environment(device: str | torch.device = "cpu", dtype: torch.dtype | None = 
     import psutil
     import transformers
 
-    from . import __version__
-
     device = torch.device(device)
-    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "layerboost": __version__,
+    env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "layerboost": version(),
            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
            "threads": torch.get_num_threads(), "device": str(device),

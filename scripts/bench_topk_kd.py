@@ -31,7 +31,8 @@ def main() -> int:
     import layerboost as lb
     from layerboost.corpus import heldout_rows
     from layerboost.data import default_data_dir
-    from layerboost.heal import HealConfig, _kd_chunks, _teacher_topk, build_hybrid
+    from layerboost.heal import HealConfig, build_hybrid
+    from layerboost.heal.losses import _kd_chunks, _teacher_topk
 
     base, tok = lb.load_model(args.model)
     n = base.config.num_hidden_layers

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from layerboost import LayerPlan, PlanError
-from layerboost.bench import RANDOM_CONFIGS, hybrid_of, hybrid_plan, interleave, main, parse_kinds, random_model
+from layerboost.bench import RANDOM_CONFIGS, hybrid_of, hybrid_plan, interleave, parse_kinds, random_model
+from layerboost.cli.bench import main
 from layerboost.bench.measure import _interp
 from layerboost.engine import Engine
 

@@ -303,7 +303,7 @@ def test_memory_budget_must_be_positive(capsys):
 
 
 def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path, monkeypatch):
-    from layerboost import cli
+    from layerboost.cli import plan as plan_command
     from layerboost.sensitivity import AnalysisError
 
     argv = ["plan", "--sensitivity", str(tmp_path / "nope.json"), "--softmax", "1", "--swa", "1"]
@@ -313,7 +313,7 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(tmp_path, monkeypatch):
     def buggy(args):
         return {}["bug"]
 
-    monkeypatch.setattr(cli, "cmd_plan", buggy)
+    monkeypatch.setattr(plan_command, "run", buggy)
     with pytest.raises(KeyError):  # not a user's mistake: not turned into an `error:` line
         main(argv)
 
@@ -367,11 +367,11 @@ def test_eval_mmlu_per_subject(files, tmp_path, capsys):
 
 
 def test_compare_rows_option(tmp_path, capsys):
-    from layerboost.cli import _config_with_overrides
+    from layerboost.cli.options import config_with_overrides
     from layerboost.compare import CompareConfig
 
     args = build_parser().parse_args(["compare", "--rows", "base, layerboost", "--out", str(tmp_path / "c")])
-    cfg = _config_with_overrides(CompareConfig, args)
+    cfg = config_with_overrides(CompareConfig, args)
     assert cfg.rows == ["base", "layerboost"] and cfg.softmax == CompareConfig.load("compare").softmax
     fails(capsys, ["compare", "--rows", "base,magic", "--out", tmp_path / "d"], "unknown row 'magic'")
     assert not (tmp_path / "d").exists()

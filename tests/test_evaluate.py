@@ -153,8 +153,8 @@ def test_prefix_scorer_on_converted_hybrid_model(tok):
     """Converted models (sliding-window, linear and no-attention layers with their hybrid cache)
     score the same with the shared-prefix cache as choice by choice; windows are shorter than
     the items so the cache path really matters."""
-    plan_mod = pytest.importorskip("layerboost.plan")
-    surgery = pytest.importorskip("layerboost.surgery")
+    from layerboost import plan as plan_mod
+    from layerboost import surgery
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)

@@ -25,7 +25,8 @@ from conftest import tiny_model  # noqa: E402
 
 import layerboost as lb  # noqa: E402
 from layerboost.corpus import PackedRows, TrainingDataError, documents, parse_tokens  # noqa: E402
-from layerboost.heal import (HealConfig, HealConfigError, add_heal_arguments, attention_mse,  # noqa: E402
+from layerboost.cli.heal import add_heal_arguments  # noqa: E402
+from layerboost.heal import (HealConfig, HealConfigError, attention_mse,  # noqa: E402
                              build_hybrid, distill_kl, heal, merge_and_save)
 
 KINDS = ["softmax", "swa", "none", "linear_swa"]
@@ -133,7 +134,30 @@ def test_cli_arguments_build_a_config():
     add_heal_arguments(p)
     a = p.parse_args(["--model", "m", "--plan", "p.json", "--data", "d", "--out", "o", "--tokens", "1.5M",
                       "--no-attn-distill", "--lora-targets", "q_proj,v_proj"])
-    assert a.tokens == "1.5M" and a.no_attn_distill and a.lora_targets == "q_proj,v_proj" and a.seq_len == 256
+    assert a.tokens == "1.5M" and a.attn_distill is False and a.lora_targets == "q_proj,v_proj" and a.seq_len == 256
+
+
+def test_every_heal_setting_is_an_option_with_its_default():
+    """The CLI's heal options are made from HealConfig's fields: each one is reachable, with HealConfig's default and
+    its help text, and a value given on the command line arrives in the config."""
+    import argparse
+    import dataclasses
+
+    p = argparse.ArgumentParser()
+    add_heal_arguments(p)
+    a = p.parse_args(["--model", "m", "--plan", "p.json", "--data", "d", "--out", "o", "--tokens", "1M"])
+    fields = dataclasses.fields(HealConfig)
+    assert len(fields) >= 38 and all(f.metadata.get("help") for f in fields)
+    built = HealConfig(**{f.name: getattr(a, f.name) for f in fields})
+    assert built == HealConfig(tokens="1M", device=built.device)  # every default, device resolved by its option
+    a = p.parse_args(["--model", "m", "--plan", "p.json", "--data", "d", "--out", "o", "--tokens", "1M", "--warmup", "0.2",
+                      "--no-train-attention-params", "--max-grad-norm", "0", "--shuffle-rows", "8", "--weights-dtype",
+                      "bfloat16", "--precision", "bf16"])
+    c = HealConfig(**{f.name: getattr(a, f.name) for f in fields})
+    assert (c.warmup, c.train_attention_params, c.max_grad_norm, c.shuffle_rows, c.weights_dtype) == (
+        0.2, False, 0.0, 8, "bfloat16")
+    helps = p.format_help()
+    assert "--segment-chars" in helps and "share of each stage's steps" in helps
 
 
 def test_refuses_evaluation_splits(tmp_path):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from layerboost import heal as H
+from layerboost.heal import losses as L
 from layerboost.attention import LinearSlidingWindowAttention, SlidingWindowAttention
 from layerboost.plan import LayerSpec
 
@@ -26,7 +27,7 @@ def test_kd_gradient_equals_autograd(tau, ce_weight, bias):
     labels = torch.randint(0, v, (n,), generator=g)
     labels[::5] = -100
     n_kl, n_ce = n + 3, int((labels >= 0).sum()) + 2  # global counts (other processes' positions) differ from n
-    kl_sum, ce_sum, grad = H._kd_chunks(hs, ht, labels, w, b, tau, ce_weight, n_kl, n_ce, 8)
+    kl_sum, ce_sum, grad = L._kd_chunks(hs, ht, labels, w, b, tau, ce_weight, n_kl, n_ce, 8)
 
     x = hs.clone().requires_grad_()
     zs, zt = F.linear(x, w, b), F.linear(ht, w, b)

@@ -36,10 +36,17 @@ def test_prefix_reuse_is_exact(model, prepared):
     v = (LayerSpec("none"), LayerSpec("swa", 4))
     a = S.layer_sensitivity(model, items, variants=v, progress=False, batch_tokens=512)
     b = S.layer_sensitivity(model, items, variants=v, progress=False, reuse_prefix=False, batch_tokens=512)
-    assert [r["loglikelihoods"] for r in a["layers"]] == [r["loglikelihoods"] for r in b["layers"]]
-    assert a["base"] == b["base"]
-    # the variants really change the model
-    assert any(r["loglikelihoods"] != a["base"]["loglikelihoods"] for r in a["layers"])
+    # the same log-likelihoods up to float sums in another order (a shared prefix is computed once): 1e-4 nats,
+    # while every variant moves some item by far more than that (the tolerance still tells right from wrong)
+    tol = 1e-4
+
+    def gap(x, y):
+        return max(abs(p - q) for p, q in zip(x, y))
+
+    for ra, rb in zip(a["layers"], b["layers"]):
+        assert gap(ra["loglikelihoods"], rb["loglikelihoods"]) <= tol
+    assert max(gap(r["loglikelihoods"], a["base"]["loglikelihoods"]) for r in a["layers"]) > 100 * tol  # variants bite
+    assert gap(a["base"]["loglikelihoods"], b["base"]["loglikelihoods"]) <= tol
 
 
 @torch.no_grad()
@@ -86,14 +93,14 @@ def test_drop_and_interval_math():
             self.task = t
 
     items = [It("a"), It("a"), It("b"), It("b")]
-    c = S.compare(items, base, var)
+    c = S.compare_scores(items, base, var)
     assert c["tasks"]["a"]["drop"] == 0.5 and c["tasks"]["b"]["drop"] == 0.5
     assert c["drop"] == 0.5 and c["drop_ci95"][0] < 0.5 < c["drop_ci95"][1]
     assert c["tasks"]["a"]["drop_rel"] == 0.5 and c["tasks"]["b"]["drop_rel"] == 1.0
     assert c["margin_drop"] == pytest.approx((1.5 + 0.5) / 2)
     # a task the base model gets all wrong has no relative drop: None (valid JSON, equal after a
     # save/load round trip), never NaN
-    zero = S.compare(items[:2], {"correct": [0, 0], "margin": [0.0, 0.0]}, {"correct": [0, 0], "margin": [0.0, 0.0]})
+    zero = S.compare_scores(items[:2], {"correct": [0, 0], "margin": [0.0, 0.0]}, {"correct": [0, 0], "margin": [0.0, 0.0]})
     assert zero["tasks"]["a"]["drop_rel"] is None and zero["drop_rel"] is None
     assert json.loads(json.dumps(zero)) == zero
 

@@ -34,10 +34,9 @@ work is identical; the CPU default, where prefilling C long prompts would take m
 `torch.OutOfMemoryError`; on the CPU the cache would exceed `--memory-budget-gb` (the run does not
 allocate it, so a shared machine is never pushed into the kernel's OOM killer).
 
-The package, module by module: models (what is measured), measure (how), output (tables, figures, files), cli.
+The package, module by module: models (what is measured), measure (how), output (tables, figures, files). Its command line is layerboost.cli.bench.
 """
 
-from .cli import add_bench_arguments, main, run_bench_cli
 from .measure import bench_latency, bench_throughput, copy_bandwidth_gbps, peak_rss_bytes, roofline, stats
 from .models import (RANDOM_CONFIGS, SCHEMA_VERSION, BenchError, hybrid_of, hybrid_plan, interleave, kinds_string,
                      load_models, parse_kinds, random_model)
@@ -45,8 +44,8 @@ from .output import (bench_side_by_side, latency_table, plot_latency, plot_throu
                      throughput_table)
 from ..util import environment
 
-__all__ = ["BenchError", "RANDOM_CONFIGS", "SCHEMA_VERSION", "add_bench_arguments", "bench_latency",
+__all__ = ["BenchError", "RANDOM_CONFIGS", "SCHEMA_VERSION", "bench_latency",
            "bench_side_by_side", "bench_throughput", "copy_bandwidth_gbps", "environment", "hybrid_of", "hybrid_plan",
-           "interleave", "kinds_string", "latency_table", "load_models", "main", "parse_kinds", "peak_rss_bytes",
-           "plot_latency", "plot_throughput", "random_model", "read_accuracy", "roofline", "run_bench_cli",
+           "interleave", "kinds_string", "latency_table", "load_models", "parse_kinds", "peak_rss_bytes",
+           "plot_latency", "plot_throughput", "random_model", "read_accuracy", "roofline",
            "save_result", "stats", "throughput_table"]

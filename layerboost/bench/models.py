@@ -173,25 +173,29 @@ def hybrid_of(base, plan: LayerPlan):
     return model
 
 
-def load_models(args):
-    """(base, hybrid, description) from the CLI arguments."""
+def load_models(model: str | None = None, *, random_config: str | None = None, layers: int | None = None,
+                dtype: str = "float32", device: str = "cpu", plan: str | None = None, hybrid_kinds: str | None = None,
+                window: int = 64):
+    """(base, hybrid, description): the base (`model`, or a random model of `random_config`'s shape with `layers`)
+    and its hybrid (the plan JSON `plan`, or the kinds `hybrid_kinds` laid out with `window`)."""
     from ..surgery import decoder_parts, plan_of
 
-    dtype, device = parse_dtype(args.dtype), torch.device(args.device)
-    if args.random_config:
-        base = random_model(args.random_config, dtype, device, num_layers=args.layers)
-        name = f"random:{args.random_config}"
+    dtype, device = parse_dtype(dtype), torch.device(device)
+    if random_config:
+        base = random_model(random_config, dtype, device, num_layers=layers)
+        name = f"random:{random_config}"
     else:
         from ..models import load_model
 
-        base, _ = load_model(args.model, dtype=dtype, device=device)
-        name = args.model
+        base, _ = load_model(model, dtype=dtype, device=device)
+        name = model
         if plan_of(base) is not None:
-            raise PlanError(f"{args.model} is already a hybrid: give the original model; "
+            raise PlanError(f"{model} is already a hybrid: give the original model; "
                             "the hybrid is built by --plan/--hybrid-kinds")
     n_layers = len(decoder_parts(base)[1])
-    plan = hybrid_plan(n_layers, args.hybrid_kinds, args.window, args.plan)
-    if not args.plan:  # layers that slide natively (Gemma 3's local layers) keep at most their own window
+    plan_path = plan
+    plan = hybrid_plan(n_layers, hybrid_kinds, window, plan_path)
+    if not plan_path:  # layers that slide natively (Gemma 3's local layers) keep at most their own window
         plan = cap_to_native(plan, base.config)[0]
     hybrid = hybrid_of(base, plan)
     return base, hybrid, {"name": name, "plan": plan.to_dict(), "kinds": kinds_string(plan),

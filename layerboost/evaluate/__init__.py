@@ -32,11 +32,10 @@ Many models on the same items (sensitivity analysis)::
         scores = score_requests(model, prepared[0].requests)
 
 The package, module by module: tasks (definitions), requests (items, samples, partition, tokenising),
-scoring (log-likelihoods, perplexity), metrics, api (`evaluate`), cli.
+scoring (log-likelihoods, perplexity), metrics, api (`evaluate`). Its command line is layerboost.cli.evaluate.
 """
 
 from .api import evaluate, format_table
-from .cli import add_eval_arguments, run_eval_cli
 from .metrics import item_predictions, mc_metrics, mean_stderr, perplexity_metrics, pooled_sample_stderr
 from .requests import (HFLMTokenizer, ItemScore, MCItem, MCRequest, Partition, PreparedTask, RollingRequest,
                        build_items, encode_items, load_task_docs, per_stratum_sample, prepare_task, prepare_tasks,
@@ -47,8 +46,8 @@ from .tasks import PAPER_TASKS, TASKS, MCTask, PerplexityTask, TaskError, get_ta
 
 __all__ = ["CacheUnsupportedError", "HFLMTokenizer", "ItemScore", "MCItem", "MCRequest", "MCTask", "PAPER_TASKS",
            "Partition", "PerplexityTask", "PreparedTask", "RollingRequest", "TASKS", "TaskError",
-           "add_eval_arguments", "build_items", "common_prefix_len", "encode_items", "evaluate", "format_table",
+           "build_items", "common_prefix_len", "encode_items", "evaluate", "format_table",
            "get_task", "item_predictions", "load_task_docs", "load_task_spec", "mc_metrics", "mean_stderr",
            "model_max_length", "per_stratum_sample", "perplexity_metrics", "pooled_sample_stderr", "prepare_task",
-           "prepare_tasks", "rolling_windows", "run_eval_cli", "score_requests", "score_rolling",
+           "prepare_tasks", "rolling_windows", "score_requests", "score_rolling",
            "stratified_subsample", "wikitext_detokenizer"]

@@ -27,24 +27,23 @@ before the first layer that differs run once and feed both. Teacher logits are c
 and the KL is taken chunk by chunk over positions with an analytic gradient, so full-vocabulary fp32
 logits are never held for the whole batch.
 
-Data-parallel: under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) each process takes every
-world-th row of the global batch and the trainable gradients are summed with one all-reduce per step
-(gloo on CPU, nccl on GPU); losses are normalised by global token counts, so a run with P processes
-matches a single-process run with the same global batch.
+Several processes: under `torchrun` (WORLD_SIZE > 1) each process takes every world-th row of the global
+batch, and torch's FSDP2 holds the decoder layers, replicated or sharded (dist.py), and sums the gradients
+(gloo on CPU, nccl on GPU); losses are normalised by global token counts, so a run with P processes matches a
+single-process run with the same global batch.
 
 Shapes: B rows, T tokens per row, D hidden size, V vocabulary, N = B * T positions.
 
 The package, module by module: config (HealConfig), student (the one network in two roles), losses (each
-stage's step and loss, the probe), checkpoint, dist (data-parallel), train (the loop: `heal`), cli.
+stage's step and loss, the probe), checkpoint, dist (several processes: FSDP2), train (the loop: `heal`).
+Its command line is layerboost.cli.heal.
 """
 
 from .checkpoint import load_snapshot
-from .cli import add_heal_arguments, main, run_heal_cli
 from .config import LORA_TARGETS, PAPER_TOKENS, STAGES, HealConfig, HealConfigError
-from .losses import _kd_chunks, _kd_targets, _teacher_topk, attention_mse, attn_step, distill_kl, kd_step, probe
+from .losses import attention_mse, attn_step, distill_kl, kd_step, probe
 from .student import Hybrid, build_hybrid, stage_params
 from .train import heal, merge_and_save
 
-__all__ = ["HealConfig", "HealConfigError", "Hybrid", "LORA_TARGETS", "PAPER_TOKENS", "STAGES", "_kd_chunks",
-           "_kd_targets", "_teacher_topk", "add_heal_arguments", "attention_mse", "attn_step", "build_hybrid",
-           "distill_kl", "heal", "kd_step", "load_snapshot", "main", "merge_and_save", "probe", "run_heal_cli", "stage_params"]
+__all__ = ["HealConfig", "HealConfigError", "Hybrid", "LORA_TARGETS", "PAPER_TOKENS", "STAGES", "attention_mse", "attn_step", "build_hybrid",
+           "distill_kl", "heal", "kd_step", "load_snapshot", "merge_and_save", "probe", "stage_params"]

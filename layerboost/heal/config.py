@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..corpus import parse_tokens
 from ..plan import LayerPlan
@@ -20,82 +20,68 @@ class HealConfigError(ValueError):
     """Invalid healing settings; the message lists every problem."""
 
 
+def _f(default, help: str, **kw):
+    """A setting: its default and its meaning (`layerboost heal --help` prints it)."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
 @dataclass
 class HealConfig:
-    """Every healing setting. Construction parses budgets (`"10M"`) and validates everything at once.
+    """Every healing setting, each with its meaning (`dataclasses.fields(HealConfig)[i].metadata["help"]`, the one
+    home `layerboost heal --help` reads too). Construction parses budgets (`"10M"`) and validates everything at once.
 
-    Args:
-        tokens: total token budget of both stages (input tokens of packed rows).
-        attn_distill: run the local stage (False: the paper's "w/o Attn. Distill." ablation; stage 2 gets the whole budget).
-        attn_fraction: share of `tokens` given to stage 1 when it runs (local="attn").
-        local: the local stage: `attn` (attention transfer, windowed layers) or `block` (block-wise local
-            distillation of every modified layer).
-        block_fraction, block_lr: the block stage's share of `tokens` and peak learning rate (local="block").
-        seq_len: tokens per packed row. batch_size: rows per micro-batch per process.
-        grad_accum: micro-batches per optimiser step (global batch = batch_size * grad_accum * processes).
-        attn_lr / lr: peak learning rates of stage 1 / stage 2 (linear warm-up, cosine to 10%).
-        attn_lora: stage 1 also trains the LoRA adapters on q/k/v/o of the windowed layers.
-        lora_rank, lora_alpha, lora_dropout: peft LoRA settings.
-        lora_targets: projection names that get adapters.
-        lora_layers: `neighbours` (modified layers and `neighbours` layers either side), `modified`, `all`,
-            or a comma list of layer indices.
-        temperature, ce_weight: stage-2 loss = T^2 KL(p_teacher^T || p_student^T) + ce_weight * CE.
-        train_attention_params: feature maps and gates keep training in stage 2.
-        kl_chunk: positions per logits chunk in the KL.
-        kd_topk: 0: stage 2 uses the teacher's full distribution (exact); k > 0: its top-k log-probs + tail mass.
-        teacher_cache: folder of a `TeacherCache` shared by runs (None: the teacher runs every step).
-        teacher_cache_blocks: the block stage caches its boundaries too (4 D bytes per token per boundary).
-        checkpoint_every: optimiser steps between checkpoints (0: only at stage ends).
-        precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16 (autocast + grad scaling).
-        weights_dtype: dtype the model's frozen weights (student and teacher) are loaded in: float32, or bfloat16
-            (half the memory; needs precision bf16; the adapters, their optimiser state and the losses stay fp32,
-            and the adapters merge into bf16 weights at the end).
-        parallel: under torchrun, `replicate` (every rank holds the model, FSDP2 with one shard: data parallel)
-            or `shard` (FSDP2 shards the decoder layers, student and teacher, over the ranks); see dist.py.
-        data_dir: the evaluation data directory whose splits are refused as training data.
+    Defaults measured by scripts/bench_heal_recipes.py (docs/results.md, healing recipes): stage-2 lr 3e-3
+    reached the old recipe's (lr 2e-4) final held-out KL in about a quarter of the time, 5e-3 broke down; rows of
+    256 tokens healed better than 512 at equal tokens; 40% attention transfer and the block stage did not pay.
     """
 
-    tokens: int | str = PAPER_TOKENS
-    attn_distill: bool = True
-    # Defaults measured by scripts/bench_heal_recipes.py (docs/results.md, issue 11): stage-2 lr 3e-3 reached the
-    # old recipe's (lr 2e-4) final held-out KL in about a quarter of the time; 5e-3 broke down; rows of 256 tokens
-    # healed better than 512 at equal tokens; 40% attention transfer and the block stage did not pay.
-    attn_fraction: float = 0.25
-    seq_len: int = 256
-    batch_size: int = 4
-    grad_accum: int = 1
-    seed: int = 0
-    attn_lr: float = 1e-3
-    attn_lora: bool = True
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    warmup: float = 0.05
-    max_grad_norm: float = 1.0
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = LORA_TARGETS
-    lora_layers: str = "neighbours"
-    neighbours: int = 1
-    temperature: float = 1.0
-    ce_weight: float = 0.0
-    train_attention_params: bool = True
-    kl_chunk: int = 1024
-    local: str = "attn"
-    block_fraction: float = 0.5
-    block_lr: float = 1e-3
-    kd_topk: int = 0
-    teacher_cache: str | None = None
-    teacher_cache_blocks: bool = True
-    checkpoint_every: int = 100
-    precision: str = "auto"
-    device: str = "auto"
-    parallel: str = "replicate"
-    weights_dtype: str = "float32"
-    shuffle_rows: int = 256
-    segment_chars: int = 8192
-    progress: bool = True
-    data_dir: str | None = None
+    tokens: int | str = _f(PAPER_TOKENS, "total token budget of both stages (input tokens of packed rows), e.g. "
+                           "10M (the paper's), 1.5M, 200k")
+    attn_distill: bool = _f(True, "run the local stage (false: the paper's \"w/o Attn. Distill.\" ablation; stage 2 "
+                            "gets the whole budget)")
+    attn_fraction: float = _f(0.25, "share of the budget for stage 1 (local attn)")
+    seq_len: int = _f(256, "tokens per packed row")
+    batch_size: int = _f(4, "rows per micro-batch per process")
+    grad_accum: int = _f(1, "micro-batches per optimiser step (global batch = batch_size x grad_accum x processes)")
+    seed: int = _f(0, "data order and LoRA init")
+    attn_lr: float = _f(1e-3, "stage-1 peak learning rate (linear warm-up, cosine to 10%)")
+    attn_lora: bool = _f(True, "stage 1 also trains the LoRA adapters on q/k/v/o of the windowed layers")
+    lr: float = _f(3e-3, "stage-2 peak learning rate (linear warm-up, cosine to 10%)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup: float = _f(0.05, "share of each stage's steps spent warming the learning rate up")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: none)")
+    lora_rank: int = _f(16, "LoRA rank")
+    lora_alpha: float = _f(32.0, "LoRA alpha")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_targets: tuple[str, ...] = _f(LORA_TARGETS, "comma list of projection names that get LoRA")
+    lora_layers: str = _f("neighbours", "neighbours (modified layers and --neighbours layers either side), modified, "
+                          "all, or a comma list of layer indices")
+    neighbours: int = _f(1, "layers either side of a modified layer that also get LoRA")
+    temperature: float = _f(1.0, "stage-2 loss = T^2 KL(p_teacher^T || p_student^T) + ce_weight CE: the T")
+    ce_weight: float = _f(0.0, "weight of the cross-entropy term of stage 2")
+    train_attention_params: bool = _f(True, "the kinds' own parameters (feature maps, gates) keep training in stage 2")
+    kl_chunk: int = _f(1024, "positions per logits chunk of the KL")
+    local: str = _f("attn", "the local stage: attn (attention transfer, windowed layers) or block (block-wise local "
+                    "distillation of every modified layer)")
+    block_fraction: float = _f(0.5, "share of the budget for the block stage (local block)")
+    block_lr: float = _f(1e-3, "block-stage peak learning rate")
+    kd_topk: int = _f(0, "0: stage 2 against the teacher's full distribution (exact); k > 0: its top-k log-probs + "
+                      "tail mass")
+    teacher_cache: str | None = _f(None, "folder of teacher targets shared by runs (none: the teacher runs every step)")
+    teacher_cache_blocks: bool = _f(True, "the block stage caches its boundaries too (4 D bytes per token per "
+                                    "boundary)")
+    checkpoint_every: int = _f(100, "optimiser steps between checkpoints (0: only at stage ends)")
+    precision: str = _f("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16, fp16 (autocast + grad "
+                        "scaling)")
+    device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    parallel: str = _f("replicate", "under torchrun: replicate (every rank holds the model; data parallel on FSDP2) "
+                       "or shard (FSDP2 splits the decoder layers of student and teacher over the ranks)")
+    weights_dtype: str = _f("float32", "frozen weights of student and teacher: float32, or bfloat16 (half the memory; "
+                            "needs precision bf16; adapters, optimiser state and losses stay fp32)")
+    shuffle_rows: int = _f(256, "rows shuffled together when packing the training text")
+    segment_chars: int = _f(8192, "characters per training-text segment (the unit the data order shuffles)")
+    progress: bool = _f(True, "show a progress bar")
+    data_dir: str | None = _f(None, "the evaluation data directory whose splits are refused as training data")
 
     def __post_init__(self):
         problems = []

@@ -36,7 +36,7 @@ class Dist:
 
 
 def setup_dist(device: str, mode: str = "replicate") -> Dist:
-    """Join the process group when launched by torchrun / accelerate (WORLD_SIZE > 1)."""
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

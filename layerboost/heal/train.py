@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -65,6 +66,7 @@ class _Run:
     cache: TeacherCache | None = None
     train_s: float = 0.0  # seconds spent in training steps, all stages and sessions (no probes, no checkpoints)
     snapshots: bool = False  # save the trainable parameters at every probe (heal_state/snapshots/<tokens>.safetensors)
+    stop_requested: bool = False  # Ctrl-C was pressed: stop after the running step
 
     def maybe_probe(self, before: int, after: int) -> None:
         """Probe held-out text at every point of `probe_at` in (before, after] (0 is probed when before == -1)."""
@@ -195,15 +197,48 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
             bar.update(n_global)
             bar.set_postfix(loss=f"{rec['loss']:.4g}", step=f"{step}/{total}")
         last = done >= n_tokens
-        if last or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+        stop = _interrupted(run)
+        if last or stop or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
             nxt = STAGES[STAGES.index(stage) + 1] if last else stage
             state = {"schema_version": STATE_SCHEMA, "stage": nxt, "step": 0 if last else step,
                      "tokens": 0 if last else done, "position": run.stream.position, "log_lines": run.log_lines,
                      "train_s": run.train_s}
             save_checkpoint(run.work, h, opt, scaler, state, d)
             barrier(d)
+        if stop:  # Ctrl-C: the step that was running finished and is checkpointed
+            if bar is not None:
+                bar.close()
+            raise KeyboardInterrupt
     if bar is not None:
         bar.close()
+
+
+def _interrupted(run: _Run) -> bool:
+    """Whether Ctrl-C was pressed (on any rank) since the last step."""
+    flag = torch.tensor([float(run.stop_requested)])
+    return bool(all_reduce(flag, run.dist).item() > 0)
+
+
+@contextlib.contextmanager
+def _stop_at_step_end(run: _Run):
+    """The first Ctrl-C asks the loop to stop after the running step (and its checkpoint); a second one stops at
+    once. Python would otherwise raise KeyboardInterrupt wherever it lands, also inside a finaliser that swallows it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ask(signum, frame):
+        run.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    old = signal.signal(signal.SIGINT, ask)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def merge_and_save(h: Hybrid, out: str | os.PathLike, tokenizer=None) -> nn.Module:
@@ -374,13 +409,14 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
     if state is None:
         run.maybe_probe(-1, 0)
     offset = 0
-    for s, n in budgets.items():
-        if STAGES.index(stage) <= STAGES.index(s):
-            run.offset = offset
-            if n > 0:
-                _train_stage(run, s, n, state if state and state["stage"] == s and state["step"] > 0 else None)
-            stage = STAGES[STAGES.index(s) + 1]
-        offset += n
+    with _stop_at_step_end(run):
+        for s, n in budgets.items():
+            if STAGES.index(stage) <= STAGES.index(s):
+                run.offset = offset
+                if n > 0:
+                    _train_stage(run, s, n, state if state and state["stage"] == s and state["step"] > 0 else None)
+                stage = STAGES[STAGES.index(s) + 1]
+            offset += n
     seconds = time.perf_counter() - t0
     if d.world > 1:  # the shards gathered, merged by rank 0 into an unsharded copy of the original
         params = full_params(h, d)

@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 
-from .api import evaluate, format_table
-from .requests import Partition, load_task_docs, prepare_task
-from .tasks import MCTask, PAPER_TASKS, TASKS, get_task
-from ..util import UsageError
+from ..evaluate.api import evaluate, format_table
+from ..evaluate.requests import Partition, load_task_docs, prepare_task
+from ..evaluate.tasks import MCTask, PAPER_TASKS, TASKS, get_task
+from ..util import UsageError, check_writable
+from .options import add_device_dtype, add_force, add_limit
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `layerboost eval` options to a parser."""
-    from ..cli import add_device_dtype, add_limit
 
     parser.add_argument("--model", required=True, help="smollm2-135m, a .gguf file, an HF or layerboost folder, or a hub id")
     parser.add_argument(
@@ -49,7 +48,6 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         0 on success. A missing model or data, a bad task or an unwritable --out raises before any scoring
         (`layerboost.cli.main` prints it as one `error:` line).
     """
-    from ..cli import check_writable
     from ..models import load_model
 
     limit = args.limit
@@ -98,3 +96,11 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         write_json(args.out, {**results, "written_by": getattr(args, "written_by", None)})
         print(f"results written to {args.out}")
     return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="zero-shot benchmarks scored like lm-evaluation-harness",
+                       description="Evaluate a model on multiple-choice tasks and perplexity; JSON + table.")
+    add_eval_arguments(p)
+    add_force(p, "file")
+    p.set_defaults(func=run_eval_cli)

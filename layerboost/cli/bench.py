@@ -10,15 +10,16 @@ from pathlib import Path
 import torch
 
 from ..plan import LayerPlan
-from ..util import environment, parse_dtype
-from .measure import bench_latency, bench_throughput, log
-from .models import RANDOM_CONFIGS, SCHEMA_VERSION, load_models
-from .output import latency_table, read_accuracy, save_result, throughput_table
+from ..util import check_writable, environment, parse_dtype
+from ..bench.measure import bench_latency, bench_throughput, log
+from ..bench.models import RANDOM_CONFIGS, SCHEMA_VERSION, load_models
+from ..bench.output import latency_table, read_accuracy, save_result, throughput_table
+from .options import RawHelpFormatter, add_device_dtype, model_fits, positive
 
 
 def _package_doc() -> str:
     """The package docstring (what every benchmark measures and how), for --help."""
-    from . import __doc__ as doc
+    from ..bench import __doc__ as doc
 
     return doc
 
@@ -38,7 +39,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     src.add_argument("--model", help="smollm2-135m (embedded), a .gguf file, or a local HF folder (the base model)")
     src.add_argument("--random-config", choices=sorted(RANDOM_CONFIGS),
                      help="a random-weight model with a real checkpoint's shape (speed does not depend on weights)")
-    from ..cli import add_device_dtype, positive
 
     p.add_argument("--layers", type=positive(), help="with --random-config: override the number of layers")
     add_device_dtype(p)
@@ -63,7 +63,6 @@ def _common(p: argparse.ArgumentParser) -> None:
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `latency` and `throughput` sub-commands to `parser` (the `layerboost bench` parser)."""
     sub = parser.add_subparsers(dest="bench_command", required=True)
-    from ..cli import RawHelpFormatter, positive
 
     lat = sub.add_parser("latency", help="decode latency and memory vs decode length (batch 16), base vs hybrid",
                          description=_package_doc(), formatter_class=RawHelpFormatter)
@@ -94,7 +93,6 @@ def run_bench_cli(args) -> int:
     """Run `layerboost bench latency|throughput` from parsed arguments; prints the table, writes JSON/PNG."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    from ..cli import check_writable, model_fits
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
@@ -111,7 +109,9 @@ def run_bench_cli(args) -> int:
 
             budget = psutil.virtual_memory().available // 2
     t0 = time.perf_counter()
-    base, hybrid, desc = load_models(args)
+    base, hybrid, desc = load_models(args.model, random_config=args.random_config, layers=args.layers, dtype=args.dtype,
+                                     device=args.device, plan=args.plan, hybrid_kinds=args.hybrid_kinds,
+                                     window=args.window)
     log(f"models ready in {time.perf_counter() - t0:.1f}s; hybrid layers: {desc['kinds']} "
          "(S softmax, W swa, L linear_swa, - none)")
     env = environment(device, parse_dtype(args.dtype))
@@ -149,3 +149,10 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_arguments(parser)
     return run_bench_cli(parser.parse_args(argv))
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="decode latency, memory and throughput: hybrid vs base in one run",
+                       description="Benchmarks that measure the base model and its hybrid alternately in one process.")
+    add_bench_arguments(p)
+    p.set_defaults(func=run_bench_cli, writes="folder")

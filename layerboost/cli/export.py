@@ -1,0 +1,58 @@
+"""`layerboost export`: write a hybrid for other engines."""
+
+from __future__ import annotations
+
+import sys
+
+from ..util import DTYPES
+from .options import dtype_arg
+
+
+GGUF_ONLY_TYPES = ("q8_0",)
+
+
+def gguf_dtype_arg(value: str) -> str:
+    """--dtype of export: the torch dtype names and aliases, f32/f16 (GGUF's names) and q8_0."""
+    value = {"f32": "float32", "f16": "float16"}.get(value, value)
+    return value if value in GGUF_ONLY_TYPES else dtype_arg(value)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a hybrid in a format other engines load without layerboost",
+                       description="transformers: softmax + swa plans (one window) as a native class with "
+                       "config.layer_types (Llama/Mistral -> Ministral, Qwen2/Qwen3 keep theirs). deci: softmax + none "
+                       "plans in the DeciLM / Nemotron-NAS block_configs format (vLLM, SGLang, TensorRT-LLM, mlx-lm). "
+                       "gguf: one llama.cpp file, any plan of softmax, swa and none (softmax + swa + none needs the "
+                       "patched llama.cpp of engines/llama.cpp/build.sh). "
+                       "Plans a format cannot hold exactly are refused before anything is written.")
+    p.add_argument("--model", required=True, help="a saved hybrid folder (layerboost convert / heal output)")
+    p.add_argument("--format", required=True, choices=["transformers", "deci", "gguf"], help="output format")
+    p.add_argument("--out", required=True, help="new output folder (must not exist, or be empty); for gguf a new "
+                   "file name ending in .gguf")
+    p.add_argument("--dtype", type=gguf_dtype_arg, default="float32", choices=list(DTYPES) + list(GGUF_ONLY_TYPES),
+                   help="weights dtype written (fp32/f32, bf16, fp16/f16 are accepted too); gguf also takes q8_0")
+    p.add_argument("--gguf-arch", choices=["llama", "deci", "granite_swa"], default=None,
+                   help="gguf: the llama.cpp architecture (default: chosen from the plan: llama for softmax only, "
+                   "deci with none layers, granite_swa for softmax + swa)")
+    p.add_argument("--tokenizer-pre", default=None, metavar="NAME",
+                   help="gguf: llama.cpp's pre-tokenizer name for a tokenizer layerboost does not recognise")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..export import ExportError, export
+
+    try:
+        dtype = args.dtype if args.dtype in GGUF_ONLY_TYPES else DTYPES[args.dtype]
+        out = export(args.model, args.out, format=args.format, dtype=dtype, gguf_arch=args.gguf_arch,
+                     tokenizer_pre=args.tokenizer_pre)
+    except ExportError as e:
+        for line in str(e).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} ({args.format} format)")
+    if args.format == "gguf":
+        from ..export_gguf import describe
+
+        print(describe(out))
+    return 0

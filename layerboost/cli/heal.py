@@ -1,0 +1,100 @@
+"""`layerboost heal` / `python -m layerboost.heal`: arguments, checks before loading, and the call of `heal`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from ..corpus import documents
+from ..plan import LayerPlan
+from ..surgery import CheckpointError
+from ..heal.checkpoint import find_checkpoint
+from ..heal.config import HealConfig, HealConfigError
+from ..heal.dist import setup_dist
+from ..heal.train import heal
+from ..util import check_writable
+from .options import add_device_dtype, add_force, model_fits
+
+
+def add_heal_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `layerboost heal`."""
+    p.add_argument("--model", required=True, help="the original model: smollm2-135m, a .gguf, an HF folder or hub id")
+    p.add_argument("--plan", required=True, help="plan JSON (from `layerboost plan`)")
+    p.add_argument("--data", required=True,
+                   help="training text: a file or folder of .txt, or hub:PATH[:CONFIG][:SPLIT]; eval splits are refused")
+    p.add_argument("--tokens", default=None, help="token budget of both stages, e.g. 10M (the paper's; the default, said "
+                   "when used: hours on a GPU, days on a CPU), 1.5M, 200k")
+    p.add_argument("--out", required=True, help="output folder for the healed hybrid")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g = p.add_argument_group("training (every HealConfig setting; their meaning lives there)")
+    for f in dataclasses.fields(HealConfig):
+        if f.name in OWN_OPTIONS:
+            continue
+        flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")  # argparse formats help
+        if f.name == "device":
+            add_device_dtype(g, dtype=False)
+        elif isinstance(f.default, bool):  # a switch that is on by default is turned off by --no-NAME
+            g.add_argument(("--no-" + flag[2:]) if f.default else flag, dest=f.name, action="store_false" if f.default
+                           else "store_true", help=text)
+        else:
+            default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            g.add_argument(flag, type=kind, default=default, help=text)
+
+
+OWN_OPTIONS = {"tokens"}  # spelled above (its default is said when used)
+
+
+def _check_before_loading(args: argparse.Namespace, cfg: HealConfig) -> None:
+    """What `heal` would find wrong only after loading the model: the plan, --out, --resume and the data."""
+
+    from ..models import is_layerboost_dir
+
+    if is_layerboost_dir(args.model):
+        raise HealConfigError(f"--model {args.model} is already a layerboost hybrid: heal takes the original model (the "
+                              "teacher) and --plan, and converts it itself")
+    model_fits(args.model, LayerPlan.load(args.plan))
+    check_writable(args.out)
+    out = Path(args.out)
+    ck = find_checkpoint(out / "heal_state")
+    if args.resume and ck is None:
+        raise CheckpointError(f"--resume: {out} holds no heal checkpoint (heal_state/checkpoint) to continue; "
+                              "drop --resume to start a new run there")
+    if not args.resume and ck is not None:
+        raise CheckpointError(f"{out} already holds a heal run ({ck}): pass --resume to continue it, or choose another --out")
+    if not args.resume and (out / "config.json").is_file():
+        raise CheckpointError(f"{out} already holds a model (config.json): choose another --out, or delete it first")
+    documents(str(args.data), seed=cfg.seed, data_dir=cfg.data_dir, segment_chars=cfg.segment_chars)
+
+
+def run_heal_cli(args: argparse.Namespace) -> int:
+    """Run `layerboost heal` from parsed arguments; prints the output folder."""
+    if args.tokens is None:
+        args.tokens = "10M"
+        print("heal: no --tokens given: healing the paper's budget of 10M tokens (about 50 hours on 2 CPU cores); pass "
+              "e.g. --tokens 200k for a first look", file=sys.stderr)
+    cfg = HealConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(HealConfig)})
+    _check_before_loading(args, cfg)
+    out = heal(args.model, args.plan, data=args.data, out=args.out, resume=args.resume, config=cfg)
+    if setup_dist(cfg.device, cfg.parallel).main:
+        print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..heal import __doc__ as package_doc
+
+    p = argparse.ArgumentParser(prog="layerboost heal", description=package_doc.split("\n\n")[0])
+    add_heal_arguments(p)
+    return run_heal_cli(p.parse_args(argv))
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("heal", help="heal a hybrid by distillation from the original model (LoRA + attention transfer)",
+                       description="Convert the model to the plan, then distil: attention transfer for windowed layers "
+                       "(stage 1), LoRA logit distillation (stage 2); merge adapters and save. Resumable.")
+    add_heal_arguments(p)
+    add_force(p, "folder")
+    p.set_defaults(func=run_heal_cli)

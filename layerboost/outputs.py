@@ -68,13 +68,15 @@ def _differs(old: dict, settings: dict) -> list[str]:
     return sorted(k for k in set(prev) | set(settings) if prev.get(k) != json.loads(json.dumps(settings.get(k), default=str)))
 
 
-def _enclosing_owner(path: Path, command: str) -> tuple[Path, dict] | None:
-    """The nearest folder above `path` whose manifest names another command."""
-    for parent in path.parents:
+def _check_enclosing(path: Path, command: str) -> None:
+    """Raise OutputError when the nearest folder above `path` with a manifest names another command."""
+    for parent in path.absolute().parents:
         m = read_manifest(parent)
         if m is not None:
-            return (parent, m) if m["command"] != command else None
-    return None
+            if m["command"] != command:
+                raise OutputError(f"--out {path} is inside {parent}, which {_owner_line(m)} wrote: write it outside "
+                                  "that folder, or pass --force")
+            return
 
 
 def check_folder(out: Path, command: str, settings: dict, resume_hint: str, force: bool, key: str | None = None) -> None:
@@ -83,10 +85,7 @@ def check_folder(out: Path, command: str, settings: dict, resume_hint: str, forc
     in one bench folder."""
     if force:
         return
-    outer = _enclosing_owner(out, command)
-    if outer is not None:
-        raise OutputError(f"--out {out} is inside {outer[0]}, which {_owner_line(outer[1])} wrote: choose a folder "
-                          "outside it, or pass --force")
+    _check_enclosing(out, command)
     if not out.is_dir():
         return
     m = read_manifest(out)
@@ -113,10 +112,7 @@ def check_file(path: Path, command: str, settings: dict, force: bool) -> None:
     check_writable(path, folder=False)
     if force:
         return
-    outer = _enclosing_owner(path, command)
-    if outer is not None:
-        raise OutputError(f"--out {path} is inside {outer[0]}, which {_owner_line(outer[1])} wrote: write it "
-                          "elsewhere, or pass --force")
+    _check_enclosing(path, command)
     if not path.exists():
         return
     try:

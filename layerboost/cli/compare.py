@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .options import config_with_overrides, config_arguments, claim_config_out
+from .options import config_arguments, run_config_command
 
 
 def add_parser(sub) -> None:
@@ -19,10 +19,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..compare import CompareConfig, compare
+    from ..compare import CompareConfig, compare as work
 
-    cfg = config_with_overrides(CompareConfig, args)
-    with claim_config_out(cfg, "compare", args):
-        md = compare(cfg, log=lambda m: print(m, flush=True))
-    print(f"comparison: {md}")
-    return 0
+    return run_config_command(args, CompareConfig, "compare", work, "comparison")

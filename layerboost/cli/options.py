@@ -216,3 +216,13 @@ def claim_config_out(cfg, command: str, args):
     return claim(cfg.out, command, settings, model=cfg.model, force=args.force,
                  resume_hint="rerun with the settings it was made with (its config.yaml), pass --force to recompute "
                              "the stages the new settings change, or ")
+
+
+def run_config_command(args, config_cls, command: str, work, what: str) -> int:
+    """A command driven by a YAML config (`run`, `compare`): the config with the command line's overrides, its
+    folder claimed, `work(cfg, log)` run there; prints what it made."""
+    cfg = config_with_overrides(config_cls, args)
+    with claim_config_out(cfg, command, args):
+        made = work(cfg, log=lambda m: print(m, flush=True))
+    print(f"{what}: {made}")
+    return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .options import config_with_overrides, config_arguments, claim_config_out
+from .options import config_arguments, run_config_command
 
 
 def add_parser(sub) -> None:
@@ -15,10 +15,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..run import RunConfig, run
+    from ..run import RunConfig, run as work
 
-    cfg = config_with_overrides(RunConfig, args)
-    with claim_config_out(cfg, "run", args):
-        report = run(cfg, log=lambda m: print(m, flush=True))
-    print(f"report: {report}")
-    return 0
+    return run_config_command(args, RunConfig, "run", work, "report")

@@ -7,9 +7,9 @@ projections (q/k/v/o, and q_norm/k_norm on Qwen3), so checkpoint keys stay the s
     none        no attention: the sublayer adds nothing and no q/k/v/o is computed
 
 `none` caches nothing (an `EmptyLayer` only counts tokens). Each module that learns parameters of its
-own names them in `OWN` (heal trains and checkpoints exactly those). Two more attention-free kinds were
-tried and removed by measurement (issue 11, docs/results.md): a learned per-channel bias and a low-rank
-linear map of the token's own state (DeciLM's replace_with_linear) healed no better than `none`.
+own names them in `OWN` (heal trains and checkpoints exactly those). A learned per-channel bias and a
+low-rank linear map of the token's own state (DeciLM's replace_with_linear) heal no better than `none`
+(docs/experiments/healing.md), so `none` is the one attention-free kind.
 
 Shapes: B batch, T new tokens, n keys held (cached + new), nh query heads, nkv key/value heads,
 hs head size, F linear-attention features.

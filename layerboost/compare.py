@@ -45,7 +45,7 @@ from pathlib import Path
 import yaml
 
 from .run import ConfigError, config_from_dict, load_config, shipped_configs
-from .util import UsageError, dtype_name, parse_dtype, write_json
+from .util import UsageError, dtype_name, parse_dtype, resolve_device, write_json
 
 ROWS = ("base", "converted", "layerboost", "no_attn_distill", "random", "pattern", "lolcats", "lolcats_gate",
         "llm_drop", "signal_margin", "signal_drop", "signal_cosine")
@@ -173,7 +173,7 @@ class CompareConfig:
         if self.eval.heldout_tokens < 2 or self.eval.heldout_seq_len < 2:
             out.append("eval.heldout_tokens and eval.heldout_seq_len must be >= 2")
         if "random" in self.rows and len(self.random_seeds) < 1:
-            out.append("random_seeds: give at least one seed (the issue asks for 3)")
+            out.append("random_seeds: give at least one seed (3 give a median seed to heal)")
         try:
             self.dtype = dtype_name(self.dtype)
         except UsageError as e:
@@ -286,8 +286,6 @@ class Comparison:
     """The comparison folder: shared inputs (analysis, prepared items, held-out rows) and one JSON per row."""
 
     def __init__(self, cfg: CompareConfig, log=print):
-        import torch
-
         from .models import load_model
 
         self.cfg, self.log = cfg, log
@@ -295,7 +293,7 @@ class Comparison:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._check_config()  # before the model load: a folder made with other settings is refused at once
         self.dtype = parse_dtype(cfg.dtype)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = resolve_device("auto")
         self.base, self.tok = load_model(cfg.model, dtype=self.dtype, device=self.device)
         self.base.eval()
 
@@ -312,7 +310,7 @@ class Comparison:
         if f.is_file():
             old = yaml.safe_load(f.read_text()) or {}
             old.pop("rows", None)
-            if "heal_resolved" in old:  # healing settings removed since (fsdp) drop out as in a heal's resume key
+            if "heal_resolved" in old:  # settings a heal's resume key drops (HealConfig.REMOVED) drop out here too
                 old["heal_resolved"] = HealConfig.upgrade_key({"config": old["heal_resolved"]})["config"]
             new = json.loads(json.dumps(mine))
             defaults = json.loads(json.dumps(dataclasses.asdict(CompareConfig())))

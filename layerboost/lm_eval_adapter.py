@@ -32,7 +32,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from .models import load_model
-from .util import UsageError, parse_dtype
+from .util import UsageError, parse_dtype, resolve_device
 
 
 @register_model("layerboost")
@@ -56,7 +56,7 @@ class LayerBoostLM(HFLM):
             torch_dtype = parse_dtype("float32" if str(dtype) == "auto" else str(dtype))
         except UsageError as e:
             raise ValueError(str(e)) from None
-        device = str(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = str(device) if device else resolve_device("auto")
         if device.startswith("cuda") and not torch.cuda.is_available():
             # lm-eval's CLI passes device="cuda:0" unless told otherwise; say so instead of crashing
             warnings.warn(f"device {device!r} requested but CUDA is unavailable: using the CPU (pass --device cpu)", stacklevel=2)

@@ -255,15 +255,27 @@ def plan_pattern(n_layers: int, softmax: int, swa: int, none: int, window: int =
     """The same counts interleaved as evenly as possible, starting softmax, swa, none (10/10/10:
     softmax, swa, none repeated): layer i takes the kind furthest behind its share of i + 1 layers."""
     _check_counts(n_layers, softmax, swa, none)
-    want = {"softmax": softmax, swa_kind: swa, "none": none}
-    placed = dict.fromkeys(want, 0)
-    kinds = []
-    for i in range(n_layers):
-        k = max((k for k in want if placed[k] < want[k]),
-                key=lambda k: (want[k] * (i + 1) / n_layers - placed[k], -list(want).index(k)))
-        placed[k] += 1
-        kinds.append(k)
-    return LayerPlan.from_kinds(kinds, window=window)
+    return LayerPlan.from_kinds(spread({"softmax": softmax, swa_kind: swa, "none": none}), window=window)
+
+
+def spread(counts: dict[str, int], pin_softmax_ends: bool = False) -> list[str]:
+    """Kinds laid out as evenly as their counts allow: each layer in turn takes the kind furthest behind its
+    even share of the layers so far (ties: the order of `counts`). `pin_softmax_ends`: with >= 2 softmax
+    layers, the first and the last layer are softmax and the rest is spread over the layers between."""
+    n = sum(counts.values())
+    kinds: list[str | None] = [None] * n
+    left = dict(counts)
+    if pin_softmax_ends and left.get("softmax", 0) >= 2:
+        kinds[0] = kinds[-1] = "softmax"
+        left["softmax"] -= 2
+    slots = [i for i in range(n) if kinds[i] is None]
+    used = dict.fromkeys(left, 0)
+    for j, i in enumerate(slots):
+        k = max((k for k in left if used[k] < left[k]),
+                key=lambda k: ((j + 1) * left[k] / len(slots) - used[k], -list(left).index(k)))
+        kinds[i] = k
+        used[k] += 1
+    return kinds  # type: ignore[return-value]
 
 
 def check_fits(plan: LayerPlan | None, config, windows=()) -> None:
@@ -375,7 +387,7 @@ class PlanPolicy:
     context: int = 4096
     window: int = 64
     kind: str = "swa"
-    score: str = "kl"  # kl | margin | drop | cosine (the signals compared after healing: docs/results.md)
+    score: str = "kl"  # kl | margin | drop | cosine (the signals compared after healing: docs/experiments/selection-signals.md)
     ranking: str = "auto"
     target: str = "layerboost"
 

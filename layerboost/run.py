@@ -375,10 +375,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     import torch
 
     from . import convert, load_model, save
-    from .corpus import heldout_rows
-    from .evaluate import Partition, evaluate, prepare_task
     from .plan import LayerPlan
-    from .quality import heldout_metrics
     from .report import plot_sensitivity, table_scores, write_report
     from .bench import bench_side_by_side
     from .sensitivity import analyze, iterative_steps_for, plan_scores, ranking_used
@@ -432,67 +429,12 @@ def run(cfg: RunConfig, log=print) -> Path:
 
     r.run_stage("convert", do_convert)
 
-    def do_heal():
-        import shutil
+    heal_rec = r.run_stage("heal", lambda: _heal_stage(r, plan))
 
-        from .heal import heal
-
-        h = cfg.heal
-        if not h.enabled:
-            return {"skipped": True}
-        work, mark = r.dir / "heal", r.dir / "heal.stage_hash"
-        if work.exists() and (not mark.is_file() or mark.read_text() != r.hashes["heal"]):
-            shutil.rmtree(work)  # made with other settings: its checkpoints cannot be resumed
-        mark.write_text(r.hashes["heal"])
-        out = heal(cfg.model, plan, data=heal_data(h.data, cfg.data_dir), tokens=h.tokens, out=work,
-                   attn_distill=h.attn_distill, data_dir=cfg.data_dir, resume=True, **h.options)
-        return {"model": str(out)}
-
-    heal_rec = r.run_stage("heal", do_heal)
-
-    def do_eval():
-        e = cfg.eval
-        models = {"base": None, "converted": r.dir / "converted"}
-        if not heal_rec["outputs"].get("skipped"):
-            models["healed"] = Path(heal_rec["outputs"]["model"])
-        (r.dir / "eval").mkdir(exist_ok=True)
-        done, todo = {}, {}
-        for name, path in models.items():
-            f = r.dir / "eval" / f"{name}.json"
-            if f.is_file() and json.loads(f.read_text()).get("stage_hash") == r.hashes["eval"]:
-                done[name] = str(f)  # finished before an interruption
-            else:
-                todo[name] = path
-        if not todo:
-            return done
-        # Items and held-out rows are prepared once: converted and healed models keep the base's tokenizer.
-        tok = base()[1]
-        part = Partition("evaluation", cfg.analyze.selection_size, cfg.analyze.selection_seed)
-        prepared = [prepare_task(tok, t, data_dir=cfg.data_dir, limit=e.limit, seed=e.seed, partition=part)
-                    for t in cfg.tasks]
-        if e.wikitext_docs != 0:
-            prepared.append(prepare_task(tok, "wikitext", data_dir=cfg.data_dir, limit=e.wikitext_docs, seed=e.seed))
-        rows = heldout_rows(tok, heal_data(cfg.heal.data, cfg.data_dir), e.heldout_tokens, 512) if e.heldout_tokens else None
-        for name, path in todo.items():
-            model = base()[0] if path is None else load_model(str(path), dtype=dtype, device=device)[0]
-            res = evaluate(model, tok, [], prepared=prepared, batch_size=e.batch_size, per_item=True,
-                           wikitext_max_length=e.wikitext_max_length)
-            for t in res["tasks"].values():  # keep the mean gold margin under the task's column, not every item
-                items = t.pop("items", None)
-                if items:
-                    key = "margin_norm" if t["column"] == "acc_norm" else "margin"
-                    finite = [it[key] for it in items if math.isfinite(it[key])]
-                    t["mean_margin"] = sum(finite) / len(finite)
-            if rows is not None:
-                res["heldout"] = {k: v for k, v in heldout_metrics(base()[0], model, rows).items()
-                                  if k not in ("kl_rows", "nll_rows")}
-            res["model"], res["stage_hash"] = str(path or cfg.model), r.hashes["eval"]
-            f = r.dir / "eval" / f"{name}.json"
-            f.write_text(json.dumps(res, indent=1))
-            done[name] = str(f)
-        return {n: done[n] for n in models}
-
-    r.run_stage("eval", do_eval)
+    models = {"base": None, "converted": r.dir / "converted"}
+    if not heal_rec["outputs"].get("skipped"):
+        models["healed"] = Path(heal_rec["outputs"]["model"])
+    r.run_stage("eval", lambda: _eval_stage(r, models, base))
 
     def do_bench():
         b = cfg.bench
@@ -515,6 +457,72 @@ def run(cfg: RunConfig, log=print) -> Path:
                                                  r.dir / "serve", threads=cfg.threads or 2))
     r.run_stage("report", lambda: {"report": str(write_report(r.dir))})
     return r.dir / "report.md"
+
+
+def _heal_stage(r: Run, plan) -> dict:
+    """Heal the plan's hybrid into RUN/heal (resuming inside; a folder made with other settings starts over)."""
+    import shutil
+
+    from .heal import heal
+
+    cfg, h = r.cfg, r.cfg.heal
+    if not h.enabled:
+        return {"skipped": True}
+    work, mark = r.dir / "heal", r.dir / "heal.stage_hash"
+    if work.exists() and (not mark.is_file() or mark.read_text() != r.hashes["heal"]):
+        shutil.rmtree(work)  # made with other settings: its checkpoints cannot be resumed
+    mark.write_text(r.hashes["heal"])
+    out = heal(cfg.model, plan, data=heal_data(h.data, cfg.data_dir), tokens=h.tokens, out=work,
+               attn_distill=h.attn_distill, data_dir=cfg.data_dir, resume=True, **h.options)
+    return {"model": str(out)}
+
+
+def _eval_stage(r: Run, models: dict[str, Path | None], base) -> dict:
+    """Accuracy, WikiText-2 and held-out KL of each model (None: the base, `base()` loads it once) into
+    RUN/eval/<name>.json; a model finished before an interruption is kept."""
+    from .corpus import heldout_rows
+    from .evaluate import Partition, evaluate, prepare_task
+    from .models import load_model
+    from .quality import heldout_metrics
+
+    cfg, e = r.cfg, r.cfg.eval
+    (r.dir / "eval").mkdir(exist_ok=True)
+    done, todo = {}, {}
+    for name, path in models.items():
+        f = r.dir / "eval" / f"{name}.json"
+        if f.is_file() and json.loads(f.read_text()).get("stage_hash") == r.hashes["eval"]:
+            done[name] = str(f)  # finished before an interruption
+        else:
+            todo[name] = path
+    if not todo:
+        return done
+    # Items and held-out rows are prepared once: converted and healed models keep the base's tokenizer.
+    tok = base()[1]
+    part = Partition("evaluation", cfg.analyze.selection_size, cfg.analyze.selection_seed)
+    prepared = [prepare_task(tok, t, data_dir=cfg.data_dir, limit=e.limit, seed=e.seed, partition=part)
+                for t in cfg.tasks]
+    if e.wikitext_docs != 0:
+        prepared.append(prepare_task(tok, "wikitext", data_dir=cfg.data_dir, limit=e.wikitext_docs, seed=e.seed))
+    rows = heldout_rows(tok, heal_data(cfg.heal.data, cfg.data_dir), e.heldout_tokens, 512) if e.heldout_tokens else None
+    dtype, device = parse_dtype(cfg.dtype), resolve_device(cfg.device)
+    for name, path in todo.items():
+        model = base()[0] if path is None else load_model(str(path), dtype=dtype, device=device)[0]
+        res = evaluate(model, tok, [], prepared=prepared, batch_size=e.batch_size, per_item=True,
+                       wikitext_max_length=e.wikitext_max_length)
+        for t in res["tasks"].values():  # keep the mean gold margin under the task's column, not every item
+            items = t.pop("items", None)
+            if items:
+                key = "margin_norm" if t["column"] == "acc_norm" else "margin"
+                finite = [it[key] for it in items if math.isfinite(it[key])]
+                t["mean_margin"] = sum(finite) / len(finite)
+        if rows is not None:
+            res["heldout"] = {k: v for k, v in heldout_metrics(base()[0], model, rows).items()
+                              if k not in ("kl_rows", "nll_rows")}
+        res["model"], res["stage_hash"] = str(path or cfg.model), r.hashes["eval"]
+        f = r.dir / "eval" / f"{name}.json"
+        f.write_text(json.dumps(res, indent=1))
+        done[name] = str(f)
+    return {n: done[n] for n in models}
 
 
 def heal_data(data: str, data_dir) -> str:

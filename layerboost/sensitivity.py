@@ -255,7 +255,7 @@ def plan_scores(result: dict, score: str, ranking: str = "auto", thresholds: boo
     `cosine`: 1 - cos(x, x + attn(x)) on calibration text (LLM-Drop's importance).
 
     `ranking`: "one-shot" scores each layer removed alone; "iterative" ranks by the analysis' iterative
-    history of the same signal (`iterative_scores`; the comparison's best signal, docs/results.md);
+    history of the same signal (`iterative_scores`; the comparison's best signal, docs/experiments/selection-signals.md);
     "auto" is iterative where the result holds that history, else one-shot (`ranking_used` names it).
     `thresholds`: the policy compares scores with thresholds (`PlanPolicy.thresholds`), so one-shot.
     """
@@ -372,10 +372,10 @@ def item_scores(items: list[PackedItem], lls: list[float]) -> dict[str, list[flo
 
 
 def _mean_se(x: list[float]) -> tuple[float, float]:
-    n = len(x)
-    m = sum(x) / n
-    var = sum((v - m) ** 2 for v in x) / (n - 1) if n > 1 else 0.0
-    return m, math.sqrt(var / n)
+    """Mean and its standard error (lm-eval's, as the evaluator reports it; 0 for one item)."""
+    from .evaluate.metrics import mean_stderr
+
+    return sum(x) / len(x), mean_stderr(x) or 0.0
 
 
 def compare_scores(items: list[PackedItem], base: dict, var: dict) -> dict:
@@ -791,6 +791,17 @@ def _check_steps(steps):
     return steps
 
 
+def _proxies(model, calib: torch.Tensor, drops: list[float], margin: list[float], progress: bool) -> dict:
+    """The KL and cosine proxies of every layer on the calibration rows, and their rank agreement with the drop."""
+    kl = kl_proxy(model, calib, progress=progress)
+    cos = cosine_proxy(model, calib)
+    return {"calibration": {"sequences": calib.shape[0], "length": calib.shape[1],
+                            "file": "corpus/wikipedia_paragraphs.txt"},
+            "kl": kl, "cosine": cos,
+            "spearman_vs_drop": {"kl": spearman(kl, drops), "cosine": spearman(cos, drops),
+                                 "margin": spearman(margin, drops)}}
+
+
 def analyze(
     model,
     tokenizer,
@@ -861,15 +872,8 @@ def analyze(
     }
     if proxies:
         t1 = time.perf_counter()
-        calib = calibration_tokens(tokenizer, data_dir, calib_seqs, calib_len)
-        kl = kl_proxy(model, calib, progress=progress)
-        cos = cosine_proxy(model, calib)
-        result["proxies"] = {
-            "calibration": {"sequences": calib_seqs, "length": calib_len, "file": "corpus/wikipedia_paragraphs.txt"},
-            "kl": kl, "cosine": cos,
-            "spearman_vs_drop": {"kl": spearman(kl, drops), "cosine": spearman(cos, drops),
-                                 "margin": spearman(result["sensitivity_margin"], drops)},
-        }
+        result["proxies"] = _proxies(model, calibration_tokens(tokenizer, data_dir, calib_seqs, calib_len), drops,
+                                     result["sensitivity_margin"], progress)
         result["timing"]["proxies_seconds"] = time.perf_counter() - t1
     if callable(iterative_steps):
         iterative_steps = _check_steps(iterative_steps(result))

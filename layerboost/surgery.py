@@ -110,7 +110,7 @@ def decoder_parts(model: nn.Module):
 def convert(model: nn.Module, plan: LayerPlan) -> list[Replacement]:
     """Give each decoder layer of `model` the attention kind `plan` names, in place.
 
-    New modules reuse the original projections and the model's rotary embeddings; `none` and `bias`
+    New modules reuse the original projections and the model's rotary embeddings; `none`
     layers also drop their input norm (its output would be unused). The plan is stored in
     `model.config.layerboost_plan` so `save_pretrained` writes it, and a pre-hook makes every
     forward/generate use a `HybridCache`.

@@ -1,11 +1,11 @@
-"""Time to quality of healing recipes (issue 11): one plan, one data stream, one held-out text, each recipe in turn.
+"""Time to quality of healing recipes: one plan, one data stream, one held-out text, each recipe in turn.
 
     current   the shipped recipe: attention transfer (attn_fraction of the budget), then LoRA logit distillation
     block     block-wise local distillation of every modified layer (block_fraction), then logit distillation
     NAME:k=v,...  any other recipe: HealConfig fields (and `tokens`, its own budget), e.g.
               --recipe block30:local=block,block_fraction=0.3  --recipe topk:kd_topk=64,teacher_cache=runs/tc
               `none_as=KIND` heals the plan with its `none` layers given another cacheless kind (how the
-              removed `bias` and `linear` kinds were measured, docs/results.md), e.g. --recipe x:none_as=KIND
+              removed `bias` and `linear` kinds were measured, docs/experiments/healing.md), e.g. --recipe x:none_as=KIND
               list values separate their items with `;`: --recipe attn_only:lora_targets=q_proj;k_proj;v_proj;o_proj
 
 Every recipe heals a fresh copy of the same model (`heal(..., probe_rows=..., probe_at=...)`); its log.jsonl
@@ -17,7 +17,7 @@ stderr): the time each recipe needs to reach the KL the current recipe reaches a
 recipes.json (settings, environment, curves, summary) and recipes.png (KL and perplexity against time,
 KL against tokens). A recipe whose folder already holds a finished heal is read back, a killed one resumes.
 
-    python scripts/bench_heal_recipes.py --tokens 200k --out runs/heal_recipes   # the issue's measurement
+    python scripts/bench_heal_recipes.py --tokens 200k --out runs/heal_recipes   # the recipes table of docs/experiments/healing.md
     python scripts/bench_heal_recipes.py --smoke                                 # tiny budget, proves it runs
 """
 

@@ -1,4 +1,4 @@
-"""GPU decode run (issue 13): static-shape decode, eager vs compiled, base vs hybrid, with the roofline.
+"""GPU decode run: static-shape decode, eager vs compiled, base vs hybrid, with the roofline.
 
 Random-weight Llama-3.2-1B and Llama-3.1-8B shapes in bf16, one process, < 8 minutes on one H100/H200:
     latency     batch 16, prompt 128, decode lengths 1k..32k, sampled (8 steps at each length, 2 repeats),

@@ -438,7 +438,7 @@ def test_cli_export_gguf_writes_a_file_and_refuses_in_one_line(tmp_path, tokeniz
 def test_llama_cpp_runs_each_gguf_type_of_the_default_plan(tmp_path, smol, wikitext, gguf_type, tol):
     """The default plan written as f16, bf16 and q8_0 loads and scores the perplexity of layerboost's float32
     model within the rounding of its type (measured: f16 2e-4, bf16 1.5e-3, q8_0 1.9e-2 relative; the bounds
-    leave about 3x, docs/results.md)."""
+    leave about 3x, docs/experiments/exports.md)."""
     from layerboost.llama_cpp import perplexity, reference_perplexity
 
     _, tok = smol

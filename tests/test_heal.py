@@ -411,6 +411,7 @@ def test_two_processes_match_one(tmp_path, parallel):
     for p in procs:
         assert p.wait(timeout=180) == 0, p.stdout.read()
     _same_run(tmp_path / "single", tmp_path / "ddp")
+    assert json.loads((tmp_path / "ddp" / "heal.json").read_text())["processes"] == 2
 
 
 @pytest.mark.slow

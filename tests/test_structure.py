@@ -118,3 +118,12 @@ def test_the_library_never_imports_argparse_or_the_cli():
     bad = {m: sorted(t for t in edges[m] if t.startswith("layerboost.cli")) for m in library}
     assert {m: t for m, t in bad.items() if t} == {}
     assert [m for m in library if "argparse" in external[m]] == []
+
+
+def test_no_function_over_100_lines():
+    long = []
+    for m, f in modules().items():
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 100:
+                long.append(f"{m}.{node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert long == []

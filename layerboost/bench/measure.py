@@ -132,6 +132,112 @@ def _profile(engine: Engine, token, steps: int, device) -> dict:
             "top_ops": [{"op": k, "self_ms_per_step": t / steps, "calls_per_step": c / steps} for t, k, c in rows[:12]]}
 
 
+def _check_cache_budget(models: dict, batch: int, tmax: int, budget: int) -> None:
+    """Refuse, before anything is allocated, a run whose two caches at `tmax` tokens exceed `budget` bytes."""
+    from ..surgery import plan_of
+
+    need = sum(expected_cache_bytes(plan_of(m) or native_plan(m), m.config,
+                                    batch, tmax, next(m.parameters()).dtype) for m in models.values())
+    if need > budget:
+        raise BenchError(f"latency at {tmax} tokens with batch {batch} needs {need / 2**30:.3g} GiB of cache (base + "
+                         f"hybrid), more than the memory budget of {budget / 2**30:.3g} GiB: lower "
+                         "--lengths or --batch, or raise --memory-budget-gb")
+
+
+def _timed_spans(prompt: int, lengths: list[int], points: list[int], sample_steps: int,
+                 chunk: int) -> list[tuple[int, int]]:
+    """(span, first position) of every timed run of steps: sampled, `sample_steps` steps ending at each point;
+    full, chunks of `chunk` steps cut at every length."""
+    if sample_steps:
+        return [(prompt + L, prompt + max(L - sample_steps, 0)) for L in points]
+    ends, done = [], 0
+    for L in lengths:
+        while done < L:
+            done += min(chunk, L - done)
+            ends.append(done)
+    return [(prompt + e, prompt + s) for s, e in zip([0] + ends[:-1], ends)]
+
+
+def _gpu_peaks(models: dict, results: list[dict], batch: int, prompt: int, ids, device) -> None:
+    """GPU peak memory of a run of each length: an eager engine sized for it, prefill + 2 steps (into `results`)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    for res in results:
+        m = models[res["model"]]
+        torch.cuda.reset_peak_memory_stats(device)
+        e = Engine(m, batch, prompt + res["decode_len"])
+        tok, _ = _prefill(e, ids, device)
+        _decode(e, tok, 2, device)
+        res["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device)
+        res["cache_bytes_allocated"] = e.cache_bytes()
+        del e
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _latency_ratios(results: list[dict], lengths: list[int], names: list[str]) -> list[dict]:
+    """Hybrid against base at each length: speed-ups, step time and bytes, cache (and GPU peak) ratios."""
+    ratios = []
+    for L in lengths:
+        b, h = [next(x for x in results if x["model"] == n and x["decode_len"] == L) for n in names]
+        ratios.append({"decode_len": L,
+                       "speedup": b["ms_per_token"]["median"] / h["ms_per_token"]["median"],
+                       "speedup_at_end": b["ms_per_step_at_end"]["median"] / h["ms_per_step_at_end"]["median"],
+                       "step_time_ratio": h["ms_per_step_at_end"]["median"] / b["ms_per_step_at_end"]["median"],
+                       "step_bytes_ratio": h["step_bytes"] / b["step_bytes"],
+                       "cache_ratio": h["cache_bytes_held"] / b["cache_bytes_held"],
+                       "cache_ratio_theory": h["cache_bytes_theory"] / b["cache_bytes_theory"]})
+        if "gpu_peak_bytes" in b:
+            ratios[-1]["gpu_peak_ratio"] = h["gpu_peak_bytes"] / b["gpu_peak_bytes"]
+    return ratios
+
+
+def _warm_up(engines: dict, ids, spans, warm: int, compile: bool, device) -> dict[str, float]:
+    """A prefill and `warm` steps per model, timed apart (compiled: at every span, since a new span compiles
+    once more or records a new CUDA graph); seconds per model."""
+    warmup_s = {}
+    for name, e in engines.items():
+        t0 = time.perf_counter()
+        tok, _ = _prefill(e, ids, device)
+        for span, start in (spans if compile else spans[-1:]):
+            e.span, e.pos = span, max(start, span - warm)
+            tok, _ = _decode(e, tok, min(warm, span - e.pos), device)
+        warmup_s[name] = time.perf_counter() - t0
+        log(f"  warm-up {name}: {warmup_s[name]:.1f}s" + (" (compile included)" if compile else ""))
+    return warmup_s
+
+
+def _sampled_totals(samples: dict, spans, points: list[int], lengths: list[int], prompt: int, repeats: int,
+                    names: list[str], total: dict, step_ms: dict) -> None:
+    """Sampled method: per repeat, ms/step at every position is the linear interpolation between that repeat's
+    samples (x = the middle of each sampled span; constant beyond the first and last), summed over positions
+    prompt .. prompt + L - 1 into `total`; per-step cost is linear in the context, so this is close."""
+    mid = [(span + start) / 2 for span, start in spans]
+    for n in names:
+        for r in range(repeats):
+            ys = [samples[(n, L)][r] for L in points]
+            for L in lengths:
+                pos = torch.arange(prompt, prompt + L, dtype=torch.float64)
+                total[(n, L)].append(float(_interp(pos, mid, ys).sum()) / 1e3)
+        for L in lengths:
+            step_ms[(n, L)] = samples[(n, L)]
+
+
+def _latency_row(name: str, e, m, L: int, batch: int, prompt: int, total: list[float], step_ms: list[float],
+                 prefill_s: list[float], copy_gbps) -> dict:
+    """One model at one decode length: times, speed, cache bytes (formula, held, allocated) and the roofline."""
+    return {
+        "model": name, "decode_len": L, "context": prompt + L, "batch": batch, "prompt": prompt,
+        "total_s": stats(total), "ms_per_token": stats([1e3 * t / L for t in total]),
+        "tokens_per_s": batch * L / statistics.median(total),
+        "ms_per_step_at_end": stats(step_ms), "prefill_s": stats(prefill_s),
+        "cache_bytes_theory": expected_cache_bytes(e.plan, m.config, batch, prompt + L, e.dtype),
+        "cache_bytes_held": e.held_bytes(prompt + L),
+        "cache_bytes_allocated": e.cache_bytes(),
+        **roofline(e.step_bytes(prompt + L), statistics.median(step_ms) / 1e3, copy_gbps),
+    }
+
+
 def bench_latency(base, hybrid, batch: int = 16, prompt: int = 128, lengths=(512, 1024, 2048, 4096),
                   repeats: int = 3, warmup: int = 4, sample_steps: int = 0, chunk: int = 64,
                   profile_steps: int = 0, compile: bool = False, memory_budget_bytes: int | None = None,
@@ -160,44 +266,19 @@ def bench_latency(base, hybrid, batch: int = 16, prompt: int = 128, lengths=(512
     tmax = prompt + max(lengths)
     models = {"base": base, "hybrid": hybrid}
     if device.type != "cuda" and memory_budget_bytes is not None:
-        from ..surgery import plan_of
-
-        need = sum(expected_cache_bytes(plan_of(m) or native_plan(m), m.config,
-                                        batch, tmax, next(m.parameters()).dtype) for m in models.values())
-        if need > memory_budget_bytes:
-            raise BenchError(f"latency at {tmax} tokens with batch {batch} needs {need / 2**30:.3g} GiB of cache (base + "
-                             f"hybrid), more than the memory budget of {memory_budget_bytes / 2**30:.3g} GiB: lower "
-                             "--lengths or --batch, or raise --memory-budget-gb")
+        _check_cache_budget(models, batch, tmax, memory_budget_bytes)
     engines = {name: Engine(m, batch, tmax, compile=compile) for name, m in models.items()}
     vocab = base.config.vocab_size
     ids = _prompt(vocab, batch, prompt, device)
     method = "sampled" if sample_steps else "full"
     points = sorted(set([sample_steps] + lengths)) if sample_steps else []  # sampled: decode lengths timed
-    # (span, first position) of every timed run of steps
-    if method == "sampled":
-        spans = [(prompt + L, prompt + max(L - sample_steps, 0)) for L in points]
-    else:  # chunks of `chunk` steps, cut at every length
-        ends, done = [], 0
-        for L in lengths:
-            while done < L:
-                done += min(chunk, L - done)
-                ends.append(done)
-        spans = [(prompt + e, prompt + s) for s, e in zip([0] + ends[:-1], ends)]
+    spans = _timed_spans(prompt, lengths, points, sample_steps, chunk)
     samples = {(n, L): [] for n in models for L in points}
     log(f"latency: batch {batch}, prompt {prompt}, lengths {lengths}, method {method}, repeats {repeats}"
          + (", compiled" if compile else ""))
     # Warm-up (excluded, timed apart: it includes compiling): a prefill and a few steps per model;
     # compiled, at every span (a new span compiles once more, or records a new CUDA graph).
-    warm = max(warmup, 3) if compile else warmup
-    warmup_s = {}
-    for name, e in engines.items():
-        t0 = time.perf_counter()
-        tok, _ = _prefill(e, ids, device)
-        for span, start in (spans if compile else spans[-1:]):
-            e.span, e.pos = span, max(start, span - warm)
-            tok, _ = _decode(e, tok, min(warm, span - e.pos), device)
-        warmup_s[name] = time.perf_counter() - t0
-        log(f"  warm-up {name}: {warmup_s[name]:.1f}s" + (" (compile included)" if compile else ""))
+    warmup_s = _warm_up(engines, ids, spans, max(warmup, 3) if compile else warmup, compile, device)
     prefill_s = {n: [] for n in models}
     total = {(n, L): [] for n in models for L in lengths}
     step_ms = {(n, L): [] for n in models for L in lengths}  # ms per step at the end of each length
@@ -231,18 +312,7 @@ def bench_latency(base, hybrid, batch: int = 16, prompt: int = 128, lengths=(512
                 log(f"  repeat {r + 1}/{repeats} context {span}: "
                      + ", ".join(f"{n} {samples[(n, L)][-1]:.1f} ms/step" for n in models))
     if method == "sampled":
-        # Per repeat: ms/step at every position = linear interpolation between that repeat's samples
-        # (x = the middle of each sampled span; constant beyond the first and last), summed over the
-        # positions prompt .. prompt + L - 1. Per-step cost is linear in the context, so this is close.
-        mid = [(span + start) / 2 for span, start in spans]
-        for n in models:
-            for r in range(repeats):
-                ys = [samples[(n, L)][r] for L in points]
-                for L in lengths:
-                    pos = torch.arange(prompt, prompt + L, dtype=torch.float64)
-                    total[(n, L)].append(float(_interp(pos, mid, ys).sum()) / 1e3)
-            for L in lengths:
-                step_ms[(n, L)] = samples[(n, L)]
+        _sampled_totals(samples, spans, points, lengths, prompt, repeats, list(models), total, step_ms)
     profile = {}
     if profile_steps:
         for n in models:
@@ -251,49 +321,12 @@ def bench_latency(base, hybrid, batch: int = 16, prompt: int = 128, lengths=(512
             profile[n] = _profile(e, tokens[n], profile_steps, device)
             profile[n]["context"] = tmax
     copy_gbps = copy_bandwidth_gbps(str(device)) if device.type == "cuda" else None
-    results = []
-    for L in lengths:
-        for n, m in models.items():
-            e = engines[n]
-            ms_tok = [1e3 * t / L for t in total[(n, L)]]
-            step = statistics.median(step_ms[(n, L)])
-            results.append({
-                "model": n, "decode_len": L, "context": prompt + L, "batch": batch, "prompt": prompt,
-                "total_s": stats(total[(n, L)]), "ms_per_token": stats(ms_tok),
-                "tokens_per_s": batch * L / statistics.median(total[(n, L)]),
-                "ms_per_step_at_end": stats(step_ms[(n, L)]), "prefill_s": stats(prefill_s[n]),
-                "cache_bytes_theory": expected_cache_bytes(e.plan, m.config, batch, prompt + L, e.dtype),
-                "cache_bytes_held": e.held_bytes(prompt + L),
-                "cache_bytes_allocated": e.cache_bytes(),
-                **roofline(e.step_bytes(prompt + L), step / 1e3, copy_gbps),
-            })
-    if device.type == "cuda":  # peak memory of a run of each length: an eager engine sized for it, prefill + 2 steps
+    results = [_latency_row(n, engines[n], m, L, batch, prompt, total[(n, L)], step_ms[(n, L)], prefill_s[n], copy_gbps)
+               for L in lengths for n, m in models.items()]
+    if device.type == "cuda":
         del engines
-        gc.collect()
-        torch.cuda.empty_cache()
-        for res in results:
-            m = models[res["model"]]
-            torch.cuda.reset_peak_memory_stats(device)
-            e = Engine(m, batch, prompt + res["decode_len"])
-            tok, _ = _prefill(e, ids, device)
-            _decode(e, tok, 2, device)
-            res["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device)
-            res["cache_bytes_allocated"] = e.cache_bytes()
-            del e
-            gc.collect()
-            torch.cuda.empty_cache()
-    ratios = []
-    for L in lengths:
-        b, h = [next(x for x in results if x["model"] == n and x["decode_len"] == L) for n in models]
-        ratios.append({"decode_len": L,
-                       "speedup": b["ms_per_token"]["median"] / h["ms_per_token"]["median"],
-                       "speedup_at_end": b["ms_per_step_at_end"]["median"] / h["ms_per_step_at_end"]["median"],
-                       "step_time_ratio": h["ms_per_step_at_end"]["median"] / b["ms_per_step_at_end"]["median"],
-                       "step_bytes_ratio": h["step_bytes"] / b["step_bytes"],
-                       "cache_ratio": h["cache_bytes_held"] / b["cache_bytes_held"],
-                       "cache_ratio_theory": h["cache_bytes_theory"] / b["cache_bytes_theory"]})
-        if "gpu_peak_bytes" in b:
-            ratios[-1]["gpu_peak_ratio"] = h["gpu_peak_bytes"] / b["gpu_peak_bytes"]
+        _gpu_peaks(models, results, batch, prompt, ids, device)
+    ratios = _latency_ratios(results, lengths, list(models))
     out = {"method": method, "sample_steps": sample_steps, "chunk": chunk, "repeats": repeats, "warmup": warmup,
            "compile": compile, "warmup_s": warmup_s, "results": results, "ratios": ratios,
            "peak_rss_bytes": peak_rss_bytes()}

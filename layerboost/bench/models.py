@@ -128,26 +128,12 @@ def parse_kinds(text: str, num_layers: int) -> dict[str, int]:
 
 
 def interleave(counts: dict[str, int]) -> list[str]:
-    """Spread the kinds evenly over the layers; with >= 2 softmax layers the first and last layer stay softmax.
+    """The benchmarks' layout: the kinds spread evenly (`plan.spread`, ties in the order of `kinds.KINDS`), the
+    first and last layer softmax when there are two or more, e.g. none:10,swa:10,softmax:10 -> S W - S W - ... S."""
+    from ..plan import spread
 
-    Each remaining layer takes the kind furthest behind its even share (ties: the order of `kinds.KINDS`),
-    e.g. none:10,swa:10,softmax:10 -> S W - S W - ... S (S softmax, W swa, - none).
-    """
-    n = sum(counts.values())
-    kinds: list[str | None] = [None] * n
-    left = dict(counts)
-    if left.get("softmax", 0) >= 2:
-        kinds[0] = kinds[-1] = "softmax"
-        left["softmax"] -= 2
-    slots = [i for i in range(n) if kinds[i] is None]
-    total = len(slots)
-    used = {k: 0 for k in left}
-    for j, i in enumerate(slots):
-        k = max((k for k in left if used[k] < left[k]),
-                key=lambda k: ((j + 1) * left[k] / total - used[k], -list(K.KINDS).index(k)))
-        kinds[i] = k
-        used[k] += 1
-    return kinds  # type: ignore[return-value]
+    order = sorted(counts, key=list(K.KINDS).index)
+    return spread({k: counts[k] for k in order}, pin_softmax_ends=True)
 
 
 def hybrid_plan(num_layers: int, kinds: str | None = None, window: int = 64, plan_path: str | None = None) -> LayerPlan:

@@ -36,7 +36,7 @@ def add_parser(sub) -> None:
                         "layers for the kl and cosine scores (none for margin and drop, whose every step repeats "
                         "the item pass, for --ranking one-shot and for the threshold policy); 0: one-shot only. Costs about "
                         "one KL-proxy pass over the remaining layers per step (SmolLM2-135M, 10 steps, 8 calibration "
-                        "sequences: 22 min on 2 CPU cores shared with other jobs)")
+                        "sequences: about 20 min on 2 CPU cores)")
     p.add_argument("--batch-tokens", type=positive(), default=8192, help="padded tokens per forward")
     p.add_argument("--naive", action="store_true", help="recompute every layer for every variant (for checking)")
     p.add_argument("--threads", type=positive(), help="torch CPU threads (default: torch's)")

@@ -177,7 +177,7 @@ def policy_args(p: argparse.ArgumentParser) -> None:
                         "re-measures this signal after each removal")
     g.add_argument("--ranking", choices=["auto", "iterative", "one-shot"], default="auto",
                    help="iterative: by the analysis' iterative history of --score (removed layers first, the rest by "
-                        "the last step's scores: the signal that healed best, docs/results.md); one-shot: each layer "
+                        "the last step's scores: the signal that healed best, docs/experiments/selection-signals.md); one-shot: each layer "
                         "removed alone; auto (default): iterative where the analysis has that history")
     g.add_argument("--target", choices=["layerboost", "llama.cpp", "transformers"], default="layerboost",
                    help="what will serve the model: only plans it runs are placed (llama.cpp: softmax/swa/none, one "

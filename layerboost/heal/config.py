@@ -30,7 +30,7 @@ class HealConfig:
     """Every healing setting, each with its meaning (`dataclasses.fields(HealConfig)[i].metadata["help"]`, the one
     home `layerboost heal --help` reads too). Construction parses budgets (`"10M"`) and validates everything at once.
 
-    Defaults measured by scripts/bench_heal_recipes.py (docs/results.md, healing recipes): stage-2 lr 3e-3
+    Defaults measured by scripts/bench_heal_recipes.py (docs/experiments/healing.md): stage-2 lr 3e-3
     reached the old recipe's (lr 2e-4) final held-out KL in about a quarter of the time, 5e-3 broke down; rows of
     256 tokens healed better than 512 at equal tokens; 40% attention transfer and the block stage did not pay.
     """
@@ -138,7 +138,7 @@ class HealConfig:
         return {self.local: local, "kd": self.tokens - local}
 
     def to_dict(self) -> dict:
-        """Every field, except those added with the block stage and the teacher cache (issue 11) while they
+        """Every field, except those added with the block stage and the teacher cache while they
         hold the values that give the earlier recipe: settings recorded before them (a heal run's resume key,
         a comparison's resolved settings) still match."""
         d = dataclasses.asdict(self)

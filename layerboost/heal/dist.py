@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..util import resolve_device
+
 PARALLEL = ("replicate", "shard")
 
 
@@ -38,8 +40,7 @@ class Dist:
 def setup_dist(device: str, mode: str = "replicate") -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     if world <= 1:
         return Dist(0, 1, torch.device(device), mode)
     import torch.distributed as dist

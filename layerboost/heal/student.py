@@ -143,7 +143,7 @@ def build_hybrid(model: nn.Module, plan: LayerPlan, cfg: HealConfig) -> Hybrid:
     originals = {i: (layers[i].self_attn, layers[i].input_layernorm) for i, s in enumerate(plan.layers) if s != native[i]}
     if not originals:
         raise ValueError("the plan changes no layer: there is nothing to heal")
-    torch.manual_seed(cfg.seed)  # kinds with random init (linear's `down`)
+    torch.manual_seed(cfg.seed)  # a kind that initialises parameters at random draws them from the seed
     convert(model, plan)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -91,20 +91,11 @@ class _Run:
 
 
 def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> None:
+    """One stage to `n_tokens`: its parameters, optimiser and schedule; a step, its log line, its probes and
+    checkpoints, until the budget is spent (or Ctrl-C asks to stop)."""
     cfg, h, d = run.cfg, run.h, run.dist
-    reshard(d)
-    params = stage_params(h, stage, cfg)
-    for p in heal_params(h).values():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    if not params:
-        raise HealConfigError(f"stage {stage!r} has nothing to train (a plan with only `none` layers and attn_lora off?)")
-    peak = {"attn": cfg.attn_lr, "block": cfg.block_lr, "kd": cfg.lr}[stage]
-    opt = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay, foreach=False)
-    scaler = torch.amp.GradScaler(d.device.type) if run.precision == "fp16" else None
-    step_rows = cfg.batch_size * cfg.grad_accum * d.world
-    step_tokens = step_rows * cfg.seq_len
+    params, opt, scaler, peak = _stage_optimiser(run, stage)
+    step_tokens = cfg.batch_size * cfg.grad_accum * d.world * cfg.seq_len
     total = math.ceil(n_tokens / step_tokens)
     step, done = 0, 0
     if resume is not None:
@@ -121,48 +112,12 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
     t_start = time.perf_counter()
     while done < n_tokens:
         t_step = time.perf_counter()
-        need = min(step_tokens, n_tokens - done)
         first_row = run.stream.position
-        rows, have = [], 0
-        while have < need:
-            try:
-                r = next(run.stream)
-            except StopIteration:
-                raise TrainingDataError(
-                    f"the training data ran out after {run.stream.position} rows of {cfg.seq_len} tokens, before the "
-                    f"budget of {cfg.tokens} tokens: give more data or a smaller --tokens") from None
-            rows.append(r[: need - have])
-            have += len(rows[-1])
+        rows = _step_rows(run, min(step_tokens, n_tokens - done))
         n_global = sum(len(r) for r in rows)
-        n_ce = n_global - len(rows)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, total, peak, cfg.warmup)
-        scale = scaler.get_scale() if scaler is not None else 1.0
-        stats = torch.zeros({"attn": len(h.windowed), "block": len(h.modified), "kd": 2}[stage])
-        mine = rows[d.rank::d.world]
-        ids = list(range(first_row, first_row + len(rows)))[d.rank::d.world]  # stream rows: the cache's keys
-        batches = [(torch.stack(mine[i:j]).to(d.device), ids[i:j]) for i, j in _micro_batch_spans(mine, cfg.batch_size)]
-        n_real = len(batches)
-        if d.world > 1:  # every rank runs as many micro-batches as the busiest (FSDP2's collectives pair up);
-            # the extra ones repeat the step's first row with weight 0
-            most = max(len(list(_micro_batch_spans(rows[r::d.world], cfg.batch_size))) for r in range(d.world))
-            batches += [(rows[0][None].to(d.device), None)] * (most - n_real)
-        if stage == "block":
-            err, den = block_step(h, batches, run.precision, d, scale, run.cache if cfg.teacher_cache_blocks else None,
-                                  n_real=n_real)
-            stats += err.cpu()
-        for k, (mb, mb_rows) in enumerate(batches):
-            w = scale if k < n_real else 0.0
-            if stage == "attn":
-                got = attn_step(h, mb, n_global, run.precision, w).cpu()
-            elif stage == "kd":
-                got = kd_step(h, mb, n_global, max(1, n_ce), cfg, run.precision, w, mb_rows,
-                              run.cache if k < n_real else None).cpu()
-            else:
-                continue
-            if k < n_real:
-                stats += got
-        all_reduce(stats, d)  # the gradients were summed by FSDP2 in the backward passes (dist.py)
+        stats, den = _step_gradients(run, stage, rows, first_row, scaler)
         if scaler is not None:
             scaler.unscale_(opt)
         if cfg.max_grad_norm > 0:
@@ -175,19 +130,8 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
         opt.zero_grad(set_to_none=True)
         step += 1
         done += n_global
-        if stage == "attn":
-            per_layer = (stats / (n_global * h.decoder.config.hidden_size)).tolist()
-            rec = {"stage": stage, "step": step, "tokens": done, "loss": sum(per_layer) / len(per_layer),
-                   "mse": dict(zip(map(str, h.windowed), per_layer))}
-        elif stage == "block":
-            rel = (stats / den.cpu()).tolist()  # relative error of each modified block
-            rec = {"stage": stage, "step": step, "tokens": done, "loss": sum(rel) / len(rel),
-                   "rel": dict(zip(map(str, h.modified), rel))}
-        else:
-            kl, ce = stats[0].item() / n_global, stats[1].item() / max(1, n_ce)
-            rec = {"stage": stage, "step": step, "tokens": done, "loss": cfg.temperature ** 2 * kl + cfg.ce_weight * ce,
-                   "kl": kl, "ce": ce if cfg.ce_weight > 0 else None}
-        rec["lr"] = opt.param_groups[0]["lr"]
+        rec = {"stage": stage, "step": step, "tokens": done, **_step_losses(run, stage, stats, den, rows),
+               "lr": opt.param_groups[0]["lr"]}
         run.train_s += time.perf_counter() - t_step
         rec["elapsed_s"] = round(time.perf_counter() - t_start, 3)
         rec["train_s"] = round(run.train_s, 3)
@@ -211,6 +155,91 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
             raise KeyboardInterrupt
     if bar is not None:
         bar.close()
+
+
+def _stage_optimiser(run: _Run, stage: str):
+    """(the stage's trainable parameters, AdamW over them, a grad scaler for fp16 or None, the peak lr); only
+    those parameters require gradients."""
+    cfg, h, d = run.cfg, run.h, run.dist
+    reshard(d)  # the modules hold their sharded parameters, which the optimiser must hold too
+    params = stage_params(h, stage, cfg)
+    for p in heal_params(h).values():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    if not params:
+        raise HealConfigError(f"stage {stage!r} has nothing to train (a plan with only `none` layers and attn_lora off?)")
+    peak = {"attn": cfg.attn_lr, "block": cfg.block_lr, "kd": cfg.lr}[stage]
+    opt = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay, foreach=False)
+    scaler = torch.amp.GradScaler(d.device.type) if run.precision == "fp16" else None
+    return params, opt, scaler, peak
+
+
+def _step_rows(run: _Run, need: int) -> list[torch.Tensor]:
+    """The next `need` tokens of the stream as rows (the budget's last row cut short)."""
+    rows, have = [], 0
+    while have < need:
+        try:
+            r = next(run.stream)
+        except StopIteration:
+            raise TrainingDataError(
+                f"the training data ran out after {run.stream.position} rows of {run.cfg.seq_len} tokens, before the "
+                f"budget of {run.cfg.tokens} tokens: give more data or a smaller --tokens") from None
+        rows.append(r[: need - have])
+        have += len(rows[-1])
+    return rows
+
+
+def _step_gradients(run: _Run, stage: str, rows: list[torch.Tensor], first_row: int, scaler):
+    """This rank's share of a step's rows through the stage's loss, backward into the trainable parameters
+    (FSDP2 sums the ranks' gradients); returns (the step's loss statistics summed over ranks, the block stage's
+    normalisers or None)."""
+    cfg, h, d = run.cfg, run.h, run.dist
+    n_global = sum(len(r) for r in rows)
+    n_ce = n_global - len(rows)
+    scale = scaler.get_scale() if scaler is not None else 1.0
+    stats = torch.zeros({"attn": len(h.windowed), "block": len(h.modified), "kd": 2}[stage])
+    mine = rows[d.rank::d.world]
+    ids = list(range(first_row, first_row + len(rows)))[d.rank::d.world]  # stream rows: the cache's keys
+    batches = [(torch.stack(mine[i:j]).to(d.device), ids[i:j]) for i, j in _micro_batch_spans(mine, cfg.batch_size)]
+    n_real = len(batches)
+    if d.world > 1:  # every rank runs as many micro-batches as the busiest (FSDP2's collectives pair up);
+        # the extra ones repeat the step's first row with weight 0
+        most = max(len(list(_micro_batch_spans(rows[r::d.world], cfg.batch_size))) for r in range(d.world))
+        batches += [(rows[0][None].to(d.device), None)] * (most - n_real)
+    den = None
+    if stage == "block":
+        err, den = block_step(h, batches, run.precision, d, scale, run.cache if cfg.teacher_cache_blocks else None,
+                              n_real=n_real)
+        stats += err.cpu()
+    for k, (mb, mb_rows) in enumerate(batches):
+        w = scale if k < n_real else 0.0
+        if stage == "attn":
+            got = attn_step(h, mb, n_global, run.precision, w).cpu()
+        elif stage == "kd":
+            got = kd_step(h, mb, n_global, max(1, n_ce), cfg, run.precision, w, mb_rows,
+                          run.cache if k < n_real else None).cpu()
+        else:
+            continue
+        if k < n_real:
+            stats += got
+    all_reduce(stats, d)
+    return stats, den
+
+
+def _step_losses(run: _Run, stage: str, stats: torch.Tensor, den, rows: list[torch.Tensor]) -> dict:
+    """A step's log fields from its summed statistics: the loss, and per layer or per term what makes it."""
+    h, cfg = run.h, run.cfg
+    n_global = sum(len(r) for r in rows)
+    if stage == "attn":
+        per_layer = (stats / (n_global * h.decoder.config.hidden_size)).tolist()
+        return {"loss": sum(per_layer) / len(per_layer), "mse": dict(zip(map(str, h.windowed), per_layer))}
+    if stage == "block":
+        rel = (stats / den.cpu()).tolist()  # relative error of each modified block
+        return {"loss": sum(rel) / len(rel), "rel": dict(zip(map(str, h.modified), rel))}
+    n_ce = n_global - len(rows)
+    kl, ce = stats[0].item() / n_global, stats[1].item() / max(1, n_ce)
+    return {"loss": cfg.temperature ** 2 * kl + cfg.ce_weight * ce, "kl": kl, "ce": ce if cfg.ce_weight > 0 else None}
 
 
 def _interrupted(run: _Run) -> bool:
@@ -315,44 +344,16 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
     Raises:
         HealConfigError, TrainingDataError, CheckpointError, FileExistsError (out holds a run and resume is off).
     """
-    from ..models import load_model
-
-    if config is None:
-        config = HealConfig(**({"tokens": tokens} if tokens is not None else {}), attn_distill=attn_distill, **options)
-    elif tokens is not None or options:
-        config = dataclasses.replace(config, **({"tokens": tokens} if tokens is not None else {}), **options)
-    cfg = config
-    if cfg.tokens < cfg.seq_len:  # not one training row: the "healed" model would be the converted one
-        raise HealConfigError(f"tokens {cfg.tokens} is less than one training row (seq_len {cfg.seq_len} tokens): "
-                              "give a larger budget, e.g. 200k")
+    cfg = _settings(config, tokens, attn_distill, options)
     d = setup_dist(cfg.device, cfg.parallel)
     out = Path(out)
     work = out / "heal_state"
     model_name = model_or_name if isinstance(model_or_name, (str, os.PathLike)) else type(model_or_name).__name__
-    # sharded: the whole model is read into CPU memory, and only the shards go to the device (distribute)
-    load_to = torch.device("cpu") if d.world > 1 and d.mode == "shard" else d.device
-    weights = getattr(torch, cfg.weights_dtype)
-    if isinstance(model_or_name, (str, os.PathLike)):
-        model, tokenizer = load_model(str(model_or_name), dtype=weights, device=load_to)
-    else:
-        model = model_or_name.to(load_to, weights)
-        if tokenizer is None:
-            raise HealConfigError("pass tokenizer= when heal gets a model object")
-    # several processes: rank 0 merges the adapters into an unsharded copy of the original at the end
-    original = copy.deepcopy(model).cpu() if d.world > 1 and d.main and not isinstance(model_or_name, (str, os.PathLike)) else None
+    model, tokenizer, original = _load_original(model_or_name, tokenizer, cfg, d)
     if not isinstance(plan, LayerPlan):
         plan = LayerPlan.load(plan)
     key = cfg.resume_key(str(data), plan, str(model_name))
-    ck = find_checkpoint(work)
-    if ck is not None and not resume:
-        raise FileExistsError(f"{out} already holds a heal run ({ck}); pass --resume to continue it or choose another --out")
-    if resume and ck is not None:
-        old = json.loads((work / "config.json").read_text()) if (work / "config.json").is_file() else None
-        old = HealConfig.upgrade_key(old)
-        if old != json.loads(json.dumps(key)):
-            diff = sorted(k for k in key["config"] if old and old.get("config", {}).get(k) != key["config"][k])
-            raise CheckpointError(f"{work} was made with other settings ({diff or 'data/plan/model'} differ): "
-                                  "resume with the same settings or start a new --out")
+    ck = _checkpoint_to_resume(out, key, resume)
 
     # The stream is checked (eval splits refused) before any model work.
     def docs():
@@ -367,15 +368,7 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
     vocab = model.get_output_embeddings().weight.shape[0]
     if cfg.kd_topk > vocab:
         raise HealConfigError(f"kd_topk {cfg.kd_topk} is larger than the vocabulary ({vocab})")
-    cache = None
-    if cfg.teacher_cache:  # keyed by everything the teacher's targets depend on; the original weights, before surgery
-        src = Path(str(data))
-        cache = TeacherCache(cfg.teacher_cache, {
-            "architecture": type(model).__name__, "weights": model_fingerprint(model),
-            "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
-            "data": str(src.resolve()) if src.exists() else str(data), "seq_len": cfg.seq_len, "seed": cfg.seed,
-            "shuffle_rows": cfg.shuffle_rows, "segment_chars": cfg.segment_chars, "precision": precision,
-            "device": d.device.type, "attn_implementation": model.config._attn_implementation})
+    cache = _teacher_cache(cfg, data, model, tokenizer, precision, d) if cfg.teacher_cache else None
     h = build_hybrid(model, plan, cfg)
     _fp32_masters(h)
     distribute(h, d)  # FSDP2 units when several processes run (a no-op for one)
@@ -385,17 +378,10 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
         norm.to(d.device)
     h.peft_model.train()  # LoRA dropout; the base model has no dropout of its own at p=0
     state = None
-    if resume and ck is not None:
+    if ck is not None:
         state = load_checkpoint(ck, h)
         stream.skip(state["position"])
-    if d.main:
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "config.json").write_text(json.dumps(key, indent=1))
-        log = work / "log.jsonl"
-        keep = state["log_lines"] if state else 0
-        lines = log.read_text().splitlines(keepends=True)[:keep] if log.is_file() else []
-        log.write_text("".join(lines))
-    barrier(d)
+    _start_log(work, key, state, d)
     run = _Run(h, cfg, d, stream, work, precision, log_lines=state["log_lines"] if state else 0,
                probe_rows=probe_rows, probe_at=sorted({round(f * cfg.tokens) for f in probe_at}),
                cache=cache, train_s=state.get("train_s", 0.0) if state else 0.0, snapshots=snapshots)
@@ -405,6 +391,90 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
         budgets = {"attn": 0, "kd": cfg.tokens}
     if cache is not None:
         _check_cache_space(cache, h, cfg, budgets)
+    _run_stages(run, budgets, state)
+    seconds = time.perf_counter() - t0
+    _save_healed(h, d, out, tokenizer, original if original is not None else model_or_name, plan, cfg)
+    if d.main:
+        summary = {"schema_version": STATE_SCHEMA, "model": str(model_name), "data": str(data), "plan": plan.to_dict(),
+                   "config": cfg.to_dict(), "stage_tokens": budgets, "processes": d.world,
+                   "seconds_this_session": round(seconds, 1), "train_s": round(run.train_s, 3),
+                   "teacher_cache": cache.summary() if cache is not None else None, "torch": torch.__version__}
+        write_json(out / "heal.json", summary)
+    barrier(d)
+    return out
+
+
+def _settings(config: HealConfig | None, tokens, attn_distill: bool, options: dict) -> HealConfig:
+    """heal()'s settings: `config`, or its fields from the keyword arguments; a budget below one row refused."""
+    if config is None:
+        config = HealConfig(**({"tokens": tokens} if tokens is not None else {}), attn_distill=attn_distill, **options)
+    elif tokens is not None or options:
+        config = dataclasses.replace(config, **({"tokens": tokens} if tokens is not None else {}), **options)
+    if config.tokens < config.seq_len:  # not one training row: the "healed" model would be the converted one
+        raise HealConfigError(f"tokens {config.tokens} is less than one training row (seq_len {config.seq_len} "
+                              "tokens): give a larger budget, e.g. 200k")
+    return config
+
+
+def _load_original(model_or_name, tokenizer, cfg: HealConfig, d: Dist):
+    """(model, tokenizer, a CPU copy of the model for rank 0's final merge when several processes got a model
+    object, else None). Sharded: the whole model is read into CPU memory and only the shards go to the device."""
+    from ..models import load_model
+
+    load_to = torch.device("cpu") if d.world > 1 and d.mode == "shard" else d.device
+    weights = getattr(torch, cfg.weights_dtype)
+    if isinstance(model_or_name, (str, os.PathLike)):
+        model, tokenizer = load_model(str(model_or_name), dtype=weights, device=load_to)
+        return model, tokenizer, None
+    if tokenizer is None:
+        raise HealConfigError("pass tokenizer= when heal gets a model object")
+    model = model_or_name.to(load_to, weights)
+    return model, tokenizer, (copy.deepcopy(model).cpu() if d.world > 1 and d.main else None)
+
+
+def _checkpoint_to_resume(out: Path, key: dict, resume: bool) -> Path | None:
+    """The checkpoint to continue (None: start afresh); a run in `out` without `resume`, or made with other
+    settings, is refused."""
+    work = out / "heal_state"
+    ck = find_checkpoint(work)
+    if ck is not None and not resume:
+        raise FileExistsError(f"{out} already holds a heal run ({ck}); pass --resume to continue it or choose another --out")
+    if resume and ck is not None:
+        old = json.loads((work / "config.json").read_text()) if (work / "config.json").is_file() else None
+        old = HealConfig.upgrade_key(old)
+        if old != json.loads(json.dumps(key)):
+            diff = sorted(k for k in key["config"] if old and old.get("config", {}).get(k) != key["config"][k])
+            raise CheckpointError(f"{work} was made with other settings ({diff or 'data/plan/model'} differ): "
+                                  "resume with the same settings or start a new --out")
+    return ck if resume else None
+
+
+def _teacher_cache(cfg: HealConfig, data, model, tokenizer, precision: str, d: Dist) -> TeacherCache:
+    """The shared teacher cache, keyed by everything the teacher's targets depend on (the original weights,
+    before surgery)."""
+    src = Path(str(data))
+    return TeacherCache(cfg.teacher_cache, {
+        "architecture": type(model).__name__, "weights": model_fingerprint(model),
+        "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+        "data": str(src.resolve()) if src.exists() else str(data), "seq_len": cfg.seq_len, "seed": cfg.seed,
+        "shuffle_rows": cfg.shuffle_rows, "segment_chars": cfg.segment_chars, "precision": precision,
+        "device": d.device.type, "attn_implementation": model.config._attn_implementation})
+
+
+def _start_log(work: Path, key: dict, state: dict | None, d: Dist) -> None:
+    """Rank 0 records the resume key and cuts the log back to the checkpoint's lines."""
+    if d.main:
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "config.json").write_text(json.dumps(key, indent=1))
+        log = work / "log.jsonl"
+        keep = state["log_lines"] if state else 0
+        lines = log.read_text().splitlines(keepends=True)[:keep] if log.is_file() else []
+        log.write_text("".join(lines))
+    barrier(d)
+
+
+def _run_stages(run: _Run, budgets: dict[str, int], state: dict | None) -> None:
+    """Each stage with a budget in turn, from the checkpoint's stage and step; Ctrl-C stops after a step."""
     stage = state["stage"] if state else next((s for s, n in budgets.items() if n > 0), "kd")
     if state is None:
         run.maybe_probe(-1, 0)
@@ -417,24 +487,24 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
                     _train_stage(run, s, n, state if state and state["stage"] == s and state["step"] > 0 else None)
                 stage = STAGES[STAGES.index(s) + 1]
             offset += n
-    seconds = time.perf_counter() - t0
-    if d.world > 1:  # the shards gathered, merged by rank 0 into an unsharded copy of the original
-        params = full_params(h, d)
-        if d.main:
-            if original is None:
-                original, _ = load_model(str(model_or_name), dtype=weights, device="cpu")
-            h0 = build_hybrid(original, plan, cfg)
-            _fp32_masters(h0)
-            for k, p in heal_params(h0).items():
-                with torch.no_grad():
-                    p.copy_(params[k])
-            merge_and_save(h0, out, tokenizer)
-    elif d.main:
+
+
+def _save_healed(h: Hybrid, d: Dist, out: Path, tokenizer, original, plan: LayerPlan, cfg: HealConfig) -> None:
+    """The merged hybrid in `out`. Several processes: the shards gathered, merged by rank 0 into an unsharded
+    copy of the original (`original`: that copy, or the model's name to load it from)."""
+    if d.world == 1:
         merge_and_save(h, out, tokenizer)
-        summary = {"schema_version": STATE_SCHEMA, "model": str(model_name), "data": str(data), "plan": plan.to_dict(),
-                   "config": cfg.to_dict(), "stage_tokens": budgets, "processes": d.world,
-                   "seconds_this_session": round(seconds, 1), "train_s": round(run.train_s, 3),
-                   "teacher_cache": cache.summary() if cache is not None else None, "torch": torch.__version__}
-        write_json(out / "heal.json", summary)
-    barrier(d)
-    return out
+        return
+    params = full_params(h, d)
+    if not d.main:
+        return
+    if isinstance(original, (str, os.PathLike)):
+        from ..models import load_model
+
+        original, _ = load_model(str(original), dtype=getattr(torch, cfg.weights_dtype), device="cpu")
+    h0 = build_hybrid(original, plan, cfg)
+    _fp32_masters(h0)
+    for k, p in heal_params(h0).items():
+        with torch.no_grad():
+            p.copy_(params[k])
+    merge_and_save(h0, out, tokenizer)

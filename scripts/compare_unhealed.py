@@ -10,7 +10,7 @@ with (and resumed by) `layerboost compare`; rows are stored as `unhealed_<row>`.
 import argparse
 import sys
 
-from layerboost.compare import CompareConfig, Comparison, _row_plans
+from layerboost.workflows.compare import CompareConfig, Comparison, _row_plans
 
 
 def main() -> int:

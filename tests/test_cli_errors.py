@@ -368,7 +368,7 @@ def test_eval_mmlu_per_subject(files, tmp_path, capsys):
 
 def test_compare_rows_option(tmp_path, capsys):
     from layerboost.cli.options import config_with_overrides
-    from layerboost.compare import CompareConfig
+    from layerboost.workflows.compare import CompareConfig
 
     args = build_parser().parse_args(["compare", "--rows", "base, layerboost", "--out", str(tmp_path / "c")])
     cfg = config_with_overrides(CompareConfig, args)

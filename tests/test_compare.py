@@ -9,7 +9,7 @@ import yaml
 import pytest
 
 import layerboost as lb
-from layerboost import compare as C
+from layerboost.workflows import compare as C
 from layerboost import plan as P
 from layerboost.evaluate import Partition, prepare_task
 from layerboost.stats import mcnemar, paired_bootstrap

@@ -182,6 +182,7 @@ with folder_lock(Path(sys.argv[1]), "heal"):
 """
 
 
+@pytest.mark.slow  # starts processes
 def test_a_second_writer_fails_at_once_naming_the_holder(files, tmp_path, capsys):
     out = tmp_path / "m"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
@@ -204,6 +205,7 @@ def test_a_stale_lock_file_is_taken_over(files, tmp_path, capsys):
     assert (out / LOCK).read_text().startswith(f"pid {os.getpid()} ")
 
 
+@pytest.mark.slow  # starts processes
 def test_two_converts_race(files, tmp_path):
     """Two real processes a moment apart: each ends in success or in the one-line lock error, never both half
     written; the folder ends complete with one owner."""
@@ -221,6 +223,7 @@ def test_two_converts_race(files, tmp_path):
     lb.load(out)
 
 
+@pytest.mark.slow  # starts processes
 def test_two_heals_race(files, corpus, tmp_path):
     """The second heal on a folder another heal is writing fails at once; the first finishes with a log of
     one run (steps 1..n once each)."""
@@ -246,6 +249,7 @@ def test_two_heals_race(files, corpus, tmp_path):
 # ---- Ctrl-C, --debug, negative values ---------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts processes
 def test_ctrl_c_during_heal_is_one_line_and_resumes(files, corpus, tmp_path):
     out = tmp_path / "h"
     argv = [*CLI, *map(str, heal_args(files, out, corpus, "--tokens", "8192", "--checkpoint-every", "1"))]

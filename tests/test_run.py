@@ -7,7 +7,7 @@ import torch
 import yaml
 
 import layerboost as lb
-from layerboost import run as R
+from layerboost.workflows import run as R
 from layerboost import sensitivity as S
 
 from conftest import tiny_model

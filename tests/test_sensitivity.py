@@ -56,9 +56,9 @@ def test_packed_context_equals_one_row_per_choice(model, tok):
     runner = S.LayerRunner(model)
     out = {}
     for share in (True, False):
-        seqs = S._pack(items, 512, share_context=share)
+        seqs = S.pack(items, 512, share_context=share)
         emb = [runner.embed(x, p, g) for x, p, g in zip(seqs.ids, seqs.pos, seqs.segs)]
-        out[share] = S._loglikelihoods(runner, seqs, [e[0] for e in emb], [e[1] for e in emb], 0), seqs.n_tokens
+        out[share] = S.loglikelihoods(runner, seqs, [e[0] for e in emb], [e[1] for e in emb], 0), seqs.n_tokens
     assert max(abs(a - b) for a, b in zip(out[True][0], out[False][0])) <= 1e-4
     assert out[True][1] < 0.8 * out[False][1]  # the contexts really are computed once
     # a model with a windowed layer is scored one row per choice (swa windows by row index)
@@ -122,8 +122,10 @@ def test_resume_skips_finished_layers(model, prepared, tmp_path, monkeypatch):
         S.layer_sensitivity(model, items, progress=False, out_dir=tmp_path / "run")
     monkeypatch.setattr(S.Store, "put", real_put)
     built = []
-    real_variant = S.variant
-    monkeypatch.setattr(S, "variant", lambda r, i, spec: built.append(i) or real_variant(r, i, spec))
+    from layerboost.sensitivity import items as layer_pass  # where layer_sensitivity looks `variant` up
+
+    real_variant = layer_pass.variant
+    monkeypatch.setattr(layer_pass, "variant", lambda r, i, spec: built.append(i) or real_variant(r, i, spec))
     resumed = S.layer_sensitivity(model, items, progress=False, out_dir=tmp_path / "run")
     assert built == [2, 3]  # layers 0 and 1 were not redone
     strip = lambda res: [{k: v for k, v in r.items() if k != "seconds"} for r in res["layers"]]

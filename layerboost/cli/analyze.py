@@ -51,7 +51,7 @@ def run(args) -> int:
     import layerboost as lb
     from ..evaluate import Partition, get_task
     from ..plan import check_fits
-    from ..report import plot_sensitivity
+    from ..workflows.report import plot_sensitivity
     from ..sensitivity import PROXY_SCORES, analyze, check_analysis_dir, iterative_problems, iterative_steps_for
     from ..sensitivity import plan_scores, ranking_used, sensitivity_table
 

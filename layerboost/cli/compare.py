@@ -19,6 +19,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..compare import CompareConfig, compare as work
+    from ..workflows.compare import CompareConfig, compare as work
 
     return run_config_command(args, CompareConfig, "compare", work, "comparison")

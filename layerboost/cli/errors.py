@@ -19,7 +19,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from ..heal import HealConfigError
     from ..models import ModelLoadError
     from ..plan import PlanError
-    from ..run import ConfigError
+    from ..workflows.run import ConfigError
     from ..sensitivity import AnalysisError
     from ..surgery import CheckpointError, UnsupportedModelError
 

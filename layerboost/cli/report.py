@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..outputs import folder_lock
-    from ..report import write_report
+    from ..workflows.report import write_report
 
     if not (Path(args.run) / "stages").is_dir():
         raise UsageError(f"--run {args.run} is not a run folder (no stages/ inside): give the folder `layerboost run` wrote")

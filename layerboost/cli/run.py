@@ -15,6 +15,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..run import RunConfig, run as work
+    from ..workflows.run import RunConfig, run as work
 
     return run_config_command(args, RunConfig, "run", work, "report")

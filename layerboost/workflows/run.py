@@ -19,10 +19,10 @@ from typing import Any
 
 import yaml
 
-from .plan import PlanError, PlanPolicy, make_plan
-from .util import UsageError, dtype_name, environment, parse_dtype, resolve_device, write_json
+from ..plan import PlanError, PlanPolicy, make_plan
+from ..util import UsageError, dtype_name, environment, parse_dtype, resolve_device, write_json
 
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parents[1] / "configs"
 STAGES = ("analyze", "plan", "convert", "heal", "eval", "bench", "serve", "report")
 
 
@@ -98,7 +98,7 @@ class RunConfig:
         return load_config(cls, path_or_name or "default", [n for n in shipped_configs() if not n.startswith("compare")])
 
     def problems(self) -> list[str]:
-        from .evaluate import get_task
+        from ..evaluate import get_task
 
         out = []
         for t in self.tasks:
@@ -120,7 +120,7 @@ class RunConfig:
             out.append(f"eval.wikitext_docs must be >= 0 or null, got {self.eval.wikitext_docs}")
         if self.eval.heldout_tokens < 0:
             out.append(f"eval.heldout_tokens must be >= 0, got {self.eval.heldout_tokens}")
-        from .sensitivity import PLAN_SCORES, PROXY_SCORES
+        from ..sensitivity import PLAN_SCORES, PROXY_SCORES
 
         if p.score not in PLAN_SCORES:
             out.append(f"plan.score: {p.score!r} must be one of {', '.join(PLAN_SCORES)}")
@@ -128,7 +128,7 @@ class RunConfig:
             out.append(f"plan.score: {p.score!r} needs analyze.proxies: true")
         import inspect
 
-        from .bench import bench_latency, bench_throughput
+        from ..bench import bench_latency, bench_throughput
 
         for name, fn in (("latency", bench_latency), ("throughput", bench_throughput)):
             params = {k: p.default for k, p in inspect.signature(fn).parameters.items()
@@ -142,7 +142,7 @@ class RunConfig:
         if a.iterative != "auto" and (not isinstance(a.iterative, int) or isinstance(a.iterative, bool) or a.iterative < 0):
             out.append(f"analyze.iterative must be auto or a count >= 0, got {a.iterative!r}")
         elif not p.problems():
-            from .sensitivity import iterative_problems
+            from ..sensitivity import iterative_problems
 
             out += [f"analyze.iterative / plan.ranking: {m}" for m in iterative_problems(p, a.iterative)]
         for key, v, low in (("analyze.limit", a.limit, 1), ("analyze.swa_window", a.swa_window, 1),
@@ -163,8 +163,8 @@ class RunConfig:
 
     def _heal_problems(self) -> list[str]:
         """heal.options against layerboost.heal.HealConfig: names and values, before any stage runs."""
-        from .heal import HealConfig as Settings
-        from .heal import HealConfigError
+        from ..heal import HealConfig as Settings
+        from ..heal import HealConfigError
 
         own = {"tokens", "attn_distill", "data_dir"}  # set by heal.tokens, heal.attn_distill and data_dir
         known = {f.name for f in dataclasses.fields(Settings)} - own
@@ -338,10 +338,10 @@ def check_before_work(cfg: RunConfig) -> None:
     Raises:
         ConfigError, ModelLoadError, TrainingDataError, UsageError: naming the problem.
     """
-    from .util import check_writable
-    from .corpus import documents
-    from .models import model_config
-    from .plan import check_fits
+    from ..util import check_writable
+    from ..corpus import documents
+    from ..models import model_config
+    from ..plan import check_fits
 
     try:
         resolve_device(cfg.device)
@@ -350,7 +350,7 @@ def check_before_work(cfg: RunConfig) -> None:
     check_writable(cfg.out)
     config = model_config(cfg.model)
     if config is not None:
-        from .sensitivity import iterative_problems
+        from ..sensitivity import iterative_problems
 
         n = config.num_hidden_layers
         try:
@@ -374,11 +374,11 @@ def run(cfg: RunConfig, log=print) -> Path:
 
     import torch
 
-    from . import convert, load_model, save
-    from .plan import LayerPlan
+    from .. import convert, load_model, save
+    from ..plan import LayerPlan
     from .report import plot_sensitivity, table_scores, write_report
-    from .bench import bench_side_by_side
-    from .sensitivity import analyze, iterative_steps_for, plan_scores, ranking_used
+    from ..bench import bench_side_by_side
+    from ..sensitivity import analyze, iterative_steps_for, plan_scores, ranking_used
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -450,7 +450,7 @@ def run(cfg: RunConfig, log=print) -> Path:
 
     r.run_stage("bench", do_bench)
     if cfg.plan.target == "llama.cpp":  # the export, and llama.cpp's own speed of base and hybrid
-        from .llama_cpp import serve_stage
+        from ..llama_cpp import serve_stage
 
         served = heal_rec["outputs"].get("model") or str(r.dir / "converted")
         r.run_stage("serve", lambda: serve_stage(base()[0], base()[1], load_model(served, dtype=torch.float32)[0],
@@ -463,7 +463,7 @@ def _heal_stage(r: Run, plan) -> dict:
     """Heal the plan's hybrid into RUN/heal (resuming inside; a folder made with other settings starts over)."""
     import shutil
 
-    from .heal import heal
+    from ..heal import heal
 
     cfg, h = r.cfg, r.cfg.heal
     if not h.enabled:
@@ -480,10 +480,10 @@ def _heal_stage(r: Run, plan) -> dict:
 def _eval_stage(r: Run, models: dict[str, Path | None], base) -> dict:
     """Accuracy, WikiText-2 and held-out KL of each model (None: the base, `base()` loads it once) into
     RUN/eval/<name>.json; a model finished before an interruption is kept."""
-    from .corpus import heldout_rows
-    from .evaluate import Partition, evaluate, prepare_task
-    from .models import load_model
-    from .quality import heldout_metrics
+    from ..corpus import heldout_rows
+    from ..evaluate import Partition, evaluate, prepare_task
+    from ..models import load_model
+    from ..quality import heldout_metrics
 
     cfg, e = r.cfg, r.cfg.eval
     (r.dir / "eval").mkdir(exist_ok=True)
@@ -527,7 +527,7 @@ def _eval_stage(r: Run, models: dict[str, Path | None], base) -> dict:
 
 def heal_data(data: str, data_dir) -> str:
     """`corpus` (or any relative name) resolves inside the data dir when it exists there."""
-    from .data import resolve_data_dir
+    from ..data import resolve_data_dir
 
     root = resolve_data_dir(data_dir)
     if root is not None and (root / data).exists():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .kinds import KINDS
+from ..kinds import KINDS
 
 
 def _span(counts: dict) -> str:
@@ -40,7 +40,7 @@ def plot_sensitivity(result: dict, plan, path: str | Path, score: str = "drop", 
     coloured by the planned kind (paper Fig. 4); the one-shot accuracy drop carries its 95% interval. With
     an iterative ranking of K removals, the bars are the last step's scores (measured with the first K - 1
     removed) and removed layers are labelled r1, r2, ... in removal order."""
-    from .sensitivity import plan_scores, ranking_used
+    from ..sensitivity import plan_scores, ranking_used
 
     plt = pyplot()
     rows = [r for r in result["layers"] if r["variant"] == "none"]
@@ -144,8 +144,8 @@ def quality_table(evals: dict[str, dict]) -> list[str]:
 
 def _plan_ranking(cfg: dict, sens: dict) -> tuple[str, str]:
     """The score and the ranking ("iterative" / "one-shot") the run's plan was chosen by."""
-    from .plan import PlanPolicy
-    from .sensitivity import ranking_used
+    from ..plan import PlanPolicy
+    from ..sensitivity import ranking_used
 
     policy = PlanPolicy(**(cfg.get("plan") or {"score": "drop"}))
     return policy.score, ranking_used(sens, policy.score, policy.ranking, policy.thresholds)
@@ -187,8 +187,8 @@ def write_report(run_dir: str | Path) -> Path:
     plan_path = d / "plan.json"
     lines += ["## 2. Plan", ""]
     if plan_path.is_file():
-        from .plan import LayerPlan
-        from .sensitivity import plan_scores
+        from ..plan import LayerPlan
+        from ..sensitivity import plan_scores
 
         plan = LayerPlan.load(plan_path)
         score, used = _plan_ranking(cfg, sens) if sens else ((cfg.get("plan") or {}).get("score", "drop"), "one-shot")

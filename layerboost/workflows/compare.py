@@ -45,7 +45,7 @@ from pathlib import Path
 import yaml
 
 from .run import ConfigError, config_from_dict, load_config, shipped_configs
-from .util import UsageError, dtype_name, parse_dtype, resolve_device, write_json
+from ..util import UsageError, dtype_name, parse_dtype, resolve_device, write_json
 
 ROWS = ("base", "converted", "layerboost", "no_attn_distill", "random", "pattern", "lolcats", "lolcats_gate",
         "llm_drop", "signal_margin", "signal_drop", "signal_cosine")
@@ -138,9 +138,9 @@ class CompareConfig:
         return config_from_dict(cls, data, "comparison config")
 
     def problems(self) -> list[str]:
-        from .evaluate import get_task
-        from .heal import HealConfig, HealConfigError
-        from .sensitivity import PLAN_SCORES
+        from ..evaluate import get_task
+        from ..heal import HealConfig, HealConfigError
+        from ..sensitivity import PLAN_SCORES
 
         out = []
         for t in self.tasks:
@@ -203,9 +203,9 @@ def _plan_hash(plan) -> str:
 
 def _row_plans(cfg: CompareConfig, sens: dict, n_layers: int, iterative_plan=None) -> dict:
     """name -> (plan or None, heal mode or None, description) for every row to run, in order."""
-    from . import plan as P
-    from .plan import LayerPlan, LayerSpec
-    from .sensitivity import plan_scores
+    from .. import plan as P
+    from ..plan import LayerPlan, LayerSpec
+    from ..sensitivity import plan_scores
 
     def by(score):  # one-shot: the iterative signal is its own row
         return P.plan_by_counts(plan_scores(sens, score, "one-shot"), cfg.softmax, cfg.swa, cfg.none, cfg.window)
@@ -257,9 +257,9 @@ def iterative_plan(model, tok, cfg: CompareConfig, out: Path):
     """Row 3 with the iterative signal: remove the least sensitive layer's attention, re-measure, repeat
     `none` times (LLM-Drop-style interactions); the rest ranked by the last step's scores. The signal is row
     3's: a proxy on calibration text (cosine, KL), else the margin or accuracy drop on `iterative_limit` items."""
-    from . import plan as P
-    from .evaluate import Partition, prepare_tasks
-    from .sensitivity import PROXY_SCORES, calibration_tokens, items_from_tasks, iterative_scores, remove_iteratively
+    from .. import plan as P
+    from ..evaluate import Partition, prepare_tasks
+    from ..sensitivity import PROXY_SCORES, calibration_tokens, items_from_tasks, iterative_scores, remove_iteratively
 
     items = calib = None
     if cfg.score in PROXY_SCORES:  # the proxy re-measured after each removal, on the analysis' calibration text
@@ -286,7 +286,7 @@ class Comparison:
     """The comparison folder: shared inputs (analysis, prepared items, held-out rows) and one JSON per row."""
 
     def __init__(self, cfg: CompareConfig, log=print):
-        from .models import load_model
+        from ..models import load_model
 
         self.cfg, self.log = cfg, log
         self.dir = Path(cfg.out)
@@ -299,7 +299,7 @@ class Comparison:
 
     def _check_config(self) -> None:
         """A folder made with other settings is never mixed into: refuse, naming the fix."""
-        from .heal import HealConfig
+        from ..heal import HealConfig
 
         f = self.dir / "config.yaml"
         mine = dataclasses.asdict(self.cfg)
@@ -331,7 +331,7 @@ class Comparison:
 
     # ---- shared inputs ---------------------------------------------------------------------------
     def analysis(self) -> dict:
-        from .sensitivity import analyze
+        from ..sensitivity import analyze
 
         f = self.dir / "analyze" / "sensitivity.json"
         if f.is_file():
@@ -343,7 +343,7 @@ class Comparison:
                        selection_seed=c.selection_seed)
 
     def prepared(self):
-        from .evaluate import Partition, prepare_task
+        from ..evaluate import Partition, prepare_task
 
         if not hasattr(self, "_prepared"):
             c, e = self.cfg, self.cfg.eval
@@ -356,7 +356,7 @@ class Comparison:
         return self._prepared
 
     def heldout(self):
-        from .corpus import heldout_rows
+        from ..corpus import heldout_rows
         from .run import heal_data
 
         if not hasattr(self, "_heldout"):
@@ -368,8 +368,8 @@ class Comparison:
     # ---- one row ---------------------------------------------------------------------------------
     def model_for(self, name: str, plan, heal_mode: str | None):
         """The row's model: the base, a converted copy, or the healed hybrid (healing resumes)."""
-        from . import convert, load
-        from .heal import heal
+        from .. import convert, load
+        from ..heal import heal
         from .run import heal_data
 
         if plan is None:
@@ -404,7 +404,7 @@ class Comparison:
 
     def evaluate_row(self, name: str, model) -> dict:
         """Accuracy per task (resumable per task) with per-item correctness and gold margins."""
-        from .evaluate import evaluate
+        from ..evaluate import evaluate
 
         out = {}
         for prep in self.prepared():
@@ -423,7 +423,7 @@ class Comparison:
         return out
 
     def wikitext_row(self, name: str, model) -> dict:
-        from .evaluate import perplexity_metrics, score_rolling
+        from ..evaluate import perplexity_metrics, score_rolling
 
         f = self.dir / "rows" / name / "wikitext.json"
         res = _read(f)
@@ -439,7 +439,7 @@ class Comparison:
 
     def bench_plan(self, plan) -> dict | None:
         """Decode ms/step at the end, tokens/s and KV bytes, plan vs base side by side (cached per plan)."""
-        from .bench import bench_latency, hybrid_of
+        from ..bench import bench_latency, hybrid_of
 
         b = self.cfg.bench
         if not b.enabled:
@@ -464,7 +464,7 @@ class Comparison:
 
     def row(self, name: str, plan, heal_mode: str | None, description: str, light: bool = False) -> dict:
         """Phase 1 of a row: healing and the continuous measures (held-out text, WikiText-2, speed)."""
-        from .quality import heldout_metrics
+        from ..quality import heldout_metrics
 
         f = self.dir / "rows" / f"{name}.json"
         done = _read(f)
@@ -564,7 +564,7 @@ def _items(row: dict) -> tuple[list[float], list[float], list[str], list[tuple]]
 def significance(a: dict, b: dict) -> dict:
     """Paired tests of row a against row b: over the same items (when both were evaluated) and the same
     held-out rows."""
-    from .stats import mcnemar, paired_bootstrap
+    from ..stats import mcnemar, paired_bootstrap
 
     out = {"heldout_kl": paired_bootstrap(a["heldout"]["kl_rows"], b["heldout"]["kl_rows"])}
     if "eval" in a and "eval" in b:

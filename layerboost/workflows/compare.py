@@ -44,6 +44,7 @@ from pathlib import Path
 
 import yaml
 
+from ..evaluate.tasks import PAPER_TASKS
 from .run import ConfigError, config_from_dict, load_config, shipped_configs
 from ..util import UsageError, dtype_name, parse_dtype, resolve_device, write_json
 
@@ -102,7 +103,7 @@ class CompareConfig:
     model: str = "smollm2-135m"
     out: str = "runs/compare-smollm2-135m"
     data_dir: str | None = None
-    tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy", "arc_challenge", "winogrande", "mmlu"])
+    tasks: list[str] = field(default_factory=lambda: list(PAPER_TASKS))
     dtype: str = "float32"
     threads: int | None = None
     selection_size: int = 100  # documents per task reserved for selection

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from ..evaluate.tasks import PAPER_TASKS
 from ..plan import PlanError, PlanPolicy, make_plan
 from ..util import UsageError, dtype_name, environment, parse_dtype, resolve_device, write_json
 
@@ -77,7 +78,7 @@ class RunConfig:
     model: str = "smollm2-135m"
     out: str = "runs/smollm2-135m"
     data_dir: str | None = None
-    tasks: list[str] = field(default_factory=lambda: ["piqa", "arc_easy", "arc_challenge", "winogrande", "mmlu"])
+    tasks: list[str] = field(default_factory=lambda: list(PAPER_TASKS))
     dtype: str = "float32"
     device: str = "auto"
     threads: int | None = None

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -105,7 +104,8 @@ def evaluate_points(args) -> int:
     """WikiText-2 (every document) and accuracy on the evaluation partition (per item) of the base and of each row
     at --eval-at tokens; each (model, task) result is a file, so a killed evaluation resumes."""
     import layerboost as lb
-    from layerboost.evaluate import Partition, evaluate, perplexity_metrics, prepare_task, score_rolling
+    from layerboost.evaluate import Partition, perplexity_metrics, prepare_task, score_rolling
+    from layerboost.workflows.compare import task_items
 
     out = Path(args.out)
     meta = _read(out / "curve_settings.json")
@@ -127,10 +127,7 @@ def evaluate_points(args) -> int:
         model = base if row == "base" else model_at(base, plan, meta["settings"], row, snap)
         print(f"[curve] evaluating {name}", file=sys.stderr)
         for prep in todo:
-            r = evaluate(model, tok, [], prepared=[prep], batch_size=32, per_item=True, progress=True)["tasks"][prep.task.name]
-            key = "_norm" if r["column"] == "acc_norm" else ""
-            r["items"] = [{"doc_id": it["doc_id"], "correct": int(it["pred" + key] == it["gold"]),
-                           "margin": it["margin" + key]} for it in r.pop("items")]
+            r = task_items(model, tok, prep, batch_size=32)
             _write(folder / f"{prep.task.name}.json", {**r, "partition": part.to_dict(), "limit": args.limit})
         if _read(folder / "wikitext.json") is None:
             lls = score_rolling(model, tok, wiki.requests, desc="wikitext")
@@ -182,6 +179,7 @@ def report(args) -> int:
     import math
 
     from layerboost.stats import mcnemar, paired_bootstrap
+    from layerboost.workflows.compare import pooled_items
 
     out = Path(args.out)
     meta = _read(out / "curve_settings.json")
@@ -191,14 +189,8 @@ def report(args) -> int:
     evals = {p.name: {f.stem: json.loads(f.read_text()) for f in p.glob("*.json")}
              for p in sorted((out / "eval").glob("*")) if p.is_dir()} if (out / "eval").is_dir() else {}
 
-    def items(e):
-        keys, correct, margin, task = [], [], [], []
-        for t in sorted(k for k in e if k != "wikitext"):
-            for it in e[t]["items"]:
-                keys.append((t, it["doc_id"]))
-                correct.append(it["correct"])
-                margin.append(it["margin"] if math.isfinite(it["margin"]) else 0.0)
-                task.append(t)
+    def items(e):  # (keys, correct, margin, task) of the tasks' items, pooled as the comparison pools them
+        correct, margin, task, keys = pooled_items({"eval": {t: r for t, r in e.items() if t != "wikitext"}})
         return keys, correct, margin, task
 
     tests = {}

@@ -69,6 +69,26 @@ def save_checkpoint(work: Path, h: Hybrid, opt, scaler, state: dict, d: Dist | N
     shutil.rmtree(old, ignore_errors=True)
 
 
+def load_params(params: dict[str, torch.Tensor], h: Hybrid, source) -> None:
+    """Full tensors (a checkpoint's or a snapshot's) into the hybrid's healing parameters, each rank keeping its
+    shard; checked first to be this model's, plan's and LoRA settings'.
+
+    Raises:
+        CheckpointError: names or shapes that differ.
+    """
+    mine = heal_params(h)
+    if set(params) != set(mine):
+        missing, extra = sorted(set(mine) - set(params)), sorted(set(params) - set(mine))
+        raise CheckpointError(f"{source} was saved for another model, plan or LoRA settings: missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}")
+    for k, p in mine.items():
+        if params[k].shape != p.shape:
+            raise CheckpointError(f"{source} was saved for another model, plan or LoRA settings: {k} has shape "
+                                  f"{tuple(params[k].shape)}, expected {tuple(p.shape)}")
+    for k, p in mine.items():
+        load_full(p, params[k])
+
+
 def find_checkpoint(work: Path) -> Path | None:
     for name in ("checkpoint", "checkpoint.old"):  # .old: killed between the two renames
         if (work / name / "state.json").is_file():
@@ -97,14 +117,7 @@ def load_checkpoint(ck: Path, h: Hybrid) -> dict:
             f"the heal checkpoint {ck} is corrupt or incomplete ({type(e).__name__}: {e}); delete {ck.parent} "
             "to start over, or restore the folder"
         ) from e
-    mine = heal_params(h)
-    if set(params) != set(mine):
-        missing, extra = sorted(set(mine) - set(params)), sorted(set(params) - set(mine))
-        raise CheckpointError(f"{ck} does not match this model and plan: missing {missing[:5]}, unexpected {extra[:5]}")
-    for k, p in mine.items():
-        if params[k].shape != p.shape:
-            raise CheckpointError(f"{ck}: {k} has shape {tuple(params[k].shape)}, expected {tuple(p.shape)}")
-        load_full(p, params[k])
+    load_params(params, h, ck)
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
@@ -142,8 +155,4 @@ def load_snapshot(path: str | os.PathLike, h: Hybrid) -> None:
         params = load_file(path)
     except (OSError, SafetensorError) as e:
         raise CheckpointError(f"cannot read the snapshot {path} ({type(e).__name__}: {e})") from e
-    mine = heal_params(h)
-    if set(params) != set(mine) or any(params[k].shape != p.shape for k, p in mine.items()):
-        raise CheckpointError(f"{path} was saved for another model, plan or LoRA settings")
-    for k, p in mine.items():
-        load_full(p, params[k])
+    load_params(params, h, path)

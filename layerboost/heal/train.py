@@ -23,7 +23,8 @@ from ..plan import LayerPlan
 from ..surgery import CheckpointError, save
 from ..teacher_cache import TeacherCache, model_fingerprint
 from ..util import write_json
-from .checkpoint import find_checkpoint, full_params, load_checkpoint, load_optimizer, save_checkpoint, save_snapshot
+from .checkpoint import (find_checkpoint, full_params, load_checkpoint, load_optimizer, load_params, save_checkpoint,
+                         save_snapshot)
 from .config import HealConfig, HealConfigError, STAGES, STATE_SCHEMA
 from .dist import Dist, all_reduce, barrier, distribute, reshard, setup_dist
 from .losses import attn_step, block_step, kd_step, probe
@@ -504,7 +505,5 @@ def _save_healed(h: Hybrid, d: Dist, out: Path, tokenizer, original, plan: Layer
         original, _ = load_model(str(original), dtype=getattr(torch, cfg.weights_dtype), device="cpu")
     h0 = build_hybrid(original, plan, cfg)
     _fp32_masters(h0)
-    for k, p in heal_params(h0).items():
-        with torch.no_grad():
-            p.copy_(params[k])
+    load_params(params, h0, "the ranks' gathered parameters")
     merge_and_save(h0, out, tokenizer)

@@ -405,20 +405,14 @@ class Comparison:
 
     def evaluate_row(self, name: str, model) -> dict:
         """Accuracy per task (resumable per task) with per-item correctness and gold margins."""
-        from ..evaluate import evaluate
-
         out = {}
         for prep in self.prepared():
             f = self.dir / "rows" / name / f"eval_{prep.task.name}.json"
             res = _read(f)
             if res is None:
-                r = evaluate(model, self.tok, [], prepared=[prep], batch_size=self.cfg.eval.batch_size, per_item=True,
-                             progress=True)["tasks"][prep.task.name]
-                key = "_norm" if r["column"] == "acc_norm" else ""
-                items = [{"doc_id": it["doc_id"], "correct": int(it["pred" + key] == it["gold"]),
-                          "margin": it["margin" + key]} for it in r.pop("items")]
-                res = {**r, "items": items, "mmlu_per_subject": self.cfg.eval.mmlu_per_subject
-                       if prep.task.name == "mmlu" else None, "dtype": dtype_name(next(model.parameters()).dtype)}
+                res = {**task_items(model, self.tok, prep, self.cfg.eval.batch_size),
+                       "mmlu_per_subject": self.cfg.eval.mmlu_per_subject if prep.task.name == "mmlu" else None,
+                       "dtype": dtype_name(next(model.parameters()).dtype)}
                 _write(f, res)
             out[prep.task.name] = res
         return out
@@ -550,7 +544,20 @@ class Comparison:
 # ---- the report ------------------------------------------------------------------------------------
 
 
-def _items(row: dict) -> tuple[list[float], list[float], list[str], list[tuple]]:
+def task_items(model, tok, prep, batch_size: int) -> dict:
+    """One prepared task's accuracy, with its items as {doc_id, correct, margin} in the task's own column (acc or
+    acc_norm): what the paired tests read."""
+    from ..evaluate import evaluate
+
+    r = evaluate(model, tok, [], prepared=[prep], batch_size=batch_size, per_item=True,
+                 progress=True)["tasks"][prep.task.name]
+    key = "_norm" if r["column"] == "acc_norm" else ""
+    r["items"] = [{"doc_id": it["doc_id"], "correct": int(it["pred" + key] == it["gold"]),
+                   "margin": it["margin" + key]} for it in r.pop("items")]
+    return r
+
+
+def pooled_items(row: dict) -> tuple[list[float], list[float], list[str], list[tuple]]:
     """Pooled per-item (correct, margin, task, key) of a row, in a fixed order."""
     correct, margin, task, keys = [], [], [], []
     for t in sorted(row["eval"]):
@@ -569,8 +576,8 @@ def significance(a: dict, b: dict) -> dict:
 
     out = {"heldout_kl": paired_bootstrap(a["heldout"]["kl_rows"], b["heldout"]["kl_rows"])}
     if "eval" in a and "eval" in b:
-        ca, ma, ta, ka = _items(a)
-        cb, mb, _, kb = _items(b)
+        ca, ma, ta, ka = pooled_items(a)
+        cb, mb, _, kb = pooled_items(b)
         if ka != kb:
             raise ValueError(f"rows {a['name']} and {b['name']} were scored on different items")
         out.update(mcnemar=mcnemar(ca, cb),

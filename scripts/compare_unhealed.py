@@ -10,7 +10,7 @@ with (and resumed by) `layerboost compare`; rows are stored as `unhealed_<row>`.
 import argparse
 import sys
 
-from layerboost.workflows.compare import CompareConfig, Comparison, _row_plans
+from layerboost.workflows.compare import CompareConfig, Comparison, row_plans
 
 
 def main() -> int:
@@ -21,7 +21,7 @@ def main() -> int:
     cfg = CompareConfig.load(args.config)
     c = Comparison(cfg, log=lambda m: print(m, flush=True))
     sens = c.analysis()
-    plans = _row_plans(cfg, sens, sens["n_layers"])
+    plans = row_plans(cfg, sens, sens["n_layers"])
     results = {"base": c.row("base_heldout", None, None, "the original model", light=True)}
     for name, (plan, _, desc) in plans.items():
         if plan is None or isinstance(plan, str):

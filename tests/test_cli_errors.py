@@ -125,8 +125,8 @@ def written_analysis(path, iterative):
     return path
 
 
-HISTORY = [{"step": 0, "removed": 3, "drops": {"0": 0.9, "1": 0.2, "2": 0.5, "3": 0.1, "4": 0.3}},
-           {"step": 1, "removed": 1, "drops": {"0": 1.2, "1": 0.25, "2": 0.6, "4": 0.7}}]
+HISTORY = [{"step": 0, "removed": 3, "scores": {"0": 0.9, "1": 0.2, "2": 0.5, "3": 0.1, "4": 0.3}},
+           {"step": 1, "removed": 1, "scores": {"0": 1.2, "1": 0.25, "2": 0.6, "4": 0.7}}]
 
 
 def test_plan_ranks_by_the_iterative_history_unless_told_otherwise(tmp_path, capsys):

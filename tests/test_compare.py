@@ -10,6 +10,9 @@ import pytest
 
 import layerboost as lb
 from layerboost.workflows import compare as C
+from layerboost.workflows.compare.config import CURVE_ROWS
+from layerboost.workflows.compare.rows import plan_hash
+from layerboost.workflows.run import ConfigError
 from layerboost import plan as P
 from layerboost.evaluate import Partition, prepare_task
 from layerboost.stats import mcnemar, paired_bootstrap
@@ -110,13 +113,13 @@ def test_random_and_pattern_plans_keep_counts():
 
 
 def test_config_errors_listed_together():
-    with pytest.raises(C.ConfigError) as e:
+    with pytest.raises(ConfigError) as e:
         C.CompareConfig.from_dict({"rows": ["base", "magic"], "score": "vibes", "heal": {"options": {"lr": -1}},
                                    "eval": {"limit": 0}})
     msg = str(e.value)
     for part in ("unknown row 'magic'", "score: 'vibes'", "lr must be > 0", "eval.limit must be >= 1"):
         assert part in msg
-    with pytest.raises(C.ConfigError) as e:  # a seed row repeats a healed row listed before it
+    with pytest.raises(ConfigError) as e:  # a seed row repeats a healed row listed before it
         C.CompareConfig.from_dict({"rows": ["layerboost_seed1", "layerboost", "random", "random_seed2"]})
     assert str(e.value).count("repeats a healed row listed before it") == 2
     assert C.CompareConfig.from_dict({"rows": ["base", "signal_iterative"], "score": "cosine"}).score == "cosine"
@@ -186,7 +189,7 @@ def test_every_row_end_to_end_and_resume(tiny_dir, tmp_path, one_thread):
     kls = sorted((res[f"random_s{s}"]["heldout"]["kl"], s) for s in range(3))
     assert res["random"]["plan"] == res[f"random_s{kls[1][1]}"]["plan"]
     # healing curves: probes at 0 and at the end for rows 3 and 4; healing lowers held-out KL here
-    for n in C.CURVE_ROWS:
+    for n in CURVE_ROWS:
         curve = res[n]["heal"]["curve"]
         assert [p["tokens"] for p in curve][0] == 0 and curve[-1]["tokens"] == 512
         assert curve[0]["kl"] == pytest.approx(res["converted"]["heldout"]["kl"], rel=1e-3)
@@ -195,7 +198,7 @@ def test_every_row_end_to_end_and_resume(tiny_dir, tmp_path, one_thread):
     assert (out / "accuracy_vs_speed.png").is_file() and (out / "healing_curves.png").is_file()
     # a rerun resumes everything: no row is recomputed
     (out / "rows" / "pattern.json").unlink()
-    speed = out / "bench" / f"{C._plan_hash(lb.LayerPlan.from_dict(res['converted']['plan']))}.json"
+    speed = out / "bench" / f"{plan_hash(lb.LayerPlan.from_dict(res['converted']['plan']))}.json"
     speed.unlink()  # deleted speed files are measured again (e.g. on a quiet machine), nothing else is
     seen = []
     C.compare(tiny_compare(tiny_dir, out), log=seen.append)
@@ -213,7 +216,7 @@ def test_every_row_end_to_end_and_resume(tiny_dir, tmp_path, one_thread):
     # other settings in the same folder are refused
     cfg = tiny_compare(tiny_dir, out)
     cfg.window = 4
-    with pytest.raises(C.ConfigError, match="other settings"):
+    with pytest.raises(ConfigError, match="other settings"):
         C.compare(cfg)
 
 
@@ -246,5 +249,5 @@ def test_accuracy_dtype_changes_until_a_row_is_scored(tiny_dir, tmp_path, one_th
     assert "weights in bfloat16" in md and "held-out text and WikiText-2 in float32" in md
     # once a row is scored, changing them mixes two settings in one table: refused
     cfg = tiny_compare(tiny_dir, out, rows=["base", "converted"])
-    with pytest.raises(C.ConfigError, match=r"other settings \(eval\)"):
+    with pytest.raises(ConfigError, match=r"other settings \(eval\)"):
         C.compare(cfg, log=lambda *a: None)

@@ -100,7 +100,7 @@ def test_pipeline_artefacts_consistent_and_resumable(tiny_dir, tmp_path, monkeyp
     # the default ranking: the KL proxy re-measured after each removal, for the plan's one attention-free layer
     hist = sens["iterative"]["history"]
     assert cfg.analyze.iterative == "auto" and sens["iterative"]["score"] == "kl" and len(hist) == 1
-    assert hist[0]["drops"] == pytest.approx({str(i): v for i, v in enumerate(sens["proxies"]["kl"])})
+    assert hist[0]["scores"] == pytest.approx({str(i): v for i, v in enumerate(sens["proxies"]["kl"])})
     scores = S.iterative_scores(hist, 4)
     assert cfg.plan.score == "kl" and plan.table(scores) in md  # the score that chose the plan
     assert "then 1 layer removed one at a time by the kl score" in md and "nats/token, iterative." in md

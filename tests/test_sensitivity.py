@@ -150,12 +150,12 @@ def test_iterative_removal(model, prepared):
     hist = S.iterative_removal(model, items, 2, progress=False)  # ranks by the gold-margin drop by default
     assert len(hist) == 2 and hist[0]["removed"] != hist[1]["removed"]
     for h in hist:  # each step removes the layer whose removal costs the least margin, ties to the lowest index
-        assert h["removed"] == min(h["drops"], key=lambda i: (h["drops"][i], i))
-    assert hist[0]["removed"] not in hist[1]["drops"]  # re-measured without the removed layer
-    assert len(hist[1]["drops"]) == len(hist[0]["drops"]) - 1
+        assert h["removed"] == min(h["scores"], key=lambda i: (h["scores"][i], i))
+    assert hist[0]["removed"] not in hist[1]["scores"]  # re-measured without the removed layer
+    assert len(hist[1]["scores"]) == len(hist[0]["scores"]) - 1
     by_drop = S.iterative_removal(model, items, 1, score="drop", progress=False)
-    assert by_drop[0]["drops"] != hist[0]["drops"]  # another key: accuracy drops, not margins
-    one_shot = {int(k): v for k, v in hist[0]["drops"].items()}
+    assert by_drop[0]["scores"] != hist[0]["scores"]  # another key: accuracy drops, not margins
+    one_shot = {int(k): v for k, v in hist[0]["scores"].items()}
     dis = S.ranking_disagreements(one_shot, hist)
     assert all(d["step"] == 1 for d in dis)  # step 0 follows the one-shot ranking by construction
 
@@ -201,7 +201,7 @@ def test_cli_analyze_and_plan(tmp_path, tok, model):
     res = json.loads((tmp_path / "a" / "sensitivity.json").read_text())
     hist = res["iterative"]["history"]  # LLM-Drop's iterative dropping: the cosine proxy re-measured
     assert res["iterative"]["score"] == "cosine" and len(hist) == 2
-    assert hist[0]["drops"] == pytest.approx({str(i): c for i, c in enumerate(res["proxies"]["cosine"])})  # = one-shot
+    assert hist[0]["scores"] == pytest.approx({str(i): c for i, c in enumerate(res["proxies"]["cosine"])})  # = one-shot
     assert len(list((tmp_path / "a" / "iterative_cosine").glob("step_*.json"))) == 2
     assert len(res["sensitivity"]) == 4 and set(res["proxies"]["spearman_vs_drop"]) == {"kl", "cosine", "margin"}
     assert (tmp_path / "a" / "sensitivity.png").stat().st_size > 1000
@@ -227,8 +227,8 @@ def test_cli_analyze_and_plan(tmp_path, tok, model):
 
 def test_iterative_ranking_puts_removed_layers_first_in_order():
     # step 0 removed layer 3, step 1 layer 1 (re-measured with 3 removed); the last step's scores rank the rest
-    hist = [{"removed": 3, "drops": {"0": 0.9, "1": 0.2, "2": 0.5, "3": 0.1, "4": 0.3}},
-            {"removed": 1, "drops": {"0": 1.2, "1": 0.25, "2": 0.6, "4": 0.7}}]
+    hist = [{"removed": 3, "scores": {"0": 0.9, "1": 0.2, "2": 0.5, "3": 0.1, "4": 0.3}},
+            {"removed": 1, "scores": {"0": 1.2, "1": 0.25, "2": 0.6, "4": 0.7}}]
     scores = S.iterative_scores(hist, 5)
     order = sorted(range(5), key=lambda i: scores[i])  # least sensitive first
     assert order == [3, 1, 2, 4, 0]  # removal order, then by the last step (2 < 4 there, 4 < 2 one-shot)
@@ -275,15 +275,56 @@ def test_iterative_kl_against_brute_force(tmp_path, one_thread):
         return (base.exp() * (base - lp)).sum(-1).mean().item()
 
     first = hist[0]["removed"]
-    for i, v in hist[0]["drops"].items():
+    for i, v in hist[0]["scores"].items():
         assert v == pytest.approx(kl_without({i}), rel=1e-4, abs=1e-6)
-    assert first == min(hist[0]["drops"], key=hist[0]["drops"].get)
-    assert hist[1]["removed_before"] == [first] and first not in hist[1]["drops"]
-    for i, v in hist[1]["drops"].items():
+    assert first == min(hist[0]["scores"], key=hist[0]["scores"].get)
+    assert hist[1]["removed_before"] == [first] and first not in hist[1]["scores"]
+    for i, v in hist[1]["scores"].items():
         assert v == pytest.approx(kl_without({first, i}), rel=1e-4, abs=1e-6)
     again = S.iterative_proxy(m, calib, 2, score="kl", batch=2, out_dir=tmp_path, progress=False)  # read back
     assert [h["removed"] for h in again] == [h["removed"] for h in hist]
     assert sorted(p.name for p in (tmp_path / "iterative_kl").iterdir()) == ["step_00.json", "step_01.json"]
+
+
+@torch.no_grad()
+def test_iterative_steps_resume_from_their_files_in_either_schema(tmp_path, one_thread):
+    """A step file is read back, not re-measured: one rewritten in schema 1 ("drops") with other scores
+    changes the next run's picks to those scores."""
+    m = tiny_model("llama", layers=5, seed=3)
+    calib = torch.randint(3, 128, (3, 20), generator=torch.Generator().manual_seed(4))
+    hist = S.iterative_proxy(m, calib, 2, score="kl", batch=2, out_dir=tmp_path, progress=False)
+    f = tmp_path / "iterative_kl" / "step_00.json"
+    saved = json.loads(f.read_text())
+    other = max(saved["scores"], key=saved["scores"].get)  # the most sensitive layer, made the least
+    fake = {k: (-1.0 if k == other else v) for k, v in saved["scores"].items()}
+    f.write_text(json.dumps({"removed_before": [], "drops": fake, "n_calib": saved["n_calib"]}))
+    again = S.iterative_proxy(m, calib, 1, score="kl", batch=2, out_dir=tmp_path, progress=False)
+    assert int(other) != hist[0]["removed"] and again[0]["removed"] == int(other) and again[0]["score"] == -1.0
+
+
+def test_schema1_analysis_reads_as_the_current_schema(tmp_path):
+    """Schema 1 called every iterative score a "drop"; such a file loads with schema 2's names and ranks alike."""
+    hist = [{"step": 0, "removed": 3, "score": 0.1, "scores": {"0": 0.9, "1": 0.2, "2": 0.5, "3": 0.1, "4": 0.3},
+             "removed_before": []},
+            {"step": 1, "removed": 1, "score": 0.25, "scores": {"0": 1.2, "1": 0.25, "2": 0.6, "4": 0.7},
+             "removed_before": [3]}]
+    dis = [{"step": 1, "one_shot": 4, "iterative": 1, "one_shot_score": 0.3, "iterative_score": 0.25}]
+    res = {"schema_version": S.SCHEMA_VERSION, "n_layers": 5, "sensitivity": [0.0] * 5,
+           "proxies": {"kl": [0.9, 0.2, 0.5, 0.1, 0.3], "cosine": [0.1] * 5},
+           "iterative": {"score": "kl", "history": hist, "disagreements": dis}}
+    old_names = {v: k for k, v in S.SCHEMA1_KEYS.items()}
+    old = {**res, "schema_version": 1,
+           "iterative": {"score": "kl", "history": [{old_names.get(k, k): v for k, v in h.items()} for h in hist],
+                         "disagreements": [{old_names.get(k, k): v for k, v in d.items()} for d in dis]}}
+    assert "drops" in old["iterative"]["history"][0] and "one_shot_drop" in old["iterative"]["disagreements"][0]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    (tmp_path / "new.json").write_text(json.dumps(res))
+    loaded = S.load_sensitivity(tmp_path / "old.json")
+    assert loaded == S.load_sensitivity(tmp_path / "new.json") == res
+    assert S.plan_scores(loaded, "kl") == S.iterative_scores(hist, 5)
+    (tmp_path / "future.json").write_text(json.dumps({**res, "schema_version": 3}))
+    with pytest.raises(S.AnalysisError, match="schema_version 1 or 2"):
+        S.load_sensitivity(tmp_path / "future.json")
 
 
 @torch.no_grad()
@@ -313,11 +354,11 @@ def test_iterative_cosine_against_hf_forward(tmp_path, one_thread):
     removed = []
     for h in hist:
         ref = cosines_without(set(removed))
-        assert h["removed_before"] == removed and set(h["drops"]) == set(range(5)) - set(removed)
-        for i, val in h["drops"].items():
+        assert h["removed_before"] == removed and set(h["scores"]) == set(range(5)) - set(removed)
+        for i, val in h["scores"].items():
             assert val == pytest.approx(ref[i], rel=1e-4, abs=1e-6), (h["step"], i)
-        assert h["removed"] == min(h["drops"], key=lambda i: (h["drops"][i], i))
+        assert h["removed"] == min(h["scores"], key=lambda i: (h["scores"][i], i))
         removed.append(h["removed"])
     first_alone = S.cosine_proxy(m, calib, batch=2)
-    assert hist[1]["drops"] != {i: first_alone[i] for i in hist[1]["drops"]}  # re-measured, not the one-shot scores
+    assert hist[1]["scores"] != {i: first_alone[i] for i in hist[1]["scores"]}  # re-measured, not the one-shot scores
     assert sorted(p.name for p in (tmp_path / "iterative_cosine").iterdir()) == [f"step_0{k}.json" for k in range(3)]

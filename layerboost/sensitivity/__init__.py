@@ -15,11 +15,11 @@ tokens x hidden_size x 4 bytes (fp32), e.g. ~0.5 GB for 1000 items of SmolLM2-13
 The package, module by module: store (files), items (the layer pass on items), proxies, iterative,
 ranking (scores and rankings a plan uses), analysis (`analyze`)."""
 
-from .store import SCHEMA_VERSION, AnalysisError, load_sensitivity, check_analysis_dir, LayerResult, Store
+from .store import SCHEMA1_KEYS, SCHEMA_VERSION, AnalysisError, load_sensitivity, check_analysis_dir, LayerResult, Store
 from .items import PackedItem, items_from_tasks, Seqs, pack, LayerRunner, variant, loglikelihoods, read_outputs, item_scores, mean_se, compare_scores, layer_sensitivity
 from .proxies import base_logprobs, kl_proxy, cosine_proxy, spearman, calibration_tokens
 from .iterative import iterative_removal, iterative_proxy, remove_iteratively, ranking_disagreements, check_steps
 from .ranking import PLAN_SCORES, PROXY_SCORES, plan_scores, ranking_used, auto_measures, iterative_steps_for, iterative_problems, iterative_scores
 from .analysis import analyze, sensitivity_table
 
-__all__ = ["AnalysisError", "LayerResult", "LayerRunner", "PLAN_SCORES", "PROXY_SCORES", "PackedItem", "SCHEMA_VERSION", "Seqs", "Store", "analyze", "auto_measures", "base_logprobs", "calibration_tokens", "check_analysis_dir", "check_steps", "compare_scores", "cosine_proxy", "item_scores", "items_from_tasks", "iterative_problems", "iterative_proxy", "iterative_removal", "iterative_scores", "iterative_steps_for", "kl_proxy", "layer_sensitivity", "load_sensitivity", "loglikelihoods", "mean_se", "pack", "plan_scores", "ranking_disagreements", "ranking_used", "read_outputs", "remove_iteratively", "sensitivity_table", "spearman", "variant"]
+__all__ = ["AnalysisError", "LayerResult", "LayerRunner", "PLAN_SCORES", "PROXY_SCORES", "PackedItem", "SCHEMA1_KEYS", "SCHEMA_VERSION", "Seqs", "Store", "analyze", "auto_measures", "base_logprobs", "calibration_tokens", "check_analysis_dir", "check_steps", "compare_scores", "cosine_proxy", "item_scores", "items_from_tasks", "iterative_problems", "iterative_proxy", "iterative_removal", "iterative_scores", "iterative_steps_for", "kl_proxy", "layer_sensitivity", "load_sensitivity", "loglikelihoods", "mean_se", "pack", "plan_scores", "ranking_disagreements", "ranking_used", "read_outputs", "remove_iteratively", "sensitivity_table", "spearman", "variant"]

@@ -114,7 +114,7 @@ def analyze(
         one_shot = {"drop": drops, "margin": result["sensitivity_margin"], "kl": proxies.get("kl"),
                     "cosine": proxies.get("cosine")}[iterative_score]
         result["iterative"] = {
-            "history": [{k: (v if k != "drops" else {str(a): b for a, b in v.items()}) for k, v in h.items()}
+            "history": [{k: (v if k != "scores" else {str(a): b for a, b in v.items()}) for k, v in h.items()}
                         for h in hist],
             "score": iterative_score,
             "disagreements": ranking_disagreements(dict(enumerate(one_shot)), hist) if one_shot is not None else [],

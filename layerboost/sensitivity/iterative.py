@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ..plan import LayerSpec
 from ..util import write_json
-from .store import AnalysisError
+from .store import AnalysisError, schema1_renamed
 from .items import LayerRunner, PackedItem, layer_sensitivity, variant
 from .proxies import base_logprobs, cosine_proxy, kl_proxy
 from .ranking import PROXY_SCORES
@@ -27,7 +27,7 @@ def iterative_removal(model: nn.Module, items: list[PackedItem], steps: int, *, 
     most layers at 0 and once removed layer 0, the costliest layer by KL, first) or "drop".
 
     Returns:
-        one dict per step: the layer removed, its drop when removed, and all remaining layers' drops.
+        one dict per step: the layer removed, its score when removed, and all remaining layers' scores.
     """
     def measure(step, remaining, removed):
         sub = Path(out_dir) / "iterative" / f"step_{step:02d}" if out_dir else None
@@ -51,7 +51,7 @@ def _remove_greedily(runner: LayerRunner, steps: int, measure) -> list[dict]:
             remaining = [i for i in range(len(runner.layers)) if i not in removed]
             scores = measure(step, remaining, list(removed))
             pick = min(remaining, key=lambda i: (scores[i], i))
-            history.append({"step": step, "removed": pick, "drop": scores[pick], "drops": scores,
+            history.append({"step": step, "removed": pick, "score": scores[pick], "scores": scores,
                             "removed_before": list(removed)})
             removed.append(pick)
             stack.enter_context(variant(runner, pick, LayerSpec("none")))
@@ -86,12 +86,14 @@ def iterative_proxy(model: nn.Module, calib: torch.Tensor, steps: int, *, score:
     def measure(step, remaining, removed):
         f = Path(out_dir) / f"iterative_{score}" / f"step_{step:02d}.json" if out_dir else None
         saved = json.loads(f.read_text()) if f is not None and f.is_file() else None
+        if saved is not None:
+            saved = schema1_renamed(saved)
         if saved is not None and saved["removed_before"] == removed and saved["n_calib"] == list(calib.shape):
-            return {int(k): v for k, v in saved["drops"].items()}
+            return {int(k): v for k, v in saved["scores"].items()}
         scores = dict(zip(remaining, proxy(remaining)))
         if f is not None:
             f.parent.mkdir(parents=True, exist_ok=True)
-            write_json(f, {"removed_before": removed, "drops": {str(k): v for k, v in scores.items()},
+            write_json(f, {"removed_before": removed, "scores": {str(k): v for k, v in scores.items()},
                            "n_calib": list(calib.shape)})
         return scores
 
@@ -118,7 +120,7 @@ def ranking_disagreements(one_shot: dict[int, float], history: list[dict]) -> li
         expected = min(left, key=lambda i: (one_shot[i], i))
         if expected != h["removed"]:
             out.append({"step": h["step"], "one_shot": expected, "iterative": h["removed"],
-                        "one_shot_drop": one_shot[expected], "iterative_drop": h["drop"]})
+                        "one_shot_score": one_shot[expected], "iterative_score": h["score"]})
     return out
 
 

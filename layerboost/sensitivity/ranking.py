@@ -113,7 +113,7 @@ def iterative_scores(history: list[dict], n_layers: int) -> list[float]:
     A removed layer's value is min(0, lowest remaining score) - (steps left when it was removed): a rank,
     not a measurement."""
     removed = [h["removed"] for h in history]
-    last = {int(k): v for k, v in history[-1]["drops"].items()} if history else {}
+    last = {int(k): v for k, v in history[-1]["scores"].items()} if history else {}
     remaining = [last[i] for i in range(n_layers) if i not in removed]
     floor = min([0.0, *remaining])
     out = [last.get(i, 0.0) for i in range(n_layers)]

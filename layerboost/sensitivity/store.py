@@ -10,7 +10,9 @@ from pathlib import Path
 from ..util import write_json
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# schema 1 called every iterative score a "drop", KL and cosine too; schema 2 says "score"
+SCHEMA1_KEYS = {"drop": "score", "drops": "scores", "one_shot_drop": "one_shot_score", "iterative_drop": "iterative_score"}
 
 
 class AnalysisError(RuntimeError):
@@ -31,10 +33,21 @@ def load_sensitivity(path) -> dict:
         res = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise AnalysisError(f"{path} is not readable JSON ({e}): pass the sensitivity.json `layerboost analyze` wrote") from e
-    if not isinstance(res, dict) or res.get("schema_version") != SCHEMA_VERSION or not isinstance(res.get("sensitivity"), list):
-        raise AnalysisError(f"{path} is not a sensitivity result (no 'sensitivity' list, schema_version {SCHEMA_VERSION}): "
-                            "pass the sensitivity.json `layerboost analyze` wrote")
+    if not isinstance(res, dict) or res.get("schema_version") not in (1, SCHEMA_VERSION) \
+            or not isinstance(res.get("sensitivity"), list):
+        raise AnalysisError(f"{path} is not a sensitivity result (no 'sensitivity' list, schema_version 1 or "
+                            f"{SCHEMA_VERSION}): pass the sensitivity.json `layerboost analyze` wrote")
+    if res["schema_version"] == 1 and "iterative" in res:
+        it = res["iterative"]
+        it["history"] = [schema1_renamed(h) for h in it.get("history", [])]
+        it["disagreements"] = [schema1_renamed(d) for d in it.get("disagreements", [])]
+    res["schema_version"] = SCHEMA_VERSION
     return res
+
+
+def schema1_renamed(entry: dict) -> dict:
+    """An iterative step (a history entry, a step file, a disagreement) with schema 1's key names renamed."""
+    return {SCHEMA1_KEYS.get(k, k): v for k, v in entry.items()}
 
 
 def check_analysis_dir(out, settings: dict) -> None:

@@ -84,6 +84,13 @@ def _load(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _sensitivity(run_dir: Path) -> dict | None:
+    from ..sensitivity import load_sensitivity
+
+    f = run_dir / "analyze" / "sensitivity.json"
+    return load_sensitivity(f) if f.is_file() else None
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -163,8 +170,7 @@ def write_report(run_dir: str | Path) -> Path:
     if cfg:
         lines += ["<details><summary>config</summary>", "", "```yaml", yaml.safe_dump(cfg, sort_keys=False).rstrip(),
                   "```", "", "</details>", ""]
-
-    sens = _load(d / "analyze" / "sensitivity.json")
+    sens = _sensitivity(d)
     lines += ["## 1. Layer sensitivity", ""]
     if sens:
         n, score, used = sens["items_per_task"], *_plan_ranking(cfg, sens)

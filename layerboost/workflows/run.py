@@ -379,7 +379,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     from ..plan import LayerPlan
     from .report import plot_sensitivity, table_scores, write_report
     from ..bench import bench_side_by_side
-    from ..sensitivity import analyze, iterative_steps_for, plan_scores, ranking_used
+    from ..sensitivity import analyze, iterative_steps_for, load_sensitivity, plan_scores, ranking_used
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -405,7 +405,7 @@ def run(cfg: RunConfig, log=print) -> Path:
         return {"sensitivity": str(r.dir / "analyze" / "sensitivity.json")}
 
     r.run_stage("analyze", do_analyze)
-    sens = json.loads((r.dir / "analyze" / "sensitivity.json").read_text())
+    sens = load_sensitivity(r.dir / "analyze" / "sensitivity.json")
 
     def do_plan():
         p = cfg.plan

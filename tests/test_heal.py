@@ -28,6 +28,7 @@ from layerboost.corpus import PackedRows, TrainingDataError, documents, parse_to
 from layerboost.cli.heal import add_heal_arguments  # noqa: E402
 from layerboost.heal import (HealConfig, HealConfigError, attention_mse,  # noqa: E402
                              build_hybrid, distill_kl, heal, merge_and_save)
+from layerboost.heal.train import lr_at  # noqa: E402
 
 KINDS = ["softmax", "swa", "none", "linear_swa"]
 WINDOW = 8
@@ -125,6 +126,35 @@ def test_resume_keys_of_earlier_versions_still_match():
     other = json.loads(json.dumps(key))
     other["config"]["fsdp"] = True
     assert HealConfig.upgrade_key(other) != key
+
+
+def test_learning_rate_schedules():
+    """Values read off each shape by hand: 10 steps, 2 of warm-up (0.5, 1.0 of the peak), then 8 steps from the
+    peak toward 10% of it (step k of 8 after warm-up: cosine 0.1 + 0.45 (1 + cos(pi k / 8)), linear 1 - 0.9 k / 8)."""
+    peak = 2.0
+    for schedule in ("cosine", "linear", "constant"):
+        assert [lr_at(s, 10, peak, 0.2, schedule) for s in (0, 1, 2)] == pytest.approx([1.0, 2.0, 2.0])
+    assert lr_at(6, 10, peak, 0.2, "cosine") == pytest.approx(peak * 0.55)  # halfway: cos(pi/2) = 0
+    assert lr_at(4, 10, peak, 0.2, "cosine") == pytest.approx(peak * (0.1 + 0.45 * (1 + 2 ** -0.5)))
+    assert lr_at(6, 10, peak, 0.2, "linear") == pytest.approx(peak * 0.55)
+    assert lr_at(4, 10, peak, 0.2, "linear") == pytest.approx(peak * (1 - 0.9 * 2 / 8))
+    assert lr_at(9, 10, peak, 0.2, "linear") == pytest.approx(peak * (1 - 0.9 * 7 / 8))
+    assert lr_at(10, 10, peak, 0.2, "cosine") == lr_at(50, 10, peak, 0.2, "linear") == pytest.approx(0.2)
+    assert {lr_at(s, 10, peak, 0.2, "constant") for s in range(2, 12)} == {peak}
+    with pytest.raises(HealConfigError, match="schedule must be one of cosine, linear, constant"):
+        HealConfig(tokens="10k", schedule="step")
+    assert "schedule" not in HealConfig(tokens="10k").to_dict()  # the first recipe's value: old keys still match
+    assert HealConfig(tokens="10k", schedule="linear").to_dict()["schedule"] == "linear"
+
+
+def test_schedule_shapes_stage_2_only(tmp_path):
+    out = _heal(tmp_path, "o", 1280, attn_fraction=0.4, schedule="constant", warmup=0.0, lr=2e-3, attn_lr=1e-3)
+    log = _log(out)
+    attn = [r["lr"] for r in log if r.get("stage") == "attn"]
+    kd = [r["lr"] for r in log if r.get("stage") == "kd"]
+    assert len(attn) == 2 and len(kd) == 3
+    assert attn[0] == pytest.approx(1e-3) and attn[1] == pytest.approx(1e-3 * 0.55)  # stage 1: cosine
+    assert kd == pytest.approx([2e-3] * 3)
 
 
 def test_cli_arguments_build_a_config():

@@ -13,6 +13,7 @@ PAPER_TOKENS = 10_000_000  # the paper heals with 10M tokens
 STATE_SCHEMA = 1
 STAGES = ("attn", "block", "kd", "done")  # a recipe runs "attn" or "block" (the local stage), then "kd"
 LOCAL_STAGES = ("attn", "block")
+SCHEDULES = ("cosine", "linear", "constant")  # stage 2's learning rate after the warm-up
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -46,7 +47,9 @@ class HealConfig:
     seed: int = _f(0, "data order and LoRA init")
     attn_lr: float = _f(1e-3, "stage-1 peak learning rate (linear warm-up, cosine to 10%)")
     attn_lora: bool = _f(True, "stage 1 also trains the LoRA adapters on q/k/v/o of the windowed layers")
-    lr: float = _f(3e-3, "stage-2 peak learning rate (linear warm-up, cosine to 10%)")
+    lr: float = _f(3e-3, "stage-2 peak learning rate (linear warm-up, then the schedule)")
+    schedule: str = _f("cosine", "stage-2 learning rate after the warm-up: cosine or linear decay to 10% of the peak, "
+                       "or constant (stage 1 always decays by cosine)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     warmup: float = _f(0.05, "share of each stage's steps spent warming the learning rate up")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: none)")
@@ -110,6 +113,8 @@ class HealConfig:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.ce_weight < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             problems.append("ce_weight, weight_decay and max_grad_norm must be >= 0")
+        if self.schedule not in SCHEDULES:
+            problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.local not in LOCAL_STAGES:
             problems.append(f"local must be one of {', '.join(LOCAL_STAGES)}, got {self.local!r}")
         if self.weights_dtype not in ("float32", "bfloat16"):
@@ -138,15 +143,14 @@ class HealConfig:
         return {self.local: local, "kd": self.tokens - local}
 
     def to_dict(self) -> dict:
-        """Every field, except those added with the block stage and the teacher cache while they
-        hold the values that give the earlier recipe: settings recorded before them (a heal run's resume key,
-        a comparison's resolved settings) still match."""
+        """Every field, except those added since the first recipe while they hold the values that give it:
+        settings recorded before them (a heal run's resume key, a comparison's resolved settings) still match."""
         d = dataclasses.asdict(self)
         d["lora_targets"] = list(self.lora_targets)
         if d["local"] == "attn":  # block_fraction and block_lr change nothing then
             del d["block_fraction"], d["block_lr"]
         for k, v in {"local": "attn", "kd_topk": 0, "teacher_cache": None, "teacher_cache_blocks": True,
-                     "parallel": "replicate", "weights_dtype": "float32"}.items():
+                     "parallel": "replicate", "weights_dtype": "float32", "schedule": "cosine"}.items():
             if d[k] == v:
                 del d[k]
         return d

@@ -31,13 +31,15 @@ from .losses import attn_step, block_step, kd_step, probe
 from .student import Hybrid, build_hybrid, heal_params, stage_params
 
 
-def _lr_at(step: int, total: int, peak: float, warmup: float) -> float:
-    """Linear warm-up over `warmup` of the steps, then cosine from `peak` down to 10% of it."""
+def lr_at(step: int, total: int, peak: float, warmup: float, schedule: str = "cosine") -> float:
+    """The learning rate of step `step` (from 0) of `total`: linear warm-up over `warmup` of the steps, then
+    `peak` decayed to 10% of it by a cosine or a straight line, or held (constant)."""
     w = math.ceil(warmup * total)
     if step < w:
         return peak * (step + 1) / w
-    frac = (step - w) / max(1, total - w)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac))))
+    frac = min(1.0, (step - w) / max(1, total - w))
+    decay = {"cosine": 0.5 * (1 + math.cos(math.pi * frac)), "linear": 1 - frac, "constant": 1.0}[schedule]
+    return peak * (0.1 + 0.9 * decay)
 
 
 def _micro_batch_spans(rows: list[torch.Tensor], size: int) -> Iterator[tuple[int, int]]:
@@ -117,7 +119,7 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
         rows = _step_rows(run, min(step_tokens, n_tokens - done))
         n_global = sum(len(r) for r in rows)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, total, peak, cfg.warmup)
+            g["lr"] = lr_at(step, total, peak, cfg.warmup, cfg.schedule if stage == "kd" else "cosine")
         stats, den = _step_gradients(run, stage, rows, first_row, scaler)
         if scaler is not None:
             scaler.unscale_(opt)

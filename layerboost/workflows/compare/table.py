@@ -97,7 +97,8 @@ def write_comparison(out: Path, results: dict, cfg: CompareConfig, sens: dict) -
     lines += [f"![{p.stem}]({p.name})" for p in figs] + [""]
     lines += ["## Rows", ""] + [f"- `{n}`: {r['description']}" + (f" ({r['seconds']:.0f} s)" if "seconds" in r else "")
                                 for n, r in results.items()] + [""]
-    write_json(out / "comparison.json", {"rows": results, "significance": sig, "config": dataclasses.asdict(cfg)}, default=str)
+    write_json(out / "comparison.json", {"rows": results, "significance": sig, "config": dataclasses.asdict(cfg)},
+               default=str)
     path = out / "comparison.md"
     path.write_text("\n".join(lines))
     return path

@@ -1,0 +1,192 @@
+"""The stage-2 learning-rate schedule for long budgets, chosen on a selection slice of held-out text.
+
+Every arm heals the same plan and data order by logit distillation alone (so the whole budget is stage 2),
+differing only in the peak learning rate and the shape after the warm-up. Quality is read on the selection
+slice: held-out rows that follow the reported slice (the first --reported-tokens of held-out text, which the
+curve and the comparison report on, are never read here). The arm with the lowest KL at the end is the pick;
+paired bootstrap over the selection rows tests each arm against the current default.
+
+    heal     each arm to --tokens, probed on the selection slice along the way; resumes after a kill
+    report   schedule.json and schedule.png, a printed table
+
+    python scripts/heal_schedule.py heal --tokens 1M --out runs/heal_schedule      # hours: run in the background
+    python scripts/heal_schedule.py report --out runs/heal_schedule --docs docs/heal-schedule-smollm2-135m
+    python scripts/heal_schedule.py heal --smoke --out runs/heal_schedule_smoke    # tiny budget, proves it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_ARM = "cosine_3e-3"  # HealConfig's defaults
+ARMS = {
+    "cosine_3e-3": {"schedule": "cosine", "lr": 3e-3},
+    "constant_3e-3": {"schedule": "constant", "lr": 3e-3},
+    "linear_3e-3": {"schedule": "linear", "lr": 3e-3},
+    "cosine_1e-3": {"schedule": "cosine", "lr": 1e-3},
+}
+
+
+def selection_rows(tok, data: str, reported_tokens: int, tokens: int, seq_len: int) -> torch.Tensor:
+    """Held-out rows after the reported slice: the first ceil(reported / seq_len) rows are skipped."""
+    from layerboost.corpus import heldout_rows
+
+    skip = -(-reported_tokens // seq_len)
+    return heldout_rows(tok, data, skip * seq_len + tokens, seq_len)[skip:]
+
+
+def _plan(base, window: int):
+    import layerboost as lb
+
+    n = base.config.num_hidden_layers
+    return lb.LayerPlan.from_kinds([("softmax", "swa", "none")[i % 3] for i in range(n)], window=window)
+
+
+def heal_arms(args) -> int:
+    import layerboost as lb
+    from layerboost.data import default_data_dir
+    from layerboost.heal import HealConfig, heal
+
+    data = args.data or str(default_data_dir() / "corpus")
+    out = Path(args.out)
+    settings = {"tokens": args.tokens, "attn_distill": False, "precision": "bf16", "weights_dtype": "bfloat16",
+                "checkpoint_every": args.checkpoint_every}
+    arms = {a: ARMS[a] for a in args.arms.split(",")}
+    for a in arms.values():
+        HealConfig(**settings, **a)  # every arm's settings checked before the model loads
+    base, tok = lb.load_model(args.model)
+    plan = _plan(base, args.window)
+    rows = selection_rows(tok, data, args.reported_tokens, args.probe_tokens, args.seq_len)
+    meta = {"model": args.model, "data": data, "plan": plan.to_dict(), "settings": settings, "arms": ARMS,
+            "selection": {"skipped_reported_tokens": args.reported_tokens, "tokens": int(rows.numel()),
+                          "seq_len": args.seq_len}, "probe_at": args.probe_at, "command": " ".join(sys.argv)}
+    out.mkdir(parents=True, exist_ok=True)
+    old = _read(out / "schedule_settings.json")
+    if old is not None and {k: v for k, v in old.items() if k != "command"} != {k: v for k, v in meta.items() if k != "command"}:
+        raise SystemExit(f"error: {out} holds a study with other settings; use another --out")
+    _write(out / "schedule_settings.json", meta)
+    at = tuple(float(x) for x in args.probe_at.split(","))
+    for name, opts in arms.items():
+        folder = out / name
+        if (folder / "heal.json").is_file():
+            print(f"[schedule] {name}: done", file=sys.stderr)
+            continue
+        t0 = time.perf_counter()
+        print(f"[schedule] {name}: healing to {settings['tokens']} tokens", file=sys.stderr)
+        heal(copy.deepcopy(base), plan, data=data, out=folder, tokenizer=tok, resume=True, probe_rows=rows,
+             probe_at=at, **settings, **opts)
+        print(f"[schedule] {name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+def report(args) -> int:
+    """Each finished arm's end point re-measured per row on the selection slice (KL, agreement, perplexity), the
+    paired tests against the default arm, the probes, the pick; schedule.json and schedule.png."""
+    import layerboost as lb
+    from layerboost.quality import heldout_metrics
+    from layerboost.stats import paired_bootstrap
+
+    out = Path(args.out)
+    meta = _read(out / "schedule_settings.json")
+    if meta is None:
+        raise SystemExit(f"error: {out} holds no study (run the heal phase first)")
+    base, tok = lb.load_model(meta["model"])
+    sel = meta["selection"]
+    rows = selection_rows(tok, meta["data"], sel["skipped_reported_tokens"], sel["tokens"], sel["seq_len"])
+    done = [a for a in meta["arms"] if (out / a / "heal.json").is_file()]
+    ends, curves = {}, {}
+    for a in done:
+        f = out / a / "selection_end.json"
+        if _read(f) is None:
+            model = lb.load(out / a).eval()
+            _write(f, heldout_metrics(base, model, rows))
+        ends[a] = _read(f)
+        curves[a] = [json.loads(x) for x in (out / a / "heal_state" / "log.jsonl").read_text().splitlines()
+                     if '"probe"' in x]
+    tests = {a: paired_bootstrap(ends[a]["kl_rows"], ends[DEFAULT_ARM]["kl_rows"])
+             for a in done if a != DEFAULT_ARM and DEFAULT_ARM in ends}
+    pick = min(ends, key=lambda a: ends[a]["kl"]) if ends else None
+    table = [{"arm": a, **meta["arms"][a], "kl": ends[a]["kl"], "agree": ends[a]["agree"], "ppl": ends[a]["ppl"],
+              "train_s": curves[a][-1]["train_s"] if curves[a] else None,
+              "probes": {p["tokens"]: round(p["kl"], 4) for p in curves[a]}, "vs_default": tests.get(a)} for a in done]
+    record = {"settings": meta, "table": table, "pick": pick, "default": DEFAULT_ARM,
+              "selection_rows": int(rows.shape[0])}
+    _write(out / "schedule.json", record)
+    _plot(curves, out / "schedule.png")
+    for r in table:
+        t = r["vs_default"]
+        vs = f"{t['diff']:+.4f} [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}] p={t['p']:.3g}" if t else "-"
+        print(f"{r['arm']:>14}  KL {r['kl']:.4f}  agree {r['agree']:.3f}  ppl {r['ppl']:.2f}  vs default {vs}")
+    print(f"pick: {pick}")
+    if args.docs:
+        import shutil
+
+        Path(args.docs).mkdir(parents=True, exist_ok=True)
+        for f in ("schedule.json", "schedule.png", "schedule_settings.json"):
+            shutil.copy(out / f, Path(args.docs) / f)
+    return 0
+
+
+def _plot(curves: dict, path: Path) -> None:
+    from layerboost.workflows.report import pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=150)
+    for a, pts in curves.items():
+        ax.plot([p["tokens"] / 1e6 for p in pts], [p["kl"] for p in pts], marker="o", label=a)
+    ax.set_xlabel("healing tokens (millions), logit distillation only")
+    ax.set_ylabel("KL to the base on the selection slice (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _read(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write(path: Path, obj) -> None:
+    from layerboost.util import write_json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, obj)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("phase", choices=["heal", "report"])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default=None, help="training text (default: <data-dir>/corpus)")
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--tokens", default="1M")
+    ap.add_argument("--arms", default=",".join(ARMS))
+    ap.add_argument("--checkpoint-every", type=int, default=50)
+    ap.add_argument("--probe-at", default="0,0.1,0.25,0.5,0.75,1", help="fractions of the budget probed")
+    ap.add_argument("--probe-tokens", type=int, default=16384, help="selection-slice tokens each probe reads")
+    ap.add_argument("--reported-tokens", type=int, default=16384,
+                    help="held-out tokens reported elsewhere (the curve, the comparison): skipped")
+    ap.add_argument("--seq-len", type=int, default=512, help="held-out row length")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="runs/heal_schedule")
+    ap.add_argument("--docs", default=None, help="report: also copy schedule.json / .png here")
+    ap.add_argument("--smoke", action="store_true", help="tiny budget (3k tokens, 1,024 probe tokens, 2 arms)")
+    args = ap.parse_args()
+    if args.smoke:
+        args.tokens, args.probe_tokens, args.probe_at = "3072", 1024, "0,0.5,1"
+        args.arms = "cosine_3e-3,constant_3e-3"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return heal_arms(args) if args.phase == "heal" else report(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

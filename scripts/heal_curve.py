@@ -6,6 +6,8 @@ distillation, probed along the way, then evaluated at chosen points and fitted.
               (heal_state/snapshots/). A killed run resumes where its last checkpoint left it: rerun the command.
     evaluate  the base model and each row at --eval-at tokens (snapshots merged into the hybrid): WikiText-2
               perplexity (every document) and accuracy on the evaluation partition, with per-item records.
+    rate      each stage's training speed on quiet cores (a short heal of the same settings; stop every other
+              job first), so the figure's hours are this CPU's, not the wall time of a heal that shared it
     report    curve.json, curve.png (quality against tokens and against training hours, both rows, the base
               line), the paired tests and a fitted law of the KL gap against tokens; printed as a table.
 
@@ -15,6 +17,7 @@ The rows (both the default recipe; everything else as `layerboost heal` defaults
 
     python scripts/heal_curve.py heal --tokens 2M --out runs/heal_curve          # hours: run in the background
     python scripts/heal_curve.py evaluate --out runs/heal_curve --eval-at 200k,1M,2M
+    python scripts/heal_curve.py rate --out runs/heal_curve                       # minutes, quiet cores
     python scripts/heal_curve.py report --out runs/heal_curve --docs docs/heal-curve-smollm2-135m
     python scripts/heal_curve.py heal --smoke --out runs/heal_curve_smoke       # tiny budget, proves it runs
 """
@@ -77,6 +80,46 @@ def heal_rows(args) -> int:
              probe_at=tuple(p / cfg.tokens for p in points), snapshots=True, **settings, **ROWS[name])
         print(f"[curve] {name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
+
+
+def measure_rates(args) -> int:
+    """Tokens per second of each stage with the curve's settings: one short heal (--rate-steps optimiser steps
+    per stage; the time from the end of each stage's 4th step to its last, so the first steps' warm-up is left
+    out), written to rates.json."""
+    import tempfile
+
+    import layerboost as lb
+    from layerboost.heal import HealConfig, heal
+
+    out = Path(args.out)
+    meta = _read(out / "curve_settings.json")
+    if meta is None:
+        raise SystemExit(f"error: {out} holds no curve (run the heal phase first)")
+    cfg = HealConfig(**meta["settings"])
+    step = cfg.batch_size * cfg.seq_len
+    settings = {**meta["settings"], "tokens": 2 * args.rate_steps * step, "attn_fraction": 0.5, "checkpoint_every": 0}
+    base, tok = lb.load_model(meta["model"])
+    with tempfile.TemporaryDirectory() as tmp:
+        heal(base, lb.LayerPlan.from_dict(meta["plan"]), data=meta["data"], out=Path(tmp) / "h", tokenizer=tok,
+             **settings)
+        log = [json.loads(x) for x in (Path(tmp) / "h" / "heal_state" / "log.jsonl").read_text().splitlines()]
+    rates = {}
+    for stage in ("attn", "kd"):
+        steps = [x for x in log if x.get("stage") == stage][3:]
+        rates[stage] = (steps[-1]["tokens"] - steps[0]["tokens"]) / (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"])
+    record = {"tokens_per_s": rates, "steps_timed": {k: args.rate_steps - 4 for k in rates},
+              "settings": settings, "command": " ".join(sys.argv), "threads": torch.get_num_threads()}
+    _write(out / "rates.json", record)
+    print(json.dumps(record["tokens_per_s"]))
+    return 0
+
+
+def quiet_hours(row: str, tokens: int, settings: dict, rates: dict) -> float:
+    """Training hours to `tokens` at the measured quiet rates: the row's stage-1 tokens, then stage 2."""
+    from layerboost.heal import HealConfig
+
+    local = HealConfig(**settings, **ROWS[row]).stage_tokens["attn"]
+    return (min(tokens, local) / rates["attn"] + max(0, tokens - local) / rates["kd"]) / 3600
 
 
 def _read(path: Path):
@@ -233,20 +276,29 @@ def report(args) -> int:
     record = {"settings": meta, "curves": curves, "evaluations": {n: {t: {k: v for k, v in r.items() if k not in (
         "items", "doc_logliks")} for t, r in e.items()} for n, e in evals.items()}, "tests": tests, "fits": fits,
         "answers": answers}
+    rates = _read(out / "rates.json")
+    hours = {r: [quiet_hours(r, p["tokens"], meta["settings"], rates["tokens_per_s"]) if rates else p["train_s"] / 3600
+                 for p in pts] for r, pts in curves.items()}
+    record["hours"] = {"per_probe": hours, "from": "quiet rates (rates.json)" if rates else "wall clock of the heal",
+                       "rates": rates}
     _write(out / "curve.json", record)
-    plot(curves, evals, out / "curve.png")
+    plot(curves, hours, "training hours at this CPU's quiet rate" if rates else
+         "wall-clock training hours (cores shared; run `rate` for this CPU's)", evals, out / "curve.png")
     print(json.dumps({"answers": answers, "fits": {k: {x: v[x] for x in ("a", "b", "se_b", "points")}
                                                    for k, v in fits.items()}}, indent=1))
     if args.docs:
         import shutil
 
         Path(args.docs).mkdir(parents=True, exist_ok=True)
-        for f in ("curve.json", "curve.png"):
-            shutil.copy(out / f, Path(args.docs) / f)
+        for f in ("curve.json", "curve.png", "curve_settings.json", "rates.json"):
+            if (out / f).is_file():
+                shutil.copy(out / f, Path(args.docs) / f)
+        for r in rows:  # every step and probe of each row's heal
+            shutil.copy(out / r / "heal_state" / "log.jsonl", Path(args.docs) / f"{r}_log.jsonl")
     return 0
 
 
-def plot(curves: dict, evals: dict, path: Path) -> None:
+def plot(curves: dict, hours: dict, hours_label: str, evals: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,9 +307,8 @@ def plot(curves: dict, evals: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for r, pts in curves.items():
         tok = [max(p["tokens"], 1) / 1e6 for p in pts]
-        hours = [p["train_s"] / 3600 for p in pts]
         axes[0].plot(tok, [p["kl"] for p in pts], marker="o", label=r)
-        axes[1].plot(hours, [p["kl"] for p in pts], marker="o", label=r)
+        axes[1].plot(hours[r], [p["kl"] for p in pts], marker="o", label=r)
         wk = sorted((int(n.rpartition("_")[2]) / 1e6, e["wikitext"]["word_perplexity"]) for n, e in evals.items()
                     if n.rpartition("_")[0] == r and "wikitext" in e)
         if wk:
@@ -266,7 +317,7 @@ def plot(curves: dict, evals: dict, path: Path) -> None:
         axes[2].axhline(evals["base"]["wikitext"]["word_perplexity"], color="k", ls="--", label="base")
     axes[0].axhline(0, color="k", ls="--", lw=0.8)
     for ax, (x, y) in zip(axes, [("healing tokens (millions)", "held-out KL to the base (nats/token)"),
-                                 ("training hours (this CPU)", "held-out KL to the base (nats/token)"),
+                                 (hours_label, "held-out KL to the base (nats/token)"),
                                  ("healing tokens (millions)", "WikiText-2 word perplexity")]):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
@@ -280,7 +331,7 @@ def plot(curves: dict, evals: dict, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("phase", choices=["heal", "evaluate", "report"])
+    ap.add_argument("phase", choices=["heal", "evaluate", "rate", "report"])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default=None, help="training text (default: <data-dir>/corpus)")
     ap.add_argument("--window", type=int, default=64)
@@ -295,6 +346,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="items per task (default: the whole evaluation partition)")
     ap.add_argument("--selection-size", type=int, default=100, help="documents per task the partition reserves")
     ap.add_argument("--wikitext-docs", type=int, default=None, help="WikiText-2 documents (default: all 62)")
+    ap.add_argument("--rate-steps", type=int, default=40, help="rate: optimiser steps per stage")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="runs/heal_curve")
     ap.add_argument("--docs", default=None, help="report: also copy curve.json / curve.png here")
@@ -302,13 +354,15 @@ def main() -> int:
     args = ap.parse_args()
     if args.smoke:
         args.tokens, args.probe_tokens, args.probe_at, args.eval_at = "4096", 512, "0,1024,2048,3072", "1024,2048,last"
-        args.limit, args.wikitext_docs = args.limit or 8, args.wikitext_docs or 1
+        args.limit, args.wikitext_docs, args.rate_steps = args.limit or 8, args.wikitext_docs or 1, 6
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.phase == "heal":
         return heal_rows(args)
     if args.phase == "evaluate":
         return evaluate_points(args)
+    if args.phase == "rate":
+        return measure_rates(args)
     return report(args)
 
 

@@ -28,10 +28,12 @@ import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study import claim, heal_each, pattern_plan, read, write  # noqa: E402
 
 ROWS = {"attn": {}, "no_attn": {"attn_distill": False}}
 PROBE_AT = "0,50k,100k,200k,500k,1M,2M,5M,10M"  # the points at or below --tokens are probed, and the end
@@ -48,7 +50,7 @@ def heal_rows(args) -> int:
     import layerboost as lb
     from layerboost.corpus import heldout_rows
     from layerboost.data import default_data_dir
-    from layerboost.heal import HealConfig, heal
+    from layerboost.heal import HealConfig
 
     data = args.data or str(default_data_dir() / "corpus")
     out = Path(args.out)
@@ -58,27 +60,13 @@ def heal_rows(args) -> int:
     if cfg.tokens not in points:
         points.append(cfg.tokens)
     base, tok = lb.load_model(args.model)
-    plan = lb.LayerPlan.from_kinds([("softmax", "swa", "none")[i % 3] for i in range(base.config.num_hidden_layers)],
-                                   window=args.window)
+    plan = pattern_plan(base, args.window)
     probe_rows = heldout_rows(tok, data, args.probe_tokens, cfg.seq_len)
     meta = {"model": args.model, "data": data, "plan": plan.to_dict(), "settings": settings, "probe_at": points,
             "probe_tokens": int(probe_rows.numel()), "rows": ROWS, "command": " ".join(sys.argv)}
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "curve_settings.json").is_file():
-        old = json.loads((out / "curve_settings.json").read_text())
-        if {k: v for k, v in old.items() if k != "command"} != {k: v for k, v in meta.items() if k != "command"}:
-            raise SystemExit(f"error: {out} holds a curve with other settings; use another --out")
-    (out / "curve_settings.json").write_text(json.dumps(meta, indent=1))
-    for name in args.rows.split(","):
-        folder = out / name
-        if (folder / "heal.json").is_file():
-            print(f"[curve] {name}: done", file=sys.stderr)
-            continue
-        t0 = time.perf_counter()
-        print(f"[curve] {name}: healing to {cfg.tokens} tokens", file=sys.stderr)
-        heal(copy.deepcopy(base), plan, data=data, out=folder, tokenizer=tok, resume=True, probe_rows=probe_rows,
-             probe_at=tuple(p / cfg.tokens for p in points), snapshots=True, **settings, **ROWS[name])
-        print(f"[curve] {name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    claim(out / "curve_settings.json", meta, "curve")
+    heal_each("curve", base, plan, out, {r: ROWS[r] for r in args.rows.split(",")}, data=data, tokenizer=tok,
+              probe_rows=probe_rows, probe_at=tuple(p / cfg.tokens for p in points), snapshots=True, **settings)
     return 0
 
 
@@ -92,7 +80,7 @@ def measure_rates(args) -> int:
     from layerboost.heal import HealConfig, heal
 
     out = Path(args.out)
-    meta = _read(out / "curve_settings.json")
+    meta = read(out / "curve_settings.json")
     if meta is None:
         raise SystemExit(f"error: {out} holds no curve (run the heal phase first)")
     cfg = HealConfig(**meta["settings"])
@@ -109,7 +97,7 @@ def measure_rates(args) -> int:
         rates[stage] = (steps[-1]["tokens"] - steps[0]["tokens"]) / (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"])
     record = {"tokens_per_s": rates, "steps_timed": {k: args.rate_steps - 4 for k in rates},
               "settings": settings, "command": " ".join(sys.argv), "threads": torch.get_num_threads()}
-    _write(out / "rates.json", record)
+    write(out / "rates.json", record)
     print(json.dumps(record["tokens_per_s"]))
     return 0
 
@@ -120,17 +108,6 @@ def quiet_hours(row: str, tokens: int, settings: dict, rates: dict) -> float:
 
     local = HealConfig(**settings, **ROWS[row]).stage_tokens["attn"]
     return (min(tokens, local) / rates["attn"] + max(0, tokens - local) / rates["kd"]) / 3600
-
-
-def _read(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write(path: Path, obj) -> None:
-    from layerboost.util import write_json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, obj)
 
 
 def model_at(base, plan, settings: dict, row: str, snapshot: Path):
@@ -151,7 +128,7 @@ def evaluate_points(args) -> int:
     from layerboost.workflows.compare import task_items
 
     out = Path(args.out)
-    meta = _read(out / "curve_settings.json")
+    meta = read(out / "curve_settings.json")
     if meta is None:
         raise SystemExit(f"error: {out} holds no curve (run the heal phase first)")
     base, tok = lb.load_model(meta["model"])
@@ -164,17 +141,17 @@ def evaluate_points(args) -> int:
     for row, tokens, snap in points:
         name = "base" if row == "base" else f"{row}_{tokens}"
         folder = out / "eval" / name
-        todo = [p for p in tasks if _read(folder / f"{p.task.name}.json") is None]
-        if not todo and _read(folder / "wikitext.json") is not None:
+        todo = [p for p in tasks if read(folder / f"{p.task.name}.json") is None]
+        if not todo and read(folder / "wikitext.json") is not None:
             continue
         model = base if row == "base" else model_at(base, plan, meta["settings"], row, snap)
         print(f"[curve] evaluating {name}", file=sys.stderr)
         for prep in todo:
             r = task_items(model, tok, prep, batch_size=32)
-            _write(folder / f"{prep.task.name}.json", {**r, "partition": part.to_dict(), "limit": args.limit})
-        if _read(folder / "wikitext.json") is None:
+            write(folder / f"{prep.task.name}.json", {**r, "partition": part.to_dict(), "limit": args.limit})
+        if read(folder / "wikitext.json") is None:
             lls = score_rolling(model, tok, wiki.requests, desc="wikitext")
-            _write(folder / "wikitext.json", {**perplexity_metrics(wiki.requests, lls), "doc_logliks": lls})
+            write(folder / "wikitext.json", {**perplexity_metrics(wiki.requests, lls), "doc_logliks": lls})
     return 0
 
 
@@ -225,7 +202,7 @@ def report(args) -> int:
     from layerboost.workflows.compare import pooled_items
 
     out = Path(args.out)
-    meta = _read(out / "curve_settings.json")
+    meta = read(out / "curve_settings.json")
     rows = [r for r in args.rows.split(",") if (out / r / "heal_state" / "log.jsonl").is_file()]
     curves = {r: [json.loads(x) for x in (out / r / "heal_state" / "log.jsonl").read_text().splitlines()
                   if '"probe"' in x] for r in rows}
@@ -276,12 +253,12 @@ def report(args) -> int:
     record = {"settings": meta, "curves": curves, "evaluations": {n: {t: {k: v for k, v in r.items() if k not in (
         "items", "doc_logliks")} for t, r in e.items()} for n, e in evals.items()}, "tests": tests, "fits": fits,
         "answers": answers}
-    rates = _read(out / "rates.json")
+    rates = read(out / "rates.json")
     hours = {r: [quiet_hours(r, p["tokens"], meta["settings"], rates["tokens_per_s"]) if rates else p["train_s"] / 3600
                  for p in pts] for r, pts in curves.items()}
     record["hours"] = {"per_probe": hours, "from": "quiet rates (rates.json)" if rates else "wall clock of the heal",
                        "rates": rates}
-    _write(out / "curve.json", record)
+    write(out / "curve.json", record)
     plot(curves, hours, "training hours at this CPU's quiet rate" if rates else
          "wall-clock training hours (cores shared; run `rate` for this CPU's)", evals, out / "curve.png")
     print(json.dumps({"answers": answers, "fits": {k: {x: v[x] for x in ("a", "b", "se_b", "points")}

@@ -17,13 +17,14 @@ paired bootstrap over the selection rows tests each arm against the current defa
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from study import claim, heal_each, pattern_plan, read, write  # noqa: E402
 
 DEFAULT_ARM = "cosine_3e-3"  # HealConfig's defaults
 ARMS = {
@@ -42,17 +43,10 @@ def selection_rows(tok, data: str, reported_tokens: int, tokens: int, seq_len: i
     return heldout_rows(tok, data, skip * seq_len + tokens, seq_len)[skip:]
 
 
-def _plan(base, window: int):
-    import layerboost as lb
-
-    n = base.config.num_hidden_layers
-    return lb.LayerPlan.from_kinds([("softmax", "swa", "none")[i % 3] for i in range(n)], window=window)
-
-
 def heal_arms(args) -> int:
     import layerboost as lb
     from layerboost.data import default_data_dir
-    from layerboost.heal import HealConfig, heal
+    from layerboost.heal import HealConfig
 
     data = args.data or str(default_data_dir() / "corpus")
     out = Path(args.out)
@@ -62,27 +56,14 @@ def heal_arms(args) -> int:
     for a in arms.values():
         HealConfig(**settings, **a)  # every arm's settings checked before the model loads
     base, tok = lb.load_model(args.model)
-    plan = _plan(base, args.window)
+    plan = pattern_plan(base, args.window)
     rows = selection_rows(tok, data, args.reported_tokens, args.probe_tokens, args.seq_len)
     meta = {"model": args.model, "data": data, "plan": plan.to_dict(), "settings": settings, "arms": ARMS,
             "selection": {"skipped_reported_tokens": args.reported_tokens, "tokens": int(rows.numel()),
                           "seq_len": args.seq_len}, "probe_at": args.probe_at, "command": " ".join(sys.argv)}
-    out.mkdir(parents=True, exist_ok=True)
-    old = _read(out / "schedule_settings.json")
-    if old is not None and {k: v for k, v in old.items() if k != "command"} != {k: v for k, v in meta.items() if k != "command"}:
-        raise SystemExit(f"error: {out} holds a study with other settings; use another --out")
-    _write(out / "schedule_settings.json", meta)
-    at = tuple(float(x) for x in args.probe_at.split(","))
-    for name, opts in arms.items():
-        folder = out / name
-        if (folder / "heal.json").is_file():
-            print(f"[schedule] {name}: done", file=sys.stderr)
-            continue
-        t0 = time.perf_counter()
-        print(f"[schedule] {name}: healing to {settings['tokens']} tokens", file=sys.stderr)
-        heal(copy.deepcopy(base), plan, data=data, out=folder, tokenizer=tok, resume=True, probe_rows=rows,
-             probe_at=at, **settings, **opts)
-        print(f"[schedule] {name}: done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    claim(out / "schedule_settings.json", meta, "study")
+    heal_each("schedule", base, plan, out, arms, data=data, tokenizer=tok, probe_rows=rows,
+              probe_at=tuple(float(x) for x in args.probe_at.split(",")), **settings)
     return 0
 
 
@@ -94,7 +75,7 @@ def report(args) -> int:
     from layerboost.stats import paired_bootstrap
 
     out = Path(args.out)
-    meta = _read(out / "schedule_settings.json")
+    meta = read(out / "schedule_settings.json")
     if meta is None:
         raise SystemExit(f"error: {out} holds no study (run the heal phase first)")
     base, tok = lb.load_model(meta["model"])
@@ -104,10 +85,10 @@ def report(args) -> int:
     ends, curves = {}, {}
     for a in done:
         f = out / a / "selection_end.json"
-        if _read(f) is None:
+        if read(f) is None:
             model = lb.load(out / a).eval()
-            _write(f, heldout_metrics(base, model, rows))
-        ends[a] = _read(f)
+            write(f, heldout_metrics(base, model, rows))
+        ends[a] = read(f)
         curves[a] = [json.loads(x) for x in (out / a / "heal_state" / "log.jsonl").read_text().splitlines()
                      if '"probe"' in x]
     tests = {a: paired_bootstrap(ends[a]["kl_rows"], ends[DEFAULT_ARM]["kl_rows"])
@@ -118,7 +99,7 @@ def report(args) -> int:
               "probes": {p["tokens"]: round(p["kl"], 4) for p in curves[a]}, "vs_default": tests.get(a)} for a in done]
     record = {"settings": meta, "table": table, "pick": pick, "default": DEFAULT_ARM,
               "selection_rows": int(rows.shape[0])}
-    _write(out / "schedule.json", record)
+    write(out / "schedule.json", record)
     _plot(curves, out / "schedule.png")
     for r in table:
         t = r["vs_default"]
@@ -148,17 +129,6 @@ def _plot(curves: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
-
-
-def _read(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write(path: Path, obj) -> None:
-    from layerboost.util import write_json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, obj)
 
 
 def main() -> int:

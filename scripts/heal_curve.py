@@ -5,7 +5,8 @@ distillation, probed along the way, then evaluated at chosen points and fitted.
               probed (in fp32) at --probe-at tokens, where the trainable parameters are also saved
               (heal_state/snapshots/). A killed run resumes where its last checkpoint left it: rerun the command.
     evaluate  the base model and each row at --eval-at tokens (snapshots merged into the hybrid): WikiText-2
-              perplexity (every document) and accuracy on the evaluation partition, with per-item records.
+              perplexity (every document, float32) and accuracy on the comparison's evaluation partition (MMLU 20
+              per subject, weights in bfloat16, as the comparison), with per-item records.
     rate      each stage's training speed on quiet cores (a short heal of the same settings; stop every other
               job first), so the figure's hours are this CPU's, not the wall time of a heal that shared it
     report    curve.json, curve.png (quality against tokens and against training hours, both rows, the base
@@ -125,6 +126,7 @@ def evaluate_points(args) -> int:
     at --eval-at tokens; each (model, task) result is a file, so a killed evaluation resumes."""
     import layerboost as lb
     from layerboost.evaluate import Partition, perplexity_metrics, prepare_task, score_rolling
+    from layerboost.util import parse_dtype
     from layerboost.workflows.compare import task_items
 
     out = Path(args.out)
@@ -134,7 +136,8 @@ def evaluate_points(args) -> int:
     base, tok = lb.load_model(meta["model"])
     plan = lb.LayerPlan.from_dict(meta["plan"])
     part = Partition("evaluation", args.selection_size, 0)
-    tasks = [prepare_task(tok, t, limit=args.limit, seed=0, partition=part) for t in args.tasks.split(",")]
+    tasks = [prepare_task(tok, t, limit=args.limit, seed=0, partition=part,
+                          per_stratum=args.mmlu_per_subject if t == "mmlu" else None) for t in args.tasks.split(",")]
     wiki = prepare_task(tok, "wikitext", limit=args.wikitext_docs, seed=0)
     points = [("base", None, None)] + [(row, t, out / row / "heal_state" / "snapshots" / f"{t}.safetensors")
                                         for row in args.rows.split(",") for t in _snapshot_tokens(out / row, args.eval_at)]
@@ -144,14 +147,18 @@ def evaluate_points(args) -> int:
         todo = [p for p in tasks if read(folder / f"{p.task.name}.json") is None]
         if not todo and read(folder / "wikitext.json") is not None:
             continue
-        model = base if row == "base" else model_at(base, plan, meta["settings"], row, snap)
+        model = copy.deepcopy(base) if row == "base" else model_at(base, plan, meta["settings"], row, snap)
         print(f"[curve] evaluating {name}", file=sys.stderr)
+        if read(folder / "wikitext.json") is None:  # in float32, as the comparison measures it
+            lls = score_rolling(model, tok, wiki.requests, desc="wikitext")
+            write(folder / "wikitext.json", {**perplexity_metrics(wiki.requests, lls), "doc_logliks": lls,
+                                             "dtype": "float32"})
+        model = model.to(parse_dtype(args.accuracy_dtype))  # the comparison's accuracy pass runs in bfloat16
         for prep in todo:
             r = task_items(model, tok, prep, batch_size=32)
-            write(folder / f"{prep.task.name}.json", {**r, "partition": part.to_dict(), "limit": args.limit})
-        if read(folder / "wikitext.json") is None:
-            lls = score_rolling(model, tok, wiki.requests, desc="wikitext")
-            write(folder / "wikitext.json", {**perplexity_metrics(wiki.requests, lls), "doc_logliks": lls})
+            write(folder / f"{prep.task.name}.json", {**r, "partition": part.to_dict(), "limit": args.limit,
+                                                      "mmlu_per_subject": args.mmlu_per_subject if prep.task.name == "mmlu"
+                                                      else None, "dtype": args.accuracy_dtype})
     return 0
 
 
@@ -321,6 +328,8 @@ def main() -> int:
     ap.add_argument("--eval-at", default="200k,1M,last", help="snapshots to evaluate (nearest probe; last: the end)")
     ap.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,winogrande,mmlu")
     ap.add_argument("--limit", type=int, default=None, help="items per task (default: the whole evaluation partition)")
+    ap.add_argument("--mmlu-per-subject", type=int, default=20, help="MMLU items per subject (the comparison's)")
+    ap.add_argument("--accuracy-dtype", default="bfloat16", help="weights in the multiple-choice pass (the comparison's)")
     ap.add_argument("--selection-size", type=int, default=100, help="documents per task the partition reserves")
     ap.add_argument("--wikitext-docs", type=int, default=None, help="WikiText-2 documents (default: all 62)")
     ap.add_argument("--rate-steps", type=int, default=40, help="rate: optimiser steps per stage")
@@ -332,6 +341,7 @@ def main() -> int:
     if args.smoke:
         args.tokens, args.probe_tokens, args.probe_at, args.eval_at = "4096", 512, "0,1024,2048,3072", "1024,2048,last"
         args.limit, args.wikitext_docs, args.rate_steps = args.limit or 8, args.wikitext_docs or 1, 6
+        args.mmlu_per_subject = 1
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.phase == "heal":

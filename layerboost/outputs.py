@@ -23,7 +23,9 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -136,14 +138,36 @@ def folder_lock(out: Path, command: str) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            raise OutputError(f"--out {out} is being written by {holder}: wait for it to finish, or choose another "
-                              "--out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} (layerboost {command})\n".encode(), 0)
+            raise OutputError(f"--out {out} is being written by {_holder(fd)}: wait for it to finish, or choose "
+                              "another --out") from None
+        line = f"pid {os.getpid()} (layerboost {command})\n".encode()
+        os.pwrite(fd, line, 0)  # the first line names the holder at once; then the rest of an older line goes
+        os.ftruncate(fd, len(line))
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def _holder(fd: int) -> str:
+    """The lock file's first line, once it names a live process: the holder writes it just after taking the lock,
+    so a contender that comes in between (reading nothing, or a dead holder's line) waits a moment for it."""
+    for _ in range(40):
+        line = os.pread(fd, 4096, 0).decode(errors="replace").split("\n")[0].strip()
+        m = re.match(r"pid (\d+) ", line)
+        if m and _alive(int(m.group(1))):
+            return line
+        time.sleep(0.025)
+    return "another process"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _files(out: Path) -> dict[str, int]:

@@ -205,6 +205,27 @@ def test_a_stale_lock_file_is_taken_over(files, tmp_path, capsys):
     assert (out / LOCK).read_text().startswith(f"pid {os.getpid()} ")
 
 
+def test_a_contender_waits_for_the_holder_to_name_itself(tmp_path):
+    """Between taking the lock and writing its line the holder leaves the file empty or still naming a dead
+    holder: the contender reads again until the line names a live process, else says "another process"."""
+    import threading
+
+    from layerboost.outputs import _holder
+
+    f = tmp_path / LOCK
+    f.write_text("pid 999999 (layerboost convert) and the rest of a longer dead line\n")
+    fd = os.open(f, os.O_RDWR)
+    try:
+        assert _holder(fd) == "another process"  # a dead pid is never named
+        line = f"pid {os.getpid()} (layerboost heal)\n".encode()
+        late = threading.Timer(0.2, lambda: (os.pwrite(fd, line, 0), os.ftruncate(fd, len(line))))
+        late.start()
+        assert _holder(fd) == f"pid {os.getpid()} (layerboost heal)"
+        late.join()
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.slow  # starts processes
 def test_two_converts_race(files, tmp_path):
     """Two real processes a moment apart: each ends in success or in the one-line lock error, never both half

@@ -52,6 +52,9 @@ def heal_arms(args) -> int:
     out = Path(args.out)
     settings = {"tokens": args.tokens, "attn_distill": False, "precision": "bf16", "weights_dtype": "bfloat16",
                 "checkpoint_every": args.checkpoint_every}
+    unknown = [a for a in args.arms.split(",") if a not in ARMS]
+    if unknown:
+        raise SystemExit(f"error: unknown arm {', '.join(unknown)}; known: {', '.join(ARMS)}")
     arms = {a: ARMS[a] for a in args.arms.split(",")}
     for a in arms.values():
         HealConfig(**settings, **a)  # every arm's settings checked before the model loads

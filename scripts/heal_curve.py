@@ -139,17 +139,22 @@ def evaluate_points(args) -> int:
     tasks = [prepare_task(tok, t, limit=args.limit, seed=0, partition=part,
                           per_stratum=args.mmlu_per_subject if t == "mmlu" else None) for t in args.tasks.split(",")]
     wiki = prepare_task(tok, "wikitext", limit=args.wikitext_docs, seed=0)
-    points = [("base", None, None)] + [(row, t, out / row / "heal_state" / "snapshots" / f"{t}.safetensors")
-                                        for row in args.rows.split(",") for t in _snapshot_tokens(out / row, args.eval_at)]
-    for row, tokens, snap in points:
+    points = {("base", None): (True, True)}  # (row, tokens) -> (WikiText-2, accuracy)
+    for row in args.rows.split(","):
+        acc = set(_snapshot_tokens(out / row, args.eval_at))
+        for t in sorted(set(_snapshot_tokens(out / row, args.wikitext_at)) | acc):
+            points[(row, t)] = (t in set(_snapshot_tokens(out / row, args.wikitext_at)), t in acc)
+    for (row, tokens), (want_wiki, want_acc) in points.items():
         name = "base" if row == "base" else f"{row}_{tokens}"
         folder = out / "eval" / name
-        todo = [p for p in tasks if read(folder / f"{p.task.name}.json") is None]
-        if not todo and read(folder / "wikitext.json") is not None:
+        todo = [p for p in tasks if want_acc and read(folder / f"{p.task.name}.json") is None]
+        wiki_todo = want_wiki and read(folder / "wikitext.json") is None
+        if not todo and not wiki_todo:
             continue
+        snap = out / row / "heal_state" / "snapshots" / f"{tokens}.safetensors"
         model = copy.deepcopy(base) if row == "base" else model_at(base, plan, meta["settings"], row, snap)
         print(f"[curve] evaluating {name}", file=sys.stderr)
-        if read(folder / "wikitext.json") is None:  # in float32, as the comparison measures it
+        if wiki_todo:  # in float32, as the comparison measures it
             lls = score_rolling(model, tok, wiki.requests, desc="wikitext")
             write(folder / "wikitext.json", {**perplexity_metrics(wiki.requests, lls), "doc_logliks": lls,
                                              "dtype": "float32"})
@@ -162,12 +167,14 @@ def evaluate_points(args) -> int:
     return 0
 
 
-def _snapshot_tokens(folder: Path, eval_at: str) -> list[int]:
-    """The probed token counts (snapshots) nearest each --eval-at point ('last': the final one)."""
+def _snapshot_tokens(folder: Path, at: str) -> list[int]:
+    """The probed token counts (snapshots) nearest each point of `at` ('last': the final one; 'all': every one)."""
     probes = [json.loads(x) for x in (folder / "heal_state" / "log.jsonl").read_text().splitlines()
               if '"probe"' in x]
     have = [p["tokens"] for p in probes if p.get("snapshot")]
-    want = [max(have) if x.strip() == "last" else token_list(x)[0] for x in eval_at.split(",") if x.strip()]
+    if at.strip() == "all":
+        return sorted(have)
+    want = [max(have) if x.strip() == "last" else token_list(x)[0] for x in at.split(",") if x.strip()]
     return sorted({min(have, key=lambda t: abs(t - w)) for w in want if have})
 
 
@@ -201,10 +208,21 @@ def tokens_to(fit: dict, gap: float, draws: int = 20000) -> dict:
             "ci95": [float(np.percentile(t, 2.5)), float(np.percentile(t, 97.5))], "draws_with_b_above_0": float(ok.mean())}
 
 
+LEVELS = (1.5, 1.3)  # the perplexity ratios to the base whose token counts are asked for
+
+
+def crossing(points: list[tuple[int, float]], level: float) -> dict:
+    """Where measured points first reach `level` (ratio <= level): the first such point and the last one before it."""
+    first = next((t for t, v in points if v <= level), None)
+    before = [t for t, v in points if v > level and (first is None or t < first)]
+    return {"reached_by": first, "not_yet_at": before[-1] if before else None}
+
+
 def report(args) -> int:
     """curve.json and curve.png from the probes and the evaluations; prints the table."""
     import math
 
+    from layerboost.heal import HealConfig
     from layerboost.stats import mcnemar, paired_bootstrap
     from layerboost.workflows.compare import pooled_items
 
@@ -226,9 +244,10 @@ def report(args) -> int:
             continue
         others = [("base", evals["base"])]
         row, _, tok = name.rpartition("_")
-        twin = {"attn": "no_attn", "no_attn": "attn"}.get(row)
-        if twin and f"{twin}_{tok}" in evals and row == "attn":
-            others.append((f"{twin}_{tok}", evals[f"{twin}_{tok}"]))
+        if row == "attn":  # against no_attn at the nearest point (probes fall on step ends: 1000736 against 1000448)
+            near = [n for n in evals if n.rpartition("_")[0] == "no_attn"
+                    and abs(int(n.rpartition("_")[2]) - int(tok)) <= 0.01 * int(tok)]
+            others += [(n, evals[n]) for n in near[:1]]
         for other, f in others:
             t = {}
             ka, ca, ma, ta = items(e)
@@ -243,20 +262,28 @@ def report(args) -> int:
             tests[f"{name} vs {other}"] = t
 
     fits, answers = {}, {}
+    base_wiki = evals.get("base", {}).get("wikitext", {}).get("word_perplexity")
     for r, pts in curves.items():
-        pts = [p for p in pts if p["tokens"] > 0]
-        if len(pts) >= 3:
-            gaps = [math.log(p["ppl"] / p["ppl_teacher"]) for p in pts]
-            fits[f"{r}: held-out log-perplexity gap"] = f = fit_gap([p["tokens"] for p in pts], gaps)
-            answers[r] = {f"held-out ppl {x}x base": tokens_to(f, math.log(x)) for x in (1.5, 1.3)}
-            fits[f"{r}: held-out KL"] = fit_gap([p["tokens"] for p in pts], [p["kl"] for p in pts])
-        wk = sorted((int(n.rpartition("_")[2]), e["wikitext"]["word_perplexity"]) for n, e in evals.items()
-                    if n.startswith(r + "_") and n.rpartition("_")[0] == r and "wikitext" in e)
-        if len(wk) >= 3 and "base" in evals and "wikitext" in evals["base"]:
-            b = evals["base"]["wikitext"]["word_perplexity"]
-            fits[f"{r}: WikiText-2 log word-perplexity gap"] = f = fit_gap([t for t, _ in wk],
-                                                                           [math.log(v / b) for _, v in wk])
-            answers[r].update({f"WikiText-2 {x}x base": tokens_to(f, math.log(x)) for x in (1.5, 1.3)})
+        local = HealConfig(**meta["settings"], **ROWS[r]).stage_tokens["attn"]
+        # the law is fitted to stage-2 points only: attention transfer alone is another regime (its KL barely moves)
+        series = {"held-out perplexity": [(p["tokens"], p["ppl"] / p["ppl_teacher"]) for p in pts if p["tokens"] > local]}
+        if base_wiki:
+            series["WikiText-2 word perplexity"] = sorted(
+                (int(n.rpartition("_")[2]), e["wikitext"]["word_perplexity"] / base_wiki) for n, e in evals.items()
+                if n.rpartition("_")[0] == r and "wikitext" in e and int(n.rpartition("_")[2]) > local)
+        answers[r] = {}
+        for what, pts_ in series.items():
+            a = answers[r][what] = {"x_base": pts_, **{f"{x}x": {"measured": crossing(pts_, x)} for x in LEVELS}}
+            usable = [(t, v) for t, v in pts_ if v > 1]  # the law is of log(ratio) > 0
+            if len(usable) >= 3:
+                fits[f"{r}: {what}, log of the ratio to the base"] = f = fit_gap(*zip(*usable))
+                for x in LEVELS:
+                    a[f"{x}x"]["fit"] = tokens_to(f, math.log(x))
+            else:
+                a["fit"] = f"not fitted: {len(usable)} stage-2 points above the base (3 needed)"
+        kl = [(p["tokens"], p["kl"]) for p in pts if p["tokens"] > local]
+        if len(kl) >= 3:
+            fits[f"{r}: held-out KL"] = fit_gap(*zip(*kl))
     record = {"settings": meta, "curves": curves, "evaluations": {n: {t: {k: v for k, v in r.items() if k not in (
         "items", "doc_logliks")} for t, r in e.items()} for n, e in evals.items()}, "tests": tests, "fits": fits,
         "answers": answers}
@@ -325,7 +352,9 @@ def main() -> int:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--probe-at", default=PROBE_AT)
     ap.add_argument("--probe-tokens", type=int, default=16384, help="held-out tokens read at each probe")
-    ap.add_argument("--eval-at", default="200k,1M,last", help="snapshots to evaluate (nearest probe; last: the end)")
+    ap.add_argument("--eval-at", default="200k,1M,last", help="snapshots whose accuracy is scored (nearest probe; "
+                    "last: the end; all: every one)")
+    ap.add_argument("--wikitext-at", default="all", help="snapshots whose WikiText-2 perplexity is measured")
     ap.add_argument("--tasks", default="piqa,arc_easy,arc_challenge,winogrande,mmlu")
     ap.add_argument("--limit", type=int, default=None, help="items per task (default: the whole evaluation partition)")
     ap.add_argument("--mmlu-per-subject", type=int, default=20, help="MMLU items per subject (the comparison's)")

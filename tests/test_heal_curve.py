@@ -38,3 +38,11 @@ def test_noisy_law_gives_an_interval_that_covers_the_truth():
 def test_a_gap_that_does_not_fall_has_no_crossing():
     f = C.fit_gap([1e5, 2e5, 4e5], [0.1, 0.12, 0.15])
     assert f["b"] < 0 and C.tokens_to(f, 0.05)["tokens"] is None
+
+
+def test_measured_crossing_brackets_the_first_point_at_or_below_the_level():
+    pts = [(1e5, 2.0), (2e5, 1.6), (5e5, 1.4), (1e6, 1.5), (2e6, 1.2)]
+    assert C.crossing(pts, 1.5) == {"reached_by": 5e5, "not_yet_at": 2e5}
+    assert C.crossing(pts, 1.3) == {"reached_by": 2e6, "not_yet_at": 1e6}
+    assert C.crossing(pts, 1.1) == {"reached_by": None, "not_yet_at": 2e6}
+    assert C.crossing(pts, 3.0) == {"reached_by": 1e5, "not_yet_at": None}

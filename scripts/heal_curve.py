@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import claim, heal_each, pattern_plan, read, write  # noqa: E402
+from study import claim, heal_each, model_at, pattern_plan, read, write  # noqa: E402
 
 ROWS = {"attn": {}, "no_attn": {"attn_distill": False}}
 PROBE_AT = "0,50k,100k,200k,500k,1M,2M,5M,10M"  # the points at or below --tokens are probed, and the end
@@ -111,16 +111,6 @@ def quiet_hours(row: str, tokens: int, settings: dict, rates: dict) -> float:
     return (min(tokens, local) / rates["attn"] + max(0, tokens - local) / rates["kd"]) / 3600
 
 
-def model_at(base, plan, settings: dict, row: str, snapshot: Path):
-    """The row's hybrid after the snapshot's tokens: a fresh conversion, its trainable parameters loaded, merged."""
-    from layerboost.heal import HealConfig, build_hybrid, load_snapshot
-
-    cfg = HealConfig(**settings, **ROWS[row])
-    h = build_hybrid(copy.deepcopy(base), plan, cfg)
-    load_snapshot(snapshot, h)
-    return h.peft_model.merge_and_unload().eval()
-
-
 def evaluate_points(args) -> int:
     """WikiText-2 (every document) and accuracy on the evaluation partition (per item) of the base and of each row
     at --eval-at tokens; each (model, task) result is a file, so a killed evaluation resumes."""
@@ -152,7 +142,7 @@ def evaluate_points(args) -> int:
         if not todo and not wiki_todo:
             continue
         snap = out / row / "heal_state" / "snapshots" / f"{tokens}.safetensors"
-        model = copy.deepcopy(base) if row == "base" else model_at(base, plan, meta["settings"], row, snap)
+        model = copy.deepcopy(base) if row == "base" else model_at(base, plan, {**meta["settings"], **ROWS[row]}, snap)
         print(f"[curve] evaluating {name}", file=sys.stderr)
         if wiki_todo:  # in float32, as the comparison measures it
             lls = score_rolling(model, tok, wiki.requests, desc="wikitext")

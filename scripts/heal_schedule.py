@@ -10,7 +10,8 @@ paired bootstrap over the selection rows tests each arm against the current defa
     report   schedule.json and schedule.png, a printed table
 
     python scripts/heal_schedule.py heal --tokens 1M --out runs/heal_schedule      # hours: run in the background
-    python scripts/heal_schedule.py report --out runs/heal_schedule --docs docs/heal-schedule-smollm2-135m
+    python scripts/heal_schedule.py report --out runs/heal_schedule --docs docs/heal-schedule-smollm2-135m \
+        --curve runs/heal_curve                                                  # + the mid-schedule check
     python scripts/heal_schedule.py heal --smoke --out runs/heal_schedule_smoke    # tiny budget, proves it runs
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import claim, heal_each, pattern_plan, read, write  # noqa: E402
+from study import claim, heal_each, model_at, pattern_plan, read, write  # noqa: E402
 
 DEFAULT_ARM = "cosine_3e-3"  # HealConfig's defaults
 ARMS = {
@@ -96,12 +97,13 @@ def report(args) -> int:
                      if '"probe"' in x]
     tests = {a: paired_bootstrap(ends[a]["kl_rows"], ends[DEFAULT_ARM]["kl_rows"])
              for a in done if a != DEFAULT_ARM and DEFAULT_ARM in ends}
+    mid = mid_schedule(args, base, rows, ends.get(DEFAULT_ARM), meta["settings"]["tokens"]) if args.curve else None
     pick = min(ends, key=lambda a: ends[a]["kl"]) if ends else None
     table = [{"arm": a, **meta["arms"][a], "kl": ends[a]["kl"], "agree": ends[a]["agree"], "ppl": ends[a]["ppl"],
               "train_s": curves[a][-1]["train_s"] if curves[a] else None,
               "probes": {p["tokens"]: round(p["kl"], 4) for p in curves[a]}, "vs_default": tests.get(a)} for a in done]
     record = {"settings": meta, "table": table, "pick": pick, "default": DEFAULT_ARM,
-              "selection_rows": int(rows.shape[0])}
+              "selection_rows": int(rows.shape[0]), "mid_schedule": mid}
     write(out / "schedule.json", record)
     _plot(curves, out / "schedule.png")
     for r in table:
@@ -109,6 +111,10 @@ def report(args) -> int:
         vs = f"{t['diff']:+.4f} [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}] p={t['p']:.3g}" if t else "-"
         print(f"{r['arm']:>14}  KL {r['kl']:.4f}  agree {r['agree']:.3f}  ppl {r['ppl']:.2f}  vs default {vs}")
     print(f"pick: {pick}")
+    if mid:
+        print(f"mid-schedule: {mid['row']} at {mid['tokens']} tokens KL {mid['kl']:.4f}"
+              + (f", vs the complete default arm {mid['vs_default']['diff']:+.4f} p={mid['vs_default']['p']:.3g}"
+                 if mid.get("vs_default") else ""))
     if args.docs:
         import shutil
 
@@ -116,6 +122,33 @@ def report(args) -> int:
         for f in ("schedule.json", "schedule.png", "schedule_settings.json"):
             shutil.copy(out / f, Path(args.docs) / f)
     return 0
+
+
+def mid_schedule(args, base, rows, default_end: dict | None, budget) -> dict:
+    """A curve row's snapshot nearest --curve-at (default: the study's budget; mid-way through the row's longer
+    schedule) on the selection slice,
+    paired against the default arm's complete heal of the same budget: how much a mid-schedule point
+    overstates the KL a heal of that budget reaches."""
+    import layerboost as lb
+    from layerboost.corpus import parse_tokens
+    from layerboost.quality import heldout_metrics
+    from layerboost.stats import paired_bootstrap
+
+    curve = Path(args.curve)
+    meta = read(curve / "curve_settings.json")
+    if meta is None:
+        raise SystemExit(f"error: {curve} holds no curve")
+    snaps = sorted(int(p.stem) for p in (curve / args.curve_row / "heal_state" / "snapshots").glob("*.safetensors"))
+    want = parse_tokens(args.curve_at or budget)
+    tokens = min(snaps, key=lambda t: abs(t - want)) if snaps else None
+    if tokens is None or abs(tokens - want) > 0.01 * want:
+        raise SystemExit(f"error: {curve}/{args.curve_row} has no snapshot within 1% of {want} tokens")
+    settings = {**meta["settings"], **meta["rows"][args.curve_row]}
+    model = model_at(base, lb.LayerPlan.from_dict(meta["plan"]),
+                     settings, curve / args.curve_row / "heal_state" / "snapshots" / f"{tokens}.safetensors")
+    m = heldout_metrics(base, model, rows)
+    return {"row": args.curve_row, "tokens": tokens, "of": settings["tokens"], "kl": m["kl"], "agree": m["agree"],
+            "ppl": m["ppl"], "vs_default": paired_bootstrap(m["kl_rows"], default_end["kl_rows"]) if default_end else None}
 
 
 def _plot(curves: dict, path: Path) -> None:
@@ -148,6 +181,10 @@ def main() -> int:
     ap.add_argument("--reported-tokens", type=int, default=16384,
                     help="held-out tokens reported elsewhere (the curve, the comparison): skipped")
     ap.add_argument("--seq-len", type=int, default=512, help="held-out row length")
+    ap.add_argument("--curve", default=None, help="report: a heal_curve.py folder whose --curve-row snapshot at "
+                    "--curve-at is scored on the selection slice against the complete default arm")
+    ap.add_argument("--curve-row", default="no_attn")
+    ap.add_argument("--curve-at", default=None, help="default: the study's budget")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="runs/heal_schedule")
     ap.add_argument("--docs", default=None, help="report: also copy schedule.json / .png here")

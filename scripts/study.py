@@ -38,6 +38,16 @@ def pattern_plan(base, window: int):
     return lb.LayerPlan.from_kinds([("softmax", "swa", "none")[i % 3] for i in range(n)], window=window)
 
 
+def model_at(base, plan, settings: dict, snapshot: Path):
+    """A heal's hybrid at one of its snapshots: a fresh conversion with the heal's settings, the snapshot's
+    trainable parameters loaded, the adapters merged."""
+    from layerboost.heal import HealConfig, build_hybrid, load_snapshot
+
+    h = build_hybrid(copy.deepcopy(base), plan, HealConfig(**settings))
+    load_snapshot(snapshot, h)
+    return h.peft_model.merge_and_unload().eval()
+
+
 def heal_each(tag: str, base, plan, out: Path, runs: dict[str, dict], **common) -> None:
     """Heal a fresh copy of `base` with `plan` into out/<name> for each named run (its settings on top of
     `common`); a finished run is skipped, an interrupted one resumes from its checkpoint."""

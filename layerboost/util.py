@@ -111,6 +111,12 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], N
     return path
 
 
+def read_json(path: str | os.PathLike):
+    """The JSON in `path`, or None when there is no such file (a result not written yet)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_json(path: str | os.PathLike, obj, indent: int | None = 1, **kwargs) -> Path:
     """`obj` as JSON, written atomically."""
     return atomic_write(path, json.dumps(obj, indent=indent, **kwargs) + "\n")

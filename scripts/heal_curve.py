@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import claim, heal_each, model_at, pattern_plan, read, write  # noqa: E402
+from study import claim, heal_each, model_at, pattern_plan, write  # noqa: E402
+from layerboost.util import read_json  # noqa: E402
 
 ROWS = {"attn": {}, "no_attn": {"attn_distill": False}}
 PROBE_AT = "0,50k,100k,200k,500k,1M,2M,5M,10M"  # the points at or below --tokens are probed, and the end
@@ -81,7 +82,7 @@ def measure_rates(args) -> int:
     from layerboost.heal import HealConfig, heal
 
     out = Path(args.out)
-    meta = read(out / "curve_settings.json")
+    meta = read_json(out / "curve_settings.json")
     if meta is None:
         raise SystemExit(f"error: {out} holds no curve (run the heal phase first)")
     cfg = HealConfig(**meta["settings"])
@@ -103,12 +104,16 @@ def measure_rates(args) -> int:
     return 0
 
 
-def quiet_hours(row: str, tokens: int, settings: dict, rates: dict) -> float:
-    """Training hours to `tokens` at the measured quiet rates: the row's stage-1 tokens, then stage 2."""
+def stage1_tokens(settings: dict, row: str) -> int:
+    """The row's attention-transfer tokens (0 for no_attn): its points up to there are stage 1 alone."""
     from layerboost.heal import HealConfig
 
-    local = HealConfig(**settings, **ROWS[row]).stage_tokens["attn"]
-    return (min(tokens, local) / rates["attn"] + max(0, tokens - local) / rates["kd"]) / 3600
+    return HealConfig(**settings, **ROWS[row]).stage_tokens["attn"]
+
+
+def quiet_hours(tokens: int, stage1: int, rates: dict) -> float:
+    """Training hours to `tokens` at the measured quiet rates: `stage1` tokens of stage 1, then stage 2."""
+    return (min(tokens, stage1) / rates["attn"] + max(0, tokens - stage1) / rates["kd"]) / 3600
 
 
 def evaluate_points(args) -> int:
@@ -120,7 +125,7 @@ def evaluate_points(args) -> int:
     from layerboost.workflows.compare import task_items
 
     out = Path(args.out)
-    meta = read(out / "curve_settings.json")
+    meta = read_json(out / "curve_settings.json")
     if meta is None:
         raise SystemExit(f"error: {out} holds no curve (run the heal phase first)")
     base, tok = lb.load_model(meta["model"])
@@ -131,14 +136,14 @@ def evaluate_points(args) -> int:
     wiki = prepare_task(tok, "wikitext", limit=args.wikitext_docs, seed=0)
     points = {("base", None): (True, True)}  # (row, tokens) -> (WikiText-2, accuracy)
     for row in args.rows.split(","):
-        acc = set(_snapshot_tokens(out / row, args.eval_at))
-        for t in sorted(set(_snapshot_tokens(out / row, args.wikitext_at)) | acc):
-            points[(row, t)] = (t in set(_snapshot_tokens(out / row, args.wikitext_at)), t in acc)
+        wiki_at, acc_at = (set(_snapshot_tokens(out / row, at)) for at in (args.wikitext_at, args.eval_at))
+        for t in sorted(wiki_at | acc_at):
+            points[(row, t)] = (t in wiki_at, t in acc_at)
     for (row, tokens), (want_wiki, want_acc) in points.items():
         name = "base" if row == "base" else f"{row}_{tokens}"
         folder = out / "eval" / name
-        todo = [p for p in tasks if want_acc and read(folder / f"{p.task.name}.json") is None]
-        wiki_todo = want_wiki and read(folder / "wikitext.json") is None
+        todo = [p for p in tasks if want_acc and read_json(folder / f"{p.task.name}.json") is None]
+        wiki_todo = want_wiki and read_json(folder / "wikitext.json") is None
         if not todo and not wiki_todo:
             continue
         snap = out / row / "heal_state" / "snapshots" / f"{tokens}.safetensors"
@@ -212,12 +217,11 @@ def report(args) -> int:
     """curve.json and curve.png from the probes and the evaluations; prints the table."""
     import math
 
-    from layerboost.heal import HealConfig
     from layerboost.stats import mcnemar, paired_bootstrap
     from layerboost.workflows.compare import pooled_items
 
     out = Path(args.out)
-    meta = read(out / "curve_settings.json")
+    meta = read_json(out / "curve_settings.json")
     rows = [r for r in args.rows.split(",") if (out / r / "heal_state" / "log.jsonl").is_file()]
     curves = {r: [json.loads(x) for x in (out / r / "heal_state" / "log.jsonl").read_text().splitlines()
                   if '"probe"' in x] for r in rows}
@@ -252,9 +256,10 @@ def report(args) -> int:
             tests[f"{name} vs {other}"] = t
 
     fits, answers = {}, {}
+    stage1 = {r: stage1_tokens(meta["settings"], r) for r in curves}
     base_wiki = evals.get("base", {}).get("wikitext", {}).get("word_perplexity")
     for r, pts in curves.items():
-        local = HealConfig(**meta["settings"], **ROWS[r]).stage_tokens["attn"]
+        local = stage1[r]
         # the law is fitted to stage-2 points only: attention transfer alone is another regime (its KL barely moves)
         series = {"held-out perplexity": [(p["tokens"], p["ppl"] / p["ppl_teacher"]) for p in pts if p["tokens"] > local]}
         if base_wiki:
@@ -277,8 +282,8 @@ def report(args) -> int:
     record = {"settings": meta, "curves": curves, "evaluations": {n: {t: {k: v for k, v in r.items() if k not in (
         "items", "doc_logliks")} for t, r in e.items()} for n, e in evals.items()}, "tests": tests, "fits": fits,
         "answers": answers}
-    rates = read(out / "rates.json")
-    hours = {r: [quiet_hours(r, p["tokens"], meta["settings"], rates["tokens_per_s"]) if rates else p["train_s"] / 3600
+    rates = read_json(out / "rates.json")
+    hours = {r: [quiet_hours(p["tokens"], stage1[r], rates["tokens_per_s"]) if rates else p["train_s"] / 3600
                  for p in pts] for r, pts in curves.items()}
     record["hours"] = {"per_probe": hours, "from": "quiet rates (rates.json)" if rates else "wall clock of the heal",
                        "rates": rates}

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import claim, heal_each, model_at, pattern_plan, read, write  # noqa: E402
+from study import claim, heal_each, model_at, pattern_plan, write  # noqa: E402
+from layerboost.util import read_json  # noqa: E402
 
 DEFAULT_ARM = "cosine_3e-3"  # HealConfig's defaults
 ARMS = {
@@ -79,7 +80,7 @@ def report(args) -> int:
     from layerboost.stats import paired_bootstrap
 
     out = Path(args.out)
-    meta = read(out / "schedule_settings.json")
+    meta = read_json(out / "schedule_settings.json")
     if meta is None:
         raise SystemExit(f"error: {out} holds no study (run the heal phase first)")
     base, tok = lb.load_model(meta["model"])
@@ -89,10 +90,10 @@ def report(args) -> int:
     ends, curves = {}, {}
     for a in done:
         f = out / a / "selection_end.json"
-        if read(f) is None:
+        if read_json(f) is None:
             model = lb.load(out / a).eval()
             write(f, heldout_metrics(base, model, rows))
-        ends[a] = read(f)
+        ends[a] = read_json(f)
         curves[a] = [json.loads(x) for x in (out / a / "heal_state" / "log.jsonl").read_text().splitlines()
                      if '"probe"' in x]
     tests = {a: paired_bootstrap(ends[a]["kl_rows"], ends[DEFAULT_ARM]["kl_rows"])
@@ -135,7 +136,7 @@ def mid_schedule(args, base, rows, default_end: dict | None, budget) -> dict:
     from layerboost.stats import paired_bootstrap
 
     curve = Path(args.curve)
-    meta = read(curve / "curve_settings.json")
+    meta = read_json(curve / "curve_settings.json")
     if meta is None:
         raise SystemExit(f"error: {curve} holds no curve")
     snaps = sorted(int(p.stem) for p in (curve / args.curve_row / "heal_state" / "snapshots").glob("*.safetensors"))

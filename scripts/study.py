@@ -4,14 +4,11 @@ heals in it that each resume after a kill, and JSON read and written atomically.
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 from pathlib import Path
 
-
-def read(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
+from layerboost.util import read_json
 
 
 def write(path: Path, obj) -> None:
@@ -24,7 +21,7 @@ def write(path: Path, obj) -> None:
 def claim(settings_file: Path, meta: dict, what: str) -> None:
     """Write the study's settings; a folder holding a study made with other settings is refused (the command line
     may differ)."""
-    old = read(settings_file)
+    old = read_json(settings_file)
     if old is not None and {k: v for k, v in old.items() if k != "command"} != {k: v for k, v in meta.items() if k != "command"}:
         raise SystemExit(f"error: {settings_file.parent} holds a {what} with other settings; use another --out")
     write(settings_file, meta)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..kinds import KINDS
+from ..util import read_json
 
 
 def _span(counts: dict) -> str:
@@ -78,10 +78,6 @@ def plot_sensitivity(result: dict, plan, path: str | Path, score: str = "drop", 
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def _load(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _sensitivity(run_dir: Path) -> dict | None:
@@ -207,10 +203,10 @@ def write_report(run_dir: str | Path) -> Path:
         lines += ["(not run)", ""]
 
     lines += ["## 3. Accuracy", ""]
-    evals = {n: _load(d / "eval" / f"{n}.json") for n in ("base", "converted", "healed")}
+    evals = {n: read_json(d / "eval" / f"{n}.json") for n in ("base", "converted", "healed")}
     lines += accuracy_table(evals) + [""]
     lines += quality_table(evals) + [""]
-    heal = _load(d / "heal" / "heal.json")
+    heal = read_json(d / "heal" / "heal.json")
     if heal:
         st = heal.get("stage_tokens", {})
         local = (f"{st['block']:,} tokens of block-wise local distillation" if "block" in st
@@ -220,7 +216,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     lines += ["## 4. Speed and memory", ""]
     for name, title in (("latency", "Decode latency and memory vs decode length"), ("throughput", "Throughput")):
-        b = _load(d / "bench" / f"{name}.json")
+        b = read_json(d / "bench" / f"{name}.json")
         if not b:
             continue
         lines += [f"### {title}", ""]
@@ -228,7 +224,7 @@ def write_report(run_dir: str | Path) -> Path:
             lines += ["```", b["table"], "```", ""]
         for png in sorted((d / "bench").glob(f"{name}*.png")):
             lines += [f"![{png.stem}](bench/{png.name})", ""]
-    served = (_load(d / "stages" / "serve.json") or {}).get("outputs")
+    served = (read_json(d / "stages" / "serve.json") or {}).get("outputs")
     if served:
         lines += ["### In llama.cpp", "", f"GGUF files: `{served['files']['base']}`, `{served['files']['hybrid']}` "
                   f"({served['needs']})", ""]
@@ -238,7 +234,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines += ["## 5. Time per stage", "", "| stage | seconds | ran on |", "|---|---|---|"]
     envs = []
     for st in ("analyze", "plan", "convert", "heal", "eval", "bench", "serve"):
-        rec = _load(d / "stages" / f"{st}.json")
+        rec = read_json(d / "stages" / f"{st}.json")
         if rec:
             env = rec.get("environment")
             machine = None if env is None else {k: v for k, v in env.items() if k not in ("date", "ram_available_bytes")}

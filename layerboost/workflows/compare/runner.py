@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from ...util import dtype_name, parse_dtype, resolve_device, write_json
+from ...util import dtype_name, parse_dtype, read_json, resolve_device, write_json
 from ..run import ConfigError
 from .config import ACCURACY_ONLY, CURVE_ROWS, CompareConfig, split_seed
 from .paired import task_items
@@ -22,10 +22,6 @@ from .table import write_comparison
 def _write(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, data, default=str)
-
-
-def _read(path: Path):
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 class Comparison:
@@ -153,7 +149,7 @@ class Comparison:
         out = {}
         for prep in self.prepared():
             f = self.dir / "rows" / name / f"eval_{prep.task.name}.json"
-            res = _read(f)
+            res = read_json(f)
             if res is None:
                 res = {**task_items(model, self.tok, prep, self.cfg.eval.batch_size),
                        "mmlu_per_subject": self.cfg.eval.mmlu_per_subject if prep.task.name == "mmlu" else None,
@@ -166,7 +162,7 @@ class Comparison:
         from ...evaluate import perplexity_metrics, score_rolling
 
         f = self.dir / "rows" / name / "wikitext.json"
-        res = _read(f)
+        res = read_json(f)
         if res is None:
             self.prepared()
             t0 = time.perf_counter()
@@ -187,7 +183,7 @@ class Comparison:
         if plan is None:
             return {"speedup": 1.0, "kv_ratio": 1.0}
         f = self.dir / "bench" / f"{plan_hash(plan)}.json"
-        res = _read(f)
+        res = read_json(f)
         if res is None:
             hyb = hybrid_of(self.base, plan)
             lat = bench_latency(self.base, hyb, batch=b.batch, prompt=b.prompt, lengths=[b.length], repeats=b.repeats,
@@ -207,7 +203,7 @@ class Comparison:
         from ...quality import heldout_metrics
 
         f = self.dir / "rows" / f"{name}.json"
-        done = _read(f)
+        done = read_json(f)
         if done is not None:
             if "bench" in done and plan is not None and self.cfg.bench.enabled:
                 bench = self.bench_plan(plan)  # a deleted speed file is measured again (e.g. on a quiet machine)

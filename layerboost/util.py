@@ -135,6 +135,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
+
+
+def allocator() -> str:
+    """The C allocator this process uses: a preloaded jemalloc/tcmalloc/mimalloc, else the C library's malloc.
+    On CPU it sets the speed: glibc returns freed large buffers to the kernel, and on this project's VM the page
+    faults of re-touching them took more than half of a healing step (docs/experiments/healing.md)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux: no preload to detect
+        return "system"
+    return next((a for a in _ALLOCATORS if f"lib{a}" in maps), "glibc")
+
+
 def environment(device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict:
     """What a measurement ran on: date, versions, CPU, threads, RAM, GPU."""
     import psutil
@@ -144,7 +158,7 @@ def environment(device: str | torch.device = "cpu", dtype: torch.dtype | None = 
     env = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "layerboost": version(),
            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
            "platform": platform.platform(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
-           "threads": torch.get_num_threads(), "device": str(device),
+           "threads": torch.get_num_threads(), "allocator": allocator(), "device": str(device),
            "dtype": None if dtype is None else dtype_name(dtype), "gpu": None,
            "ram_bytes": psutil.virtual_memory().total, "ram_available_bytes": psutil.virtual_memory().available}
     if device.type == "cuda":

@@ -12,6 +12,7 @@ machine's load hits them alike; the ratios are printed last. Timing goes to stde
 
     python scripts/bench_heal.py [--repeats 5] [--batch 4] [--seq 256] [--threads 2]
     python scripts/bench_heal.py --precisions fp32 bf16   # layerboost's two stages in each precision, interleaved
+    python scripts/bench_heal.py --precisions fp32 bf16w --allocators glibc jemalloc   # ... under each allocator
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -26,6 +28,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from layerboost.util import allocator
+
+RETAIN = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # jemalloc keeps freed pages instead of returning them
 
 
 def hand_plan(n: int, window: int):
@@ -48,7 +54,16 @@ def main() -> int:
     ap.add_argument("--precisions", nargs="+", choices=["fp32", "bf16", "bf16w", "fp16"],
                     help="instead of the naive comparison: layerboost's stage-1 and stage-2 steps in each of these "
                          "precisions (autocast; LoRA weights, optimizer state and losses stay float32)")
+    ap.add_argument("--allocators", nargs="+", choices=["glibc", "jemalloc", "jemalloc-retain", "tcmalloc"],
+                    help="with --precisions: run them under each C allocator (one worker process each, preloaded), "
+                         "taking turns round by round; jemalloc-retain never returns freed memory to the kernel "
+                         f"(MALLOC_CONF={RETAIN})")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.allocators and not args.precisions:
+        ap.error("--allocators needs --precisions")
+    if args.allocators and not args.worker:
+        return allocator_study(args)
     torch.set_num_threads(args.threads)
 
     import layerboost as lb
@@ -155,16 +170,28 @@ def precision_study(args, cfg, ours_factory, batches, n_tok, plan) -> int:
     for p in args.precisions:
         steps = ours_factory(cfg, p)
         variants[f"stage1 {p}"], variants[f"stage2 {p}"] = steps["attn"], steps["kd"]
-    times = {k: [] for k in variants}
-    for r, ids in enumerate(batches):
+
+    def one_round(ids) -> dict:
+        t = {}
         for name, fn in variants.items():
-            t = time.perf_counter()
+            t0 = time.perf_counter()
             fn(ids)
-            if r > 0:  # the first round is warm-up
-                times[name].append(time.perf_counter() - t)
+            t[name] = time.perf_counter() - t0
+        return t
+
+    one_round(batches[0])  # warm-up
+    if args.worker:  # one round per line on stdin, its times as one JSON line on stdout
+        print(json.dumps({"ready": allocator(), "plan": plan.counts()}), flush=True)
+        for line in sys.stdin:
+            print(json.dumps(one_round(batches[int(line)])), flush=True)
+        return 0
+    times = {k: [] for k in variants}
+    for ids in batches[1:]:
+        for k, v in one_round(ids).items():
+            times[k].append(v)
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"model {args.model}, plan {plan.counts()}, batch {args.batch}x{args.seq}, {args.threads} threads, "
-          f"medians of {args.repeats} interleaved steps")
+          f"allocator {allocator()}, medians of {args.repeats} interleaved steps")
     for k, v in med.items():
         print(f"{k:12s} {v:6.2f} s/step  {n_tok / v:7.0f} tokens/s")
     ref = args.precisions[0]
@@ -174,8 +201,78 @@ def precision_study(args, cfg, ours_factory, batches, n_tok, plan) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"median_step_s": med, "batch": [args.batch, args.seq], "threads": args.threads,
-                       "repeats": args.repeats, "torch": torch.__version__}, fh, indent=1)
+                       "repeats": args.repeats, "torch": torch.__version__, "allocator": allocator()}, fh, indent=1)
     return 0
+
+
+def allocator_study(args) -> int:
+    """The precision study under each C allocator: one worker process per allocator (LD_PRELOAD cannot change
+    inside a process), all on the same batches, taking turns round by round so that the machine's load hits
+    them alike."""
+    import subprocess
+
+    argv = [a for a in sys.argv[1:] if a != "--worker"]
+    i = argv.index("--allocators")
+    j = i + 1
+    while j < len(argv) and not argv[j].startswith("--"):
+        j += 1
+    argv = argv[:i] + argv[j:] + ["--worker"]
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    workers = {}
+    env = {k: v for k, v in env.items() if k != "MALLOC_CONF"}
+    for a in args.allocators:
+        lib, conf = a.split("-")[0], {"MALLOC_CONF": RETAIN} if a.endswith("-retain") else {}
+        preload = {} if lib == "glibc" else {"LD_PRELOAD": find_library(lib)}
+        workers[a] = subprocess.Popen([sys.executable, __file__, *argv], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, env={**env, **preload, **conf})
+    for a, w in workers.items():
+        ready = json.loads(w.stdout.readline() or "{}")
+        got, plan_counts = ready.get("ready"), ready.get("plan")
+        if got != a.split("-")[0]:
+            raise SystemExit(f"error: the {a} worker runs with allocator {got!r} (is lib{a} installed?)")
+    times = {a: {} for a in workers}
+    for r in range(1, args.repeats + 1):
+        for a, w in workers.items():
+            w.stdin.write(f"{r}\n")
+            w.stdin.flush()
+            for k, v in json.loads(w.stdout.readline()).items():
+                times[a].setdefault(k, []).append(v)
+            print(f"round {r} {a}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times[a].items()),
+                  file=sys.stderr, flush=True)
+    for w in workers.values():
+        w.stdin.close()
+        w.wait()
+    n_tok = args.batch * args.seq
+    med = {a: {k: statistics.median(v) for k, v in t.items()} for a, t in times.items()}
+    print(f"model {args.model}, plan {plan_counts}, batch {args.batch}x{args.seq}, {args.threads} threads, "
+          f"medians of {args.repeats} steps, interleaved across precisions and allocators")
+    for a, m in med.items():
+        for k, v in m.items():
+            print(f"{a:9s} {k:12s} {v:6.2f} s/step  {n_tok / v:7.0f} tokens/s")
+    ref, first = args.precisions[0], args.allocators[0]
+    for a in args.allocators:
+        for p in args.precisions[1:]:
+            print(f"{a}: {p} / {ref}: stage 1 {med[a][f'stage1 {ref}'] / med[a][f'stage1 {p}']:.2f}x, "
+                  f"stage 2 {med[a][f'stage2 {ref}'] / med[a][f'stage2 {p}']:.2f}x tokens/s")
+    for a in args.allocators[1:]:
+        print(f"{a} / {first}: " + ", ".join(f"{k} {med[first][k] / med[a][k]:.2f}x" for k in med[a]))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"median_step_s": med, "step_s": times, "batch": [args.batch, args.seq],
+                       "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+                       "command": " ".join(sys.argv)}, fh, indent=1)
+    return 0
+
+
+def find_library(name: str) -> str:
+    """The path of lib<name>.so for LD_PRELOAD."""
+    import glob
+
+    for pattern in (f"/usr/lib/*/lib{name}.so*", f"/usr/lib/lib{name}.so*", f"/usr/local/lib/lib{name}.so*"):
+        if found := sorted(glob.glob(pattern)):
+            return found[0]
+    raise SystemExit(f"error: lib{name} is not installed (e.g. apt-get install libjemalloc2), or drop it from "
+                     "--allocators")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from study import claim, heal_each, model_at, pattern_plan, write  # noqa: E402
-from layerboost.util import read_json  # noqa: E402
+from layerboost.util import allocator, read_json  # noqa: E402
 
 ROWS = {"attn": {}, "no_attn": {"attn_distill": False}}
 PROBE_AT = "0,50k,100k,200k,500k,1M,2M,5M,10M"  # the points at or below --tokens are probed, and the end
@@ -98,7 +99,8 @@ def measure_rates(args) -> int:
         steps = [x for x in log if x.get("stage") == stage][3:]
         rates[stage] = (steps[-1]["tokens"] - steps[0]["tokens"]) / (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"])
     record = {"tokens_per_s": rates, "steps_timed": {k: args.rate_steps - 4 for k in rates},
-              "settings": settings, "command": " ".join(sys.argv), "threads": torch.get_num_threads()}
+              "settings": settings, "command": " ".join(sys.argv), "threads": torch.get_num_threads(),
+              "allocator": allocator(), "malloc_conf": os.environ.get("MALLOC_CONF")}
     write(out / "rates.json", record)
     print(json.dumps(record["tokens_per_s"]))
     return 0

@@ -148,3 +148,20 @@ def test_interp_matches_numpy_semantics():
     x = torch.tensor([0.0, 1.0, 2.5, 4.0, 9.0], dtype=torch.float64)
     got = _interp(x, [1.0, 4.0], [10.0, 40.0])
     assert got.tolist() == [10.0, 10.0, 25.0, 40.0, 40.0]
+
+
+def test_environment_names_the_allocator():
+    """Benchmarks record the C allocator (on CPU it changes the speed): glibc's malloc unless one is preloaded."""
+    import glob
+    import os
+    import subprocess
+    import sys
+
+    probe = [sys.executable, "-c", "from layerboost.util import allocator; print(allocator())"]
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    assert subprocess.run(probe, env=env, capture_output=True, text=True, check=True).stdout.strip() == "glibc"
+    libs = glob.glob("/usr/lib/*/libjemalloc.so*") + glob.glob("/usr/lib/libjemalloc.so*")
+    if not libs:
+        pytest.skip("libjemalloc is not installed here (the glibc case above ran)")
+    out = subprocess.run(probe, env={**env, "LD_PRELOAD": libs[0]}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "jemalloc"

@@ -476,3 +476,14 @@ def test_killed_two_process_heal_resumes(tmp_path):
 
 if __name__ == "__main__":
     _child_main(sys.argv[1], sys.argv[2])
+
+
+def test_the_cpu_allocator_note(monkeypatch):
+    """`layerboost heal` on CPU with glibc's malloc suggests jemalloc; nothing on CUDA or once jemalloc is loaded."""
+    import layerboost.cli.heal as cli
+
+    monkeypatch.setattr(cli, "allocator", lambda: "glibc")
+    assert "LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1" in cli.allocator_note("cpu")
+    assert cli.allocator_note("cuda:0") is None
+    monkeypatch.setattr(cli, "allocator", lambda: "jemalloc")
+    assert cli.allocator_note("cpu") is None

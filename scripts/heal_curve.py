@@ -137,6 +137,7 @@ def evaluate_points(args) -> int:
                           per_stratum=args.mmlu_per_subject if t == "mmlu" else None) for t in args.tasks.split(",")]
     wiki = prepare_task(tok, "wikitext", limit=args.wikitext_docs, seed=0)
     points = {("base", None): (True, True)}  # (row, tokens) -> (WikiText-2, accuracy)
+    probes = {r: {p["tokens"]: p for p in _probes(out / r)} for r in args.rows.split(",")}
     for row in args.rows.split(","):
         wiki_at, acc_at = (set(_snapshot_tokens(out / row, at)) for at in (args.wikitext_at, args.eval_at))
         for t in sorted(wiki_at | acc_at):
@@ -146,11 +147,14 @@ def evaluate_points(args) -> int:
         folder = out / "eval" / name
         todo = [p for p in tasks if want_acc and read_json(folder / f"{p.task.name}.json") is None]
         wiki_todo = want_wiki and read_json(folder / "wikitext.json") is None
-        if not todo and not wiki_todo:
+        heldout_todo = row != "base" and read_json(folder / "heldout.json") is None
+        if not todo and not wiki_todo and not heldout_todo:
             continue
         snap = out / row / "heal_state" / "snapshots" / f"{tokens}.safetensors"
         model = copy.deepcopy(base) if row == "base" else model_at(base, plan, {**meta["settings"], **ROWS[row]}, snap)
         print(f"[curve] evaluating {name}", file=sys.stderr)
+        if heldout_todo:  # the probe's held-out KL again, per row, for paired tests between the rows
+            write(folder / "heldout.json", {**heldout_at(base, model, tok, meta), "probe": probes[row][tokens]})
         if wiki_todo:  # in float32, as the comparison measures it
             lls = score_rolling(model, tok, wiki.requests, desc="wikitext")
             write(folder / "wikitext.json", {**perplexity_metrics(wiki.requests, lls), "doc_logliks": lls,
@@ -164,11 +168,23 @@ def evaluate_points(args) -> int:
     return 0
 
 
+def heldout_at(base, model, tok, meta: dict) -> dict:
+    """KL to the base, agreement and perplexity on the probes' held-out rows (the same rows, in float32), per row."""
+    from layerboost.corpus import heldout_rows
+    from layerboost.heal import HealConfig
+    from layerboost.quality import heldout_metrics
+
+    rows = heldout_rows(tok, meta["data"], meta["probe_tokens"], HealConfig(**meta["settings"]).seq_len)
+    return heldout_metrics(base, model.float(), rows)
+
+
+def _probes(folder: Path) -> list[dict]:
+    return [json.loads(x) for x in (folder / "heal_state" / "log.jsonl").read_text().splitlines() if '"probe"' in x]
+
+
 def _snapshot_tokens(folder: Path, at: str) -> list[int]:
     """The probed token counts (snapshots) nearest each point of `at` ('last': the final one; 'all': every one)."""
-    probes = [json.loads(x) for x in (folder / "heal_state" / "log.jsonl").read_text().splitlines()
-              if '"probe"' in x]
-    have = [p["tokens"] for p in probes if p.get("snapshot")]
+    have = [p["tokens"] for p in _probes(folder) if p.get("snapshot")]
     if at.strip() == "all":
         return sorted(have)
     want = [max(have) if x.strip() == "last" else token_list(x)[0] for x in at.split(",") if x.strip()]
@@ -231,7 +247,7 @@ def report(args) -> int:
              for p in sorted((out / "eval").glob("*")) if p.is_dir()} if (out / "eval").is_dir() else {}
 
     def items(e):  # (keys, correct, margin, task) of the tasks' items, pooled as the comparison pools them
-        correct, margin, task, keys = pooled_items({"eval": {t: r for t, r in e.items() if t != "wikitext"}})
+        correct, margin, task, keys = pooled_items({"eval": {t: r for t, r in e.items() if t not in ("wikitext", "heldout")}})
         return keys, correct, margin, task
 
     tests = {}
@@ -251,12 +267,18 @@ def report(args) -> int:
             if ka and ka == kb:
                 t.update(mcnemar=mcnemar(ca, cb), accuracy=paired_bootstrap(ca, cb, strata=ta),
                          margin=paired_bootstrap(ma, mb, strata=ta))
+            if "heldout" in e and "heldout" in f:  # per held-out row: KL to the base (lower is better)
+                t["heldout_kl_per_row"] = paired_bootstrap(e["heldout"]["kl_rows"], f["heldout"]["kl_rows"])
             if "wikitext" in e and "wikitext" in f:  # per document: log-likelihood per word
                 wa = e["wikitext"]["doc_logliks"]
                 wb = f["wikitext"]["doc_logliks"]
                 t["wikitext_loglik_per_doc"] = paired_bootstrap(wa, wb)
             tests[f"{name} vs {other}"] = t
 
+    # the snapshot, merged into a model, gives the probe's held-out KL again (the heal probed its live adapters)
+    checks = {n: {"heldout_kl": e["heldout"]["kl"], "probe_kl": e["heldout"]["probe"]["kl"],
+                  "abs_diff": abs(e["heldout"]["kl"] - e["heldout"]["probe"]["kl"])}
+              for n, e in evals.items() if "heldout" in e}
     fits, answers = {}, {}
     stage1 = {r: stage1_tokens(meta["settings"], r) for r in curves}
     base_wiki = evals.get("base", {}).get("wikitext", {}).get("word_perplexity")
@@ -283,7 +305,7 @@ def report(args) -> int:
             fits[f"{r}: held-out KL"] = fit_gap(*zip(*kl))
     record = {"settings": meta, "curves": curves, "evaluations": {n: {t: {k: v for k, v in r.items() if k not in (
         "items", "doc_logliks")} for t, r in e.items()} for n, e in evals.items()}, "tests": tests, "fits": fits,
-        "answers": answers}
+        "answers": answers, "snapshot_checks": checks}
     rates = read_json(out / "rates.json")
     hours = {r: [quiet_hours(p["tokens"], stage1[r], rates["tokens_per_s"]) if rates else p["train_s"] / 3600
                  for p in pts] for r, pts in curves.items()}

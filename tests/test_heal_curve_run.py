@@ -1,0 +1,50 @@
+"""scripts/heal_curve.py end to end on a tiny model: heal both rows, evaluate, rate, report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import layerboost as lb
+from conftest import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_curve_phases_end_to_end(tmp_path):
+    tok = lb.load_model("smollm2-135m")[1]
+    model_dir = tmp_path / "tiny"
+    m = tiny_model("llama", layers=6, vocab=len(tok))
+    m.config.max_position_embeddings = 512
+    m.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    out, docs = tmp_path / "curve", tmp_path / "docs"
+
+    def phase(*argv):
+        res = subprocess.run([sys.executable, str(ROOT / "scripts" / "heal_curve.py"), *argv, "--model", str(model_dir),
+                              "--out", str(out), "--smoke", "--window", "8", "--precision", "fp32", "--threads", "1",
+                              "--tasks", "piqa,arc_easy"], capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return res.stdout
+
+    phase("heal")
+    phase("evaluate")
+    phase("rate")
+    phase("report", "--docs", str(docs))
+    rec = json.loads((out / "curve.json").read_text())
+    last = {r: max(p["tokens"] for p in rec["curves"][r]) for r in ("attn", "no_attn")}
+    # every accuracy point of each row, and the base, scored on the same items; WikiText-2 at every snapshot
+    for r in ("attn", "no_attn"):
+        for t in (1024, 2048, last[r]):
+            assert {"piqa", "arc_easy", "wikitext", "heldout"} <= set(rec["evaluations"][f"{r}_{t}"])
+    # a snapshot merged into a model gives the probe's held-out KL again
+    assert rec["snapshot_checks"] and all(c["abs_diff"] < 1e-4 for c in rec["snapshot_checks"].values())
+    pair = rec["tests"][f"attn_{last['attn']} vs no_attn_{last['no_attn']}"]
+    assert {"heldout_kl_per_row", "accuracy", "mcnemar", "wikitext_loglik_per_doc"} <= set(pair)
+    assert "heldout_kl_per_row" not in rec["tests"][f"attn_{last['attn']} vs base"]  # the base has no KL to itself
+    rates = json.loads((docs / "rates.json").read_text())
+    assert rates["allocator"] in ("glibc", "jemalloc", "tcmalloc", "mimalloc", "system")
+    assert (docs / "curve.png").stat().st_size > 1000 and (docs / "no_attn_log.jsonl").is_file()

@@ -146,7 +146,7 @@ def evaluate_points(args) -> int:
         name = "base" if row == "base" else f"{row}_{tokens}"
         folder = out / "eval" / name
         todo = [p for p in tasks if want_acc and read_json(folder / f"{p.task.name}.json") is None]
-        wiki_todo = want_wiki and read_json(folder / "wikitext.json") is None
+        wiki_todo = want_wiki and _wikitext_missing(folder / "wikitext.json", args.wikitext_max_length)
         heldout_todo = row != "base" and read_json(folder / "heldout.json") is None
         if not todo and not wiki_todo and not heldout_todo:
             continue
@@ -156,9 +156,9 @@ def evaluate_points(args) -> int:
         if heldout_todo:  # the probe's held-out KL again, per row, for paired tests between the rows
             write(folder / "heldout.json", {**heldout_at(base, model, tok, meta), "probe": probes[row][tokens]})
         if wiki_todo:  # in float32, as the comparison measures it
-            lls = score_rolling(model, tok, wiki.requests, desc="wikitext")
+            lls = score_rolling(model, tok, wiki.requests, max_length=args.wikitext_max_length, desc="wikitext")
             write(folder / "wikitext.json", {**perplexity_metrics(wiki.requests, lls), "doc_logliks": lls,
-                                             "dtype": "float32"})
+                                             "dtype": "float32", "max_length": args.wikitext_max_length})
         model = model.to(parse_dtype(args.accuracy_dtype))  # the comparison's accuracy pass runs in bfloat16
         for prep in todo:
             r = task_items(model, tok, prep, batch_size=32)
@@ -166,6 +166,15 @@ def evaluate_points(args) -> int:
                                                       "mmlu_per_subject": args.mmlu_per_subject if prep.task.name == "mmlu"
                                                       else None, "dtype": args.accuracy_dtype})
     return 0
+
+
+def _wikitext_missing(path: Path, max_length: int | None) -> bool:
+    """True when `path` holds no WikiText-2 result; an error when it holds one measured with other windows."""
+    have = read_json(path)
+    if have is not None and have.get("max_length") != max_length:
+        raise SystemExit(f"error: {path} was measured with windows of {have.get('max_length') or 'the model context'} "
+                         f"tokens, not --wikitext-max-length {max_length}: move it away or pass that length")
+    return have is None
 
 
 def heldout_at(base, model, tok, meta: dict) -> dict:
@@ -380,6 +389,8 @@ def main() -> int:
     ap.add_argument("--accuracy-dtype", default="bfloat16", help="weights in the multiple-choice pass (the comparison's)")
     ap.add_argument("--selection-size", type=int, default=100, help="documents per task the partition reserves")
     ap.add_argument("--wikitext-docs", type=int, default=None, help="WikiText-2 documents (default: all 62)")
+    ap.add_argument("--wikitext-max-length", type=int, default=2048,
+                    help="WikiText-2 rolling window in tokens (the comparison's 2048; 0: the model's context)")
     ap.add_argument("--rate-steps", type=int, default=40, help="rate: optimiser steps per stage")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="runs/heal_curve")
@@ -390,6 +401,9 @@ def main() -> int:
         args.tokens, args.probe_tokens, args.probe_at, args.eval_at = "4096", 512, "0,1024,2048,3072", "1024,2048,last"
         args.limit, args.wikitext_docs, args.rate_steps = args.limit or 8, args.wikitext_docs or 1, 6
         args.mmlu_per_subject = 1
+    args.wikitext_max_length = args.wikitext_max_length or None
+    if args.smoke:
+        args.wikitext_max_length = 128
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.phase == "heal":

@@ -46,3 +46,17 @@ def test_measured_crossing_brackets_the_first_point_at_or_below_the_level():
     assert C.crossing(pts, 1.3) == {"reached_by": 2e6, "not_yet_at": 1e6}
     assert C.crossing(pts, 1.1) == {"reached_by": None, "not_yet_at": 2e6}
     assert C.crossing(pts, 3.0) == {"reached_by": 1e5, "not_yet_at": None}
+
+
+def test_a_wikitext_result_with_other_windows_is_refused(tmp_path):
+    """The curve pairs its WikiText-2 points with the comparison's (windows of 2048): a file measured with
+    another window is never taken for one."""
+    import json
+
+    f = tmp_path / "wikitext.json"
+    assert C._wikitext_missing(f, 2048)
+    f.write_text(json.dumps({"word_perplexity": 30.7, "max_length": None}))
+    with pytest.raises(SystemExit, match="windows of the model context tokens, not --wikitext-max-length 2048"):
+        C._wikitext_missing(f, 2048)
+    f.write_text(json.dumps({"word_perplexity": 34.0, "max_length": 2048}))
+    assert not C._wikitext_missing(f, 2048)

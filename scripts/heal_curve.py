@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -230,6 +231,13 @@ def tokens_to(fit: dict, gap: float, draws: int = 20000) -> dict:
             "ci95": [float(np.percentile(t, 2.5)), float(np.percentile(t, 97.5))], "draws_with_b_above_0": float(ok.mean())}
 
 
+def ratio_law(points: list[tuple[int, float]]) -> dict | None:
+    """The power law of log(ratio to the base) against tokens, fitted to the points above the base (None with
+    fewer than 3); `tokens_to(law, log(x))` is then where the ratio reaches x."""
+    usable = [(t, math.log(v)) for t, v in points if v > 1]
+    return fit_gap(*zip(*usable)) if len(usable) >= 3 else None
+
+
 LEVELS = (1.5, 1.3)  # the perplexity ratios to the base whose token counts are asked for
 
 
@@ -242,8 +250,6 @@ def crossing(points: list[tuple[int, float]], level: float) -> dict:
 
 def report(args) -> int:
     """curve.json and curve.png from the probes and the evaluations; prints the table."""
-    import math
-
     from layerboost.stats import mcnemar, paired_bootstrap
     from layerboost.workflows.compare import pooled_items
 
@@ -256,14 +262,22 @@ def report(args) -> int:
              for p in sorted((out / "eval").glob("*")) if p.is_dir()} if (out / "eval").is_dir() else {}
 
     def items(e):  # (keys, correct, margin, task) of the tasks' items, pooled as the comparison pools them
-        correct, margin, task, keys = pooled_items({"eval": {t: r for t, r in e.items() if t not in ("wikitext", "heldout")}})
+        correct, margin, task, keys = pooled_items({"eval": {t: r for t, r in e.items()
+                                                             if t not in ("wikitext", "heldout")}})
         return keys, correct, margin, task
 
+    against = {}  # comparison rows (rows/<name>.json), each paired with every point over the same items
+    for path in args.against or []:
+        row_ = read_json(path)
+        if row_ is None or "eval" not in row_:
+            raise SystemExit(f"error: --against {path}: not a comparison row with accuracy items (rows/<name>.json)")
+        against[f"comparison {row_['name']}"] = {**row_["eval"], **({"wikitext": row_["wikitext"]} if "wikitext" in row_
+                                                                    else {})}
     tests = {}
     for name, e in evals.items():
         if name == "base" or "base" not in evals:
             continue
-        others = [("base", evals["base"])]
+        others = [("base", evals["base"]), *against.items()]
         row, _, tok = name.rpartition("_")
         if row == "attn":  # against no_attn at the nearest point (probes fall on step ends: 1000736 against 1000448)
             near = [n for n in evals if n.rpartition("_")[0] == "no_attn"
@@ -278,7 +292,8 @@ def report(args) -> int:
                          margin=paired_bootstrap(ma, mb, strata=ta))
             if "heldout" in e and "heldout" in f:  # per held-out row: KL to the base (lower is better)
                 t["heldout_kl_per_row"] = paired_bootstrap(e["heldout"]["kl_rows"], f["heldout"]["kl_rows"])
-            if "wikitext" in e and "wikitext" in f:  # per document: log-likelihood per word
+            if "wikitext" in e and "wikitext" in f and e["wikitext"].get("max_length") == f["wikitext"].get("max_length"):
+                # per document: log-likelihood per word
                 wa = e["wikitext"]["doc_logliks"]
                 wb = f["wikitext"]["doc_logliks"]
                 t["wikitext_loglik_per_doc"] = paired_bootstrap(wa, wb)
@@ -302,13 +317,12 @@ def report(args) -> int:
         answers[r] = {}
         for what, pts_ in series.items():
             a = answers[r][what] = {"x_base": pts_, **{f"{x}x": {"measured": crossing(pts_, x)} for x in LEVELS}}
-            usable = [(t, v) for t, v in pts_ if v > 1]  # the law is of log(ratio) > 0
-            if len(usable) >= 3:
-                fits[f"{r}: {what}, log of the ratio to the base"] = f = fit_gap(*zip(*usable))
+            if (f := ratio_law(pts_)) is not None:
+                fits[f"{r}: {what}, log of the ratio to the base"] = f
                 for x in LEVELS:
                     a[f"{x}x"]["fit"] = tokens_to(f, math.log(x))
             else:
-                a["fit"] = f"not fitted: {len(usable)} stage-2 points above the base (3 needed)"
+                a["fit"] = f"not fitted: {sum(v > 1 for _, v in pts_)} stage-2 points above the base (3 needed)"
         kl = [(p["tokens"], p["kl"]) for p in pts if p["tokens"] > local]
         if len(kl) >= 3:
             fits[f"{r}: held-out KL"] = fit_gap(*zip(*kl))
@@ -395,6 +409,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="runs/heal_curve")
     ap.add_argument("--docs", default=None, help="report: also copy curve.json / curve.png here")
+    ap.add_argument("--against", nargs="*", help="report: comparison rows (rows/<name>.json) to pair every point with, "
+                    "e.g. the same plan healed 200k tokens")
     ap.add_argument("--smoke", action="store_true", help="tiny budget (4k tokens, 512 probe tokens)")
     args = ap.parse_args()
     if args.smoke:

@@ -60,3 +60,13 @@ def test_a_wikitext_result_with_other_windows_is_refused(tmp_path):
         C._wikitext_missing(f, 2048)
     f.write_text(json.dumps({"word_perplexity": 34.0, "max_length": 2048}))
     assert not C._wikitext_missing(f, 2048)
+
+
+def test_the_ratio_law_is_fitted_to_the_log_of_the_ratio():
+    """Ratios exp(2 t^-0.3) to the base: the law recovers b = 0.3, and 1.3x falls where 2 t^-0.3 = log 1.3
+    (closed form), not where the ratio itself would be log 1.3."""
+    pts = [(t, math.exp(2.0 * t ** -0.3)) for t in (1e5, 2e5, 5e5, 1e6, 2e6)] + [(4e6, 0.99)]  # last: below the base
+    law = C.ratio_law(pts)
+    assert law["points"] == 5 and law["b"] == pytest.approx(0.3, rel=1e-9) and law["a"] == pytest.approx(math.log(2))
+    assert C.tokens_to(law, math.log(1.3))["tokens"] == pytest.approx((2.0 / math.log(1.3)) ** (1 / 0.3), rel=1e-6)
+    assert C.ratio_law(pts[:2]) is None

@@ -33,7 +33,13 @@ def test_curve_phases_end_to_end(tmp_path):
     phase("heal")
     phase("evaluate")
     phase("rate")
-    phase("report", "--docs", str(docs))
+    # a comparison row to pair with (here the base's own results, written as a comparison row is)
+    base = {f.stem: json.loads(f.read_text()) for f in (out / "eval" / "base").glob("*.json")}
+    row = tmp_path / "rows" / "twin.json"
+    row.parent.mkdir()
+    row.write_text(json.dumps({"name": "twin", "eval": {t: r for t, r in base.items() if t != "wikitext"},
+                               "wikitext": base["wikitext"]}))
+    phase("report", "--docs", str(docs), "--against", str(row))
     rec = json.loads((out / "curve.json").read_text())
     last = {r: max(p["tokens"] for p in rec["curves"][r]) for r in ("attn", "no_attn")}
     # every accuracy point of each row, and the base, scored on the same items; WikiText-2 at every snapshot
@@ -45,6 +51,10 @@ def test_curve_phases_end_to_end(tmp_path):
     pair = rec["tests"][f"attn_{last['attn']} vs no_attn_{last['no_attn']}"]
     assert {"heldout_kl_per_row", "accuracy", "mcnemar", "wikitext_loglik_per_doc"} <= set(pair)
     assert "heldout_kl_per_row" not in rec["tests"][f"attn_{last['attn']} vs base"]  # the base has no KL to itself
+    for r in ("attn", "no_attn"):  # paired with the comparison row exactly as with the base it copies
+        t = rec["tests"]
+        assert t[f"{r}_{last[r]} vs comparison twin"] == t[f"{r}_{last[r]} vs base"]
+        assert {"accuracy", "wikitext_loglik_per_doc"} <= set(t[f"{r}_{last[r]} vs comparison twin"])
     rates = json.loads((docs / "rates.json").read_text())
     assert rates["allocator"] in ("glibc", "jemalloc", "tcmalloc", "mimalloc", "system")
     assert (docs / "curve.png").stat().st_size > 1000 and (docs / "no_attn_log.jsonl").is_file()

@@ -479,8 +479,8 @@ if __name__ == "__main__":
 
 
 def test_the_cpu_allocator_note(monkeypatch):
-    """`heal`, `run` and `compare` on CPU with glibc's malloc suggest jemalloc; nothing on CUDA or once it is loaded."""
-    import layerboost.cli.options as cli
+    """`layerboost heal` on CPU with glibc's malloc suggests jemalloc; nothing on CUDA or once it is loaded."""
+    import layerboost.cli.heal as cli
 
     monkeypatch.setattr(cli, "allocator", lambda: "glibc")
     assert "LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1" in cli.allocator_note("cpu")

@@ -4,9 +4,8 @@ made on arguments before any work."""
 from __future__ import annotations
 
 import argparse
-import sys
 
-from ..util import DTYPE_ALIASES, DTYPES, UsageError, allocator, check_writable, resolve_device
+from ..util import DTYPE_ALIASES, DTYPES, UsageError, check_writable, resolve_device
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -219,22 +218,10 @@ def claim_config_out(cfg, command: str, args):
                              "the stages the new settings change, or ")
 
 
-def allocator_note(device: str) -> str | None:
-    """A hint for healing on CPU with the C library's malloc, which hands freed buffers back to the kernel and
-    faults them in again at every step (measured in docs/experiments/healing.md)."""
-    if not device.startswith("cpu") or allocator() != "glibc":
-        return None
-    return ("note: on CPU, healing ran 1.3x-2.3x faster and steadier with jemalloc keeping its memory: "
-            "LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 layerboost heal ... "
-            "(apt install libjemalloc2; see the guide)")
-
-
 def run_config_command(args, config_cls, command: str, work, what: str) -> int:
     """A command driven by a YAML config (`run`, `compare`): the config with the command line's overrides, its
     folder claimed, `work(cfg, log)` run there; prints what it made."""
     cfg = config_with_overrides(config_cls, args)
-    if note := allocator_note(resolve_device(getattr(cfg, "device", "auto"))):  # both commands heal
-        print(note, file=sys.stderr)
     with claim_config_out(cfg, command, args):
         made = work(cfg, log=lambda m: print(m, flush=True))
     print(f"{what}: {made}")

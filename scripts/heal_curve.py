@@ -359,7 +359,7 @@ def plot(curves: dict, hours: dict, hours_label: str, evals: dict, path: Path) -
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for r, pts in curves.items():
-        tok = [max(p["tokens"], 1) / 1e6 for p in pts]
+        tok = [p["tokens"] / 1e6 for p in pts]
         axes[0].plot(tok, [p["kl"] for p in pts], marker="o", label=r)
         axes[1].plot(hours[r], [p["kl"] for p in pts], marker="o", label=r)
         wk = sorted((int(n.rpartition("_")[2]) / 1e6, e["wikitext"]["word_perplexity"]) for n, e in evals.items()
@@ -376,7 +376,9 @@ def plot(curves: dict, hours: dict, hours_label: str, evals: dict, path: Path) -
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, frameon=False)
-    axes[0].set_xscale("symlog", linthresh=0.05)
+    for ax in (axes[0], axes[2]):  # tokens: linear up to 50k (the 0 point), logarithmic above
+        ax.set_xscale("symlog", linthresh=0.05)
+        ax.set_xlim(0, 1.3 * max(p["tokens"] for pts in curves.values() for p in pts) / 1e6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

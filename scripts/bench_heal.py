@@ -217,9 +217,8 @@ def allocator_study(args) -> int:
     while j < len(argv) and not argv[j].startswith("--"):
         j += 1
     argv = argv[:i] + argv[j:] + ["--worker"]
-    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}  # each worker sets its own
     workers = {}
-    env = {k: v for k, v in env.items() if k != "MALLOC_CONF"}
     for a in args.allocators:
         lib, conf = a.split("-")[0], {"MALLOC_CONF": RETAIN} if a.endswith("-retain") else {}
         preload = {} if lib == "glibc" else {"LD_PRELOAD": find_library(lib)}
@@ -229,7 +228,7 @@ def allocator_study(args) -> int:
         ready = json.loads(w.stdout.readline() or "{}")
         got, plan_counts = ready.get("ready"), ready.get("plan")
         if got != a.split("-")[0]:
-            raise SystemExit(f"error: the {a} worker runs with allocator {got!r} (is lib{a} installed?)")
+            raise SystemExit(f"error: the {a} worker runs with allocator {got!r} (is lib{a.split('-')[0]} installed?)")
     times = {a: {} for a in workers}
     for r in range(1, args.repeats + 1):
         for a, w in workers.items():

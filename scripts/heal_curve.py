@@ -123,7 +123,10 @@ def evaluate_points(args) -> int:
     """WikiText-2 (every document) and accuracy on the evaluation partition (per item) of the base and of each row
     at --eval-at tokens; each (model, task) result is a file, so a killed evaluation resumes."""
     import layerboost as lb
+    from layerboost.corpus import heldout_rows
     from layerboost.evaluate import Partition, perplexity_metrics, prepare_task, score_rolling
+    from layerboost.heal import HealConfig
+    from layerboost.quality import heldout_metrics
     from layerboost.util import parse_dtype
     from layerboost.workflows.compare import task_items
 
@@ -139,6 +142,7 @@ def evaluate_points(args) -> int:
     wiki = prepare_task(tok, "wikitext", limit=args.wikitext_docs, seed=0)
     points = {("base", None): (True, True)}  # (row, tokens) -> (WikiText-2, accuracy)
     probes = {r: {p["tokens"]: p for p in _probes(out / r)} for r in args.rows.split(",")}
+    heldout = None  # the probes' held-out rows (read when a point needs them): the same rows, in float32
     for row in args.rows.split(","):
         wiki_at, acc_at = (set(_snapshot_tokens(out / row, at)) for at in (args.wikitext_at, args.eval_at))
         for t in sorted(wiki_at | acc_at):
@@ -155,7 +159,10 @@ def evaluate_points(args) -> int:
         model = copy.deepcopy(base) if row == "base" else model_at(base, plan, {**meta["settings"], **ROWS[row]}, snap)
         print(f"[curve] evaluating {name}", file=sys.stderr)
         if heldout_todo:  # the probe's held-out KL again, per row, for paired tests between the rows
-            write(folder / "heldout.json", {**heldout_at(base, model, tok, meta), "probe": probes[row][tokens]})
+            if heldout is None:
+                heldout = heldout_rows(tok, meta["data"], meta["probe_tokens"], HealConfig(**meta["settings"]).seq_len)
+            write(folder / "heldout.json", {**heldout_metrics(base, model.float(), heldout),
+                                            "probe": probes[row][tokens]})
         if wiki_todo:  # in float32, as the comparison measures it
             lls = score_rolling(model, tok, wiki.requests, max_length=args.wikitext_max_length, desc="wikitext")
             write(folder / "wikitext.json", {**perplexity_metrics(wiki.requests, lls), "doc_logliks": lls,
@@ -176,16 +183,6 @@ def _wikitext_missing(path: Path, max_length: int | None) -> bool:
         raise SystemExit(f"error: {path} was measured with windows of {have.get('max_length') or 'the model context'} "
                          f"tokens, not --wikitext-max-length {max_length}: move it away or pass that length")
     return have is None
-
-
-def heldout_at(base, model, tok, meta: dict) -> dict:
-    """KL to the base, agreement and perplexity on the probes' held-out rows (the same rows, in float32), per row."""
-    from layerboost.corpus import heldout_rows
-    from layerboost.heal import HealConfig
-    from layerboost.quality import heldout_metrics
-
-    rows = heldout_rows(tok, meta["data"], meta["probe_tokens"], HealConfig(**meta["settings"]).seq_len)
-    return heldout_metrics(base, model.float(), rows)
 
 
 def _probes(folder: Path) -> list[dict]:
@@ -256,8 +253,7 @@ def report(args) -> int:
     out = Path(args.out)
     meta = read_json(out / "curve_settings.json")
     rows = [r for r in args.rows.split(",") if (out / r / "heal_state" / "log.jsonl").is_file()]
-    curves = {r: [json.loads(x) for x in (out / r / "heal_state" / "log.jsonl").read_text().splitlines()
-                  if '"probe"' in x] for r in rows}
+    curves = {r: _probes(out / r) for r in rows}
     evals = {p.name: {f.stem: json.loads(f.read_text()) for f in p.glob("*.json")}
              for p in sorted((out / "eval").glob("*")) if p.is_dir()} if (out / "eval").is_dir() else {}
 
@@ -415,13 +411,11 @@ def main() -> int:
                     "e.g. the same plan healed 200k tokens")
     ap.add_argument("--smoke", action="store_true", help="tiny budget (4k tokens, 512 probe tokens)")
     args = ap.parse_args()
+    args.wikitext_max_length = args.wikitext_max_length or None
     if args.smoke:
         args.tokens, args.probe_tokens, args.probe_at, args.eval_at = "4096", 512, "0,1024,2048,3072", "1024,2048,last"
         args.limit, args.wikitext_docs, args.rate_steps = args.limit or 8, args.wikitext_docs or 1, 6
-        args.mmlu_per_subject = 1
-    args.wikitext_max_length = args.wikitext_max_length or None
-    if args.smoke:
-        args.wikitext_max_length = 128
+        args.mmlu_per_subject, args.wikitext_max_length = 1, 128
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.phase == "heal":

@@ -6,7 +6,11 @@ distillation, probed along the way, then evaluated at chosen points and fitted.
               (heal_state/snapshots/). A killed run resumes where its last checkpoint left it: rerun the command.
     evaluate  the base model and each row at --eval-at tokens (snapshots merged into the hybrid): WikiText-2
               perplexity (every document, float32) and accuracy on the comparison's evaluation partition (MMLU 20
-              per subject, weights in bfloat16, as the comparison), with per-item records.
+              per subject, weights in bfloat16, as the comparison), with per-item records; every finished
+              complete heal (`budgets`) gets WikiText-2 and the held-out KL, as eval/<row>_complete_<tokens>.
+    budgets   complete heals at smaller budgets (--at) with the curve's settings, each with its own schedule: a
+              row's points along its one schedule are mid-decay, so the law of tokens is fitted to complete heals
+              (these ends, and the row's own end); out/budgets/<tokens>/<row>; resumes like heal
     rate      each stage's training speed on quiet cores (a short heal of the same settings; stop every other
               job first), so the figure's hours are this CPU's, not the wall time of a heal that shared it
     report    curve.json, curve.png (quality against tokens and against training hours, both rows, the base
@@ -18,6 +22,7 @@ The rows (both the default recipe; everything else as `layerboost heal` defaults
 
     python scripts/heal_curve.py heal --tokens 2M --out runs/heal_curve          # hours: run in the background
     python scripts/heal_curve.py evaluate --out runs/heal_curve --eval-at 200k,1M,2M
+    python scripts/heal_curve.py budgets --at 200k,500k,1M --rows no_attn --out runs/heal_curve
     python scripts/heal_curve.py rate --out runs/heal_curve                       # minutes, quiet cores
     python scripts/heal_curve.py report --out runs/heal_curve --docs docs/heal-curve-smollm2-135m
     python scripts/heal_curve.py heal --smoke --out runs/heal_curve_smoke       # tiny budget, proves it runs
@@ -72,6 +77,46 @@ def heal_rows(args) -> int:
     heal_each("curve", base, plan, out, {r: ROWS[r] for r in args.rows.split(",")}, data=data, tokenizer=tok,
               probe_rows=probe_rows, probe_at=tuple(p / cfg.tokens for p in points), snapshots=True, **settings)
     return 0
+
+
+def heal_budgets(args) -> int:
+    import layerboost as lb
+    from layerboost.corpus import heldout_rows
+    from layerboost.heal import HealConfig
+
+    out = Path(args.out)
+    meta = read_json(out / "curve_settings.json")
+    if meta is None:
+        raise SystemExit(f"error: {out} holds no curve (run the heal phase first)")
+    full = HealConfig(**meta["settings"]).tokens
+    budgets = token_list(args.at)
+    if not budgets or budgets[-1] >= full or budgets[0] <= 0:
+        raise SystemExit(f"error: --at {args.at}: give budgets above 0 and below the curve's {full} tokens")
+    rows = args.rows.split(",")
+    for b in budgets:
+        HealConfig(**{**meta["settings"], "tokens": b})  # every budget checked before the model loads
+    base, tok = lb.load_model(meta["model"])
+    plan = lb.LayerPlan.from_dict(meta["plan"])
+    probe_rows = heldout_rows(tok, meta["data"], meta["probe_tokens"], HealConfig(**meta["settings"]).seq_len)
+    for b in budgets:  # the curve's settings but the budget: its own warm-up, decay and stage split
+        heal_each(f"budget {b}", base, plan, out / "budgets" / str(b), {r: ROWS[r] for r in rows}, data=meta["data"],
+                  tokenizer=tok, probe_rows=probe_rows, probe_at=(1.0,), snapshots=True,
+                  **{**meta["settings"], "tokens": b})
+    return 0
+
+
+def _complete_heals(out: Path, rows: list[str]) -> list[tuple[str, Path, dict, dict]]:
+    """Each finished complete heal (`budgets`): (name, snapshot, heal settings, its end probe)."""
+    found = []
+    for folder in sorted((out / "budgets").glob("*/*")):
+        row, b = folder.name, folder.parent.name
+        if row not in rows or not (folder / "heal.json").is_file():
+            continue
+        end = _probes(folder)[-1]
+        settings = {**read_json(out / "curve_settings.json")["settings"], "tokens": int(b), **ROWS[row]}
+        found.append((f"{row}_complete_{end['tokens']}", folder / "heal_state" / "snapshots" /
+                      f"{end['tokens']}.safetensors", settings, end))
+    return found
 
 
 def measure_rates(args) -> int:
@@ -140,29 +185,30 @@ def evaluate_points(args) -> int:
     tasks = [prepare_task(tok, t, limit=args.limit, seed=0, partition=part,
                           per_stratum=args.mmlu_per_subject if t == "mmlu" else None) for t in args.tasks.split(",")]
     wiki = prepare_task(tok, "wikitext", limit=args.wikitext_docs, seed=0)
-    points = {("base", None): (True, True)}  # (row, tokens) -> (WikiText-2, accuracy)
-    probes = {r: {p["tokens"]: p for p in _probes(out / r)} for r in args.rows.split(",")}
-    heldout = None  # the probes' held-out rows (read when a point needs them): the same rows, in float32
+    # name -> (snapshot, heal settings, its probe, WikiText-2, accuracy); the base has no snapshot
+    points = {"base": (None, None, None, True, True)}
     for row in args.rows.split(","):
+        probes = {p["tokens"]: p for p in _probes(out / row)}
         wiki_at, acc_at = (set(_snapshot_tokens(out / row, at)) for at in (args.wikitext_at, args.eval_at))
         for t in sorted(wiki_at | acc_at):
-            points[(row, t)] = (t in wiki_at, t in acc_at)
-    for (row, tokens), (want_wiki, want_acc) in points.items():
-        name = "base" if row == "base" else f"{row}_{tokens}"
+            points[f"{row}_{t}"] = (out / row / "heal_state" / "snapshots" / f"{t}.safetensors",
+                                    {**meta["settings"], **ROWS[row]}, probes[t], t in wiki_at, t in acc_at)
+    for name, snap, settings, probe in _complete_heals(out, args.rows.split(",")):
+        points[name] = (snap, settings, probe, True, False)
+    heldout = None  # the probes' held-out rows (read when a point needs them): the same rows, in float32
+    for name, (snap, settings, probe, want_wiki, want_acc) in points.items():
         folder = out / "eval" / name
         todo = [p for p in tasks if want_acc and read_json(folder / f"{p.task.name}.json") is None]
         wiki_todo = want_wiki and _wikitext_missing(folder / "wikitext.json", args.wikitext_max_length)
-        heldout_todo = row != "base" and read_json(folder / "heldout.json") is None
+        heldout_todo = snap is not None and read_json(folder / "heldout.json") is None
         if not todo and not wiki_todo and not heldout_todo:
             continue
-        snap = out / row / "heal_state" / "snapshots" / f"{tokens}.safetensors"
-        model = copy.deepcopy(base) if row == "base" else model_at(base, plan, {**meta["settings"], **ROWS[row]}, snap)
+        model = copy.deepcopy(base) if snap is None else model_at(base, plan, settings, snap)
         print(f"[curve] evaluating {name}", file=sys.stderr)
         if heldout_todo:  # the probe's held-out KL again, per row, for paired tests between the rows
             if heldout is None:
                 heldout = heldout_rows(tok, meta["data"], meta["probe_tokens"], HealConfig(**meta["settings"]).seq_len)
-            write(folder / "heldout.json", {**heldout_metrics(base, model.float(), heldout),
-                                            "probe": probes[row][tokens]})
+            write(folder / "heldout.json", {**heldout_metrics(base, model.float(), heldout), "probe": probe})
         if wiki_todo:  # in float32, as the comparison measures it
             lls = score_rolling(model, tok, wiki.requests, max_length=args.wikitext_max_length, desc="wikitext")
             write(folder / "wikitext.json", {**perplexity_metrics(wiki.requests, lls), "doc_logliks": lls,
@@ -211,21 +257,39 @@ def fit_gap(tokens: list[float], gaps: list[float]) -> dict:
     s2 = float(((y - X @ coef) ** 2).sum()) / dof
     cov = s2 * np.linalg.inv(X.T @ X)
     return {"a": float(coef[0]), "b": float(coef[1]), "se_a": float(cov[0, 0] ** 0.5), "se_b": float(cov[1, 1] ** 0.5),
-            "cov": cov.tolist(), "points": len(x), "residual_sd": s2 ** 0.5}
+            "cov": cov.tolist(), "points": len(x), "dof": dof, "residual_sd": s2 ** 0.5,
+            "data": [[float(t), float(g)] for t, g in zip(tokens, gaps)]}
 
 
 def tokens_to(fit: dict, gap: float, draws: int = 20000) -> dict:
-    """Tokens at which the fitted gap reaches `gap`: point estimate and a 95% interval (parameter draws)."""
+    """Tokens at which the fitted gap reaches `gap`: point estimate and a 95% interval from parameter draws.
+    The draws are multivariate t with the fit's residual degrees of freedom (the residual variance is itself
+    estimated from a few points: with 3 points, 1 degree of freedom, the interval is rightly wide). With 4 points
+    or more, `leave_one_out` gives the crossing refitted without each point in turn (how much one point moves it)."""
     import numpy as np
 
     if fit["b"] <= 0:
         return {"tokens": None, "ci95": None}
     rng = np.random.default_rng(0)
-    ab = rng.multivariate_normal([fit["a"], fit["b"]], fit["cov"], size=draws)
+    z = rng.multivariate_normal([0.0, 0.0], fit["cov"], size=draws)
+    ab = np.array([fit["a"], fit["b"]]) + z * np.sqrt(fit["dof"] / rng.chisquare(fit["dof"], size=(draws, 1)))
     ok = ab[:, 1] > 0
-    t = np.exp((ab[ok, 0] - np.log(gap)) / ab[ok, 1])
-    return {"tokens": float(np.exp((fit["a"] - np.log(gap)) / fit["b"])),
-            "ci95": [float(np.percentile(t, 2.5)), float(np.percentile(t, 97.5))], "draws_with_b_above_0": float(ok.mean())}
+    # a draw whose gap does not fall never crosses: infinitely many tokens (an unbounded end is None)
+    with np.errstate(over="ignore"):  # a slope near 0 crosses beyond any float: inf, as it should
+        t = np.sort(np.where(ok, np.exp((ab[:, 0] - np.log(gap)) / np.where(ok, ab[:, 1], 1.0)), np.inf))
+    lo, hi = (float(t[min(draws - 1, int(q * draws))]) for q in (0.025, 0.975))
+    out = {"tokens": float(np.exp((fit["a"] - np.log(gap)) / fit["b"])),
+           "ci95": [lo if math.isfinite(lo) else None, hi if math.isfinite(hi) else None],
+           "draws_with_b_above_0": float(ok.mean())}
+    if len(fit.get("data", [])) >= 4:
+        loo = []
+        for i in range(len(fit["data"])):
+            rest = fit["data"][:i] + fit["data"][i + 1:]
+            f = fit_gap(*zip(*rest))
+            loo.append({"left_out": fit["data"][i][0],
+                        "tokens": float(np.exp((f["a"] - np.log(gap)) / f["b"])) if f["b"] > 0 else None})
+        out["leave_one_out"] = loo
+    return out
 
 
 def ratio_law(points: list[tuple[int, float]]) -> dict | None:
@@ -275,8 +339,11 @@ def report(args) -> int:
             continue
         others = [("base", evals["base"]), *against.items()]
         row, _, tok = name.rpartition("_")
-        if row == "attn":  # against no_attn at the nearest point (probes fall on step ends: 1000736 against 1000448)
-            near = [n for n in evals if n.rpartition("_")[0] == "no_attn"
+        # attn against no_attn, a complete heal against its row's point along the long schedule, at the nearest
+        # point (probes fall on step ends: 1000736 against 1000448)
+        twin = "no_attn" if row == "attn" else row.removesuffix("_complete") if row.endswith("_complete") else None
+        if twin:
+            near = [n for n in evals if n.rpartition("_")[0] == twin
                     and abs(int(n.rpartition("_")[2]) - int(tok)) <= 0.01 * int(tok)]
             others += [(n, evals[n]) for n in near[:1]]
         for other, f in others:
@@ -310,6 +377,17 @@ def report(args) -> int:
             series["WikiText-2 word perplexity"] = sorted(
                 (int(n.rpartition("_")[2]), e["wikitext"]["word_perplexity"] / base_wiki) for n, e in evals.items()
                 if n.rpartition("_")[0] == r and "wikitext" in e and int(n.rpartition("_")[2]) > local)
+        # complete heals (`budgets`) and the row's own end, when it finished: the law of tokens proper
+        ends = {int(n.rpartition("_")[2]): e for n, e in evals.items() if n.rpartition("_")[0] == f"{r}_complete"}
+        if ends and (out / r / "heal.json").is_file():
+            last = pts[-1]
+            ends[last["tokens"]] = {**evals.get(f"{r}_{last['tokens']}", {}), "heldout": {"probe": last}}
+            series["held-out perplexity, complete heals"] = sorted(
+                (t, e["heldout"]["probe"]["ppl"] / e["heldout"]["probe"]["ppl_teacher"]) for t, e in ends.items()
+                if "heldout" in e)
+            if base_wiki:
+                series["WikiText-2 word perplexity, complete heals"] = sorted(
+                    (t, e["wikitext"]["word_perplexity"] / base_wiki) for t, e in ends.items() if "wikitext" in e)
         answers[r] = {}
         for what, pts_ in series.items():
             a = answers[r][what] = {"x_base": pts_, **{f"{x}x": {"measured": crossing(pts_, x)} for x in LEVELS}}
@@ -318,7 +396,7 @@ def report(args) -> int:
                 for x in LEVELS:
                     a[f"{x}x"]["fit"] = tokens_to(f, math.log(x))
             else:
-                a["fit"] = f"not fitted: {sum(v > 1 for _, v in pts_)} stage-2 points above the base (3 needed)"
+                a["fit"] = f"not fitted: {sum(v > 1 for _, v in pts_)} points above the base (3 needed)"
         kl = [(p["tokens"], p["kl"]) for p in pts if p["tokens"] > local]
         if len(kl) >= 3:
             fits[f"{r}: held-out KL"] = fit_gap(*zip(*kl))
@@ -332,7 +410,10 @@ def report(args) -> int:
                        "rates": rates}
     write(out / "curve.json", record)
     plot(curves, hours, "training hours at this CPU's quiet rate" if rates else
-         "wall-clock training hours (cores shared; run `rate` for this CPU's)", evals, out / "curve.png")
+         "wall-clock training hours (cores shared; run `rate` for this CPU's)", evals, out / "curve.png",
+         {r: next((fits[k], w) for w in ("WikiText-2 word perplexity, complete heals", "WikiText-2 word perplexity")
+                 if (k := f"{r}: {w}, log of the ratio to the base") in fits)
+         for r in curves if any(k.startswith(f"{r}: WikiText-2") for k in fits)})
     print(json.dumps({"answers": answers, "fits": {k: {x: v[x] for x in ("a", "b", "se_b", "points")}
                                                    for k, v in fits.items()}}, indent=1))
     if args.docs:
@@ -347,23 +428,46 @@ def report(args) -> int:
     return 0
 
 
-def plot(curves: dict, hours: dict, hours_label: str, evals: dict, path: Path) -> None:
+def plot(curves: dict, hours: dict, hours_label: str, evals: dict, path: Path, wiki_laws: dict | None = None) -> None:
+    """KL against tokens and hours, WikiText-2 against tokens (complete heals at smaller budgets as open markers);
+    `wiki_laws` (row -> (ratio law, what it was fitted to)) are drawn dashed from the first fitted point to where
+    the law reaches the lowest level in LEVELS."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    color = {}
     for r, pts in curves.items():
         tok = [p["tokens"] / 1e6 for p in pts]
-        axes[0].plot(tok, [p["kl"] for p in pts], marker="o", label=r)
-        axes[1].plot(hours[r], [p["kl"] for p in pts], marker="o", label=r)
+        color[r] = axes[0].plot(tok, [p["kl"] for p in pts], marker="o", label=r)[0].get_color()
+        axes[1].plot(hours[r], [p["kl"] for p in pts], marker="o", label=r, color=color[r])
         wk = sorted((int(n.rpartition("_")[2]) / 1e6, e["wikitext"]["word_perplexity"]) for n, e in evals.items()
                     if n.rpartition("_")[0] == r and "wikitext" in e)
         if wk:
-            axes[2].plot(*zip(*wk), marker="s", label=r)
+            axes[2].plot(*zip(*wk), marker="s", label=r, color=color[r])
+        done = sorted((int(n.rpartition("_")[2]) / 1e6, e["wikitext"]["word_perplexity"]) for n, e in evals.items()
+                      if n.rpartition("_")[0] == f"{r}_complete" and "wikitext" in e)
+        if done:
+            axes[2].plot(*zip(*done), marker="o", ls="none", mfc="none", color=color[r],
+                         label=f"{r}: complete heals at smaller budgets")
+    right = max(p["tokens"] for pts in curves.values() for p in pts)
     if "base" in evals and "wikitext" in evals["base"]:
-        axes[2].axhline(evals["base"]["wikitext"]["word_perplexity"], color="k", ls="--", label="base")
+        base = evals["base"]["wikitext"]["word_perplexity"]
+        axes[2].axhline(base, color="k", ls="--", label="base")
+        for x in LEVELS:
+            axes[2].axhline(x * base, color="grey", ls=":", lw=0.8)
+            axes[2].annotate(f"{x}x base", (0.002, x * base), fontsize=7, color="grey", va="bottom")
+        for r, (law, what) in (wiki_laws or {}).items():
+            if law["b"] <= 0:
+                continue
+            end = math.exp((law["a"] - math.log(math.log(min(LEVELS)))) / law["b"])
+            t = np.geomspace(law["data"][0][0], max(end, law["data"][-1][0]), 100)
+            right = max(right, t[-1])
+            axes[2].plot(t / 1e6, base * np.exp(np.exp(law["a"]) * t ** -law["b"]), ls="--", lw=1,
+                         color=color.get(r), label=f"{r}: law fitted to its {what.partition(', ')[2] or 'points'}")
     axes[0].axhline(0, color="k", ls="--", lw=0.8)
     for ax, (x, y) in zip(axes, [("healing tokens (millions)", "held-out KL to the base (nats/token)"),
                                  (hours_label, "held-out KL to the base (nats/token)"),
@@ -374,7 +478,7 @@ def plot(curves: dict, hours: dict, hours_label: str, evals: dict, path: Path) -
         ax.legend(fontsize=8, frameon=False)
     for ax in (axes[0], axes[2]):  # tokens: linear up to 50k (the 0 point), logarithmic above
         ax.set_xscale("symlog", linthresh=0.05)
-        ax.set_xlim(0, 1.3 * max(p["tokens"] for pts in curves.values() for p in pts) / 1e6)
+        ax.set_xlim(0, 1.3 * (right if ax is axes[2] else max(p["tokens"] for pts in curves.values() for p in pts)) / 1e6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -382,7 +486,9 @@ def plot(curves: dict, hours: dict, hours_label: str, evals: dict, path: Path) -
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("phase", choices=["heal", "evaluate", "rate", "report"])
+    ap.add_argument("phase", choices=["heal", "budgets", "evaluate", "rate", "report"])
+    ap.add_argument("--at", default=None, help="budgets: the complete heals' budgets, below the curve's (default "
+                    "200k,500k,1M)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default=None, help="training text (default: <data-dir>/corpus)")
     ap.add_argument("--window", type=int, default=64)
@@ -416,10 +522,14 @@ def main() -> int:
         args.tokens, args.probe_tokens, args.probe_at, args.eval_at = "4096", 512, "0,1024,2048,3072", "1024,2048,last"
         args.limit, args.wikitext_docs, args.rate_steps = args.limit or 8, args.wikitext_docs or 1, 6
         args.mmlu_per_subject, args.wikitext_max_length = 1, 128
+        args.at = args.at or "1024,3072"
+    args.at = args.at or "200k,500k,1M"
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.phase == "heal":
         return heal_rows(args)
+    if args.phase == "budgets":
+        return heal_budgets(args)
     if args.phase == "evaluate":
         return evaluate_points(args)
     if args.phase == "rate":

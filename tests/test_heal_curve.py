@@ -70,3 +70,40 @@ def test_the_ratio_law_is_fitted_to_the_log_of_the_ratio():
     assert law["points"] == 5 and law["b"] == pytest.approx(0.3, rel=1e-9) and law["a"] == pytest.approx(math.log(2))
     assert C.tokens_to(law, math.log(1.3))["tokens"] == pytest.approx((2.0 / math.log(1.3)) ** (1 / 0.3), rel=1e-6)
     assert C.ratio_law(pts[:2]) is None
+
+
+@pytest.mark.parametrize("dof, t975", [(1, 12.706), (4, 2.776)])  # Student t 97.5% quantiles (tables)
+def test_the_interval_uses_student_t_with_the_fits_degrees_of_freedom(dof, t975):
+    """With a exact, log T = (a - log g) / b is monotone in b, so T's interval is b's t interval mapped through:
+    b +- t975 * se_b. (1 dof: a Cauchy, whose draws with b <= 0 never cross and sit beyond the upper end.)"""
+    b, se_b = 0.3, 0.01
+    f = {"a": math.log(0.8), "b": b, "cov": [[0.0, 0.0], [0.0, se_b ** 2]], "dof": dof, "points": dof + 2}
+    g = 0.8 * 1e6 ** -b  # crossing at T = 1e6
+    r = C.tokens_to(f, g, draws=400_000)
+    assert r["tokens"] == pytest.approx(1e6, rel=1e-9)
+    lo, hi = r["ci95"]
+    b_hi, b_lo = (b * math.log(1e6) / math.log(x) for x in (lo, hi))
+    assert b_lo == pytest.approx(b - t975 * se_b, rel=0.01) and b_hi == pytest.approx(b + t975 * se_b, rel=0.01)
+
+
+def test_fit_degrees_of_freedom_and_an_unbounded_interval():
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    tokens = [1e5, 2e5, 4e5]
+    f = C.fit_gap(tokens, [0.5 * t ** -0.05 * math.exp(rng.normal(0, 0.2)) for t in tokens])
+    assert f["dof"] == 1 and f["b"] > 0
+    r = C.tokens_to(f, 1e-3)  # a slope this uncertain: many draws never reach the level
+    assert r["draws_with_b_above_0"] < 0.975 and r["ci95"][1] is None and r["ci95"][0] is not None
+
+
+def test_leave_one_out_refits_without_each_point():
+    tokens = [5e4, 1e5, 2e5, 5e5, 1e6]
+    gaps = [2.0 * t ** -0.5 for t in tokens]
+    gaps[2] *= 3.0  # one outlier
+    f = C.fit_gap(tokens, gaps)
+    loo = C.tokens_to(f, 1e-3)["leave_one_out"]
+    assert [x["left_out"] for x in loo] == tokens
+    assert loo[2]["tokens"] == pytest.approx(4e6, rel=1e-9)  # without the outlier: the exact law's crossing
+    assert all(x["tokens"] != pytest.approx(4e6, rel=1e-3) for i, x in enumerate(loo) if i != 2)
+    assert "leave_one_out" not in C.tokens_to(C.fit_gap(tokens[:3], gaps[:3]), 1e-3)

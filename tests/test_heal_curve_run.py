@@ -31,6 +31,9 @@ def test_curve_phases_end_to_end(tmp_path):
         return res.stdout
 
     phase("heal")
+    with pytest.raises(AssertionError, match="give budgets above 0 and below the curve's 4096 tokens"):
+        phase("budgets", "--at", "1024,4096")
+    phase("budgets", "--rows", "no_attn")  # complete heals at 1024 and 3072 tokens
     phase("evaluate")
     phase("rate")
     # a comparison row to pair with (here the base's own results, written as a comparison row is)
@@ -55,6 +58,19 @@ def test_curve_phases_end_to_end(tmp_path):
         t = rec["tests"]
         assert t[f"{r}_{last[r]} vs comparison twin"] == t[f"{r}_{last[r]} vs base"]
         assert {"accuracy", "wikitext_loglik_per_doc"} <= set(t[f"{r}_{last[r]} vs comparison twin"])
+    # complete heals: each has its own schedule (its end differs from the long row's point at the same tokens),
+    # is evaluated, paired with that point, and with the row's end gives the law of complete heals
+    for t in (1024, 3072):
+        e = rec["evaluations"][f"no_attn_complete_{t}"]
+        assert {"wikitext", "heldout"} == set(e) and rec["snapshot_checks"][f"no_attn_complete_{t}"]["abs_diff"] < 1e-4
+        assert "heldout_kl_per_row" in rec["tests"][f"no_attn_complete_{t} vs no_attn_{t}"]
+    # the last step of a 3-step heal runs at a lower rate than the 3rd of 4 (at 1024 tokens both took one step at
+    # the same rate: the same model)
+    assert (rec["evaluations"]["no_attn_complete_3072"]["heldout"]["kl"] !=
+            pytest.approx(rec["evaluations"]["no_attn_3072"]["heldout"]["kl"], rel=1e-3))
+    law = rec["answers"]["no_attn"]["WikiText-2 word perplexity, complete heals"]
+    assert [t for t, _ in law["x_base"]] == [1024, 3072, last["no_attn"]]
+    assert "WikiText-2 word perplexity, complete heals" not in rec["answers"]["attn"]
     rates = json.loads((docs / "rates.json").read_text())
     assert rates["allocator"] in ("glibc", "jemalloc", "tcmalloc", "mimalloc", "system")
     assert (docs / "curve.png").stat().st_size > 1000 and (docs / "no_attn_log.jsonl").is_file()

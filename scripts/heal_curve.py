@@ -94,7 +94,8 @@ def heal_budgets(args) -> int:
         raise SystemExit(f"error: --at {args.at}: give budgets above 0 and below the curve's {full} tokens")
     rows = args.rows.split(",")
     for b in budgets:
-        HealConfig(**{**meta["settings"], "tokens": b})  # every budget checked before the model loads
+        if b < HealConfig(**{**meta["settings"], "tokens": b}).seq_len:  # every budget checked before the model loads
+            raise SystemExit(f"error: --at {args.at}: a budget of {b} tokens is less than one sequence; give more")
     base, tok = lb.load_model(meta["model"])
     plan = lb.LayerPlan.from_dict(meta["plan"])
     probe_rows = heldout_rows(tok, meta["data"], meta["probe_tokens"], HealConfig(**meta["settings"]).seq_len)
@@ -261,6 +262,12 @@ def fit_gap(tokens: list[float], gaps: list[float]) -> dict:
             "data": [[float(t), float(g)] for t, g in zip(tokens, gaps)]}
 
 
+def _crossing(a: float, b: float, gap: float) -> float | None:
+    """Tokens at which a gap e^a T^-b reaches `gap`; None when b <= 0 or beyond float range (JSON has no inf)."""
+    log_t = (a - math.log(gap)) / b if b > 0 else math.inf
+    return math.exp(log_t) if log_t < 700 else None
+
+
 def tokens_to(fit: dict, gap: float, draws: int = 20000) -> dict:
     """Tokens at which the fitted gap reaches `gap`: point estimate and a 95% interval from parameter draws.
     The draws are multivariate t with the fit's residual degrees of freedom (the residual variance is itself
@@ -278,7 +285,7 @@ def tokens_to(fit: dict, gap: float, draws: int = 20000) -> dict:
     with np.errstate(over="ignore"):  # a slope near 0 crosses beyond any float: inf, as it should
         t = np.sort(np.where(ok, np.exp((ab[:, 0] - np.log(gap)) / np.where(ok, ab[:, 1], 1.0)), np.inf))
     lo, hi = (float(t[min(draws - 1, int(q * draws))]) for q in (0.025, 0.975))
-    out = {"tokens": float(np.exp((fit["a"] - np.log(gap)) / fit["b"])),
+    out = {"tokens": _crossing(fit["a"], fit["b"], gap),
            "ci95": [lo if math.isfinite(lo) else None, hi if math.isfinite(hi) else None],
            "draws_with_b_above_0": float(ok.mean())}
     if len(fit.get("data", [])) >= 4:
@@ -287,7 +294,7 @@ def tokens_to(fit: dict, gap: float, draws: int = 20000) -> dict:
             rest = fit["data"][:i] + fit["data"][i + 1:]
             f = fit_gap(*zip(*rest))
             loo.append({"left_out": fit["data"][i][0],
-                        "tokens": float(np.exp((f["a"] - np.log(gap)) / f["b"])) if f["b"] > 0 else None})
+                        "tokens": _crossing(f["a"], f["b"], gap)})
         out["leave_one_out"] = loo
     return out
 
@@ -345,7 +352,9 @@ def report(args) -> int:
         if twin:
             near = [n for n in evals if n.rpartition("_")[0] == twin
                     and abs(int(n.rpartition("_")[2]) - int(tok)) <= 0.01 * int(tok)]
-            others += [(n, evals[n]) for n in near[:1]]
+            if near:
+                n = min(near, key=lambda n: abs(int(n.rpartition("_")[2]) - int(tok)))
+                others.append((n, evals[n]))
         for other, f in others:
             t = {}
             ka, ca, ma, ta = items(e)
@@ -463,7 +472,8 @@ def plot(curves: dict, hours: dict, hours_label: str, evals: dict, path: Path, w
         for r, (law, what) in (wiki_laws or {}).items():
             if law["b"] <= 0:
                 continue
-            end = math.exp((law["a"] - math.log(math.log(min(LEVELS)))) / law["b"])
+            # drawn to the lowest level, but at most 100x past the last point (a flat law never gets there)
+            end = math.exp(min((law["a"] - math.log(math.log(min(LEVELS)))) / law["b"], math.log(100 * law["data"][-1][0])))
             t = np.geomspace(law["data"][0][0], max(end, law["data"][-1][0]), 100)
             right = max(right, t[-1])
             axes[2].plot(t / 1e6, base * np.exp(np.exp(law["a"]) * t ** -law["b"]), ls="--", lw=1,

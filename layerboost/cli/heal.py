@@ -72,13 +72,13 @@ def _check_before_loading(args: argparse.Namespace, cfg: HealConfig) -> None:
 def allocator_note(device: str) -> str | None:
     """A hint for healing on CPU with the C library's malloc, which hands freed buffers back to the kernel and
     faults them in again at every step (measured in docs/experiments/healing.md). Only for `heal`: one teacher
-    and one student, so memory kept stays flat; a process that loads model after model (evaluate, run,
-    compare) grew to 24 GB with it."""
+    and one student (a process that loads model after model grew to 24 GB with it); even so, one 1M-token heal
+    grew to 24 GB once, for a cause not found, so the hint says to watch memory."""
     if not device.startswith("cpu") or allocator() != "glibc":
         return None
     return ("heal: note: on CPU, healing ran 1.3x-2.3x faster and steadier with jemalloc keeping its memory: "
             "LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 layerboost heal ... "
-            "(apt install libjemalloc2; see the guide)")
+            "(apt install libjemalloc2; it holds more memory, watch it: see the guide)")
 
 
 def run_heal_cli(args: argparse.Namespace) -> int:

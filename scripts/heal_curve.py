@@ -79,15 +79,28 @@ def heal_rows(args) -> int:
     return 0
 
 
-def heal_budgets(args) -> int:
-    import layerboost as lb
-    from layerboost.corpus import heldout_rows
-    from layerboost.heal import HealConfig
-
-    out = Path(args.out)
+def _curve_settings(out: Path) -> dict:
+    """The curve's settings file (written by the heal phase); one line when there is none."""
     meta = read_json(out / "curve_settings.json")
     if meta is None:
         raise SystemExit(f"error: {out} holds no curve (run the heal phase first)")
+    return meta
+
+
+def _probe_rows(tok, meta: dict):
+    """The held-out rows the curve's probes read (the same rows for every heal and evaluation of the curve)."""
+    from layerboost.corpus import heldout_rows
+    from layerboost.heal import HealConfig
+
+    return heldout_rows(tok, meta["data"], meta["probe_tokens"], HealConfig(**meta["settings"]).seq_len)
+
+
+def heal_budgets(args) -> int:
+    import layerboost as lb
+    from layerboost.heal import HealConfig
+
+    out = Path(args.out)
+    meta = _curve_settings(out)
     full = HealConfig(**meta["settings"]).tokens
     budgets = token_list(args.at)
     if not budgets or budgets[-1] >= full or budgets[0] <= 0:
@@ -98,7 +111,7 @@ def heal_budgets(args) -> int:
             raise SystemExit(f"error: --at {args.at}: a budget of {b} tokens is less than one sequence; give more")
     base, tok = lb.load_model(meta["model"])
     plan = lb.LayerPlan.from_dict(meta["plan"])
-    probe_rows = heldout_rows(tok, meta["data"], meta["probe_tokens"], HealConfig(**meta["settings"]).seq_len)
+    probe_rows = _probe_rows(tok, meta)
     for b in budgets:  # the curve's settings but the budget: its own warm-up, decay and stage split
         heal_each(f"budget {b}", base, plan, out / "budgets" / str(b), {r: ROWS[r] for r in rows}, data=meta["data"],
                   tokenizer=tok, probe_rows=probe_rows, probe_at=(1.0,), snapshots=True,
@@ -106,17 +119,17 @@ def heal_budgets(args) -> int:
     return 0
 
 
-def _complete_heals(out: Path, rows: list[str]) -> list[tuple[str, Path, dict, dict]]:
-    """Each finished complete heal (`budgets`): (name, snapshot, heal settings, its end probe)."""
+def _complete_heals(out: Path, rows: list[str], settings: dict) -> list[tuple[str, Path, dict, dict]]:
+    """Each finished complete heal (`budgets`): (name, snapshot, heal settings, its end probe); `settings` are
+    the curve's, whose budget each heal replaces."""
     found = []
     for folder in sorted((out / "budgets").glob("*/*")):
         row, b = folder.name, folder.parent.name
         if row not in rows or not (folder / "heal.json").is_file():
             continue
         end = _probes(folder)[-1]
-        settings = {**read_json(out / "curve_settings.json")["settings"], "tokens": int(b), **ROWS[row]}
         found.append((f"{row}_complete_{end['tokens']}", folder / "heal_state" / "snapshots" /
-                      f"{end['tokens']}.safetensors", settings, end))
+                      f"{end['tokens']}.safetensors", {**settings, "tokens": int(b), **ROWS[row]}, end))
     return found
 
 
@@ -130,9 +143,7 @@ def measure_rates(args) -> int:
     from layerboost.heal import HealConfig, heal
 
     out = Path(args.out)
-    meta = read_json(out / "curve_settings.json")
-    if meta is None:
-        raise SystemExit(f"error: {out} holds no curve (run the heal phase first)")
+    meta = _curve_settings(out)
     cfg = HealConfig(**meta["settings"])
     step = cfg.batch_size * cfg.seq_len
     settings = {**meta["settings"], "tokens": 2 * args.rate_steps * step, "attn_fraction": 0.5, "checkpoint_every": 0}
@@ -169,17 +180,13 @@ def evaluate_points(args) -> int:
     """WikiText-2 (every document) and accuracy on the evaluation partition (per item) of the base and of each row
     at --eval-at tokens; each (model, task) result is a file, so a killed evaluation resumes."""
     import layerboost as lb
-    from layerboost.corpus import heldout_rows
     from layerboost.evaluate import Partition, perplexity_metrics, prepare_task, score_rolling
-    from layerboost.heal import HealConfig
     from layerboost.quality import heldout_metrics
     from layerboost.util import parse_dtype
     from layerboost.workflows.compare import task_items
 
     out = Path(args.out)
-    meta = read_json(out / "curve_settings.json")
-    if meta is None:
-        raise SystemExit(f"error: {out} holds no curve (run the heal phase first)")
+    meta = _curve_settings(out)
     base, tok = lb.load_model(meta["model"])
     plan = lb.LayerPlan.from_dict(meta["plan"])
     part = Partition("evaluation", args.selection_size, 0)
@@ -194,7 +201,7 @@ def evaluate_points(args) -> int:
         for t in sorted(wiki_at | acc_at):
             points[f"{row}_{t}"] = (out / row / "heal_state" / "snapshots" / f"{t}.safetensors",
                                     {**meta["settings"], **ROWS[row]}, probes[t], t in wiki_at, t in acc_at)
-    for name, snap, settings, probe in _complete_heals(out, args.rows.split(",")):
+    for name, snap, settings, probe in _complete_heals(out, args.rows.split(","), meta["settings"]):
         points[name] = (snap, settings, probe, True, False)
     heldout = None  # the probes' held-out rows (read when a point needs them): the same rows, in float32
     for name, (snap, settings, probe, want_wiki, want_acc) in points.items():
@@ -208,7 +215,7 @@ def evaluate_points(args) -> int:
         print(f"[curve] evaluating {name}", file=sys.stderr)
         if heldout_todo:  # the probe's held-out KL again, per row, for paired tests between the rows
             if heldout is None:
-                heldout = heldout_rows(tok, meta["data"], meta["probe_tokens"], HealConfig(**meta["settings"]).seq_len)
+                heldout = _probe_rows(tok, meta)
             write(folder / "heldout.json", {**heldout_metrics(base, model.float(), heldout), "probe": probe})
         if wiki_todo:  # in float32, as the comparison measures it
             lls = score_rolling(model, tok, wiki.requests, max_length=args.wikitext_max_length, desc="wikitext")
@@ -322,7 +329,7 @@ def report(args) -> int:
     from layerboost.workflows.compare import pooled_items
 
     out = Path(args.out)
-    meta = read_json(out / "curve_settings.json")
+    meta = _curve_settings(out)
     rows = [r for r in args.rows.split(",") if (out / r / "heal_state" / "log.jsonl").is_file()]
     curves = {r: _probes(out / r) for r in rows}
     evals = {p.name: {f.stem: json.loads(f.read_text()) for f in p.glob("*.json")}
@@ -462,7 +469,7 @@ def plot(curves: dict, hours: dict, hours_label: str, evals: dict, path: Path, w
         if done:
             axes[2].plot(*zip(*done), marker="o", ls="none", mfc="none", color=color[r],
                          label=f"{r}: complete heals at smaller budgets")
-    right = max(p["tokens"] for pts in curves.values() for p in pts)
+    right = last = max(p["tokens"] for pts in curves.values() for p in pts)
     if "base" in evals and "wikitext" in evals["base"]:
         base = evals["base"]["wikitext"]["word_perplexity"]
         axes[2].axhline(base, color="k", ls="--", label="base")
@@ -473,7 +480,7 @@ def plot(curves: dict, hours: dict, hours_label: str, evals: dict, path: Path, w
             if law["b"] <= 0:
                 continue
             # drawn to the lowest level, but at most 100x past the last point (a flat law never gets there)
-            end = math.exp(min((law["a"] - math.log(math.log(min(LEVELS)))) / law["b"], math.log(100 * law["data"][-1][0])))
+            end = min(_crossing(law["a"], law["b"], math.log(min(LEVELS))) or math.inf, 100 * law["data"][-1][0])
             t = np.geomspace(law["data"][0][0], max(end, law["data"][-1][0]), 100)
             right = max(right, t[-1])
             axes[2].plot(t / 1e6, base * np.exp(np.exp(law["a"]) * t ** -law["b"]), ls="--", lw=1,
@@ -488,7 +495,7 @@ def plot(curves: dict, hours: dict, hours_label: str, evals: dict, path: Path, w
         ax.legend(fontsize=8, frameon=False)
     for ax in (axes[0], axes[2]):  # tokens: linear up to 50k (the 0 point), logarithmic above
         ax.set_xscale("symlog", linthresh=0.05)
-        ax.set_xlim(0, 1.3 * (right if ax is axes[2] else max(p["tokens"] for pts in curves.values() for p in pts)) / 1e6)
+        ax.set_xlim(0, 1.3 * (right if ax is axes[2] else last) / 1e6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

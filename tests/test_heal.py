@@ -7,6 +7,7 @@ This file doubles as the child-process entry point for the kill and multi-proces
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -456,12 +457,10 @@ def test_killed_two_process_heal_resumes(tmp_path):
     state = killed / "heal_state" / "checkpoint" / "state.json"
     deadline = time.time() + 180
     while time.time() < deadline and all(p.poll() is None for p in procs):
-        try:
+        with contextlib.suppress(OSError, json.JSONDecodeError, KeyError):  # a state file caught mid-write
             s = json.loads(state.read_text())
             if s["stage"] == "kd" and s["step"] >= 4:
                 break
-        except (OSError, json.JSONDecodeError, KeyError):
-            pass
         time.sleep(0.02)
     assert all(p.poll() is None for p in procs), "the run finished before it could be killed: raise its budget"
     for p in procs:

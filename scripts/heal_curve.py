@@ -445,7 +445,8 @@ def report(args) -> int:
 
 
 def plot(curves: dict, hours: dict, hours_label: str, evals: dict, path: Path, wiki_laws: dict | None = None) -> None:
-    """KL against tokens and hours, WikiText-2 against tokens (complete heals at smaller budgets as open markers);
+    """KL against tokens and hours, WikiText-2 against tokens (complete heals at smaller budgets as open markers in
+    the tokens panels);
     `wiki_laws` (row -> (ratio law, what it was fitted to)) are drawn dashed from the first fitted point to where
     the law reaches the lowest level in LEVELS."""
     import matplotlib
@@ -464,11 +465,12 @@ def plot(curves: dict, hours: dict, hours_label: str, evals: dict, path: Path, w
                     if n.rpartition("_")[0] == r and "wikitext" in e)
         if wk:
             axes[2].plot(*zip(*wk), marker="s", label=r, color=color[r])
-        done = sorted((int(n.rpartition("_")[2]) / 1e6, e["wikitext"]["word_perplexity"]) for n, e in evals.items()
-                      if n.rpartition("_")[0] == f"{r}_complete" and "wikitext" in e)
-        if done:
-            axes[2].plot(*zip(*done), marker="o", ls="none", mfc="none", color=color[r],
-                         label=f"{r}: complete heals at smaller budgets")
+        for ax, key, value in ((axes[0], "heldout", "kl"), (axes[2], "wikitext", "word_perplexity")):
+            done = sorted((int(n.rpartition("_")[2]) / 1e6, e[key][value]) for n, e in evals.items()
+                          if n.rpartition("_")[0] == f"{r}_complete" and key in e)
+            if done:
+                ax.plot(*zip(*done), marker="o", ls="none", mfc="none", color=color[r],
+                        label=f"{r}: complete heals at smaller budgets")
     right = last = max(p["tokens"] for pts in curves.values() for p in pts)
     if "base" in evals and "wikitext" in evals["base"]:
         base = evals["base"]["wikitext"]["word_perplexity"]
@@ -492,7 +494,8 @@ def plot(curves: dict, hours: dict, hours_label: str, evals: dict, path: Path, w
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, frameon=False)
+        ax.legend(fontsize=8, frameon=False, **({"loc": "lower left", "bbox_to_anchor": (0.02, 0.1)} if ax is axes[0]
+                                                else {"loc": "upper right"} if ax is axes[1] else {}))
     for ax in (axes[0], axes[2]):  # tokens: linear up to 50k (the 0 point), logarithmic above
         ax.set_xscale("symlog", linthresh=0.05)
         ax.set_xlim(0, 1.3 * (right if ax is axes[2] else last) / 1e6)

@@ -478,11 +478,14 @@ if __name__ == "__main__":
 
 
 def test_the_cpu_allocator_note(monkeypatch):
-    """`layerboost heal` on CPU with glibc's malloc suggests jemalloc; nothing on CUDA or once it is loaded."""
+    """`layerboost heal` on CPU with glibc's malloc names jemalloc and its memory risk (with the way back from a
+    kill); nothing on CUDA or once it is loaded."""
     import layerboost.cli.heal as cli
 
     monkeypatch.setattr(cli, "allocator", lambda: "glibc")
-    assert "LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1" in cli.allocator_note("cpu")
+    note = cli.allocator_note("cpu")
+    assert "LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1" in note
+    assert "memory limit" in note and "--resume" in note and "\n" not in note
     assert cli.allocator_note("cuda:0") is None
     monkeypatch.setattr(cli, "allocator", lambda: "jemalloc")
     assert cli.allocator_note("cpu") is None

@@ -488,14 +488,15 @@ def plot(curves: dict, hours: dict, hours_label: str, evals: dict, path: Path, w
             axes[2].plot(t / 1e6, base * np.exp(np.exp(law["a"]) * t ** -law["b"]), ls="--", lw=1,
                          color=color.get(r), label=f"{r}: law fitted to its {what.partition(', ')[2] or 'points'}")
     axes[0].axhline(0, color="k", ls="--", lw=0.8)
-    for ax, (x, y) in zip(axes, [("healing tokens (millions)", "held-out KL to the base (nats/token)"),
-                                 (hours_label, "held-out KL to the base (nats/token)"),
-                                 ("healing tokens (millions)", "WikiText-2 word perplexity")]):
+    # each panel's legend where its lines are not: below the KL curves, at the top right of the hours panel
+    for ax, x, y, where in zip(axes, ("healing tokens (millions)", hours_label, "healing tokens (millions)"),
+                               ("held-out KL to the base (nats/token)", "held-out KL to the base (nats/token)",
+                                "WikiText-2 word perplexity"),
+                               ({"loc": "lower left", "bbox_to_anchor": (0.02, 0.1)}, {"loc": "upper right"}, {})):
         ax.set_xlabel(x)
         ax.set_ylabel(y)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, frameon=False, **({"loc": "lower left", "bbox_to_anchor": (0.02, 0.1)} if ax is axes[0]
-                                                else {"loc": "upper right"} if ax is axes[1] else {}))
+        ax.legend(fontsize=8, frameon=False, **where)
     for ax in (axes[0], axes[2]):  # tokens: linear up to 50k (the 0 point), logarithmic above
         ax.set_xscale("symlog", linthresh=0.05)
         ax.set_xlim(0, 1.3 * (right if ax is axes[2] else last) / 1e6)

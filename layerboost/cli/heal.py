@@ -72,13 +72,13 @@ def _check_before_loading(args: argparse.Namespace, cfg: HealConfig) -> None:
 def allocator_note(device: str) -> str | None:
     """A hint for healing on CPU with the C library's malloc, which hands freed buffers back to the kernel and
     faults them in again at every step (measured in docs/experiments/healing.md). jemalloc keeping freed memory
-    avoids that, but in four long heals here it kept growing to 12-24 GB (1-2 GB in use where measured), so the
-    hint gives both sides and does not choose."""
+    avoids that, but in four long heals here it kept growing to 12-24 GB (0.6-2.5 GB in use where measured), so
+    the hint gives both sides and does not choose."""
     if not device.startswith("cpu") or allocator() != "glibc":
         return None
     return ("heal: note: on CPU, healing ran 1.3x-2.3x faster with jemalloc keeping its memory "
             "(apt install libjemalloc2; LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 "
-            "layerboost heal ...), but in 4 of our long heals it grew to 12-24 GB (1-2 GB in use where measured): "
+            "layerboost heal ...), but in 4 of our long heals it grew to 12-24 GB (0.6-2.5 GB in use where measured): "
             "run it under a memory limit; a killed heal continues with --resume (see the guide)")
 
 

@@ -3,8 +3,9 @@
 Every arm heals the same plan and data order by logit distillation alone (so the whole budget is stage 2),
 differing only in the peak learning rate and the shape after the warm-up. Quality is read on the selection
 slice: held-out rows that follow the reported slice (the first --reported-tokens of held-out text, which the
-curve and the comparison report on, are never read here). The arm with the lowest KL at the end is the pick;
-paired bootstrap over the selection rows tests each arm against the current default.
+curve and the comparison report on, are never read here). Paired bootstrap over the selection rows tests each
+arm against the current default; the pick is the lowest-KL arm that beats the default by more than the
+healing-seed spread with p < 0.05 (else the default), and is tested against the next-best arm too.
 
     heal     each arm to --tokens, probed on the selection slice along the way; resumes after a kill
     report   schedule.json and schedule.png, a printed table
@@ -12,6 +13,8 @@ paired bootstrap over the selection rows tests each arm against the current defa
     python scripts/heal_schedule.py heal --tokens 1M --out runs/heal_schedule      # hours: run in the background
     python scripts/heal_schedule.py report --out runs/heal_schedule --docs docs/heal-schedule-smollm2-135m \
         --curve runs/heal_curve                                                  # + the mid-schedule check
+    python scripts/heal_schedule.py heal --tokens 1M --seed 1 --arms cosine_3e-3,linear_3e-3 \
+        --out runs/heal_schedule_seed1                                           # the pick against the default, again
     python scripts/heal_schedule.py heal --smoke --out runs/heal_schedule_smoke    # tiny budget, proves it runs
 """
 
@@ -35,6 +38,14 @@ ARMS = {
     "linear_3e-3": {"schedule": "linear", "lr": 3e-3},
     "cosine_1e-3": {"schedule": "cosine", "lr": 1e-3},
 }
+SEED_SPREAD = 0.0004  # held-out KL across healing seeds (docs/experiments/comparison.md)
+
+
+def choose(ends: dict, tests: dict, default: str = DEFAULT_ARM) -> str:
+    """The lowest-KL arm whose KL per row beats the default's by more than SEED_SPREAD with p < 0.05, else the
+    default. `ends[arm]["kl"]` is the arm's final KL, `tests[arm]` its paired test against the default."""
+    wins = [a for a, t in tests.items() if t["diff"] < -SEED_SPREAD and t["p"] < 0.05]
+    return min(wins, key=lambda a: ends[a]["kl"]) if wins else default
 
 
 def selection_rows(tok, data: str, reported_tokens: int, tokens: int, seq_len: int) -> torch.Tensor:
@@ -54,6 +65,8 @@ def heal_arms(args) -> int:
     out = Path(args.out)
     settings = {"tokens": args.tokens, "attn_distill": False, "precision": "bf16", "weights_dtype": "bfloat16",
                 "checkpoint_every": args.checkpoint_every}
+    if args.seed:  # seed 0 is HealConfig's default, left out so that the first study's settings still match
+        settings["seed"] = args.seed
     unknown = [a for a in args.arms.split(",") if a not in ARMS]
     if unknown:
         raise SystemExit(f"error: unknown arm {', '.join(unknown)}; known: {', '.join(ARMS)}")
@@ -99,11 +112,14 @@ def report(args) -> int:
     tests = {a: paired_bootstrap(ends[a]["kl_rows"], ends[DEFAULT_ARM]["kl_rows"])
              for a in done if a != DEFAULT_ARM and DEFAULT_ARM in ends}
     mid = mid_schedule(args, base, rows, ends.get(DEFAULT_ARM), meta["settings"]["tokens"]) if args.curve else None
-    pick = min(ends, key=lambda a: ends[a]["kl"]) if ends else None
+    pick = choose(ends, tests) if DEFAULT_ARM in ends else None
+    rest = sorted((a for a in ends if a != pick), key=lambda a: ends[a]["kl"])
+    runner_up = {"arm": rest[0], "vs": paired_bootstrap(ends[pick]["kl_rows"], ends[rest[0]]["kl_rows"])} \
+        if pick and rest else None
     table = [{"arm": a, **meta["arms"][a], "kl": ends[a]["kl"], "agree": ends[a]["agree"], "ppl": ends[a]["ppl"],
               "train_s": curves[a][-1]["train_s"] if curves[a] else None,
               "probes": {p["tokens"]: round(p["kl"], 4) for p in curves[a]}, "vs_default": tests.get(a)} for a in done]
-    record = {"settings": meta, "table": table, "pick": pick, "default": DEFAULT_ARM,
+    record = {"settings": meta, "table": table, "pick": pick, "pick_vs_runner_up": runner_up, "default": DEFAULT_ARM,
               "selection_rows": int(rows.shape[0]), "mid_schedule": mid}
     write(out / "schedule.json", record)
     _plot(curves, out / "schedule.png")
@@ -111,7 +127,14 @@ def report(args) -> int:
         t = r["vs_default"]
         vs = f"{t['diff']:+.4f} [{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}] p={t['p']:.3g}" if t else "-"
         print(f"{r['arm']:>14}  KL {r['kl']:.4f}  agree {r['agree']:.3f}  ppl {r['ppl']:.2f}  vs default {vs}")
-    print(f"pick: {pick}")
+    rule = f"beats {DEFAULT_ARM} by more than {SEED_SPREAD} with p < 0.05"
+    print("pick: none until the default arm has finished" if pick is None else
+          f"pick: {pick} (the lowest-KL arm that {rule})" if pick != DEFAULT_ARM else
+          f"pick: {DEFAULT_ARM}, the default: no arm {rule}")
+    if runner_up:
+        t = runner_up["vs"]
+        print(f"pick vs the next-best arm {runner_up['arm']}: {t['diff']:+.4f} "
+              f"[{t['ci95'][0]:+.4f}, {t['ci95'][1]:+.4f}] p={t['p']:.3g}")
     if mid:
         print(f"mid-schedule: {mid['row']} at {mid['tokens']} tokens KL {mid['kl']:.4f}"
               + (f", vs the complete default arm {mid['vs_default']['diff']:+.4f} p={mid['vs_default']['p']:.3g}"
@@ -177,6 +200,8 @@ def main() -> int:
     ap.add_argument("--tokens", default="1M")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--checkpoint-every", type=int, default=50)
+    ap.add_argument("--seed", type=int, default=0, help="data order and LoRA init of every arm (a repeat of the "
+                    "study with another seed goes in another --out)")
     ap.add_argument("--probe-at", default="0,0.1,0.25,0.5,0.75,1", help="fractions of the budget probed")
     ap.add_argument("--probe-tokens", type=int, default=16384, help="selection-slice tokens each probe reads")
     ap.add_argument("--reported-tokens", type=int, default=16384,

@@ -489,3 +489,17 @@ def test_the_cpu_allocator_note(monkeypatch):
     assert cli.allocator_note("cuda:0") is None
     monkeypatch.setattr(cli, "allocator", lambda: "jemalloc")
     assert cli.allocator_note("cpu") is None
+
+
+def test_the_long_budget_schedule_note():
+    """A stage 2 of 1M tokens or more on the default schedule is told what the schedule study measured; a
+    shorter one, or one that already chose its schedule or rate, is not."""
+    import layerboost.cli.heal as cli
+    from layerboost.heal import HealConfig
+
+    note = cli.schedule_note(HealConfig(tokens="2M"))  # stage 2: 75% of 2M
+    assert "--schedule linear" in note and "\n" not in note
+    assert cli.schedule_note(HealConfig(tokens="1M")) is None  # stage 2 is 750k
+    assert cli.schedule_note(HealConfig(tokens="1M", attn_distill=False)) is not None
+    assert cli.schedule_note(HealConfig(tokens="2M", schedule="linear")) is None
+    assert cli.schedule_note(HealConfig(tokens="2M", lr=1e-3)) is None

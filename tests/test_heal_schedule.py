@@ -1,4 +1,4 @@
-"""scripts/heal_schedule.py: its selection slice never reads the reported held-out rows."""
+"""scripts/heal_schedule.py: its selection slice never reads the reported held-out rows; its pick follows the written rule."""
 
 import importlib.util
 from pathlib import Path
@@ -38,3 +38,13 @@ def test_every_arm_is_a_valid_heal_config_and_the_default_is_the_default():
         HealConfig(tokens="1M", **arm)
     d = HealConfig(tokens="1M")
     assert S.ARMS[S.DEFAULT_ARM] == {"schedule": d.schedule, "lr": d.lr}
+
+
+def test_the_pick_must_beat_the_default_by_more_than_the_seed_spread_with_p_below_005():
+    ends = {"cosine_3e-3": {"kl": 0.30}, "a": {"kl": 0.25}, "b": {"kl": 0.26}, "c": {"kl": 0.2999}, "d": {"kl": 0.20}}
+    tests = {"a": {"diff": -0.05, "p": 0.001}, "b": {"diff": -0.04, "p": 0.001},
+             "c": {"diff": -0.0001, "p": 0.001},  # significant but inside the seed spread
+             "d": {"diff": -0.10, "p": 0.2}}      # the lowest KL but not significant
+    assert S.choose(ends, tests) == "a"
+    assert S.choose(ends, {k: tests[k] for k in ("c", "d")}) == "cosine_3e-3"
+    assert S.choose(ends, {"b": tests["b"], "c": tests["c"]}) == "b"

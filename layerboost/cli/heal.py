@@ -72,14 +72,24 @@ def _check_before_loading(args: argparse.Namespace, cfg: HealConfig) -> None:
 def allocator_note(device: str) -> str | None:
     """A hint for healing on CPU with the C library's malloc, which hands freed buffers back to the kernel and
     faults them in again at every step (measured in docs/experiments/healing.md). jemalloc keeping freed memory
-    avoids that, but in four long heals here it kept growing to 12-24 GB (0.6-2.5 GB in use where measured), so
+    avoids that, but in five long heals here it kept growing to 12-24 GB (0.6-2.5 GB in use where measured), so
     the hint gives both sides and does not choose."""
     if not device.startswith("cpu") or allocator() != "glibc":
         return None
     return ("heal: note: on CPU, healing ran 1.3x-2.3x faster with jemalloc keeping its memory "
             "(apt install libjemalloc2; LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 "
-            "layerboost heal ...), but in 4 of our long heals it grew to 12-24 GB (0.6-2.5 GB in use where measured): "
+            "layerboost heal ...), but in 5 of our long heals it grew to 12-24 GB (0.6-2.5 GB in use where measured): "
             "run it under a memory limit; a killed heal continues with --resume (see the guide)")
+
+
+def schedule_note(cfg: HealConfig) -> str | None:
+    """A hint when a stage 2 of 1M tokens or more runs the default schedule (cosine from 3e-3, chosen at 67k
+    tokens): at 1M, linear decay from the same peak ended lower in held-out KL (docs/experiments/healing.md,
+    the stage-2 schedule study). One model and one seed, so it is a hint, not a new default."""
+    if cfg.stage_tokens["kd"] < 1_000_000 or cfg.schedule != "cosine" or cfg.lr != 3e-3:
+        return None
+    return ("heal: note: for a stage 2 of 1M tokens or more, --schedule linear ended 0.069 nats/token lower in "
+            "held-out KL than this default (cosine) at 1M tokens (SmolLM2-135M, one seed; docs/experiments/healing.md)")
 
 
 def run_heal_cli(args: argparse.Namespace) -> int:
@@ -90,8 +100,9 @@ def run_heal_cli(args: argparse.Namespace) -> int:
               "e.g. --tokens 200k for a first look", file=sys.stderr)
     cfg = HealConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(HealConfig)})
     _check_before_loading(args, cfg)
-    if note := allocator_note(resolve_device(cfg.device)):
-        print(note, file=sys.stderr)
+    for note in (allocator_note(resolve_device(cfg.device)), schedule_note(cfg)):
+        if note:
+            print(note, file=sys.stderr)
     out = heal(args.model, args.plan, data=args.data, out=args.out, resume=args.resume, config=cfg)
     if setup_dist(cfg.device, cfg.parallel).main:
         print(out)

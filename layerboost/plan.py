@@ -353,10 +353,143 @@ def plan_by_budget(scores, config, budget: float, context: int = 4096, window: i
     raise PlanError(f"no plan reaches a relative {measure} cost of {budget} (all-none costs {cost():.3f})")
 
 
+# ---- the speed policy: the least predicted quality loss at a predicted speed ------------------------------
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One candidate of the target search: a plan, its predicted quality loss (the sum of its layers' measured KL
+    costs, analyze --windows), and its predicted decode speed and KV cache relative to the base's."""
+
+    plan: LayerPlan
+    loss: float
+    speedup: float | None
+    kv: float
+
+    def counts(self) -> str:
+        c = self.plan.counts()
+        w = next((s.window for s in self.plan.layers if s.window), None)
+        return f"{c['softmax']}/{c['swa']}/{c['none']}" + (f" w{w}" if w and c["swa"] else "")
+
+
+def _placements(loss: dict[str, list[float]], n: int, window: int, layer0_attends: bool):
+    """For every count pair (softmax a, swa b, none n - a - b): the placement of least summed cost (an exact dynamic
+    programme over layers; softmax costs 0). Yields (loss, plan)."""
+    inf = float("inf")
+    none_cost = list(loss["none"])
+    swa_cost = loss[f"swa:{window}"]
+    if layer0_attends:
+        none_cost[0] = inf
+    f = {(0, 0): 0.0}
+    back = []
+    for i in range(n):
+        g, choice = {}, {}
+        for (a, b), v in f.items():
+            for kind, key, c in (("softmax", (a + 1, b), 0.0), ("swa", (a, b + 1), swa_cost[i]), ("none", (a, b), none_cost[i])):
+                if v + c < g.get(key, inf):
+                    g[key], choice[key] = v + c, (kind, (a, b))
+        f = g
+        back.append(choice)
+    for (a, b), v in f.items():
+        if v == inf:
+            continue
+        kinds, key = [], (a, b)
+        for i in range(n - 1, -1, -1):
+            kind, key = back[i][key]
+            kinds.append(kind)
+        yield v, LayerPlan.from_kinds(kinds[::-1], window=window)
+
+
+def target_candidates(costs: dict[str, list[float]], policy: "PlanPolicy", speed=None, geometry=None,
+                      config=None) -> list[Pick]:
+    """Every plan the target search weighs (one per count triple and window, each at its least-cost placement), with
+    its predictions. `costs`: sensitivity.json's window_costs["kl"] ("none", "swa:W" -> per-layer KL); `speed`: a
+    speed.SpeedModel (needed for a speedup target); `geometry`: how the engine allocates its cache (a
+    speed.Geometry; default: that of `speed`, else exactly the tokens each kind keeps).
+
+    Raises:
+        PlanError: a window the analysis did not measure, or no costs at all.
+    """
+    if "none" not in costs:
+        raise PlanError("the sensitivity file has no window costs: run analyze with --windows (e.g. 64,256,1024)")
+    measured = sorted(int(k.split(":")[1]) for k in costs if k.startswith("swa:"))
+    windows = policy.windows or measured
+    missing = [w for w in windows if w not in measured]
+    if missing:
+        raise PlanError(f"window(s) {missing} were not measured (the analysis has {measured or 'none'}): analyze with "
+                        f"--windows {','.join(map(str, sorted(set(measured) | set(missing))))} or plan among the measured")
+    n = len(costs["none"])
+    geometry = geometry or (speed.geometry if speed is not None else None)
+
+    def cells(plan):
+        if geometry is not None:
+            return sum(geometry.kv_cells(s, policy.context, policy.parallel) for s in plan.layers)
+        return sum(K.kind(s.kind).cached_tokens(s, policy.context) for s in plan.layers)
+
+    base = LayerPlan.uniform("softmax", n)
+    base_kv = cells(base)
+    picks, seen = [], set()
+    for w in windows:
+        for loss, plan in _placements(costs, n, w, policy.target == "llama.cpp"):
+            if config is not None:
+                plan = cap_to_native(plan, config)[0]
+            if plan in seen or target_problems(plan, policy.target) or not _runs_in(plan, policy):
+                continue
+            seen.add(plan)
+            kv = cells(plan) / base_kv
+            up = speed.speedup(plan, base, policy.context, policy.parallel) if speed is not None else None
+            picks.append(Pick(plan, loss, up, kv))
+    return picks
+
+
+def _runs_in(plan: LayerPlan, policy: "PlanPolicy") -> bool:
+    """Released llama.cpp runs softmax + none (deci) and softmax + swa (granite_swa), not the three together."""
+    kinds = set(plan.kinds)
+    return not (policy.build == "stock" and {"swa", "none"} <= kinds)
+
+
+def frontier(picks: list[Pick]) -> list[Pick]:
+    """The picks no other pick beats in both predicted loss and predicted speedup, fastest last."""
+    out = []
+    for p in sorted(picks, key=lambda p: (p.loss, -(p.speedup or 0))):
+        if not out or (p.speedup or 0) > (out[-1].speedup or 0):
+            out.append(p)
+    return out
+
+
+def plan_by_target(costs: dict[str, list[float]], policy: "PlanPolicy", speed=None, geometry=None,
+                   config=None) -> tuple[Pick, list[Pick]]:
+    """The pick of least predicted loss whose predicted speedup >= policy.speedup and KV <= policy.kv_budget, and
+    the frontier it was chosen from.
+
+    Raises:
+        PlanError: the target is out of reach (naming the fastest / smallest reachable plan).
+    """
+    if policy.speedup is not None and speed is None:
+        raise PlanError("a speedup target needs a speed model of the engine (layerboost speed calibrate)")
+    picks = target_candidates(costs, policy, speed, geometry, config)
+    ok = [p for p in picks if (policy.speedup is None or p.speedup >= policy.speedup)
+          and (policy.kv_budget is None or p.kv <= policy.kv_budget + 1e-12)]
+    where = (f"in {policy.target}" + (" (stock build)" if policy.build == "stock" else "")
+             + f" at {policy.context} tokens" + (f", {policy.parallel} sequences" if policy.parallel > 1 else ""))
+    if not ok:
+        if policy.speedup is not None:
+            fast = max((p for p in picks if policy.kv_budget is None or p.kv <= policy.kv_budget + 1e-12),
+                       key=lambda p: p.speedup, default=None)
+            reach = f"the largest reachable is {fast.speedup:.2f}x ({fast.counts()})" if fast else "no plan fits the KV budget"
+            raise PlanError(f"no plan reaches {policy.speedup:g}x the base's decode speed {where}: {reach}")
+        small = min(picks, key=lambda p: p.kv)
+        raise PlanError(f"no plan keeps the KV cache within {policy.kv_budget:g}x the base's {where}: the smallest "
+                        f"is {small.kv:.3f}x ({small.counts()})")
+    best = min(ok, key=lambda p: (p.loss, -(p.speedup or 0), p.kv))
+    return best, frontier(picks)
+
+
 # ---- policies: the one place that turns a policy's settings into a plan ------------------------------
 
 
-POLICIES = ("counts", "fractions", "thresholds", "budget")
+POLICIES = ("counts", "fractions", "thresholds", "budget", "speed")
+BUILDS = ("patched", "stock")  # llama.cpp with engines/llama.cpp/deci-sliding-window.patch, or as released
 RANKINGS = ("auto", "iterative", "one-shot")  # see sensitivity.plan_scores
 
 
@@ -373,6 +506,10 @@ class PlanPolicy:
         ranking: iterative (by the analysis' iterative history of `score`), one-shot, or auto (iterative
             where the analysis has that history).
         target: what will serve the model (see TARGETS); only plans it can run are placed.
+        speedup, kv_budget, parallel, build, windows: the speed policy (`plan_by_target`): the plan of least
+            predicted quality loss whose predicted decode speed at `context` tokens (`parallel` sequences) is at
+            least `speedup` x the base's and whose KV cache is at most `kv_budget` x the base's, among `windows`
+            (None: every window the analysis measured); build stock keeps to plans released llama.cpp runs.
     """
 
     policy: str = "counts"
@@ -390,6 +527,11 @@ class PlanPolicy:
     score: str = "kl"  # kl | margin | drop | cosine (the signals compared after healing: docs/experiments/selection-signals.md)
     ranking: str = "auto"
     target: str = "layerboost"
+    speedup: float | None = None
+    kv_budget: float | None = None
+    parallel: int = 1
+    build: str = "patched"
+    windows: list[int] | None = None
 
     @property
     def thresholds(self) -> bool:
@@ -409,6 +551,26 @@ class PlanPolicy:
             out.append("the thresholds policy needs softmax_above and none_below")
         if self.policy == "budget" and self.budget is None:
             out.append("the budget policy needs budget")
+        if self.policy == "speed":
+            if self.speedup is None and self.kv_budget is None:
+                out.append("the speed policy needs speedup (x the base's decode tokens/s) or kv_budget (x its KV cache)")
+            if self.speedup is not None and not (isinstance(self.speedup, (int, float)) and 0 < self.speedup < 1e3):
+                out.append(f"speedup must be a number > 0, got {self.speedup!r}")
+            if self.kv_budget is not None and not (isinstance(self.kv_budget, (int, float)) and 0 < self.kv_budget <= 1):
+                out.append(f"kv_budget must be in (0, 1], got {self.kv_budget!r}")
+            if self.speedup is not None and self.target == "transformers":
+                out.append("target transformers has no speed model: plan for llama.cpp or layerboost")
+            if self.kind != "swa":
+                out.append("the speed policy places swa layers (the kind its window costs are measured for)")
+        if self.build not in BUILDS:
+            out.append(f"build {self.build!r} must be one of {', '.join(BUILDS)}")
+        elif self.build == "stock" and self.target != "llama.cpp":
+            out.append("build stock applies to target llama.cpp")
+        if not isinstance(self.parallel, int) or isinstance(self.parallel, bool) or self.parallel < 1:
+            out.append(f"parallel must be a whole number >= 1, got {self.parallel!r}")
+        if self.windows is not None and (not isinstance(self.windows, (list, tuple)) or not self.windows
+                                         or any(not isinstance(w, int) or w <= 0 for w in self.windows)):
+            out.append(f"windows must be a list of whole numbers > 0, got {self.windows!r}")
         if self.ranking not in RANKINGS:
             out.append(f"ranking {self.ranking!r} must be one of {', '.join(RANKINGS)}")
         elif self.ranking == "iterative" and self.thresholds:
@@ -516,7 +678,7 @@ def cap_to_native(plan: LayerPlan, config) -> tuple[LayerPlan, list[int]]:
     return LayerPlan(tuple(out)), capped
 
 
-def make_plan(policy: PlanPolicy, scores, config=None, log=None) -> LayerPlan:
+def make_plan(policy: PlanPolicy, scores, config=None, log=None, costs=None, speed=None) -> LayerPlan:
     """The plan `policy` places from per-layer scores (higher = more sensitive); `config` (the model's) is
     needed by the budget policy, and caps layers that slide natively at their own window (`cap_to_native`:
     on Gemma 3, a local layer ranked softmax stays as it is, swa 512).
@@ -535,6 +697,15 @@ def make_plan(policy: PlanPolicy, scores, config=None, log=None) -> LayerPlan:
         plan = plan_by_fractions(scores, p.fractions[0], p.fractions[1], w, k)
     elif p.policy == "thresholds":
         plan = plan_by_thresholds(scores, p.softmax_above, p.none_below, w, k)
+    elif p.policy == "speed":
+        if costs is None:
+            raise PlanError("the speed policy places layers by window costs: analyze with --windows (e.g. 64,256,1024)")
+        pick, _ = plan_by_target(costs, p, speed, config=config)
+        if log is not None:
+            log(f"predicted: {pick.counts()}, quality loss {pick.loss:.4f} (summed KL)"
+                + (f", decode {pick.speedup:.2f}x the base's" if pick.speedup is not None else "")
+                + f", KV {pick.kv:.3f}x at {p.context} tokens")
+        plan = pick.plan
     elif config is None:
         raise PlanError("the budget policy needs the model's config (layer sizes)")
     else:

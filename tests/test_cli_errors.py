@@ -252,7 +252,7 @@ def run_config(files, tmp_path, **changes):
 
 @pytest.mark.parametrize("changes, fragments", [
     ({"heal__options": {"seq_lenn": 64}}, ("heal.options: unknown setting(s) ['seq_lenn']",)),
-    ({"heal__options": {"seq_len": 1, "lr": -1}}, ("seq_len must be >= 2", "lr must be > 0")),
+    ({"heal__options": {"seq_len": 1, "lr": -1}}, ("seq_len must be >= 2", "lr must be a finite number > 0")),
     ({"eval__limit": -1}, ("eval.limit must be >= 1",)),
     ({"analyze__limit": 0}, ("analyze.limit must be >= 1",)),
     ({"bench__latency": {"batch": 0}}, ("bench.latency.batch must be an integer >= 1, got 0",)),

@@ -117,7 +117,7 @@ def test_config_errors_listed_together():
         C.CompareConfig.from_dict({"rows": ["base", "magic"], "score": "vibes", "heal": {"options": {"lr": -1}},
                                    "eval": {"limit": 0}})
     msg = str(e.value)
-    for part in ("unknown row 'magic'", "score: 'vibes'", "lr must be > 0", "eval.limit must be >= 1"):
+    for part in ("unknown row 'magic'", "score: 'vibes'", "lr must be a finite number > 0", "eval.limit must be >= 1"):
         assert part in msg
     with pytest.raises(ConfigError) as e:  # a seed row repeats a healed row listed before it
         C.CompareConfig.from_dict({"rows": ["layerboost_seed1", "layerboost", "random", "random_seed2"]})

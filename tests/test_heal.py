@@ -503,3 +503,16 @@ def test_the_long_budget_schedule_note():
     assert cli.schedule_note(HealConfig(tokens="1M", attn_distill=False)) is not None
     assert cli.schedule_note(HealConfig(tokens="2M", schedule="linear")) is None
     assert cli.schedule_note(HealConfig(tokens="2M", lr=1e-3)) is None
+
+
+def test_a_diverging_heal_stops_and_saves_no_model(tmp_path):
+    """A loss that goes to NaN / inf ends the heal with HealDivergedError before anything is saved as healed; a
+    non-finite learning rate or clipping norm is refused before any work."""
+    from layerboost.heal.config import HealDivergedError
+
+    with pytest.raises(HealDivergedError, match="the heal diverged: stage kd step"):
+        _heal(tmp_path, "o", 4096, attn_distill=False, lr=1e30, max_grad_norm=0.0)
+    assert not (tmp_path / "o" / "heal.json").exists() and not (tmp_path / "o" / "model.safetensors").exists()
+    for bad in ({"lr": float("inf")}, {"max_grad_norm": float("nan")}, {"attn_lr": float("nan")}):
+        with pytest.raises(HealConfigError, match="finite"):
+            HealConfig(tokens=1000, **bad)

@@ -362,3 +362,37 @@ def test_iterative_cosine_against_hf_forward(tmp_path, one_thread):
     first_alone = S.cosine_proxy(m, calib, batch=2)
     assert hist[1]["scores"] != {i: first_alone[i] for i in hist[1]["scores"]}  # re-measured, not the one-shot scores
     assert sorted(p.name for p in (tmp_path / "iterative_cosine").iterdir()) == [f"step_0{k}.json" for k in range(3)]
+
+
+@torch.no_grad()
+def test_window_costs_against_whole_converted_models(model, tok, tmp_path, one_thread):
+    """kl_variants' per-layer KL equals KL computed from scratch on a model converted with that one layer changed; a
+    window as long as the rows is exact (KL 0); long rows are contiguous novel text outside the held-out blocks."""
+    import copy
+
+    from layerboost.corpus import HELDOUT_BLOCK, is_heldout_block
+    from layerboost.sensitivity.proxies import kl_variants, long_calibration_tokens
+    from layerboost.sensitivity.store import Store
+
+    calib = long_calibration_tokens(tok, n_seqs=2, seq_len=64)
+    assert calib.shape == (2, 64) and not torch.equal(calib[0], calib[1])
+    specs = [LayerSpec("none"), LayerSpec("swa", 8), LayerSpec("swa", 64)]
+    store = Store(tmp_path, {"test": 1})
+    got = kl_variants(model, calib, specs, batch=1, progress=False, store=store)
+    base = torch.log_softmax(model(calib).logits.float(), -1)
+    for i in (0, 2):
+        for spec, name in zip(specs, ("none", "swa:8", "swa:64")):
+            plan = lb.LayerPlan(tuple(spec if j == i else LayerSpec("softmax") for j in range(4)))
+            m = copy.deepcopy(model)
+            lb.convert(m, plan)
+            lp = torch.log_softmax(m(calib).logits.float(), -1)
+            ref = (base.exp() * (base - lp)).sum(-1).mean().item()
+            assert got[name][i] == pytest.approx(ref, rel=1e-3, abs=1e-6)
+    assert max(got["swa:64"]) < 1e-6 < min(got["swa:8"])
+    # a rerun reads every layer back from the store instead of measuring
+    assert kl_variants(model, calib, specs, batch=1, progress=False, store=store) == got
+    from layerboost.data import resolve_data_dir
+
+    first = sorted((resolve_data_dir(None) / "corpus" / "novels").glob("*.txt"))[0]
+    where = first.read_bytes().find(tok.decode(calib[0, 8:40]).encode())
+    assert where > 0 and not is_heldout_block(first.name, where // HELDOUT_BLOCK)

@@ -37,12 +37,12 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _prompt(vocab: int, batch: int, length: int, device, seed: int = 0) -> torch.Tensor:
+def random_prompt(vocab: int, batch: int, length: int, device, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, vocab, (batch, length), generator=g).to(device)
 
 
-def _decode(engine: Engine, token: torch.Tensor, n: int, device) -> tuple[torch.Tensor, float]:
+def timed_decode(engine: Engine, token: torch.Tensor, n: int, device) -> tuple[torch.Tensor, float]:
     """Decode n greedy steps; seconds between two synchronised clock reads."""
     _sync(device)
     t0 = time.perf_counter()
@@ -52,7 +52,7 @@ def _decode(engine: Engine, token: torch.Tensor, n: int, device) -> tuple[torch.
     return token, time.perf_counter() - t0
 
 
-def _prefill(engine: Engine, ids: torch.Tensor, device) -> tuple[torch.Tensor, float]:
+def timed_prefill(engine: Engine, ids: torch.Tensor, device) -> tuple[torch.Tensor, float]:
     _sync(device)
     t0 = time.perf_counter()
     token = engine.prefill(ids).argmax(dim=-1, keepdim=True)
@@ -109,7 +109,7 @@ def _profile(engine: Engine, token, steps: int, device) -> dict:
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
-        _decode(engine, token, steps, device)
+        timed_decode(engine, token, steps, device)
     use_cuda = device.type == "cuda"
     rows = []
     for e in prof.key_averages():
@@ -166,8 +166,8 @@ def _gpu_peaks(models: dict, results: list[dict], batch: int, prompt: int, ids, 
         m = models[res["model"]]
         torch.cuda.reset_peak_memory_stats(device)
         e = Engine(m, batch, prompt + res["decode_len"])
-        tok, _ = _prefill(e, ids, device)
-        _decode(e, tok, 2, device)
+        tok, _ = timed_prefill(e, ids, device)
+        timed_decode(e, tok, 2, device)
         res["gpu_peak_bytes"] = torch.cuda.max_memory_allocated(device)
         res["cache_bytes_allocated"] = e.cache_bytes()
         del e
@@ -198,10 +198,10 @@ def _warm_up(engines: dict, ids, spans, warm: int, compile: bool, device) -> dic
     warmup_s = {}
     for name, e in engines.items():
         t0 = time.perf_counter()
-        tok, _ = _prefill(e, ids, device)
+        tok, _ = timed_prefill(e, ids, device)
         for span, start in (spans if compile else spans[-1:]):
             e.span, e.pos = span, max(start, span - warm)
-            tok, _ = _decode(e, tok, min(warm, span - e.pos), device)
+            tok, _ = timed_decode(e, tok, min(warm, span - e.pos), device)
         warmup_s[name] = time.perf_counter() - t0
         log(f"  warm-up {name}: {warmup_s[name]:.1f}s" + (" (compile included)" if compile else ""))
     return warmup_s
@@ -269,7 +269,7 @@ def bench_latency(base, hybrid, batch: int = 16, prompt: int = 128, lengths=(512
         _check_cache_budget(models, batch, tmax, memory_budget_bytes)
     engines = {name: Engine(m, batch, tmax, compile=compile) for name, m in models.items()}
     vocab = base.config.vocab_size
-    ids = _prompt(vocab, batch, prompt, device)
+    ids = random_prompt(vocab, batch, prompt, device)
     method = "sampled" if sample_steps else "full"
     points = sorted(set([sample_steps] + lengths)) if sample_steps else []  # sampled: decode lengths timed
     spans = _timed_spans(prompt, lengths, points, sample_steps, chunk)
@@ -287,7 +287,7 @@ def bench_latency(base, hybrid, batch: int = 16, prompt: int = 128, lengths=(512
         tokens = {}
         for n in order:
             engines[n].span = tmax
-            tokens[n], dt = _prefill(engines[n], ids, device)
+            tokens[n], dt = timed_prefill(engines[n], ids, device)
             prefill_s[n].append(dt)
         if method == "full":
             cum = {n: 0.0 for n in models}
@@ -295,7 +295,7 @@ def bench_latency(base, hybrid, batch: int = 16, prompt: int = 128, lengths=(512
                 L = span - prompt
                 for n in order:
                     engines[n].span = span
-                    tokens[n], dt = _decode(engines[n], tokens[n], span - start, device)
+                    tokens[n], dt = timed_decode(engines[n], tokens[n], span - start, device)
                     cum[n] += dt
                     if L in lengths:  # the chunk that ends at L: ms per step there
                         step_ms[(n, L)].append(1e3 * dt / (span - start))
@@ -307,7 +307,7 @@ def bench_latency(base, hybrid, batch: int = 16, prompt: int = 128, lengths=(512
             for L, (span, start) in zip(points, spans):
                 for n in order:
                     engines[n].span, engines[n].pos = span, start  # cost per step depends on the span, not on values
-                    tokens[n], dt = _decode(engines[n], tokens[n], span - start, device)
+                    tokens[n], dt = timed_decode(engines[n], tokens[n], span - start, device)
                     samples[(n, L)].append(1e3 * dt / (span - start))
                 log(f"  repeat {r + 1}/{repeats} context {span}: "
                      + ", ".join(f"{n} {samples[(n, L)][-1]:.1f} ms/step" for n in models))
@@ -390,15 +390,15 @@ def bench_throughput(base, hybrid, concurrency=(50, 100, 200), prompt: int = 102
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 e = Engine(m, c, prompt + output, compile=compile)
-                ids = _prompt(vocab, 1 if prefill == "shared" else c, prompt, device, seed=li)
-                tok0, pre = _prefill(e, ids, device)
+                ids = random_prompt(vocab, 1 if prefill == "shared" else c, prompt, device, seed=li)
+                tok0, pre = timed_prefill(e, ids, device)
                 t0 = time.perf_counter()
-                _decode(e, tok0, warm, device)  # compiled: compiles (or records CUDA graphs) here
+                timed_decode(e, tok0, warm, device)  # compiled: compiles (or records CUDA graphs) here
                 res["warmup_s"] = time.perf_counter() - t0
                 times = []
                 for _ in range(repeats):
                     e.pos = prompt  # rewind (timing only: linear_swa states keep what warm-up folded)
-                    _, dt = _decode(e, tok0, output, device)
+                    _, dt = timed_decode(e, tok0, output, device)
                     times.append(dt)
                 med = statistics.median(times)
                 res.update({"decode_s": stats(times), "prefill_s": pre, "tokens_per_s": c * output / med,

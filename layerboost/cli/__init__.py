@@ -7,11 +7,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import analyze, bench, compare, convert, evaluate, export, generate, heal, plan, report, run
+from . import analyze, bench, compare, convert, evaluate, export, generate, heal, plan, report, run, speed
 from .errors import claimed_output, normalise_argv, one_line, user_errors
 from .options import Parser
 
-COMMANDS = (convert, generate, evaluate, analyze, plan, heal, bench, run, compare, report, export)
+COMMANDS = (convert, generate, evaluate, analyze, plan, heal, bench, run, compare, report, export, speed)
 
 
 def build_parser() -> argparse.ArgumentParser:

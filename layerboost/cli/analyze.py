@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..util import DTYPES, UsageError, check_writable
-from .options import add_limit, positive, iterative_steps, model_fits, add_force, model_args, policy_from_args, policy_args
+from .options import add_limit, int_list, positive, iterative_steps, model_fits, add_force, model_args, policy_from_args, policy_args
 
 
 def add_parser(sub) -> None:
@@ -28,6 +28,13 @@ def add_parser(sub) -> None:
     p.add_argument("--data-dir", help="local data folder (default: $LAYERBOOST_DATA_DIR or ../shared/data)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--swa-window", type=positive(), help="also measure each layer with a sliding window of this size")
+    p.add_argument("--windows", type=int_list, default=(),
+                   help="also measure each layer as swa at each of these windows (comma-separated, e.g. 64,256,1024) "
+                        "and as none, by KL on long contiguous rows: the costs `plan --speedup` places layers by "
+                        "(SmolLM2-135M, 3 windows, 4 rows of 2048 tokens: about 20 min on 2 CPU cores)")
+    p.add_argument("--long-calib-seqs", type=positive(), default=4, help="rows of contiguous novel text for --windows")
+    p.add_argument("--long-calib-len", type=positive(), default=2048,
+                   help="tokens per --windows row (a window of W only differs from softmax past W tokens)")
     p.add_argument("--no-proxies", action="store_true", help="skip the KL and cosine proxies")
     p.add_argument("--calib-seqs", type=positive(), default=8, help="calibration sequences (x256 tokens) for the proxies")
     p.add_argument("--iterative", type=iterative_steps, default="auto", metavar="K",
@@ -73,7 +80,7 @@ def run(args) -> int:
     def policy_fits(config):  # the plan policy and the iterative mode, tried on the model's layers before the analysis
         n = config.num_hidden_layers
         plan = lb.plan.make_plan(policy, [0.0] * n, config)
-        check_fits(plan, config, (args.window, args.swa_window))
+        check_fits(plan, config, (args.window, args.swa_window, *args.windows))
         problems = iterative_problems(policy, args.iterative, n, plan.counts()["none"])
         if problems:
             raise UsageError(f"--iterative {args.iterative} / --ranking {args.ranking}: " + "; ".join(problems))
@@ -89,7 +96,8 @@ def run(args) -> int:
                   calib_seqs=args.calib_seqs, iterative_steps=iterative_steps_for(policy, model.config, args.iterative),
                   batch_tokens=args.batch_tokens,
                   reuse_prefix=not args.naive, selection_size=args.selection_size, selection_seed=args.selection_seed,
-                  iterative_score=args.score)
+                  iterative_score=args.score, windows=tuple(args.windows), long_seqs=args.long_calib_seqs,
+                  long_len=args.long_calib_len)
     used = ranking_used(res, args.score, args.ranking, policy.thresholds)
     scores = plan_scores(res, args.score, used)
     plan = lb.plan.make_plan(policy, scores, model.config, log=print)

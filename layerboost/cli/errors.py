@@ -22,9 +22,12 @@ def user_errors() -> tuple[type[Exception], ...]:
     from ..workflows.run import ConfigError
     from ..sensitivity import AnalysisError
     from ..surgery import CheckpointError, UnsupportedModelError
+    from ..llama_cpp import LlamaCppMissing
+    from ..speed import SpeedModelError
 
     return (UsageError, ConfigError, PlanError, HealConfigError, TrainingDataError, CheckpointError, DataNotFoundError,
-            ModelLoadError, UnsupportedModelError, ExportError, TaskError, AnalysisError, BenchError)
+            ModelLoadError, UnsupportedModelError, ExportError, TaskError, AnalysisError, BenchError,
+            SpeedModelError, LlamaCppMissing)
 
 
 def one_line(e: Exception) -> str:

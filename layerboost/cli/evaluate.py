@@ -11,7 +11,7 @@ from ..evaluate.api import evaluate, format_table
 from ..evaluate.requests import Partition, load_task_docs, prepare_task
 from ..evaluate.tasks import MCTask, PAPER_TASKS, TASKS, get_task
 from ..util import UsageError, check_writable
-from .options import add_device_dtype, add_force, add_limit
+from .options import add_device_dtype, add_force, add_limit, int_list, positive
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tasks",
         default=",".join(PAPER_TASKS),
-        help=f"comma-separated tasks ({', '.join(TASKS)}) or task definition .yaml/.json files (default: {','.join(PAPER_TASKS)})",
+        help=f"comma-separated tasks ({', '.join(TASKS)}, passkey) or task definition .yaml/.json files (default: {','.join(PAPER_TASKS)})",
     )
     add_limit(parser, None)
     parser.add_argument("--data-dir", default=None, help="local data directory (default: $LAYERBOOST_DATA_DIR or ../shared/data)")
@@ -38,6 +38,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--selection-seed", type=int, default=0, help="seed of the partition")
     parser.add_argument("--mmlu-per-subject", type=int, default=None, metavar="N",
                         help="MMLU only: N items from each of its 57 subjects (seeded) instead of --limit")
+    parser.add_argument("--passkey-lengths", type=int_list, default=(1024, 2048, 4096, 8192),
+                        help="task passkey: prompt lengths in tokens (a 5-digit key hidden in filler, scored against "
+                             "distractor keys and by greedy exact match; layerboost/evaluate/retrieval.py)")
+    parser.add_argument("--passkey-trials", type=positive(), default=50, help="task passkey: trials per length")
+    parser.add_argument("--passkey-seed", type=int, default=0,
+                        help="task passkey: trial seed (0 for reported numbers; choose layers with another)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -51,8 +57,10 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     from ..models import load_model
 
     limit = args.limit
-    tasks = [get_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
-    if not tasks:
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    passkey = "passkey" in names
+    tasks = [get_task(t) for t in names if t != "passkey"]
+    if not tasks and not passkey:
         raise UsageError(f"--tasks {args.tasks!r} names no task: give a comma-separated list, e.g. piqa,arc_easy")
     if args.mmlu_per_subject is not None and args.mmlu_per_subject < 1:
         raise UsageError(f"--mmlu-per-subject must be at least 1, got {args.mmlu_per_subject}")
@@ -77,7 +85,12 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         per_item=args.per_item,
         prepared=prepared,
-    )
+    ) if tasks else {"tasks": {}}
+    if passkey:
+        from ..evaluate.retrieval import format_passkey, score_passkey
+
+        results["passkey"] = score_passkey(model, tok, args.passkey_lengths, args.passkey_trials, args.passkey_seed,
+                                           progress=not args.no_progress)
     plan = getattr(model.config, "layerboost_plan", None)
     results = {
         "model": args.model,
@@ -88,7 +101,10 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         "mmlu_per_subject": per_subject,
         **results,
     }
-    print(format_table(results))
+    if tasks:
+        print(format_table(results))
+    if passkey:
+        print(format_passkey(results["passkey"]))
     if args.out:
         from ..util import write_json
 

@@ -91,6 +91,17 @@ def positive(cast=int, zero: bool = False):
     return parse
 
 
+def int_list(value: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated integers > 0 ("64,256,1024"), without repeats."""
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: give comma-separated whole numbers, e.g. 64,256,1024") from None
+    if not out or min(out) <= 0 or len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"{value!r}: give distinct whole numbers > 0, e.g. 64,256,1024")
+    return out
+
+
 def nonempty(value: str) -> str:
     """An argparse type: text that is not empty or only blanks."""
     if not value.strip():
@@ -137,6 +148,10 @@ def policy_from_args(args):
 
     common = dict(window=args.window, kind="linear_swa" if args.linear else "swa", score=args.score,
                   ranking=args.ranking, target=args.target)
+    if args.speedup is not None or args.kv_budget is not None:
+        return PlanPolicy("speed", speedup=args.speedup, kv_budget=args.kv_budget, context=args.context,
+                          parallel=args.sequences, build=args.build,
+                          windows=list(args.candidate_windows) if args.candidate_windows else None, **common)
     if args.budget is not None:
         return PlanPolicy("budget", budget=args.budget, context=args.context, budget_measure=args.budget_measure,
                           none_below=args.none_below, **common)
@@ -179,6 +194,19 @@ def policy_args(p: argparse.ArgumentParser) -> None:
                    help="iterative: by the analysis' iterative history of --score (removed layers first, the rest by "
                         "the last step's scores: the signal that healed best, docs/experiments/selection-signals.md); one-shot: each layer "
                         "removed alone; auto (default): iterative where the analysis has that history")
+    g.add_argument("--speedup", type=positive(float),
+                   help="speed policy: the plan of least predicted quality loss whose predicted decode speed at --context "
+                        "is at least this many times the base's (needs analyze --windows and `layerboost speed "
+                        "calibrate`); refused, naming the largest reachable, when out of reach")
+    g.add_argument("--kv-budget", type=positive(float),
+                   help="speed policy: the KV cache at --context at most this fraction of the base's (as the target "
+                        "engine allocates it); alone or beside --speedup")
+    g.add_argument("--sequences", type=positive(), default=1, help="speed policy: sequences decoded together")
+    g.add_argument("--build", choices=["patched", "stock"], default="patched",
+                   help="speed policy, target llama.cpp: patched (engines/llama.cpp/build.sh: softmax + swa + none) or "
+                        "stock (any released llama.cpp and the applications built on it: softmax + none or softmax + swa)")
+    g.add_argument("--candidate-windows", type=int_list, default=None,
+                   help="speed policy: windows to choose among (default: every window the analysis measured)")
     g.add_argument("--target", choices=["layerboost", "llama.cpp", "transformers"], default="layerboost",
                    help="what will serve the model: only plans it runs are placed (llama.cpp: softmax/swa/none, one "
                         "window, attention in layer 0; transformers: softmax/swa, one window; layerboost: any)")

@@ -13,6 +13,9 @@ def add_parser(sub) -> None:
     p.add_argument("--sensitivity", required=True, help="sensitivity.json from `layerboost analyze`")
     p.add_argument("--out", default="plan.json", help="plan JSON to write")
     p.add_argument("--model", help="model (for --budget: layer sizes; checks the plan fits it)")
+    p.add_argument("--gguf-type", default="f32", choices=["f32", "f16", "bf16", "q8_0"],
+                   help="--speedup: the GGUF weight type the speed model was calibrated for")
+    p.add_argument("--threads", type=int, default=2, help="--speedup: threads of the speed model (llama.cpp's or torch's)")
     policy_args(p)
     add_force(p, "file")
     p.set_defaults(func=run)
@@ -34,6 +37,8 @@ def run(args) -> int:
     if args.budget is not None and not args.model:
         raise UsageError("--budget needs --model (or a config folder) to know the layer sizes")
     config = model_config(args.model, hub=True) if args.model else None
+    if policy.policy == "speed":
+        return _by_target(args, policy, sens, config)
     plan = lb.plan.make_plan(policy, scores, config, log=print)
     if config is not None:
         check_fits(plan, config)
@@ -46,5 +51,50 @@ def run(args) -> int:
 
         print(f"relative KV cache at {args.context} tokens: {relative_cost(plan, config, args.context, 'kv'):.3f}; "
               f"relative decode bytes/token: {relative_cost(plan, config, args.context, 'decode'):.3f}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _by_target(args, policy, sens: dict, config) -> int:
+    """The speed policy: search, print the pick and the predicted frontier around it, write the plan."""
+    from .. import speed as S
+    from ..plan import plan_by_target
+
+    if config is None:
+        raise UsageError("--speedup / --kv-budget need --model (its shape keys the speed model and sizes the cache)")
+    n = config.num_hidden_layers
+    if sens.get("n_layers") not in (None, n):
+        raise UsageError(f"{args.sensitivity} analysed a model of {sens['n_layers']} layers, --model {args.model} has {n}: "
+                         "plan with the model that was analysed")
+    costs = (sens.get("window_costs") or {}).get("kl")
+    if costs is None:
+        raise UsageError(f"{args.sensitivity} holds no window costs: analyze with --windows (e.g. 64,256,1024)")
+    speed, geometry = None, None
+    if policy.target == "llama.cpp":
+        geometry = S.Geometry("llama.cpp", model_type=config.model_type)
+        if policy.speedup is not None:
+            speed = S.require(S.llama_cpp_key(config, args.gguf_type, args.threads),
+                              f"layerboost speed calibrate --model {args.model} --type {args.gguf_type}")
+    elif policy.target == "layerboost" and policy.speedup is not None:
+        speed = S.require(S.layerboost_key(config, "float32", args.threads, "cpu"),
+                          f"layerboost speed calibrate --model {args.model} --engine layerboost --threads {args.threads}")
+    elif policy.speedup is not None:
+        raise UsageError("--speedup is predicted for --target llama.cpp or layerboost (their speed models); transformers "
+                         "has none")
+    pick, front = plan_by_target(costs, policy, speed, geometry, config)
+    pick.plan.save(args.out, extra={"written_by": args.written_by, "predicted": {
+        "loss": pick.loss, "speedup": pick.speedup, "kv": pick.kv, "context": policy.context,
+        "sequences": policy.parallel, "target": policy.target, "build": policy.build}})
+    print(pick.plan.table())
+    speed_txt = f"decode {pick.speedup:.2f}x the base's, " if pick.speedup is not None else ""
+    print(f"predicted at {policy.context} tokens ({policy.target}{', stock build' if policy.build == 'stock' else ''}): "
+          f"{speed_txt}KV cache {pick.kv:.3f}x the base's; quality loss {pick.loss:.4f} (summed per-layer KL on "
+          f"{sens['window_costs']['calibration']['length']}-token rows)")
+    at = next((i for i, p in enumerate(front) if p is pick), 0)
+    near = front[max(0, at - 5):at + 6]
+    print("the predicted frontier near it (plan, loss, speedup, KV):")
+    for p in near:
+        print(f"  {p.counts():<14} {p.loss:8.4f} " + (f"{p.speedup:6.2f}x " if p.speedup is not None else "")
+              + f"{p.kv:6.3f}" + ("  <- picked" if p is pick else ""))
     print(f"wrote {args.out}")
     return 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -19,6 +21,10 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 class HealConfigError(ValueError):
     """Invalid healing settings; the message lists every problem."""
+
+
+class HealDivergedError(HealConfigError):
+    """The loss became NaN or infinite: nothing was saved as a healed model (the settings need changing)."""
 
 
 def _f(default, help: str, **kw):
@@ -106,13 +112,13 @@ class HealConfig:
             if not isinstance(v, int) or v < 0:
                 problems.append(f"{name} must be an integer >= 0, got {v!r}")
         for name in ("attn_lr", "block_lr", "lr", "temperature", "lora_alpha"):
-            if not getattr(self, name) > 0:
-                problems.append(f"{name} must be > 0, got {getattr(self, name)!r}")
+            if not 0 < getattr(self, name) < math.inf:
+                problems.append(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         for name in ("attn_fraction", "block_fraction", "warmup", "lora_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if self.ce_weight < 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
-            problems.append("ce_weight, weight_decay and max_grad_norm must be >= 0")
+        if not all(0 <= v < math.inf for v in (self.ce_weight, self.weight_decay, self.max_grad_norm)):
+            problems.append("ce_weight, weight_decay and max_grad_norm must be finite and >= 0")
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.local not in LOCAL_STAGES:

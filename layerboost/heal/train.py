@@ -25,7 +25,7 @@ from ..teacher_cache import TeacherCache, model_fingerprint
 from ..util import write_json
 from .checkpoint import (find_checkpoint, full_params, load_checkpoint, load_optimizer, load_params, save_checkpoint,
                          save_snapshot)
-from .config import HealConfig, HealConfigError, STAGES, STATE_SCHEMA
+from .config import HealConfig, HealConfigError, HealDivergedError, STAGES, STATE_SCHEMA
 from .dist import Dist, all_reduce, barrier, distribute, reshard, setup_dist
 from .losses import attn_step, block_step, kd_step, probe
 from .student import Hybrid, build_hybrid, heal_params, stage_params
@@ -139,6 +139,11 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
         rec["elapsed_s"] = round(time.perf_counter() - t_start, 3)
         rec["train_s"] = round(run.train_s, 3)
         run.log(rec)
+        if math.isnan(rec["loss"]) or (scaler is None and math.isinf(rec["loss"])):  # diverged: stop before a checkpoint or a saved model can hold it
+            raise HealDivergedError(
+                f"the heal diverged: stage {stage} step {step} has loss {rec['loss']} (learning rate "
+                f"{rec['lr']:.3g}); no healed model was saved and the last checkpoint ({run.work}) is from before. "
+                f"Start again with a lower --{'lr' if stage == 'kd' else stage + '-lr'} in a new --out")
         run.maybe_probe(run.offset + done - n_global, run.offset + done)
         if bar is not None:
             bar.update(n_global)

@@ -11,9 +11,9 @@ import torch
 from ..plan import LayerSpec
 from ..surgery import decoder_parts
 from ..util import write_json
-from .store import SCHEMA_VERSION, check_analysis_dir
+from .store import SCHEMA_VERSION, Store, check_analysis_dir
 from .items import items_from_tasks, layer_sensitivity
-from .proxies import calibration_tokens, cosine_proxy, kl_proxy, spearman
+from .proxies import calibration_tokens, cosine_proxy, kl_proxy, kl_variants, long_calibration_tokens, spearman
 from .iterative import check_steps, ranking_disagreements, remove_iteratively
 from .ranking import PROXY_SCORES
 
@@ -27,6 +27,18 @@ def _proxies(model, calib: torch.Tensor, drops: list[float], margin: list[float]
             "kl": kl, "cosine": cos,
             "spearman_vs_drop": {"kl": spearman(kl, drops), "cosine": spearman(cos, drops),
                                  "margin": spearman(margin, drops)}}
+
+
+def window_costs(model, tokenizer, windows: list[int], data_dir, seqs: int, length: int, store, progress: bool) -> dict:
+    """Each layer as none and as swa at each window: KL(model || variant) per token on `seqs` contiguous rows of
+    `length` tokens (`long_calibration_tokens`): the per-layer, per-kind costs the speed policy
+    (plan.plan_by_target) places layers by."""
+    t0 = time.perf_counter()
+    calib = long_calibration_tokens(tokenizer, data_dir, seqs, length)
+    specs = [LayerSpec("none")] + [LayerSpec("swa", w) for w in windows]
+    kl = kl_variants(model, calib, specs, batch=1, progress=progress, store=store, desc="window costs")
+    return {"calibration": {"sequences": seqs, "length": length, "files": "corpus/novels (first block not held out)"},
+            "windows": list(windows), "kl": kl, "seconds": time.perf_counter() - t0}
 
 
 def analyze(
@@ -49,6 +61,7 @@ def analyze(
     progress: bool = True,
     selection_size: int = 100,
     selection_seed: int = 0,
+    windows: tuple[int, ...] = (), long_seqs: int = 4, long_len: int = 2048,
 ) -> dict:
     """Full sensitivity analysis; writes `out_dir/sensitivity.json` (resumable per layer) and returns it.
 
@@ -58,6 +71,8 @@ def analyze(
 
     `iterative_steps`: removals of the iterative mode by `iterative_score` (0: none), or a function of the
     one-shot result that returns them (the CLI and `run` pass the plan's attention-free layer count).
+
+    `windows`: also measure each layer as swa at these windows and as none on long rows (`window_costs`).
     """
     from ..evaluate import Partition, prepare_tasks
 
@@ -72,6 +87,7 @@ def analyze(
     variants = (LayerSpec("none"),) + ((LayerSpec("swa", swa_window),) if swa_window else ())
     fingerprint = {"model": getattr(model.config, "_name_or_path", ""), "tasks": tasks, "limit": limit, "seed": seed,
                    "n_items": len(items), "variants": [v.to_dict() for v in variants], "partition": part.to_dict()}
+    fingerprint |= {"window_costs": {"windows": sorted(windows), "seqs": long_seqs, "length": long_len}} if windows else {}
     check_analysis_dir(out, fingerprint)  # another analysis in `out` is never overwritten
     res = layer_sensitivity(model, items, variants=variants, batch_tokens=batch_tokens, out_dir=out,
                             fingerprint=fingerprint, reuse_prefix=reuse_prefix, progress=progress)
@@ -102,6 +118,8 @@ def analyze(
         result["proxies"] = _proxies(model, calibration_tokens(tokenizer, data_dir, calib_seqs, calib_len), drops,
                                      result["sensitivity_margin"], progress)
         result["timing"]["proxies_seconds"] = time.perf_counter() - t1
+    if windows:  # per-layer, per-kind costs on long rows
+        result["window_costs"] = window_costs(model, tokenizer, sorted(windows), data_dir, long_seqs, long_len, Store(out, fingerprint), progress)
     if callable(iterative_steps):
         iterative_steps = check_steps(iterative_steps(result))
     if iterative_steps:

@@ -27,6 +27,22 @@ def kl_proxy(model: nn.Module, calib: torch.Tensor, *, layers: list[int] | None 
     """Mean KL(base || variant) of next-token distributions on calibration text, per layer (`none`),
     with the same prefix reuse. calib: (N, T) token ids without padding. `reference`: the base's
     log-probabilities per chunk of `batch` rows (default: the model as it is now)."""
+    return kl_variants(model, calib, [LayerSpec("none")], layers=layers, batch=batch, progress=progress,
+                       reference=reference)["none"]
+
+
+def variant_name(spec: LayerSpec) -> str:
+    """"none", "swa:64": how a variant is named in sensitivity.json."""
+    return spec.kind + (f":{spec.window}" if spec.window else "")
+
+
+@torch.no_grad()
+def kl_variants(model: nn.Module, calib: torch.Tensor, specs: list[LayerSpec], *, layers: list[int] | None = None,
+                batch: int = 4, progress: bool = True, reference: list[torch.Tensor] | None = None,
+                store=None, desc: str = "KL proxy") -> dict[str, list[float]]:
+    """Mean KL(base || model with one layer as `spec`) per variant and layer: the hidden states entering layer i
+    are computed once and every variant of layer i is finished from them. `store` (a sensitivity Store): each
+    layer's values are saved as it finishes and read back on a rerun."""
     runner = LayerRunner(model)
     layers = list(range(len(runner.layers))) if layers is None else layers
     chunks = [calib[i : i + batch] for i in range(0, len(calib), batch)]
@@ -41,21 +57,29 @@ def kl_proxy(model: nn.Module, calib: torch.Tensor, *, layers: list[int] | None 
             h = runner.layer(j, h, ctx[b])
         return h
 
-    base_lp = reference if reference is not None else base_logprobs(runner, calib, batch)
-    hidden, at, out = [e[0] for e in emb], 0, {}
-    for i in tqdm(sorted(layers), desc="KL proxy", disable=not progress, dynamic_ncols=True):
+    names = [variant_name(s) for s in specs]
+    done = {i: store.get(f"kl_variants_{i}") for i in layers} if store is not None else {}
+    todo = [i for i in sorted(layers) if done.get(i) is None]
+    base_lp = (reference if reference is not None else base_logprobs(runner, calib, batch)) if todo else []
+    hidden, at, out = [e[0] for e in emb], 0, {i: v for i, v in done.items() if v is not None}
+    for i in tqdm(todo, desc=desc, disable=not progress, dynamic_ncols=True):
         for b in range(len(hidden)):
             for j in range(at, i):
                 hidden[b] = runner.layer(j, hidden[b], ctx[b])
         at = i
-        total, count = 0.0, 0
-        with variant(runner, i, LayerSpec("none")):
-            for b, h in enumerate(hidden):
-                lp = logp(finish(h, b, i))
-                total += (base_lp[b].exp() * (base_lp[b] - lp)).sum().item()
-                count += lp.shape[0] * lp.shape[1]
-        out[i] = total / count
-    return [out[i] for i in layers]
+        row = {}
+        for name, spec in zip(names, specs):
+            total, count = 0.0, 0
+            with variant(runner, i, spec):
+                for b, h in enumerate(hidden):
+                    lp = logp(finish(h, b, i))
+                    total += (base_lp[b].exp() * (base_lp[b] - lp)).sum().item()
+                    count += lp.shape[0] * lp.shape[1]
+            row[name] = total / count
+        out[i] = row
+        if store is not None:
+            store.put(f"kl_variants_{i}", row)
+    return {name: [out[i][name] for i in layers] for name in names}
 
 
 @torch.no_grad()
@@ -145,3 +169,40 @@ def calibration_tokens(tokenizer, data_dir=None, n_seqs: int = 8, seq_len: int =
             text += chunk
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     return torch.tensor([prefix + ids[r * width : (r + 1) * width] for r in range(n_seqs)])
+
+
+def long_calibration_tokens(tokenizer, data_dir=None, n_seqs: int = 4, seq_len: int = 2048) -> torch.Tensor:
+    """(n_seqs, seq_len) token ids of contiguous prose, one row per novel of corpus/novels (sorted by name), read from
+    the first 64 KiB block after the front matter that is not held out for evaluation (corpus.is_heldout_block):
+    long-range text on which a sliding window of W differs from softmax at every position past W.
+
+    Raises:
+        FileNotFoundError: corpus/novels is missing.
+        ValueError: fewer usable novels than rows.
+    """
+    from ..corpus import HELDOUT_BLOCK, is_heldout_block, row_prefix
+    from ..data import resolve_data_dir
+
+    root = resolve_data_dir(data_dir)
+    folder = (root / "corpus" / "novels") if root else None
+    if folder is None or not folder.is_dir():
+        raise FileNotFoundError(f"long calibration text {folder or 'corpus/novels'} not found: pass --data-dir or set "
+                                "LAYERBOOST_DATA_DIR to a folder holding corpus/novels/*.txt")
+    prefix = row_prefix(tokenizer)
+    width = seq_len - len(prefix)
+    rows = []
+    for f in sorted(folder.glob("*.txt")):
+        blocks = (f.stat().st_size // HELDOUT_BLOCK) - 1  # whole blocks after block 0
+        b = next((b for b in range(1, blocks + 1) if not is_heldout_block(f.name, b)), None)
+        if b is None:
+            continue
+        with open(f, "rb") as fh:
+            fh.seek(b * HELDOUT_BLOCK)
+            text = fh.read(HELDOUT_BLOCK).decode("utf-8", errors="ignore")
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) >= width:
+            rows.append(prefix + ids[:width])
+        if len(rows) == n_seqs:
+            return torch.tensor(rows)
+    raise ValueError(f"{folder} gives {len(rows)} rows of {seq_len} contiguous tokens, fewer than the {n_seqs} asked for: "
+                     "ask for fewer or shorter rows")

@@ -71,7 +71,8 @@ def auto_measures(policy) -> bool:
     not where the plan will not use the history (ranking "one-shot"; threshold policies, whose thresholds
     are in one-shot units), nor for the item signals (margin, drop: each step would repeat the whole item
     pass; ask with a count)."""
-    return policy.ranking != "one-shot" and not policy.thresholds and policy.score in PROXY_SCORES
+    return (policy.ranking != "one-shot" and not policy.thresholds and policy.score in PROXY_SCORES
+            and policy.policy != "speed")  # the speed policy places layers by window costs, not by a ranking
 
 
 def iterative_steps_for(policy, config=None, iterative="auto"):

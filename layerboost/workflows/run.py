@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ..evaluate.tasks import PAPER_TASKS
-from ..plan import PlanError, PlanPolicy, make_plan
+from ..plan import LayerPlan, PlanError, PlanPolicy, make_plan
 from ..util import UsageError, dtype_name, environment, parse_dtype, resolve_device, write_json
 
 CONFIG_DIR = Path(__file__).parents[1] / "configs"
@@ -42,6 +42,10 @@ class AnalyzeConfig:
     batch_tokens: int = 8192
     selection_size: int = 100  # documents per task reserved for analysis; eval scores only the others
     selection_seed: int = 0
+    windows: list[int] | None = None  # each layer as swa at these windows and as none, on long rows (analyze
+                                      # --windows); the speed policy needs them (default there: its own, or 64/256/1024)
+    long_seqs: int = 4
+    long_len: int = 2048
 
 
 PlanConfig = PlanPolicy  # the run config's `plan:` section
@@ -355,8 +359,13 @@ def check_before_work(cfg: RunConfig) -> None:
 
         n = config.num_hidden_layers
         try:
-            plan = make_plan(cfg.plan, [0.0] * n, config)
-            check_fits(plan, config, (cfg.analyze.swa_window,))
+            if cfg.plan.policy == "speed":  # placed after the analysis; what it needs is checked now
+                check_fits(None, config, (cfg.analyze.swa_window, *analyze_windows(cfg)))
+                speed_model(cfg, config)
+                plan = LayerPlan.uniform("softmax", n)
+            else:
+                plan = make_plan(cfg.plan, [0.0] * n, config)
+                check_fits(plan, config, (cfg.analyze.swa_window,))
         except PlanError as e:
             raise ConfigError(f"plan: {e} ({cfg.model} has {n} layers)") from e
         problems = iterative_problems(cfg.plan, cfg.analyze.iterative, n, plan.counts()["none"])
@@ -364,6 +373,35 @@ def check_before_work(cfg: RunConfig) -> None:
             raise ConfigError("analyze.iterative / plan.ranking: " + "; ".join(problems))
     if cfg.heal.enabled or cfg.eval.heldout_tokens:
         documents(heal_data(cfg.heal.data, cfg.data_dir), seed=0, data_dir=cfg.data_dir)
+
+
+def analyze_windows(cfg: RunConfig) -> list[int]:
+    """The windows analyze measures each layer at: analyze.windows, else for the speed policy its candidates (or
+    64 / 256 / 1024), else none."""
+    if cfg.analyze.windows:
+        return list(cfg.analyze.windows)
+    return list(cfg.plan.windows or (64, 256, 1024)) if cfg.plan.policy == "speed" else []
+
+
+def speed_model(cfg: RunConfig, config):
+    """The cached llama.cpp speed model a speedup target is predicted with (None when the plan needs none).
+
+    Raises:
+        PlanError: none is calibrated for this machine, build and model (naming the command that calibrates it).
+    """
+    from .. import speed as S
+    from ..llama_cpp import LlamaCppMissing
+
+    if cfg.plan.policy != "speed" or cfg.plan.speedup is None:
+        return None
+    if cfg.plan.target != "llama.cpp":
+        raise PlanError("a speedup target is predicted for target llama.cpp (its speed model); use kv_budget for "
+                        "layerboost's own engine")
+    try:
+        return S.require(S.llama_cpp_key(config, "f32", cfg.threads or 2),
+                         f"layerboost speed calibrate --model {cfg.model}")
+    except (S.SpeedModelError, LlamaCppMissing) as e:
+        raise PlanError(str(e)) from e
 
 
 # ---- the pipeline -----------------------------------------------------------------------------------
@@ -376,7 +414,6 @@ def run(cfg: RunConfig, log=print) -> Path:
     import torch
 
     from .. import convert, load_model, save
-    from ..plan import LayerPlan
     from .report import plot_sensitivity, table_scores, write_report
     from ..bench import bench_side_by_side
     from ..sensitivity import analyze, iterative_steps_for, load_sensitivity, plan_scores, ranking_used
@@ -401,7 +438,8 @@ def run(cfg: RunConfig, log=print) -> Path:
                 swa_window=a.swa_window, proxies=a.proxies, calib_seqs=a.calib_seqs,
                 iterative_steps=iterative_steps_for(cfg.plan, model.config, a.iterative),
                 batch_tokens=a.batch_tokens, selection_size=a.selection_size, selection_seed=a.selection_seed,
-                iterative_score=cfg.plan.score)
+                iterative_score=cfg.plan.score, windows=tuple(analyze_windows(cfg)), long_seqs=a.long_seqs,
+                long_len=a.long_len)
         return {"sensitivity": str(r.dir / "analyze" / "sensitivity.json")}
 
     r.run_stage("analyze", do_analyze)
@@ -411,7 +449,10 @@ def run(cfg: RunConfig, log=print) -> Path:
         p = cfg.plan
         used = ranking_used(sens, p.score, p.ranking, p.thresholds)
         scores = plan_scores(sens, p.score, used)
-        plan = make_plan(p, scores, base()[0].config, log=log)
+        config = base()[0].config
+        costs = (sens.get("window_costs") or {}).get("kl")
+        plan = make_plan(p, scores, config, log=log, costs=costs,
+                         speed=speed_model(cfg, config) if p.policy == "speed" else None)
         plan.save(r.dir / "plan.json")
         plot_sensitivity(sens, plan, r.dir / "sensitivity.png", score=p.score, ranking=used)
         log(plan.table(table_scores(scores, p.score, used)))  # the score that chose it

@@ -31,7 +31,7 @@ TOKENS = "200k"
 # 2048-token rows: a window of up to 1024 differs from softmax on half of every row; bf16 weights and autocast
 # (measured harmless: +0.0006 KL at 200k tokens, 1.8x faster, docs/experiments/healing.md)
 HEAL = ["--tokens", TOKENS, "--seq-len", "2048", "--batch-size", "1", "--precision", "bf16",
-        "--weights-dtype", "bfloat16", "--seed", "0"]
+        "--weights-dtype", "bfloat16", "--seed", "0", "--checkpoint-every", "10"]
 PICKS = {"pick-1.3": (1.3, "patched"), "pick-1.5": (1.5, "patched"), "pick-1.7": (1.7, "patched"),
          "pick-1.9": (1.9, "patched"), "pick-1.5-stock": (1.5, "stock")}
 FAMILIES = {  # name -> (softmax, swa, none, window, score the layers are ranked by)

@@ -400,3 +400,32 @@ def test_heal_refuses_a_budget_below_one_step_and_a_plan_folder(files, tmp_path,
     fails(capsys, [*common, "--plan", files / "plan.json", "--tokens", "10"], "less than one training row")
     assert not (tmp_path / "h").exists()
     fails(capsys, [*common, "--plan", files], "is a folder", "plan.json")
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["plan", "--sensitivity", "S", "--softmax", "10", "--fractions", "0.3,0.3"], ("--fractions and --softmax/--swa/--none",
+                                                                                 "give one")),
+    (["plan", "--sensitivity", "S", "--softmax-above", "nan", "--none-below", "0"], ("must be a finite number",)),
+    (["plan", "--sensitivity", "S", "--speedup", "inf"], ("must be a finite number > 0",)),
+    (["eval", "--model", "M", "--batch-size", "0"], ("must be a finite number > 0",)),
+    (["eval", "--model", "M", "--batch-size", "-3"], ("must be a finite number > 0",)),
+    (["generate", "--model", "M", "--prompt", "x", "--temperature", "nan"], ("must be a finite number >= 0",)),
+    (["generate", "--model", "M", "--prompt", "x", "--temperature", "inf"], ("must be a finite number >= 0",)),
+    (["bench", "latency", "--model", "M", "--sample-steps", "-1"], ("must be a finite number >= 0",)),
+    (["bench", "latency", "--model", "M", "--warmup", "-1"], ("must be a finite number >= 0",)),
+    (["bench", "latency", "--model", "M", "--profile", "-1"], ("must be a finite number >= 0",)),
+    (["bench", "latency", "--model", "M", "--chunk", "0"], ("must be a finite number > 0",)),
+    (["analyze", "--model", "M", "--out", "o", "--windows", "64,64"], ("distinct whole numbers",)),
+])
+def test_numbers_out_of_range_and_mixed_policies_are_refused(capsys, tmp_path, argv, fragments):
+    """Found by issue 36's probe: each of these ran (or dropped an option) instead of one error line."""
+    if argv[0] == "plan":
+        (tmp_path / "S").write_text(json.dumps({"schema_version": 2, "sensitivity": [0.0] * 4, "layers": []}))
+        argv = [a if a != "S" else str(tmp_path / "S") for a in argv] + ["--out", str(tmp_path / "p.json")]
+    fails(capsys, argv, *fragments)
+
+
+def test_plan_refuses_a_model_other_than_the_analysed_one(capsys, tmp_path, files):
+    (tmp_path / "S").write_text(json.dumps({"schema_version": 2, "sensitivity": [0.0] * 30, "layers": []}))
+    fails(capsys, ["plan", "--sensitivity", tmp_path / "S", "--softmax", "2", "--none", "1", "--model", files / "model",
+                   "--score", "drop", "--out", tmp_path / "p.json"], "analysed a model of 30 layers", "has 4")

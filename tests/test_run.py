@@ -144,3 +144,28 @@ def test_analyze_stage_is_stale_when_what_the_iterative_mode_removes_changes(tin
     assert analyze_hash(plan__window=16) == base  # the counts policy's none count does not depend on the window
     one_shot = analyze_hash(analyze__iterative=0)
     assert analyze_hash(analyze__iterative=0, plan__none=2, plan__swa=0, plan__score="cosine") == one_shot
+
+
+def test_speed_policy_in_the_run_config(tiny_dir, tmp_path, monkeypatch):
+    """The run config takes the speed policy: analyze then measures its windows, and a speedup target with no
+    calibrated speed model is refused before any work, naming the command that calibrates it."""
+    from layerboost import speed as SP
+
+    monkeypatch.setenv("LAYERBOOST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(SP, "llama_cpp_build", lambda: {"version": "test", "binary": "x", "patch": None})
+    data = tiny_config(tiny_dir, tmp_path / "run").to_dict()
+    data["plan"] = {"policy": "speed", "speedup": 1.5, "context": 256, "target": "llama.cpp", "windows": [8, 16]}
+    cfg = R.RunConfig.from_dict(data)
+    assert R.analyze_windows(cfg) == [8, 16]
+    with pytest.raises(R.ConfigError, match="layerboost speed calibrate --model"):
+        R.check_before_work(cfg)
+    data["plan"] = {"policy": "speed", "kv_budget": 0.5, "target": "layerboost"}
+    cfg = R.RunConfig.from_dict(data)
+    assert R.analyze_windows(cfg) == [64, 256, 1024] and R.speed_model(cfg, None) is None
+    with pytest.raises(R.ConfigError, match="window 1024 is longer than the model's context of 512"):
+        R.check_before_work(cfg)
+    data["plan"]["windows"] = [8, 16]
+    R.check_before_work(R.RunConfig.from_dict(data))
+    data["plan"] = {"policy": "speed", "speedup": "fast"}
+    with pytest.raises(R.ConfigError, match="speedup"):
+        R.RunConfig.from_dict(data)

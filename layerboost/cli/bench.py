@@ -52,7 +52,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                     help="counts per kind, e.g. none:10,swa:10,softmax:10; a kind without a count shares the rest "
                          "(default none,swa,softmax = thirds). Layout: softmax first and last, the rest spread evenly")
     p.add_argument("--window", type=positive(), default=64, help="window of swa / linear_swa layers")
-    p.add_argument("--warmup", type=int, default=None, help="decode steps per model before measuring (excluded)")
+    p.add_argument("--warmup", type=positive(zero=True), default=None, help="decode steps per model before measuring (excluded)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on a GPU); compile time is reported apart")
     p.add_argument("--out", help="folder for the JSON and PNG plots")
@@ -72,10 +72,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     lat.add_argument("--lengths", type=_ints, default=None,
                      help="decode lengths (default CPU 512,1024,2048,4096; GPU 1024,...,32768)")
     lat.add_argument("--repeats", type=positive(), default=3, help="measured repeats (median, min, max)")
-    lat.add_argument("--sample-steps", type=int, default=0,
+    lat.add_argument("--sample-steps", type=positive(zero=True), default=0,
                      help="0: decode every token (default); S: time S steps at each length and estimate totals")
-    lat.add_argument("--chunk", type=int, default=64, help="full method: steps per model turn")
-    lat.add_argument("--profile", type=int, default=0, metavar="STEPS",
+    lat.add_argument("--chunk", type=positive(), default=64, help="full method: steps per model turn")
+    lat.add_argument("--profile", type=positive(zero=True), default=0, metavar="STEPS",
                      help="profile STEPS decode steps per model at the longest context")
     thr = sub.add_parser("throughput", help="tokens/s at concurrency 50/100/200, base vs hybrid",
                          description=_package_doc(), formatter_class=RawHelpFormatter)

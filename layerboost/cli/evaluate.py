@@ -26,7 +26,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     add_limit(parser, None)
     parser.add_argument("--data-dir", default=None, help="local data directory (default: $LAYERBOOST_DATA_DIR or ../shared/data)")
     parser.add_argument("--out", default=None, help="write the results JSON here")
-    parser.add_argument("--batch-size", type=int, default=32, help="most items per forward call")
+    parser.add_argument("--batch-size", type=positive(), default=32, help="most items per forward call")
     parser.add_argument("--seed", type=int, default=0, help="subsample seed")
     add_device_dtype(parser)
     parser.add_argument("--method", default="prefix", choices=["prefix", "naive"], help="naive: score each choice alone (lm-eval's way)")

@@ -84,11 +84,22 @@ def positive(cast=int, zero: bool = False):
             x = cast(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
-        if x < 0 or (x == 0 and not zero):
-            raise argparse.ArgumentTypeError(f"must be {'>= 0' if zero else '> 0'}, got {value}")
+        if not x >= 0 or x == float("inf") or (x == 0 and not zero):  # NaN fails `x >= 0`
+            raise argparse.ArgumentTypeError(f"must be a finite number {'>= 0' if zero else '> 0'}, got {value}")
         return x
     parse.__name__ = cast.__name__  # argparse names the type in its messages
     return parse
+
+
+def finite(value: str) -> float:
+    """An argparse type: a finite float (no nan, no inf)."""
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if x != x or x in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return x
 
 
 def int_list(value: str) -> tuple[int, ...]:
@@ -148,6 +159,13 @@ def policy_from_args(args):
 
     common = dict(window=args.window, kind="linear_swa" if args.linear else "swa", score=args.score,
                   ranking=args.ranking, target=args.target)
+    given = [name for name, on in (
+        ("--speedup/--kv-budget", args.speedup is not None or args.kv_budget is not None),
+        ("--budget", args.budget is not None), ("--softmax-above", args.softmax_above is not None),
+        ("--fractions", bool(args.fractions)),
+        ("--softmax/--swa/--none", any(v is not None for v in (args.softmax, args.swa, args.none)))) if on]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} are different plan policies: give one")
     if args.speedup is not None or args.kv_budget is not None:
         return PlanPolicy("speed", speedup=args.speedup, kv_budget=args.kv_budget, context=args.context,
                           parallel=args.sequences, build=args.build,
@@ -178,8 +196,8 @@ def policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--swa", type=positive(zero=True), help="number of sliding-window layers")
     g.add_argument("--none", type=positive(zero=True), help="number of attention-free layers")
     g.add_argument("--fractions", help="SOFTMAX,SWA fractions of layers, the rest none (e.g. 0.34,0.33)")
-    g.add_argument("--softmax-above", type=float, help="threshold policy: drop (fraction, 0.01 = 1 point) >= this keeps softmax")
-    g.add_argument("--none-below", type=float, help="drop < this becomes none (threshold and budget policies)")
+    g.add_argument("--softmax-above", type=finite, help="threshold policy: drop (fraction, 0.01 = 1 point) >= this keeps softmax")
+    g.add_argument("--none-below", type=finite, help="drop < this becomes none (threshold and budget policies)")
     g.add_argument("--budget", type=positive(float), help="budget policy: max cost relative to the base (e.g. 0.33)")
     g.add_argument("--budget-measure", choices=["kv", "decode"], default="kv",
                    help="kv: KV-cache bytes; decode: bytes read per decoded token (weights + KV)")

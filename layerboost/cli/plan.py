@@ -37,6 +37,9 @@ def run(args) -> int:
     if args.budget is not None and not args.model:
         raise UsageError("--budget needs --model (or a config folder) to know the layer sizes")
     config = model_config(args.model, hub=True) if args.model else None
+    if config is not None and len(scores) != config.num_hidden_layers:
+        raise UsageError(f"{args.sensitivity} analysed a model of {len(scores)} layers, --model {args.model} has "
+                         f"{config.num_hidden_layers}: plan with the model that was analysed")
     if policy.policy == "speed":
         return _by_target(args, policy, sens, config)
     plan = lb.plan.make_plan(policy, scores, config, log=print)
@@ -62,10 +65,6 @@ def _by_target(args, policy, sens: dict, config) -> int:
 
     if config is None:
         raise UsageError("--speedup / --kv-budget need --model (its shape keys the speed model and sizes the cache)")
-    n = config.num_hidden_layers
-    if sens.get("n_layers") not in (None, n):
-        raise UsageError(f"{args.sensitivity} analysed a model of {sens['n_layers']} layers, --model {args.model} has {n}: "
-                         "plan with the model that was analysed")
     costs = (sens.get("window_costs") or {}).get("kl")
     if costs is None:
         raise UsageError(f"{args.sensitivity} holds no window costs: analyze with --windows (e.g. 64,256,1024)")

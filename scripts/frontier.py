@@ -3,6 +3,8 @@ budget, then measured. Resumable phase by phase and row by row; rerun the same p
 
     python scripts/frontier.py plans --sensitivity S.json --out runs/frontier      # the rows' plan files
     python scripts/frontier.py heal --out runs/frontier [--rows a,b]                # heal each row in turn (resumes)
+    python scripts/frontier.py evaluate --out runs/frontier [--rows base,a]        # quality of the base and each healed row
+    python scripts/frontier.py bench --out runs/frontier                            # llama.cpp decode, quiet cores only
     python scripts/frontier.py status --out runs/frontier
 
 Rows: the planner's picks at 1.3 / 1.5 / 1.7 / 1.9x predicted llama.cpp decode at 4,096 tokens (patched build) and
@@ -20,10 +22,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 from layerboost import speed as S
 from layerboost.models import model_config
 from layerboost.plan import LayerPlan, PlanPolicy, make_plan, plan_by_target
 from layerboost.sensitivity import load_sensitivity
+from layerboost.util import write_json
 
 MODEL = "smollm2-135m"
 CONTEXT = 4096
@@ -105,6 +110,138 @@ def heal(args) -> int:
     return 0
 
 
+HELDOUT_TOKENS = 16 * 2048  # held-out KL on 16 rows of 2,048 contiguous tokens
+PASSKEY_LENGTHS = (1024, 2048, 4096, 8192)
+
+
+def evaluate(args) -> int:
+    """Every measure of the base and each healed row, one file per (model, measure), so a killed evaluation resumes:
+    held-out KL on long rows, WikiText-2 (every document, 2,048-token windows, float32), accuracy on the evaluation
+    partition (bfloat16, per item, as the comparison), pass-key retrieval (50 trials per length, seed 0)."""
+    import copy
+
+    import layerboost as lb
+    from layerboost.corpus import heldout_rows
+    from layerboost.evaluate import Partition, perplexity_metrics, prepare_task, score_rolling
+    from layerboost.evaluate.retrieval import score_passkey
+    from layerboost.quality import heldout_metrics
+    from layerboost.util import read_json
+    from layerboost.workflows.compare import task_items
+
+    root = Path(args.out)
+    base, tok = lb.load_model(MODEL)
+    rows = args.rows.split(",") if args.rows else ["base"] + sorted(
+        p.parent.name for p in (root / "heal").glob("*/heal.json"))
+    part = Partition("evaluation", 100, 0)
+    tasks = None
+    heldout = None
+    for name in rows:
+        folder = root / "eval" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        model = copy.deepcopy(base) if name == "base" else lb.load(root / "heal" / name)
+        model.eval()
+        if read_json(folder / "heldout.json") is None:
+            heldout = heldout if heldout is not None else heldout_rows(tok, args.data, HELDOUT_TOKENS, 2048)
+            write_json(folder / "heldout.json", {**heldout_metrics(base, model.float(), heldout),
+                                                 "rows": list(heldout.shape)})
+        if read_json(folder / "wikitext.json") is None:
+            wiki = prepare_task(tok, "wikitext", limit=None, seed=0)
+            lls = score_rolling(model.float(), tok, wiki.requests, max_length=2048, desc="wikitext")
+            write_json(folder / "wikitext.json", {**perplexity_metrics(wiki.requests, lls), "doc_logliks": lls,
+                                                  "dtype": "float32", "max_length": 2048})
+        if read_json(folder / "passkey.json") is None:
+            write_json(folder / "passkey.json", score_passkey(model.float(), tok, PASSKEY_LENGTHS, 50, seed=0))
+        if tasks is None:
+            tasks = [prepare_task(tok, t, limit=None, seed=0, partition=part, per_stratum=20 if t == "mmlu" else None)
+                     for t in ("piqa", "arc_easy", "arc_challenge", "winogrande", "mmlu")]
+        acc_model = model.to(torch.bfloat16)
+        for prep in tasks:
+            if read_json(folder / f"{prep.task.name}.json") is None:
+                write_json(folder / f"{prep.task.name}.json", {**task_items(acc_model, tok, prep, batch_size=32),
+                                                               "partition": part.to_dict(), "dtype": "bfloat16"})
+        print(f"[frontier] evaluated {name}", file=sys.stderr, flush=True)
+    return 0
+
+
+def bench(args) -> int:
+    """llama.cpp decode of the base and every healed row at depths 0 / 4,096 / 8,192, side by side (rounds alternate
+    the files); needs quiet cores. GGUF files (f32) are written once into runs/.../gguf."""
+    import layerboost as lb
+    from layerboost.export_gguf import describe, write_gguf
+    from layerboost.llama_cpp import side_by_side
+
+    root = Path(args.out)
+    (root / "gguf").mkdir(parents=True, exist_ok=True)
+    files = {"base": root / "gguf" / "base-f32.gguf"}
+    base, tok = lb.load_model(MODEL)
+    if not files["base"].exists():
+        write_gguf(base, tok, files["base"], "f32")
+    for p in sorted((root / "heal").glob("*/heal.json")):
+        f = root / "gguf" / f"{p.parent.name}-f32.gguf"
+        if not f.exists():
+            write_gguf(lb.load(p.parent), tok, f, "f32")
+        files[p.parent.name] = f
+    speed = side_by_side(files, depths=(0, 4096, 8192), rounds=args.rounds, n_gen=64)
+    out = {name: {"tok_s": v, "x_base": {d: v[d] / speed["base"][d] for d in v}, "file": str(files[name]),
+                  "runs_in": describe(files[name])} for name, v in speed.items()}
+    write_json(root / "bench.json", {"depths": [0, 4096, 8192], "rounds": args.rounds, "n_gen": 64, "rows": out})
+    for name, r in out.items():
+        print(f"{name:<16} " + " ".join(f"{r['x_base'][d]:.2f}x" for d in (0, 4096, 8192)))
+    return 0
+
+
+def report(args) -> int:
+    """The frontier table and figure from what is measured so far: WikiText-2 ratio to the base against measured
+    llama.cpp decode at 4,096 tokens, the frontier (no row both faster and better) drawn; how well the predicted loss
+    ranks the healed held-out KL (Spearman over the rows); raw numbers in frontier.json beside the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from layerboost.sensitivity import spearman
+    from layerboost.util import read_json
+
+    root, docs = Path(args.out), Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    speed = (read_json(root / "bench.json") or {}).get("rows", {})
+    base_wiki = (read_json(root / "eval" / "base" / "wikitext.json") or {}).get("word_perplexity")
+    rows = {}
+    for p in sorted((root / "plans").glob("*.json")):
+        d, ev = json.loads(p.read_text()), root / "eval" / p.stem
+        wiki, held = read_json(ev / "wikitext.json"), read_json(ev / "heldout.json")
+        x = speed.get(p.stem, {}).get("x_base", {})
+        rows[p.stem] = {"plan": "".join(LayerPlan.load(p).kinds[i][0] for i in range(30)), "predicted": d["predicted"],
+                        "wikitext_x_base": wiki["word_perplexity"] / base_wiki if wiki and base_wiki else None,
+                        "heldout_kl": held.get("kl") if held else None,
+                        "decode_x_base": {str(k): v for k, v in x.items()},
+                        "passkey": (read_json(ev / "passkey.json") or {}).get("lengths")}
+    have = [r for r in rows.values() if r["heldout_kl"] is not None]
+    rho = spearman([r["predicted"]["loss"] for r in have], [r["heldout_kl"] for r in have]) if len(have) > 2 else None
+    write_json(docs / "frontier.json", {"rows": rows, "spearman_predicted_loss_vs_heldout_kl": rho,
+                                        "base_wikitext": base_wiki})
+    pts = sorted(((r["decode_x_base"].get("4096"), r["wikitext_x_base"], n) for n, r in rows.items()
+                  if r["decode_x_base"].get("4096") and r["wikitext_x_base"]), reverse=True)
+    if pts:
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts])
+        for x, y, n in pts:
+            ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front, best = [], float("inf")
+        for x, y, n in pts:  # fastest first: a point is on the frontier when nothing faster is better
+            if y < best:
+                front.append((x, y))
+                best = y
+        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", label="frontier")
+        ax.set_xlabel("llama.cpp decode at 4,096 tokens (x base, measured)")
+        ax.set_ylabel("WikiText-2 perplexity (x base)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(docs / "frontier.png", dpi=150)
+    print(json.dumps({"rows": len(rows), "with_speed_and_quality": len(pts), "spearman": rho}))
+    return 0
+
+
 def status(args) -> int:
     root = Path(args.out)
     for p in sorted((root / "plans").glob("*.json")):
@@ -125,10 +262,20 @@ def main() -> int:
     h.add_argument("--out", required=True)
     h.add_argument("--rows")
     h.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"))
+    e = sub.add_parser("evaluate")
+    e.add_argument("--out", required=True)
+    e.add_argument("--rows")
+    e.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"))
+    b = sub.add_parser("bench")
+    b.add_argument("--out", required=True)
+    b.add_argument("--rounds", type=int, default=2)
+    r = sub.add_parser("report")
+    r.add_argument("--out", required=True)
+    r.add_argument("--docs", default="docs/frontier-smollm2-135m")
     s = sub.add_parser("status")
     s.add_argument("--out", required=True)
     args = ap.parse_args()
-    return {"plans": make_plans, "heal": heal, "status": status}[args.phase](args)
+    return {"plans": make_plans, "heal": heal, "evaluate": evaluate, "bench": bench, "report": report, "status": status}[args.phase](args)
 
 
 if __name__ == "__main__":

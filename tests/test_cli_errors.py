@@ -296,7 +296,7 @@ def test_bench_latency_has_a_memory_guard(capsys):
 
 def test_memory_budget_must_be_positive(capsys):
     fails(capsys, ["bench", "throughput", *BENCH, "--concurrency", "2", "--output", "4", "--memory-budget-gb", "0"],
-          "--memory-budget-gb", "must be > 0")
+          "--memory-budget-gb", "must be a finite number > 0")
 
 
 # ---- the handler itself, and shared options ------------------------------------------------------------
@@ -379,7 +379,7 @@ def test_compare_rows_option(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv,fragments", [
     (["generate", "--prompt", ""], ["--prompt", "is empty"]),
-    (["generate", "--prompt", "w5", "--temperature", "-1"], ["--temperature", "must be >= 0"]),
+    (["generate", "--prompt", "w5", "--temperature", "-1"], ["--temperature", "must be a finite number >= 0"]),
     (["generate", "--prompt", "w5", "--max-new-tokens", "100000000"], ["exceed the model's context of 512"]),
     (["eval", "--tasks", ""], ["names no task"]),
     (["eval", "--tasks", " , "], ["names no task"]),
@@ -392,7 +392,7 @@ def test_empty_and_impossible_requests_fail_in_one_line(files, capsys, argv, fra
 @pytest.mark.parametrize("argv", [["latency", "--batch", "0"], ["latency", "--prompt", "-3"], ["latency", "--repeats", "0"],
                                   ["throughput", "--output", "0"]])
 def test_bench_counts_must_be_positive(capsys, argv):
-    fails(capsys, ["bench", *argv, "--model", "smollm2-135m"], "must be > 0")
+    fails(capsys, ["bench", *argv, "--model", "smollm2-135m"], "must be a finite number > 0")
 
 
 def test_heal_refuses_a_budget_below_one_step_and_a_plan_folder(files, tmp_path, capsys):
@@ -416,12 +416,14 @@ def test_heal_refuses_a_budget_below_one_step_and_a_plan_folder(files, tmp_path,
     (["bench", "latency", "--model", "M", "--profile", "-1"], ("must be a finite number >= 0",)),
     (["bench", "latency", "--model", "M", "--chunk", "0"], ("must be a finite number > 0",)),
     (["analyze", "--model", "M", "--out", "o", "--windows", "64,64"], ("distinct whole numbers",)),
+    (["analyze", "--model", "M", "--out", "OUT", "--speedup", "1.5"], ("then run `layerboost plan",)),
 ])
 def test_numbers_out_of_range_and_mixed_policies_are_refused(capsys, tmp_path, argv, fragments):
     """Found by issue 36's probe: each of these ran (or dropped an option) instead of one error line."""
     if argv[0] == "plan":
         (tmp_path / "S").write_text(json.dumps({"schema_version": 2, "sensitivity": [0.0] * 4, "layers": []}))
         argv = [a if a != "S" else str(tmp_path / "S") for a in argv] + ["--out", str(tmp_path / "p.json")]
+    argv = [a if a != "OUT" else str(tmp_path / "a") for a in argv]
     fails(capsys, argv, *fragments)
 
 

@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--windows", type=int_list, default=(),
                    help="also measure each layer as swa at each of these windows (comma-separated, e.g. 64,256,1024) "
                         "and as none, by KL on long contiguous rows: the costs `plan --speedup` places layers by "
-                        "(SmolLM2-135M, 3 windows, 4 rows of 2048 tokens: about 20 min on 2 CPU cores)")
+                        "(SmolLM2-135M, 4 windows, 4 rows of 2048 tokens: 40 min on 2 CPU cores)")
     p.add_argument("--long-calib-seqs", type=positive(), default=4, help="rows of contiguous novel text for --windows")
     p.add_argument("--long-calib-len", type=positive(), default=2048,
                    help="tokens per --windows row (a window of W only differs from softmax past W tokens)")
@@ -73,7 +73,11 @@ def run(args) -> int:
                          "or choose --score margin or drop")
     part = Partition("selection", args.selection_size, args.selection_seed).to_dict()
     check_analysis_dir(args.out, {"tasks": tasks, "limit": args.limit, "seed": args.seed, "partition": part})
-    policy = policy_from_args(args) or lb.plan.PlanPolicy(  # no policy given: thirds, --window and --linear apply
+    policy = policy_from_args(args)
+    if policy is not None and policy.policy == "speed":
+        raise UsageError("--speedup / --kv-budget place a plan from window costs and a speed model: analyze with --windows, "
+                         "then run `layerboost plan --sensitivity OUT/sensitivity.json --speedup ...`")
+    policy = policy or lb.plan.PlanPolicy(  # no policy given: thirds, --window and --linear apply
         "fractions", fractions=[1 / 3, 1 / 3], window=args.window, kind="linear_swa" if args.linear else "swa",
         score=args.score, ranking=args.ranking, target=args.target)
 

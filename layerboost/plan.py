@@ -366,18 +366,31 @@ class Pick:
     speedup: float | None
     kv: float
 
-    def counts(self) -> str:
+    def label(self) -> str:
+        """"softmax/swa/none" counts and the window, e.g. "1/26/3 w1024"."""
         c = self.plan.counts()
         w = next((s.window for s in self.plan.layers if s.window), None)
         return f"{c['softmax']}/{c['swa']}/{c['none']}" + (f" w{w}" if w and c["swa"] else "")
+
+
+def cost_key(spec: LayerSpec) -> str:
+    """How a layer variant is named among the window costs of sensitivity.json: "none", "swa:64"."""
+    return spec.kind + (f":{spec.window}" if spec.window else "")
+
+
+def summed_cost(plan: LayerPlan, costs: dict[str, list[float]]) -> float | None:
+    """The speed policy's predicted quality loss of any plan: its changed layers' costs added (None: a kind or
+    window the analysis did not measure)."""
+    keys = [(i, cost_key(s)) for i, s in enumerate(plan.layers) if s.kind != "softmax"]
+    return None if any(k not in costs for _, k in keys) else sum(costs[k][i] for i, k in keys)
 
 
 def _placements(loss: dict[str, list[float]], n: int, window: int, layer0_attends: bool):
     """For every count pair (softmax a, swa b, none n - a - b): the placement of least summed cost (an exact dynamic
     programme over layers; softmax costs 0). Yields (loss, plan)."""
     inf = float("inf")
-    none_cost = list(loss["none"])
-    swa_cost = loss[f"swa:{window}"]
+    none_cost = list(loss[cost_key(LayerSpec("none"))])
+    swa_cost = loss[cost_key(LayerSpec("swa", window))]
     if layer0_attends:
         none_cost[0] = inf
     f = {(0, 0): 0.0}
@@ -476,11 +489,11 @@ def plan_by_target(costs: dict[str, list[float]], policy: "PlanPolicy", speed=No
         if policy.speedup is not None:
             fast = max((p for p in picks if policy.kv_budget is None or p.kv <= policy.kv_budget + 1e-12),
                        key=lambda p: p.speedup, default=None)
-            reach = f"the largest reachable is {fast.speedup:.2f}x ({fast.counts()})" if fast else "no plan fits the KV budget"
+            reach = f"the largest reachable is {fast.speedup:.2f}x ({fast.label()})" if fast else "no plan fits the KV budget"
             raise PlanError(f"no plan reaches {policy.speedup:g}x the base's decode speed {where}: {reach}")
         small = min(picks, key=lambda p: p.kv)
         raise PlanError(f"no plan keeps the KV cache within {policy.kv_budget:g}x the base's {where}: the smallest "
-                        f"is {small.kv:.3f}x ({small.counts()})")
+                        f"is {small.kv:.3f}x ({small.label()})")
     best = min(ok, key=lambda p: (p.loss, -(p.speedup or 0), p.kv))
     return best, frontier(picks)
 
@@ -678,9 +691,10 @@ def cap_to_native(plan: LayerPlan, config) -> tuple[LayerPlan, list[int]]:
     return LayerPlan(tuple(out)), capped
 
 
-def make_plan(policy: PlanPolicy, scores, config=None, log=None, costs=None, speed=None) -> LayerPlan:
-    """The plan `policy` places from per-layer scores (higher = more sensitive); `config` (the model's) is
-    needed by the budget policy, and caps layers that slide natively at their own window (`cap_to_native`:
+def make_plan(policy: PlanPolicy, scores, config=None, log=None, costs=None, speed=None, geometry=None) -> LayerPlan:
+    """The plan `policy` places from per-layer scores (higher = more sensitive), or for the speed policy from the
+    window costs `costs` with the engine's `speed` model and cache `geometry` (speed.for_policy); `config` (the
+    model's) is needed by the budget policy, and caps layers that slide natively at their own window (`cap_to_native`:
     on Gemma 3, a local layer ranked softmax stays as it is, swa 512).
 
     Raises:
@@ -700,9 +714,9 @@ def make_plan(policy: PlanPolicy, scores, config=None, log=None, costs=None, spe
     elif p.policy == "speed":
         if costs is None:
             raise PlanError("the speed policy places layers by window costs: analyze with --windows (e.g. 64,256,1024)")
-        pick, _ = plan_by_target(costs, p, speed, config=config)
+        pick, _ = plan_by_target(costs, p, speed, geometry, config)
         if log is not None:
-            log(f"predicted: {pick.counts()}, quality loss {pick.loss:.4f} (summed KL)"
+            log(f"predicted: {pick.label()}, quality loss {pick.loss:.4f} (summed KL)"
                 + (f", decode {pick.speedup:.2f}x the base's" if pick.speedup is not None else "")
                 + f", KV {pick.kv:.3f}x at {p.context} tokens")
         plan = pick.plan

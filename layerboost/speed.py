@@ -30,6 +30,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import kinds as K
 from .plan import LayerPlan, LayerSpec
 
 SCHEMA_VERSION = 1
@@ -56,10 +57,8 @@ class Geometry:
     model_type: str = "llama"
 
     def read(self, spec: LayerSpec, depth: int) -> int:
-        """Keys one query of this layer attends to at `depth` (0 for a layer without attention)."""
-        if spec.kind == "none":
-            return 0
-        return min(depth, spec.window) if spec.window else depth
+        """Keys one query of this layer attends to at `depth`: what the kind caches (0 for a layer without attention)."""
+        return K.kind(spec.kind).cached_tokens(spec, depth)
 
     def scanned(self, spec: LayerSpec, depth: int, parallel: int) -> int:
         """Cache cells the engine walks for one query (masked cells included)."""
@@ -72,10 +71,8 @@ class Geometry:
 
     def kv_cells(self, spec: LayerSpec, context: int, parallel: int = 1) -> int:
         """Cache cells the engine allocates for this layer at a `context` per sequence, all sequences together."""
-        if spec.kind == "none":
-            return 0
-        if not self.cells:
-            return parallel * (min(context, spec.window) if spec.window else context)
+        if spec.kind == "none" or not self.cells:
+            return parallel * self.read(spec, context)
         full = _pad(context * parallel)
         return min(full, _pad(spec.window * parallel + self.ubatch)) if spec.window else full
 
@@ -259,6 +256,29 @@ def llama_cpp_key(config, gguf_type: str = "f32", threads: int = 2, ubatch: int 
             "type": gguf_type, "threads": threads, "flash_attn": True, "ubatch": ubatch}
 
 
+def for_policy(policy, config, *, model: str, gguf_type: str = "f32", threads: int = 2):
+    """(speed model, cache geometry) the speed policy `policy` needs for its target: the cached llama.cpp or
+    layerboost-engine model when it asks for a speedup (None otherwise), and how the target allocates its cache
+    (None: exactly the tokens each kind keeps). `model` names the model in the hint to calibrate.
+
+    Raises:
+        SpeedModelError: a speedup target with no calibrated model, or for an engine without a speed model.
+        LlamaCppMissing: the llama.cpp tools (whose build keys the model) are not built.
+    """
+    if policy.target not in ("llama.cpp", "layerboost"):
+        if policy.speedup is not None:
+            raise SpeedModelError(f"target {policy.target} has no speed model: plan a speedup for llama.cpp or layerboost")
+        return None, None
+    geometry = Geometry("llama.cpp", model_type=config.model_type) if policy.target == "llama.cpp" else None
+    if policy.speedup is None:
+        return None, geometry
+    if policy.target == "llama.cpp":
+        key, hint = llama_cpp_key(config, gguf_type, threads), f"--type {gguf_type}"
+    else:
+        key, hint = layerboost_key(config, "float32", threads, "cpu"), f"--engine layerboost --threads {threads}"
+    return require(key, f"layerboost speed calibrate --model {model} {hint}"), geometry
+
+
 def cached(key: dict) -> SpeedModel | None:
     path = key_path(key)
     return SpeedModel.load(path) if path.is_file() else None
@@ -343,16 +363,19 @@ def measure_llama_cpp(files: dict[str, Path], plans: dict[str, LayerPlan], depth
 
 
 def write_plan_ggufs(model, tokenizer, plans: dict[str, LayerPlan], folder: Path, gguf_type: str) -> dict[str, Path]:
-    """One GGUF file per plan (the model converted, unhealed: speed does not depend on the weights)."""
+    """One GGUF file per plan (the model converted, unhealed: speed does not depend on the weights). A file already
+    there is reused: its name holds the plan's name, a digest of the model's shape and the type, so a folder shared
+    by two models never serves one the other's file."""
     import copy
 
     from .export_gguf import write_gguf
     from .surgery import convert
 
     folder.mkdir(parents=True, exist_ok=True)
+    shape = hashlib.sha256(json.dumps(model_shape(model.config), sort_keys=True).encode()).hexdigest()[:8]
     files = {}
     for name, plan in plans.items():
-        path = folder / (name.replace("/", "-").replace(" ", "_") + f"-{gguf_type}.gguf")
+        path = folder / (name.replace("/", "-").replace(" ", "_") + f"-{shape}-{gguf_type}.gguf")
         if not path.exists():
             m = model
             if set(plan.kinds) != {"softmax"}:

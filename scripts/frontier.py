@@ -26,7 +26,7 @@ import torch
 
 from layerboost import speed as S
 from layerboost.models import model_config
-from layerboost.plan import LayerPlan, PlanPolicy, make_plan, plan_by_target
+from layerboost.plan import LayerPlan, PlanPolicy, make_plan, plan_by_target, summed_cost
 from layerboost.sensitivity import load_sensitivity
 from layerboost.util import write_json
 
@@ -45,19 +45,6 @@ FAMILIES = {  # name -> (softmax, swa, none, window, score the layers are ranked
     "none-20-10": (20, 0, 10, 64, "kl"), "none-15-15": (15, 0, 15, 64, "kl"),
     "llm-drop": (20, 0, 10, 64, "cosine"),
 }
-
-
-def predicted_loss(plan: LayerPlan, costs: dict) -> float | None:
-    """The planner's quality estimate of any plan: its layers' summed KL costs (None: a window not measured)."""
-    total = 0.0
-    for i, s in enumerate(plan.layers):
-        if s.kind == "softmax":
-            continue
-        key = "none" if s.kind == "none" else f"swa:{s.window}"
-        if key not in costs:
-            return None
-        total += costs[key][i]
-    return total
 
 
 def make_plans(args) -> int:
@@ -80,7 +67,7 @@ def make_plans(args) -> int:
                       {"policy": "counts", "counts": [s, w, n], "window": window, "ranking": f"one-shot {score}"})
     for name, (plan, how) in rows.items():
         path = out / f"{name}.json"
-        pred = {"loss": predicted_loss(plan, costs), "speedup_4096": speed.speedup(plan, base, CONTEXT),
+        pred = {"loss": summed_cost(plan, costs), "speedup_4096": speed.speedup(plan, base, CONTEXT),
                 "speedup_8192": speed.speedup(plan, base, 8192), "kv_4096": None}
         if path.exists() and LayerPlan.load(path) != plan:
             print(f"{path} holds another plan: kept (delete it to place the row again)", file=sys.stderr)

@@ -161,11 +161,16 @@ def test_speed_policy_in_the_run_config(tiny_dir, tmp_path, monkeypatch):
         R.check_before_work(cfg)
     data["plan"] = {"policy": "speed", "kv_budget": 0.5, "target": "layerboost"}
     cfg = R.RunConfig.from_dict(data)
-    assert R.analyze_windows(cfg) == [64, 256, 1024] and R.speed_model(cfg, None) is None
+    assert R.analyze_windows(cfg) == [64, 256, 1024] and R.speed_model(cfg, None) == (None, None)
     with pytest.raises(R.ConfigError, match="window 1024 is longer than the model's context of 512"):
         R.check_before_work(cfg)
     data["plan"]["windows"] = [8, 16]
     R.check_before_work(R.RunConfig.from_dict(data))
+    from layerboost.models import model_config
+
+    data["plan"]["target"] = "llama.cpp"  # a KV budget there is counted in llama.cpp's cache cells, as plan does
+    speed, geometry = R.speed_model(R.RunConfig.from_dict(data), model_config(str(tiny_dir)))
+    assert speed is None and geometry.engine == "llama.cpp" and geometry.cells
     data["plan"] = {"policy": "speed", "speedup": "fast"}
     with pytest.raises(R.ConfigError, match="speedup"):
         R.RunConfig.from_dict(data)

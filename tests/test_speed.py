@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from layerboost import speed as S
-from layerboost.plan import LayerPlan, LayerSpec, PlanError, PlanPolicy, _placements, frontier, plan_by_target
+from layerboost.plan import (LayerPlan, LayerSpec, PlanError, PlanPolicy, _placements, frontier, plan_by_target,
+                             summed_cost)
 
 RECORDED = Path(__file__).resolve().parents[1] / "docs" / "speed-model-smollm2-135m"
 TRUE = {"arch:llama": 0.020, "arch:deci": 0.021, "arch:granite_swa": 0.0215, "attn": 5e-4, "tok": 1e-7, "cell": 5e-8}
@@ -115,6 +116,9 @@ def test_placement_is_the_least_cost_assignment_for_every_count():
         loss = sum(0 if k == "softmax" else costs["swa:64" if k == "swa" else "none"][i] for i, k in enumerate(kinds))
         key = (kinds.count("softmax"), kinds.count("swa"))
         brute[key] = min(brute.get(key, float("inf")), loss)
+    for loss, plan in _placements(costs, n, 64, True):  # the planner's loss of any plan is its summed cost
+        assert summed_cost(plan, costs) == pytest.approx(loss)
+    assert summed_cost(LayerPlan.from_kinds(["softmax", "swa"] + ["none"] * 4, window=128), costs) is None
     assert got.keys() == brute.keys()
     for k in brute:
         assert got[k] == pytest.approx(brute[k])

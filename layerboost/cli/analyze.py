@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--windows", type=int_list, default=(),
                    help="also measure each layer as swa at each of these windows (comma-separated, e.g. 64,256,1024) "
                         "and as none, by KL on long contiguous rows: the costs `plan --speedup` places layers by "
-                        "(SmolLM2-135M, 4 windows, 4 rows of 2048 tokens: 40 min on 2 CPU cores)")
+                        "(SmolLM2-135M, 4 windows, 4 rows of 2048 tokens: at most 40 min on 2 CPU cores)")
     p.add_argument("--long-calib-seqs", type=positive(), default=4, help="rows of contiguous novel text for --windows")
     p.add_argument("--long-calib-len", type=positive(), default=2048,
                    help="tokens per --windows row (a window of W only differs from softmax past W tokens)")

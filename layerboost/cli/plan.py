@@ -31,17 +31,18 @@ def run(args) -> int:
     policy = policy_from_args(args)
     if policy is None:
         raise UsageError("give a policy: --softmax/--swa/--none counts, --fractions, --softmax-above/--none-below, or --budget")
-    used = ranking_used(sens, args.score, args.ranking, policy.thresholds)
-    scores = plan_scores(sens, args.score, used)
     check_writable(args.out, folder=False)
     if args.budget is not None and not args.model:
         raise UsageError("--budget needs --model (or a config folder) to know the layer sizes")
     config = model_config(args.model, hub=True) if args.model else None
-    if config is not None and len(scores) != config.num_hidden_layers:
-        raise UsageError(f"{args.sensitivity} analysed a model of {len(scores)} layers, --model {args.model} has "
+    n = len(sens["sensitivity"])
+    if config is not None and n != config.num_hidden_layers:
+        raise UsageError(f"{args.sensitivity} analysed a model of {n} layers, --model {args.model} has "
                          f"{config.num_hidden_layers}: plan with the model that was analysed")
-    if policy.policy == "speed":
+    if policy.policy == "speed":  # placed by window costs, not by a ranking of --score
         return _by_target(args, policy, sens, config)
+    used = ranking_used(sens, args.score, args.ranking, policy.thresholds)
+    scores = plan_scores(sens, args.score, used)
     plan = lb.plan.make_plan(policy, scores, config, log=print)
     if config is not None:
         check_fits(plan, config)
@@ -68,18 +69,7 @@ def _by_target(args, policy, sens: dict, config) -> int:
     costs = (sens.get("window_costs") or {}).get("kl")
     if costs is None:
         raise UsageError(f"{args.sensitivity} holds no window costs: analyze with --windows (e.g. 64,256,1024)")
-    speed, geometry = None, None
-    if policy.target == "llama.cpp":
-        geometry = S.Geometry("llama.cpp", model_type=config.model_type)
-        if policy.speedup is not None:
-            speed = S.require(S.llama_cpp_key(config, args.gguf_type, args.threads),
-                              f"layerboost speed calibrate --model {args.model} --type {args.gguf_type}")
-    elif policy.target == "layerboost" and policy.speedup is not None:
-        speed = S.require(S.layerboost_key(config, "float32", args.threads, "cpu"),
-                          f"layerboost speed calibrate --model {args.model} --engine layerboost --threads {args.threads}")
-    elif policy.speedup is not None:
-        raise UsageError("--speedup is predicted for --target llama.cpp or layerboost (their speed models); transformers "
-                         "has none")
+    speed, geometry = S.for_policy(policy, config, model=args.model, gguf_type=args.gguf_type, threads=args.threads)
     pick, front = plan_by_target(costs, policy, speed, geometry, config)
     pick.plan.save(args.out, extra={"written_by": args.written_by, "predicted": {
         "loss": pick.loss, "speedup": pick.speedup, "kv": pick.kv, "context": policy.context,
@@ -93,7 +83,7 @@ def _by_target(args, policy, sens: dict, config) -> int:
     near = front[max(0, at - 5):at + 6]
     print("the predicted frontier near it (plan, loss, speedup, KV):")
     for p in near:
-        print(f"  {p.counts():<14} {p.loss:8.4f} " + (f"{p.speedup:6.2f}x " if p.speedup is not None else "")
+        print(f"  {p.label():<14} {p.loss:8.4f} " + (f"{p.speedup:6.2f}x " if p.speedup is not None else "")
               + f"{p.kv:6.3f}" + ("  <- picked" if p is pick else ""))
     print(f"wrote {args.out}")
     return 0

@@ -78,16 +78,14 @@ def run(args) -> int:
     model, tok = load_model(args.model)
     work = Path(args.work) if args.work else Path(S.cache_dir()) / "work"
     try:
-        if args.action == "calibrate" and args.engine == "layerboost":
-            fitted = S.calibrate_layerboost(model, depths=args.depths or (0, 1024, 2048, 4096, 8192),
-                                            parallel=args.parallel, rounds=args.rounds, log=_err)
-            print(f"wrote {S.key_path(key)}")
-            _print_fit(fitted)
-            return 0
         if args.action == "calibrate":
-            depths = args.depths or (0, 1024, 4096, 8192)
-            fitted = S.calibrate_llama_cpp(model, tok, work, depths=depths, parallel=args.parallel, rounds=args.rounds,
-                                           gguf_type=args.type, threads=args.threads, log=_err)
+            if args.engine == "layerboost":
+                fitted = S.calibrate_layerboost(model, depths=args.depths or (0, 1024, 2048, 4096, 8192),
+                                                parallel=args.parallel, rounds=args.rounds, log=_err)
+            else:
+                fitted = S.calibrate_llama_cpp(model, tok, work, depths=args.depths or (0, 1024, 4096, 8192),
+                                               parallel=args.parallel, rounds=args.rounds, gguf_type=args.type,
+                                               threads=args.threads, log=_err)
             print(f"wrote {S.key_path(key)}")
             _print_fit(fitted)
             return 0

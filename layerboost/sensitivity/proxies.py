@@ -10,7 +10,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..corpus import CALIBRATION_BYTES
-from ..plan import LayerSpec
+from ..plan import LayerSpec, cost_key
 from .items import LayerRunner, variant
 
 
@@ -29,11 +29,6 @@ def kl_proxy(model: nn.Module, calib: torch.Tensor, *, layers: list[int] | None 
     log-probabilities per chunk of `batch` rows (default: the model as it is now)."""
     return kl_variants(model, calib, [LayerSpec("none")], layers=layers, batch=batch, progress=progress,
                        reference=reference)["none"]
-
-
-def variant_name(spec: LayerSpec) -> str:
-    """"none", "swa:64": how a variant is named in sensitivity.json."""
-    return spec.kind + (f":{spec.window}" if spec.window else "")
 
 
 @torch.no_grad()
@@ -57,7 +52,7 @@ def kl_variants(model: nn.Module, calib: torch.Tensor, specs: list[LayerSpec], *
             h = runner.layer(j, h, ctx[b])
         return h
 
-    names = [variant_name(s) for s in specs]
+    names = [cost_key(s) for s in specs]
     done = {i: store.get(f"kl_variants_{i}") for i in layers} if store is not None else {}
     todo = [i for i in sorted(layers) if done.get(i) is None]
     base_lp = (reference if reference is not None else base_logprobs(runner, calib, batch)) if todo else []

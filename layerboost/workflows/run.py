@@ -384,22 +384,18 @@ def analyze_windows(cfg: RunConfig) -> list[int]:
 
 
 def speed_model(cfg: RunConfig, config):
-    """The cached llama.cpp speed model a speedup target is predicted with (None when the plan needs none).
+    """(speed model, cache geometry) of the speed policy's target (speed.for_policy; both None for other policies).
 
     Raises:
-        PlanError: none is calibrated for this machine, build and model (naming the command that calibrates it).
+        PlanError: a speedup target with no calibrated model (naming the command that calibrates it).
     """
     from .. import speed as S
     from ..llama_cpp import LlamaCppMissing
 
-    if cfg.plan.policy != "speed" or cfg.plan.speedup is None:
-        return None
-    if cfg.plan.target != "llama.cpp":
-        raise PlanError("a speedup target is predicted for target llama.cpp (its speed model); use kv_budget for "
-                        "layerboost's own engine")
+    if cfg.plan.policy != "speed":
+        return None, None
     try:
-        return S.require(S.llama_cpp_key(config, "f32", cfg.threads or 2),
-                         f"layerboost speed calibrate --model {cfg.model}")
+        return S.for_policy(cfg.plan, config, model=cfg.model, threads=cfg.threads or 2)
     except (S.SpeedModelError, LlamaCppMissing) as e:
         raise PlanError(str(e)) from e
 
@@ -451,8 +447,8 @@ def run(cfg: RunConfig, log=print) -> Path:
         scores = plan_scores(sens, p.score, used)
         config = base()[0].config
         costs = (sens.get("window_costs") or {}).get("kl")
-        plan = make_plan(p, scores, config, log=log, costs=costs,
-                         speed=speed_model(cfg, config) if p.policy == "speed" else None)
+        speed, geometry = speed_model(cfg, config)
+        plan = make_plan(p, scores, config, log=log, costs=costs, speed=speed, geometry=geometry)
         plan.save(r.dir / "plan.json")
         plot_sensitivity(sens, plan, r.dir / "sensitivity.png", score=p.score, ranking=used)
         log(plan.table(table_scores(scores, p.score, used)))  # the score that chose it

@@ -216,3 +216,12 @@ def test_layerboost_engine_calibration_on_a_tiny_model(tmp_path, monkeypatch, on
     assert S.cached(S.layerboost_key(model.config, "float32", device="cpu")) is not None
     plan = LayerPlan.from_kinds(["softmax", "swa", "none", "softmax"], window=16)
     assert fitted.tok_s(plan, 100) > 0 and "cell" not in fitted.coef["1"]
+
+
+def test_speed_check_never_writes_over_a_file_it_did_not_make(tmp_path, capsys):
+    from layerboost.cli import main
+
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"mine": 1}\n')
+    assert main(["speed", "check", "--model", "smollm2-135m", "--out", str(mine)]) == 2
+    assert "error:" in capsys.readouterr().err and mine.read_text() == '{"mine": 1}\n'

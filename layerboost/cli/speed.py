@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..util import UsageError, check_writable
-from .options import int_list, positive
+from .options import add_force, int_list, positive
 
 
 def add_parser(sub) -> None:
@@ -42,6 +42,7 @@ def add_parser(sub) -> None:
             a.add_argument("--plans", nargs="*", help="plan JSON files (default: six plans spanning the kinds, windows "
                            "and llama.cpp architectures, none of them calibrated on)")
             a.add_argument("--out", help="JSON file for the comparison (every measurement, prediction and error)")
+            add_force(a, "file")
         if name == "predict":
             a.add_argument("--plan", required=True, help="plan JSON (plan.json of analyze / plan, or a hybrid's)")
             a.add_argument("--context", type=positive(), default=4096, help="tokens of context")
@@ -119,7 +120,7 @@ def run(args) -> int:
         from ..util import write_json
 
         write_json(args.out, {"key": key, "command": " ".join(sys.argv), "coef": fitted.coef, "rows": rows,
-                              "records": records})
+                              "records": records, "written_by": getattr(args, "written_by", None)})
         print(f"wrote {args.out}")
     return 0
 

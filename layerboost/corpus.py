@@ -258,9 +258,11 @@ class PackedRows:
         seq_len: tokens per row.
         seed: seeds the row shuffle buffer.
         shuffle_rows: shuffle-buffer size in rows (0 or 1: no row shuffling).
+        transform: (row, row number) -> a row of the same length (a pure function, so a resumed run sees the
+            same rows), e.g. `retrieval_rows`.
     """
 
-    def __init__(self, docs_factory, tokenizer, seq_len: int, seed: int, shuffle_rows: int = 256):
+    def __init__(self, docs_factory, tokenizer, seq_len: int, seed: int, shuffle_rows: int = 256, transform=None):
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
         self.docs_factory, self.tok, self.seq_len = docs_factory, tokenizer, seq_len
@@ -270,6 +272,7 @@ class PackedRows:
             raise TrainingDataError("the tokenizer has no EOS token to separate documents")
         self.eos = eos
         self.position = 0
+        self.transform = transform  # (row, row number) -> row of the same length, e.g. retrieval_rows
         self._it = self._rows()
 
     def _packed(self) -> Iterator[list[int]]:
@@ -300,6 +303,8 @@ class PackedRows:
 
     def __next__(self) -> torch.Tensor:
         row = next(self._it)
+        if self.transform is not None:
+            row = self.transform(row, self.position)
         self.position += 1
         return torch.tensor(row, dtype=torch.long)
 
@@ -311,6 +316,45 @@ class PackedRows:
             except StopIteration:
                 raise TrainingDataError(f"the data ran out after {self.position} rows while resuming") from None
             self.position += 1
+
+
+# ---- synthetic retrieval rows (heal --retrieval-share) -----------------------------------------------
+# A training row of real prose with a fact line placed at a random word boundary and asked for at its end, so the
+# teacher's answer (it reads the fact from far back) is distilled into the hybrid. Built only from the row's own
+# training text, with templates that no evaluation task uses (evaluate/retrieval.py asks for "pass key" and
+# "<name>'s <thing> number").
+TRAIN_NOUNS = ("harbour", "library", "garden", "station", "cellar", "tower", "bridge", "mill", "chapel", "market",
+               "orchard", "quarry")
+TRAIN_FACT = " Remember this: the {noun} code is {key}."
+TRAIN_QUESTION = "\n\nWhat was the {noun} code? The {noun} code was {key}."
+
+
+def retrieval_row(row: list[int], tokenizer, rnd: random.Random) -> list[int]:
+    """`row` (same length) with a fact line inserted at a random word start and its question and answer at the end;
+    the prose after the fact is cut to make room. A row too short to hold both comes back unchanged."""
+    prefix = row_prefix(tokenizer)
+    body = row[len(prefix):]
+    key, noun = str(rnd.randint(10000, 99999)), rnd.choice(TRAIN_NOUNS)
+    fact = tokenizer(TRAIN_FACT.format(noun=noun, key=key), add_special_tokens=False)["input_ids"]
+    question = tokenizer(TRAIN_QUESTION.format(noun=noun, key=key), add_special_tokens=False)["input_ids"]
+    keep = len(body) - len(fact) - len(question)
+    if keep < 16:
+        return row
+    at = rnd.randrange(keep)
+    while at < keep and not tokenizer.decode(body[at : at + 1]).startswith((" ", "\n")):
+        at += 1  # a word start, so the fact reads as its own sentence
+    return prefix + body[:at] + fact + body[at:keep] + question
+
+
+def retrieval_rows(tokenizer, share: float, seed: int):
+    """A PackedRows transform that turns a seeded `share` of the rows into `retrieval_row`s (a pure function of the
+    row number and seed, so a resumed heal rebuilds the same rows)."""
+
+    def transform(row: list[int], n: int) -> list[int]:
+        rnd = random.Random(f"retrieval-row:{seed}:{n}")
+        return retrieval_row(row, tokenizer, rnd) if rnd.random() < share else row
+
+    return transform
 
 
 def parse_tokens(value: str | int | float) -> int:
@@ -345,6 +389,8 @@ __all__ = [
     "parse_hub_spec",
     "parse_tokens",
     "refuse_evaluation_data",
+    "retrieval_row",
+    "retrieval_rows",
     "segment_index",
     "text_files",
 ]

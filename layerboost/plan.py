@@ -471,15 +471,18 @@ def frontier(picks: list[Pick]) -> list[Pick]:
 
 
 def plan_by_target(costs: dict[str, list[float]], policy: "PlanPolicy", speed=None, geometry=None,
-                   config=None) -> tuple[Pick, list[Pick]]:
+                   config=None, retrieval=None) -> tuple[Pick, list[Pick]]:
     """The pick of least predicted loss whose predicted speedup >= policy.speedup and KV <= policy.kv_budget, and
-    the frontier it was chosen from.
+    the frontier it was chosen from. With policy.keep_retrieval, the layers `retrieval` ranks highest stay softmax.
 
     Raises:
         PlanError: the target is out of reach (naming the fastest / smallest reachable plan).
     """
     if policy.speedup is not None and speed is None:
         raise PlanError("a speedup target needs a speed model of the engine (layerboost speed calibrate)")
+    keep = kept_for_retrieval(retrieval, policy.keep_retrieval)
+    if keep:  # the retrieving layers cost too much to lose
+        costs = {name: [float("inf") if i in keep else v for i, v in enumerate(c)] for name, c in costs.items()}
     picks = target_candidates(costs, policy, speed, geometry, config)
     ok = [p for p in picks if (policy.speedup is None or p.speedup >= policy.speedup)
           and (policy.kv_budget is None or p.kv <= policy.kv_budget + 1e-12)]
@@ -523,6 +526,8 @@ class PlanPolicy:
             predicted quality loss whose predicted decode speed at `context` tokens (`parallel` sequences) is at
             least `speedup` x the base's and whose KV cache is at most `kv_budget` x the base's, among `windows`
             (None: every window the analysis measured); build stock keeps to plans released llama.cpp runs.
+        keep_retrieval: keep softmax in the K layers whose attention alone brings back most of a long-context
+            answer (analyze --retrieval; sensitivity.retrieval), whatever the score or the window costs say.
     """
 
     policy: str = "counts"
@@ -545,6 +550,7 @@ class PlanPolicy:
     parallel: int = 1
     build: str = "patched"
     windows: list[int] | None = None
+    keep_retrieval: int = 0
 
     @property
     def thresholds(self) -> bool:
@@ -584,6 +590,10 @@ class PlanPolicy:
         if self.windows is not None and (not isinstance(self.windows, (list, tuple)) or not self.windows
                                          or any(not isinstance(w, int) or w <= 0 for w in self.windows)):
             out.append(f"windows must be a list of whole numbers > 0, got {self.windows!r}")
+        if not isinstance(self.keep_retrieval, int) or isinstance(self.keep_retrieval, bool) or self.keep_retrieval < 0:
+            out.append(f"keep_retrieval must be a whole number >= 0, got {self.keep_retrieval!r}")
+        elif self.policy == "counts" and self.softmax is not None and self.keep_retrieval > self.softmax:
+            out.append(f"keep_retrieval {self.keep_retrieval} keeps more softmax layers than the {self.softmax} asked for")
         if self.ranking not in RANKINGS:
             out.append(f"ranking {self.ranking!r} must be one of {', '.join(RANKINGS)}")
         elif self.ranking == "iterative" and self.thresholds:
@@ -691,11 +701,24 @@ def cap_to_native(plan: LayerPlan, config) -> tuple[LayerPlan, list[int]]:
     return LayerPlan(tuple(out)), capped
 
 
-def make_plan(policy: PlanPolicy, scores, config=None, log=None, costs=None, speed=None, geometry=None) -> LayerPlan:
+def kept_for_retrieval(retrieval: list[float] | None, k: int) -> list[int]:
+    """The `k` layers of highest retrieval score (sensitivity.json's retrieval["alone"]), in layer order.
+
+    Raises:
+        PlanError: k > 0 and no retrieval signal.
+    """
+    if k and not retrieval:
+        raise PlanError("keep_retrieval needs the retrieval signal: analyze with --retrieval")
+    return sorted(sorted(range(len(retrieval)), key=lambda i: -retrieval[i])[:k]) if k else []
+
+
+def make_plan(policy: PlanPolicy, scores, config=None, log=None, costs=None, speed=None, geometry=None,
+              retrieval=None) -> LayerPlan:
     """The plan `policy` places from per-layer scores (higher = more sensitive), or for the speed policy from the
     window costs `costs` with the engine's `speed` model and cache `geometry` (speed.for_policy); `config` (the
     model's) is needed by the budget policy, and caps layers that slide natively at their own window (`cap_to_native`:
-    on Gemma 3, a local layer ranked softmax stays as it is, swa 512).
+    on Gemma 3, a local layer ranked softmax stays as it is, swa 512). `retrieval`: per-layer retrieval scores
+    (analyze --retrieval), for policy.keep_retrieval.
 
     Raises:
         PlanError: invalid policy settings, or settings the scores cannot satisfy.
@@ -703,8 +726,13 @@ def make_plan(policy: PlanPolicy, scores, config=None, log=None, costs=None, spe
     if policy.problems():
         raise PlanError("invalid plan policy:\n  - " + "\n  - ".join(policy.problems()))
     p, w, k = policy, policy.window, policy.kind
+    keep = kept_for_retrieval(retrieval, p.keep_retrieval)
     if p.target == "llama.cpp" and len(scores):  # layer 0 keeps attention there: rank it above every layer
         scores = [max(scores) + 1.0] + list(scores[1:])
+    if keep and len(scores):  # the retrieving layers rank above every other
+        top = max(scores) + 2.0
+        scores = [top if i in keep else v for i, v in enumerate(scores)]
+
     if p.policy == "counts":
         plan = plan_by_counts(scores, p.softmax, p.swa, p.none, w, k)
     elif p.policy == "fractions":
@@ -714,7 +742,7 @@ def make_plan(policy: PlanPolicy, scores, config=None, log=None, costs=None, spe
     elif p.policy == "speed":
         if costs is None:
             raise PlanError("the speed policy places layers by window costs: analyze with --windows (e.g. 64,256,1024)")
-        pick, _ = plan_by_target(costs, p, speed, geometry, config)
+        pick, _ = plan_by_target(costs, p, speed, geometry, config, retrieval)
         if log is not None:
             log(f"predicted: {pick.label()}, quality loss {pick.loss:.4f} (summed KL)"
                 + (f", decode {pick.speedup:.2f}x the base's" if pick.speedup is not None else "")
@@ -726,6 +754,12 @@ def make_plan(policy: PlanPolicy, scores, config=None, log=None, costs=None, spe
         plan = plan_by_budget(scores, config, p.budget, p.context, w, p.budget_measure, p.none_below, k)
     if config is not None:
         plan = _capped(plan, config, log)
+    lost = [i for i in keep if plan.layers[i].kind != "softmax"]
+    if lost:
+        raise PlanError(f"keep_retrieval {p.keep_retrieval}: layers {lost} retrieve most but the policy placed them "
+                        f"{plan.layers[lost[0]].kind}; allow at least {p.keep_retrieval} softmax layers")
+    if keep and log is not None:
+        log(f"softmax kept for retrieval in layers {keep} (analyze --retrieval)")
     problems = target_problems(plan, p.target)
     if problems:
         raise PlanError(f"the plan cannot run in {p.target}:\n  - " + "\n  - ".join(problems))

@@ -104,13 +104,14 @@ PASSKEY_LENGTHS = (1024, 2048, 4096, 8192)
 def evaluate(args) -> int:
     """Every measure of the base and each healed row, one file per (model, measure), so a killed evaluation resumes:
     held-out KL on long rows, WikiText-2 (every document, 2,048-token windows, float32), accuracy on the evaluation
-    partition (bfloat16, per item, as the comparison), pass-key retrieval (50 trials per length, seed 0)."""
+    partition (bfloat16, per item, as the comparison), retrieval (pass key in filler and a fact in WikiText-2 prose, 50
+    trials per length, seed 0)."""
     import copy
 
     import layerboost as lb
     from layerboost.corpus import heldout_rows
     from layerboost.evaluate import Partition, perplexity_metrics, prepare_task, score_rolling
-    from layerboost.evaluate.retrieval import score_passkey
+    from layerboost.evaluate.retrieval import score_retrieval
     from layerboost.quality import heldout_metrics
     from layerboost.util import read_json
     from layerboost.workflows.compare import task_items
@@ -136,8 +137,10 @@ def evaluate(args) -> int:
             lls = score_rolling(model.float(), tok, wiki.requests, max_length=2048, desc="wikitext")
             write_json(folder / "wikitext.json", {**perplexity_metrics(wiki.requests, lls), "doc_logliks": lls,
                                                   "dtype": "float32", "max_length": 2048})
-        if read_json(folder / "passkey.json") is None:
-            write_json(folder / "passkey.json", score_passkey(model.float(), tok, PASSKEY_LENGTHS, 50, seed=0))
+        for family in ("passkey", "needle"):  # 50 trials per length, seed 0, evaluation text
+            if read_json(folder / f"{family}.json") is None:
+                write_json(folder / f"{family}.json", score_retrieval(model.float(), tok, family, PASSKEY_LENGTHS, 50,
+                                                                      seed=0))
         if tasks is None:
             tasks = [prepare_task(tok, t, limit=None, seed=0, partition=part, per_stratum=20 if t == "mmlu" else None)
                      for t in ("piqa", "arc_easy", "arc_challenge", "winogrande", "mmlu")]
@@ -151,29 +154,30 @@ def evaluate(args) -> int:
 
 
 def bench(args) -> int:
-    """llama.cpp decode of the base and every healed row at depths 0 / 4,096 / 8,192, side by side (rounds alternate
-    the files); needs quiet cores. GGUF files (f32) are written once into runs/.../gguf."""
+    """llama.cpp decode of the base and every row's plan at depths 0 / 4,096 / 8,192 (needs quiet cores): one f32
+    GGUF per plan, written from the converted base (decode speed depends on the tensors' shapes and types, which
+    healing leaves as they are: LoRA is merged), measured depth-major with the plans alternating (speed.
+    measure_llama_cpp, as calibration), `--rounds` sweeps of llama-bench's 2 repetitions, the median."""
     import layerboost as lb
-    from layerboost.export_gguf import describe, write_gguf
-    from layerboost.llama_cpp import side_by_side
+    from layerboost.export_gguf import describe
 
     root = Path(args.out)
-    (root / "gguf").mkdir(parents=True, exist_ok=True)
-    files = {"base": root / "gguf" / "base-f32.gguf"}
     base, tok = lb.load_model(MODEL)
-    if not files["base"].exists():
-        write_gguf(base, tok, files["base"], "f32")
-    for p in sorted((root / "heal").glob("*/heal.json")):
-        f = root / "gguf" / f"{p.parent.name}-f32.gguf"
-        if not f.exists():
-            write_gguf(lb.load(p.parent), tok, f, "f32")
-        files[p.parent.name] = f
-    speed = side_by_side(files, depths=(0, 4096, 8192), rounds=args.rounds, n_gen=64)
-    out = {name: {"tok_s": v, "x_base": {d: v[d] / speed["base"][d] for d in v}, "file": str(files[name]),
-                  "runs_in": describe(files[name])} for name, v in speed.items()}
-    write_json(root / "bench.json", {"depths": [0, 4096, 8192], "rounds": args.rounds, "n_gen": 64, "rows": out})
+    plans = {"base": LayerPlan.uniform("softmax", base.config.num_hidden_layers)}
+    plans |= {p.stem: LayerPlan.load(p) for p in sorted((root / "plans").glob("*.json"))}
+    files = S.write_plan_ggufs(base, tok, plans, root / "gguf", "f32")
+    depths = (0, 4096, 8192)
+    recs = S.measure_llama_cpp(files, plans, depths, rounds=args.rounds, threads=2,
+                               log=lambda m: print(m, file=sys.stderr, flush=True))
+    tok_s = {(r["name"], r["bench_depth"]): r["tok_s"] for r in recs}
+    out = {name: {"tok_s": {d: tok_s[name, d] for d in depths},
+                  "x_base": {d: tok_s[name, d] / tok_s["base", d] for d in depths},
+                  "file": str(files[name]), "runs_in": describe(files[name])} for name in plans}
+    write_json(root / "bench.json", {"depths": list(depths), "rounds": args.rounds, "n_gen": 64, "reps": 2,
+                                     "machine": S.machine(), "llama_cpp": S.llama_cpp_build(),
+                                     "records": recs, "rows": out})
     for name, r in out.items():
-        print(f"{name:<16} " + " ".join(f"{r['x_base'][d]:.2f}x" for d in (0, 4096, 8192)))
+        print(f"{name:<16} " + " ".join(f"{r['x_base'][d]:.2f}x" for d in depths) + f"  ({r['runs_in']})")
     return 0
 
 

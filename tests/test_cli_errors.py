@@ -267,6 +267,8 @@ def run_config(files, tmp_path, **changes):
     ({"plan__ranking": "iterative", "plan__none": 0, "plan__swa": 2},  # auto: as many steps as none layers, here 0
      ("analyze.iterative / plan.ranking", "measures no step here")),
     ({"analyze__iterative": 9}, ("9 iterative steps, but the model has 4 layers",)),
+    ({"plan__keep_retrieval": 1}, ("plan.keep_retrieval 1 needs analyze.retrieval: true",)),
+    ({"analyze__retrieval": True, "analyze__retrieval_seed": 0}, ("analyze.retrieval_seed 0 draws the trials",)),
     ({"plan__policy": "thresholds", "plan__softmax_above": 0.5, "plan__none_below": 0.1, "plan__ranking": "iterative"},
      ("cannot serve thresholds",)),
 ])
@@ -417,6 +419,13 @@ def test_heal_refuses_a_budget_below_one_step_and_a_plan_folder(files, tmp_path,
     (["bench", "latency", "--model", "M", "--chunk", "0"], ("must be a finite number > 0",)),
     (["analyze", "--model", "M", "--out", "o", "--windows", "64,64"], ("distinct whole numbers",)),
     (["analyze", "--model", "M", "--out", "OUT", "--speedup", "1.5"], ("then run `layerboost plan",)),
+    (["analyze", "--model", "M", "--out", "OUT", "--softmax", "2", "--none", "1", "--keep-retrieval", "1"],
+     ("--keep-retrieval 1 keeps the layers the retrieval signal ranks highest: add --retrieval",)),
+    (["analyze", "--model", "M", "--out", "OUT", "--retrieval", "--retrieval-seed", "0"], ("seed 0 draws the trials",)),
+    (["analyze", "--model", "M", "--out", "OUT", "--retrieval", "--retrieval-window", "4096"],
+     ("is not below --retrieval-len 2048",)),
+    (["plan", "--sensitivity", "S", "--softmax", "2", "--none", "1", "--keep-retrieval", "1", "--score", "drop"],
+     ("keep_retrieval needs the retrieval signal: analyze with --retrieval",)),
 ])
 def test_numbers_out_of_range_and_mixed_policies_are_refused(capsys, tmp_path, argv, fragments):
     """Found by issue 36's probe: each of these ran (or dropped an option) instead of one error line."""

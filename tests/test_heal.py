@@ -46,6 +46,9 @@ class ByteTok:
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [min(127, b) or 1 for b in text.encode()]}
 
+    def decode(self, ids):
+        return bytes(ids).decode(errors="replace")
+
     def save_pretrained(self, path):
         Path(path, "bytetok.json").write_text("{}")
 
@@ -219,6 +222,30 @@ def test_packing_is_deterministic_and_resumable(tmp_path):
     assert all(torch.equal(x, next(r2)) for x in first[25:])
     assert all(len(x) == 64 for x in first) and torch.equal(a[0], first[0])
     assert not torch.equal(torch.stack(first[:10]), torch.stack([next(rows(1)) for _ in range(10)]))
+
+
+def test_synthetic_retrieval_rows_resume_and_reach_the_heal(tmp_path):
+    from layerboost.corpus import retrieval_rows
+
+    f, tok = _corpus(tmp_path), ByteTok()
+
+    def rows():
+        return PackedRows(lambda: documents(str(f), seed=0, segment_chars=2000), tok, 128, 0, 16,
+                          retrieval_rows(tok, 0.5, seed=0))
+
+    r1, r2 = rows(), rows()
+    first = [next(r1) for _ in range(30)]
+    r2.skip(12)
+    assert all(torch.equal(x, next(r2)) for x in first[12:]) and all(len(x) == 128 for x in first)
+    asked = [tok.decode(x.tolist()) for x in first]
+    assert 6 <= sum("code is" in t and t.rstrip().endswith(".") and "code was" in t for t in asked) <= 24
+    assert "retrieval_share" not in HealConfig().to_dict()  # earlier runs' resume keys still match
+    plan = _plan()
+    assert HealConfig(retrieval_share=0.1).resume_key("d", plan, "m") != HealConfig().resume_key("d", plan, "m")
+    with pytest.raises(HealConfigError, match="retrieval_share must be in"):
+        HealConfig(retrieval_share=1.5)
+    out = _heal(tmp_path, "o", 600, retrieval_share=0.5)
+    assert json.loads((out / "heal_state" / "config.json").read_text())["config"]["retrieval_share"] == 0.5
 
 
 def test_budget_stops_exactly(tmp_path):

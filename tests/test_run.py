@@ -47,10 +47,12 @@ def tiny_dir(tmp_path_factory):
 def tiny_config(model_dir, out):
     return R.RunConfig.from_dict({
         "model": str(model_dir), "out": str(out), "tasks": ["piqa", "arc_easy"], "threads": 2,
-        "analyze": {"limit": 4, "calib_seqs": 2},
-        "plan": {"policy": "counts", "softmax": 2, "swa": 1, "none": 1, "window": 8},
+        "analyze": {"limit": 4, "calib_seqs": 2, "retrieval": True, "retrieval_len": 96, "retrieval_trials": 1,
+                    "retrieval_window": 8},
+        "plan": {"policy": "counts", "softmax": 2, "swa": 1, "none": 1, "window": 8, "keep_retrieval": 1},
         "heal": {"tokens": 2048, "options": {"seq_len": 64, "batch_size": 2, "checkpoint_every": 2, "progress": False}},
-        "eval": {"limit": 4, "wikitext_docs": 1, "wikitext_max_length": 64, "heldout_tokens": 128},
+        "eval": {"limit": 4, "wikitext_docs": 1, "wikitext_max_length": 64, "heldout_tokens": 128,
+                 "retrieval_lengths": [96], "retrieval_trials": 2},
         "bench": {"latency": {"batch": 2, "prompt": 8, "lengths": [8, 16], "repeats": 1, "warmup": 1},
                   "throughput": {"concurrency": [2, 4], "prompt": 8, "output": 4}},
     })
@@ -104,7 +106,12 @@ def test_pipeline_artefacts_consistent_and_resumable(tiny_dir, tmp_path, monkeyp
     scores = S.iterative_scores(hist, 4)
     assert cfg.plan.score == "kl" and plan.table(scores) in md  # the score that chose the plan
     assert "then 1 layer removed one at a time by the kl score" in md and "nats/token, iterative." in md
-    assert plan == lb.plan.plan_by_counts(scores, 2, 1, 1, 8) and plan[hist[0]["removed"]].kind == "none"
+    kept = lb.plan.kept_for_retrieval(sens["retrieval"]["alone"], 1)  # the retrieving layer keeps softmax
+    assert len(kept) == 1 and plan[kept[0]].kind == "softmax" and sens["retrieval"]["rows"] == 2
+    ranked = [v + (100.0 if i in kept else 0.0) for i, v in enumerate(scores)]
+    removed = hist[0]["removed"]
+    assert plan == lb.plan.plan_by_counts(ranked, 2, 1, 1, 8)
+    assert plan[removed].kind == ("softmax" if removed in kept else "none")
     assert "KL(base || variant)" in md
     for name in ("base", "converted", "healed"):
         ev = json.loads((d / "eval" / f"{name}.json").read_text())
@@ -113,6 +120,8 @@ def test_pipeline_artefacts_consistent_and_resumable(tiny_dir, tmp_path, monkeyp
         assert f"{ev['heldout']['kl']:.4f} | {ev['heldout']['agree']:.3f} |" in md
         assert f"| {name} | {ev['tasks']['wikitext']['word_perplexity']:.2f} |" in md
         assert ev["tasks"]["piqa"]["partition"]["part"] == "evaluation"
+        r = ev["retrieval"]["needle"]["lengths"]["96"]
+        assert r["trials"][0]["tokens"] <= 96 and f"{100 * r['acc']:.1f} / {100 * r['exact']:.1f}" in md
     assert json.loads((d / "eval" / "base.json").read_text())["heldout"]["kl"] == pytest.approx(0, abs=1e-6)
     assert json.loads((d / "eval" / "converted.json").read_text())["heldout"]["kl"] > 1e-4
     lat = json.loads((d / "bench" / "latency.json").read_text())

@@ -225,3 +225,26 @@ def test_speed_check_never_writes_over_a_file_it_did_not_make(tmp_path, capsys):
     mine.write_text('{"mine": 1}\n')
     assert main(["speed", "check", "--model", "smollm2-135m", "--out", str(mine)]) == 2
     assert "error:" in capsys.readouterr().err and mine.read_text() == '{"mine": 1}\n'
+
+
+def test_keep_retrieval_keeps_the_retrieving_layers_softmax_in_every_policy(fitted):
+    from layerboost.plan import make_plan
+
+    costs, n = random_costs(30), 30
+    retrieval = [0.0] * n
+    retrieval[7], retrieval[19], retrieval[25] = 3.0, 2.0, 1.0  # layers 7, 19 retrieve; 25 next
+    pol = PlanPolicy("speed", speedup=1.5, context=4096, target="llama.cpp", keep_retrieval=2)
+    pick, _ = plan_by_target(costs, pol, fitted, retrieval=retrieval)
+    free = plan_by_target(costs, PlanPolicy("speed", speedup=1.5, context=4096, target="llama.cpp"), fitted)[0]
+    assert pick.plan.kinds[7] == pick.plan.kinds[19] == "softmax" and pick.speedup >= 1.5
+    assert pick.loss >= free.loss - 1e-12 and pick.loss == pytest.approx(summed_cost(pick.plan, costs))
+    scores = [float(i) for i in range(n)]  # the counts policy ranks 7 and 19 low: kept softmax all the same
+    plan = make_plan(PlanPolicy("counts", softmax=3, swa=10, none=17, keep_retrieval=2), scores, retrieval=retrieval)
+    assert plan.kinds[7] == plan.kinds[19] == "softmax" and plan.counts()["softmax"] == 3
+    with pytest.raises(PlanError, match="analyze with --retrieval"):
+        make_plan(PlanPolicy("counts", softmax=3, swa=10, none=17, keep_retrieval=2), scores)
+    assert "keeps more softmax layers than the 1" in " ".join(
+        PlanPolicy("counts", softmax=1, swa=10, none=19, keep_retrieval=2).problems())
+    with pytest.raises(PlanError, match=r"layers \[7, 19\] retrieve most but the policy placed them"):
+        make_plan(PlanPolicy("thresholds", softmax_above=100, none_below=0, keep_retrieval=2), scores,
+                  retrieval=retrieval)

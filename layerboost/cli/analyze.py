@@ -35,6 +35,17 @@ def add_parser(sub) -> None:
     p.add_argument("--long-calib-seqs", type=positive(), default=4, help="rows of contiguous novel text for --windows")
     p.add_argument("--long-calib-len", type=positive(), default=2048,
                    help="tokens per --windows row (a window of W only differs from softmax past W tokens)")
+    p.add_argument("--retrieval", action="store_true",
+                   help="also measure each layer's part in long-context retrieval: the true key's log-likelihood with "
+                        "only that layer global among windowed ones, on pass-key and fact-in-prose trials of selection "
+                        "text (never the reported ones); plan --keep-retrieval K keeps softmax in the top K "
+                        "(SmolLM2-135M, 2 x 8 trials of 2048 tokens: about 10 min on 2 CPU cores)")
+    p.add_argument("--retrieval-len", type=positive(), default=2048, help="--retrieval: prompt length in tokens")
+    p.add_argument("--retrieval-trials", type=positive(), default=8, help="--retrieval: trials per family")
+    p.add_argument("--retrieval-window", type=positive(), default=64,
+                   help="--retrieval: the window every other layer gets while one layer keeps global attention")
+    p.add_argument("--retrieval-seed", type=int, default=1,
+                   help="--retrieval: trial seed (not 0: seed 0 draws the trials eval reports)")
     p.add_argument("--no-proxies", action="store_true", help="skip the KL and cosine proxies")
     p.add_argument("--calib-seqs", type=positive(), default=8, help="calibration sequences (x256 tokens) for the proxies")
     p.add_argument("--iterative", type=iterative_steps, default="auto", metavar="K",
@@ -71,6 +82,14 @@ def run(args) -> int:
     if args.no_proxies and args.score in PROXY_SCORES:
         raise UsageError(f"--score {args.score} ranks layers by a proxy that --no-proxies skips: drop --no-proxies, "
                          "or choose --score margin or drop")
+    if args.keep_retrieval and not args.retrieval:
+        raise UsageError(f"--keep-retrieval {args.keep_retrieval} keeps the layers the retrieval signal ranks highest: "
+                         "add --retrieval")
+    if args.retrieval and args.retrieval_seed == 0:
+        raise UsageError("--retrieval-seed 0 draws the trials eval reports: choose layers with another seed (e.g. 1)")
+    if args.retrieval and args.retrieval_window >= args.retrieval_len:
+        raise UsageError(f"--retrieval-window {args.retrieval_window} is not below --retrieval-len "
+                         f"{args.retrieval_len}: a window only differs from softmax past its width")
     part = Partition("selection", args.selection_size, args.selection_seed).to_dict()
     check_analysis_dir(args.out, {"tasks": tasks, "limit": args.limit, "seed": args.seed, "partition": part})
     policy = policy_from_args(args)
@@ -83,7 +102,7 @@ def run(args) -> int:
 
     def policy_fits(config):  # the plan policy and the iterative mode, tried on the model's layers before the analysis
         n = config.num_hidden_layers
-        plan = lb.plan.make_plan(policy, [0.0] * n, config)
+        plan = lb.plan.make_plan(policy, [0.0] * n, config, retrieval=[0.0] * n if policy.keep_retrieval else None)
         check_fits(plan, config, (args.window, args.swa_window, *args.windows))
         problems = iterative_problems(policy, args.iterative, n, plan.counts()["none"])
         if problems:
@@ -101,10 +120,14 @@ def run(args) -> int:
                   batch_tokens=args.batch_tokens,
                   reuse_prefix=not args.naive, selection_size=args.selection_size, selection_seed=args.selection_seed,
                   iterative_score=args.score, windows=tuple(args.windows), long_seqs=args.long_calib_seqs,
-                  long_len=args.long_calib_len)
+                  long_len=args.long_calib_len,
+                  retrieval=dict(length=args.retrieval_len, trials=args.retrieval_trials, window=args.retrieval_window,
+                                 seed=args.retrieval_seed) if args.retrieval else None)
     used = ranking_used(res, args.score, args.ranking, policy.thresholds)
     scores = plan_scores(res, args.score, used)
-    plan = lb.plan.make_plan(policy, scores, model.config, log=print)
+    from ..sensitivity.retrieval import retrieval_scores
+
+    plan = lb.plan.make_plan(policy, scores, model.config, log=print, retrieval=retrieval_scores(res, policy))
     plan.save(Path(args.out) / "plan.json")
     plot_sensitivity(res, plan, Path(args.out) / "sensitivity.png", score=args.score, ranking=used)
     print(sensitivity_table(res, plan))

@@ -21,7 +21,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tasks",
         default=",".join(PAPER_TASKS),
-        help=f"comma-separated tasks ({', '.join(TASKS)}, passkey) or task definition .yaml/.json files (default: {','.join(PAPER_TASKS)})",
+        help=f"comma-separated tasks ({', '.join(TASKS)}, passkey, needle) or task definition .yaml/.json files (default: {','.join(PAPER_TASKS)})",
     )
     add_limit(parser, None)
     parser.add_argument("--data-dir", default=None, help="local data directory (default: $LAYERBOOST_DATA_DIR or ../shared/data)")
@@ -38,12 +38,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--selection-seed", type=int, default=0, help="seed of the partition")
     parser.add_argument("--mmlu-per-subject", type=int, default=None, metavar="N",
                         help="MMLU only: N items from each of its 57 subjects (seeded) instead of --limit")
-    parser.add_argument("--passkey-lengths", type=int_list, default=(1024, 2048, 4096, 8192),
-                        help="task passkey: prompt lengths in tokens (a 5-digit key hidden in filler, scored against "
-                             "distractor keys and by greedy exact match; layerboost/evaluate/retrieval.py)")
-    parser.add_argument("--passkey-trials", type=positive(), default=50, help="task passkey: trials per length")
-    parser.add_argument("--passkey-seed", type=int, default=0,
-                        help="task passkey: trial seed (0 for reported numbers; choose layers with another)")
+    parser.add_argument("--retrieval-lengths", "--passkey-lengths", type=int_list, default=(1024, 2048, 4096, 8192),
+                        help="tasks passkey (a 5-digit key hidden in filler) and needle (a fact line in WikiText-2 "
+                             "prose): prompt lengths in tokens; the true key is scored against distractor keys and by "
+                             "greedy exact match (layerboost/evaluate/retrieval.py)")
+    parser.add_argument("--retrieval-trials", "--passkey-trials", type=positive(), default=50,
+                        help="tasks passkey / needle: trials per length")
+    parser.add_argument("--retrieval-seed", "--passkey-seed", type=int, default=0,
+                        help="tasks passkey / needle: trial seed (0 for reported numbers; analyze chooses layers "
+                             "with another)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -58,15 +61,21 @@ def run_eval_cli(args: argparse.Namespace) -> int:
 
     limit = args.limit
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    passkey = "passkey" in names
-    tasks = [get_task(t) for t in names if t != "passkey"]
-    if not tasks and not passkey:
+    from ..evaluate.retrieval import FAMILIES
+
+    retrieval = [t for t in names if t in FAMILIES]
+    tasks = [get_task(t) for t in names if t not in FAMILIES]
+    if not tasks and not retrieval:
         raise UsageError(f"--tasks {args.tasks!r} names no task: give a comma-separated list, e.g. piqa,arc_easy")
     if args.mmlu_per_subject is not None and args.mmlu_per_subject < 1:
         raise UsageError(f"--mmlu-per-subject must be at least 1, got {args.mmlu_per_subject}")
     if args.out:
         check_writable(args.out, folder=False)  # before the work, not after it
     docs = [load_task_docs(t, args.data_dir) for t in tasks]  # fail on missing data before the slow model load
+    if "needle" in retrieval:
+        from ..data import load_dataset_docs
+
+        load_dataset_docs("wikitext", args.data_dir)  # the needle's prose
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     part = None if args.partition == "all" else Partition(args.partition, args.selection_size, args.selection_seed)
     per_subject = args.mmlu_per_subject
@@ -86,11 +95,11 @@ def run_eval_cli(args: argparse.Namespace) -> int:
         per_item=args.per_item,
         prepared=prepared,
     ) if tasks else {"tasks": {}}
-    if passkey:
-        from ..evaluate.retrieval import format_passkey, score_passkey
+    from ..evaluate.retrieval import format_retrieval, score_retrieval
 
-        results["passkey"] = score_passkey(model, tok, args.passkey_lengths, args.passkey_trials, args.passkey_seed,
-                                           progress=not args.no_progress)
+    for family in retrieval:
+        results[family] = score_retrieval(model, tok, family, args.retrieval_lengths, args.retrieval_trials,
+                                          args.retrieval_seed, progress=not args.no_progress, data_dir=args.data_dir)
     plan = getattr(model.config, "layerboost_plan", None)
     results = {
         "model": args.model,
@@ -103,8 +112,8 @@ def run_eval_cli(args: argparse.Namespace) -> int:
     }
     if tasks:
         print(format_table(results))
-    if passkey:
-        print(format_passkey(results["passkey"]))
+    for family in retrieval:
+        print(format_retrieval(results[family]))
     if args.out:
         from ..util import write_json
 

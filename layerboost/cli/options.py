@@ -158,7 +158,7 @@ def policy_from_args(args):
     from ..plan import PlanPolicy
 
     common = dict(window=args.window, kind="linear_swa" if args.linear else "swa", score=args.score,
-                  ranking=args.ranking, target=args.target)
+                  ranking=args.ranking, target=args.target, keep_retrieval=args.keep_retrieval)
     given = [name for name, on in (
         ("--speedup/--kv-budget", args.speedup is not None or args.kv_budget is not None),
         ("--budget", args.budget is not None), ("--softmax-above", args.softmax_above is not None),
@@ -225,6 +225,9 @@ def policy_args(p: argparse.ArgumentParser) -> None:
                         "stock (any released llama.cpp and the applications built on it: softmax + none or softmax + swa)")
     g.add_argument("--candidate-windows", type=int_list, default=None,
                    help="speed policy: windows to choose among (default: every window the analysis measured)")
+    g.add_argument("--keep-retrieval", type=positive(zero=True), default=0, metavar="K",
+                   help="keep softmax in the K layers whose attention alone brings back most of a long-context answer "
+                        "(needs analyze --retrieval), whatever the other scores say")
     g.add_argument("--target", choices=["layerboost", "llama.cpp", "transformers"], default="layerboost",
                    help="what will serve the model: only plans it runs are placed (llama.cpp: softmax/swa/none, one "
                         "window, attention in layer 0; transformers: softmax/swa, one window; layerboost: any)")

@@ -26,6 +26,7 @@ def run(args) -> int:
     from ..models import model_config
     from ..plan import check_fits
     from ..sensitivity import load_sensitivity, plan_scores, ranking_used
+    from ..sensitivity.retrieval import retrieval_scores
 
     sens = load_sensitivity(args.sensitivity)
     policy = policy_from_args(args)
@@ -43,7 +44,7 @@ def run(args) -> int:
         return _by_target(args, policy, sens, config)
     used = ranking_used(sens, args.score, args.ranking, policy.thresholds)
     scores = plan_scores(sens, args.score, used)
-    plan = lb.plan.make_plan(policy, scores, config, log=print)
+    plan = lb.plan.make_plan(policy, scores, config, log=print, retrieval=retrieval_scores(sens, policy))
     if config is not None:
         check_fits(plan, config)
     plan.save(args.out, extra={"written_by": args.written_by})
@@ -63,6 +64,7 @@ def _by_target(args, policy, sens: dict, config) -> int:
     """The speed policy: search, print the pick and the predicted frontier around it, write the plan."""
     from .. import speed as S
     from ..plan import plan_by_target
+    from ..sensitivity.retrieval import retrieval_scores
 
     if config is None:
         raise UsageError("--speedup / --kv-budget need --model (its shape keys the speed model and sizes the cache)")
@@ -70,11 +72,19 @@ def _by_target(args, policy, sens: dict, config) -> int:
     if costs is None:
         raise UsageError(f"{args.sensitivity} holds no window costs: analyze with --windows (e.g. 64,256,1024)")
     speed, geometry = S.for_policy(policy, config, model=args.model, gguf_type=args.gguf_type, threads=args.threads)
-    pick, front = plan_by_target(costs, policy, speed, geometry, config)
+    pick, front = plan_by_target(costs, policy, speed, geometry, config, retrieval_scores(sens, policy))
     pick.plan.save(args.out, extra={"written_by": args.written_by, "predicted": {
         "loss": pick.loss, "speedup": pick.speedup, "kv": pick.kv, "context": policy.context,
         "sequences": policy.parallel, "target": policy.target, "build": policy.build}})
     print(pick.plan.table())
+    if policy.keep_retrieval:  # the trade: what keeping them costs in predicted loss
+        import dataclasses
+
+        from ..plan import kept_for_retrieval
+
+        free = plan_by_target(costs, dataclasses.replace(policy, keep_retrieval=0), speed, geometry, config)[0]
+        print(f"softmax kept for retrieval in layers {kept_for_retrieval(retrieval_scores(sens, policy), policy.keep_retrieval)}"
+              f"; without them kept the pick would be {free.label()} at quality loss {free.loss:.4f}")
     speed_txt = f"decode {pick.speedup:.2f}x the base's, " if pick.speedup is not None else ""
     print(f"predicted at {policy.context} tokens ({policy.target}{', stock build' if policy.build == 'stock' else ''}): "
           f"{speed_txt}KV cache {pick.kv:.3f}x the base's; quality loss {pick.loss:.4f} (summed per-layer KL on "

@@ -1,8 +1,14 @@
-"""Long-context retrieval: a pass key hidden in filler text (Mohtashami & Jaggi, 2023, as every later long-context
-study uses it), asked for at the end.
+"""Long-context retrieval, two families of trials asked for at the end of a long prompt:
+
+- `passkey`: a 5-digit pass key hidden in repeated filler text (Mohtashami & Jaggi, 2023, as every later
+  long-context study uses it).
+- `needle`: a fact line ("Marta's locker number is 48213.") placed between the sentences of real prose and asked
+  for after it. Reported trials read WikiText-2 test articles (an evaluation split, never trained on); trials that
+  choose layers (`source="selection"`) read the novels of the distillation corpus outside its held-out blocks, so
+  the two never share text.
 
 Each trial is scored as a multiple-choice item through the same prefix-shared scorer as the accuracy tasks: the
-prompt runs once, then the true key and `distractors` other random keys are scored as continuations. Two scores:
+prompt runs once, then the true key and `distractors` other random keys are scored as continuations. Three scores:
 
 - `acc`: the true key has the highest log-likelihood among the keys (chance: 1 / (distractors + 1)); small
   differences show here first, and a 135M model scores well above chance.
@@ -10,23 +16,34 @@ prompt runs once, then the true key and `distractors` other random keys are scor
   user asking for the key gets back.
 - `margin`: the true key's log-likelihood minus the best distractor's (nats), the continuous measure for paired tests.
 
-Trials are a pure function of (tokenizer, length, trials, seed): the key, the distractors and the needle's depth are
-drawn from `random.Random(f"passkey:{seed}:{length}:{trial}")`. Evaluation uses seed 0; anything that chooses layers
-must use another seed (the outputs record it).
+Trials are a pure function of (tokenizer, family, source, length, trials, seed): the key, the distractors and the
+needle's depth are drawn from `random.Random(f"{family}:...:{seed}:{length}:{trial}")`. Reported numbers use
+seed 0 (`source="evaluation"`); anything that chooses layers uses another seed and the selection source (the
+outputs record both). Healing's synthetic retrieval rows (corpus.retrieval_rows) use other templates again.
 """
 
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .requests import MCItem, encode_items
+
+FAMILIES = ("passkey", "needle")
+SOURCES = ("evaluation", "selection")
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n\n")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
+NAMES = ("Alice", "Bernard", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ingrid", "Jonas", "Keiko",
+         "Luis", "Marta", "Nils", "Olga", "Pavel")
+THINGS = ("locker", "room", "ticket", "badge", "account", "parcel")
+FACT = "{name}'s {thing} number is {key}."
+FACT_QUESTION = "\n\nQuestion: What is {name}'s {thing} number?\nAnswer: {name}'s {thing} number is"
 
 
 @dataclass(frozen=True)
@@ -68,21 +85,112 @@ def make_trial(tokenizer, length: int, trial: int, seed: int = 0, distractors: i
     return Trial(length, trial, keys[0], tuple(keys[1:]), at / reps, text)
 
 
-def passkey_items(tokenizer, length: int, trials: int, seed: int = 0, distractors: int = 9) -> list[MCItem]:
-    """The trials of one length as multiple-choice items: choice 0 is the true key."""
+@lru_cache(maxsize=4)
+def _wikitext_articles(data_dir) -> tuple[str, ...]:
+    from ..data import load_dataset_docs, split_wikitext_documents
+
+    raw = load_dataset_docs("wikitext", data_dir).docs[0]["text"]
+    return tuple(d for d in split_wikitext_documents(raw) if d.strip())
+
+
+@lru_cache(maxsize=4)
+def _novel_blocks(data_dir) -> tuple[tuple[str, int], ...]:
+    """(novel path, 64 KiB block) of corpus/novels that training may read: not held out, not the front matter."""
+    from ..corpus import HELDOUT_BLOCK, is_heldout_block
+    from ..data import resolve_data_dir
+
+    root = resolve_data_dir(data_dir)
+    folder = (root / "corpus" / "novels") if root else None
+    if folder is None or not folder.is_dir():
+        raise FileNotFoundError(f"selection text {folder or 'corpus/novels'} not found: pass --data-dir or set "
+                                "LAYERBOOST_DATA_DIR to a folder holding corpus/novels/*.txt")
+    return tuple((str(f), b) for f in sorted(folder.glob("*.txt"))
+                 for b in range(1, f.stat().st_size // HELDOUT_BLOCK) if not is_heldout_block(f.name, b))
+
+
+def _prose(source: str, data_dir, rnd: random.Random, chars: int) -> str:
+    """About `chars` characters of contiguous real text: consecutive WikiText-2 test articles from a random one
+    (evaluation), or one 64 KiB novel block outside the held-out ones (selection; enough for ~12k tokens)."""
+    from ..corpus import HELDOUT_BLOCK
+
+    if source == "evaluation":
+        arts = _wikitext_articles(data_dir)
+        i, text = rnd.randrange(len(arts)), ""
+        while len(text) < chars:
+            text += arts[i % len(arts)] + "\n"
+            i += 1
+        return text
+    path, block = rnd.choice(_novel_blocks(data_dir))
+    with open(path, "rb") as fh:
+        fh.seek(block * HELDOUT_BLOCK)
+        text = fh.read(HELDOUT_BLOCK).decode("utf-8", errors="ignore")
+    return text[text.find("\n\n") + 2:]  # from a paragraph start
+
+
+def make_needle_trial(tokenizer, length: int, trial: int, seed: int = 0, distractors: int = 9, *,
+                      source: str = "evaluation", data_dir=None) -> Trial:
+    """One prompt of at most `length` tokens: sentences of real prose with a fact line between two of them at a
+    random depth, then the question."""
+    if source not in SOURCES:
+        raise ValueError(f"source {source!r} must be one of {', '.join(SOURCES)}")
+    rnd = random.Random(f"needle:{source}:{seed}:{length}:{trial}")
+    keys = _keys(rnd, distractors + 1)
+    name, thing = rnd.choice(NAMES), rnd.choice(THINGS)
+    depth = rnd.uniform(0.05, 0.95)
+    fact, question = FACT.format(name=name, thing=thing, key=keys[0]), FACT_QUESTION.format(name=name, thing=thing)
+
+    def n_tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    sentences = [x for x in re.split(r"(?<=[.!?])\s+", _prose(source, data_dir, rnd, 6 * length + 2000)) if x.strip()]
+    budget, sizes, total = length - n_tokens(fact + question) - 8, [], 0
+    for x in sentences:
+        sizes.append(n_tokens(x) + 1)
+        total += sizes[-1]
+        if total > budget:
+            sizes.pop()
+            break
+    k = len(sizes)
+
+    def build(k: int) -> tuple[str, int]:
+        at = round(depth * k)
+        return " ".join(sentences[:at] + [fact] + sentences[at:k]) + question, at
+
+    text, at = build(k)
+    while k > 1 and n_tokens(text) > length:
+        k -= 1
+        text, at = build(k)
+    while k < len(sentences) and n_tokens(build(k + 1)[0]) <= length:  # sentence counts overestimate the joined text
+        k += 1
+        text, at = build(k)
+    return Trial(length, trial, keys[0], tuple(keys[1:]), at / max(k, 1), text)
+
+
+def retrieval_items(tokenizer, family: str, length: int, trials: int, seed: int = 0, distractors: int = 9, *,
+                    source: str = "evaluation", data_dir=None) -> list[MCItem]:
+    """The trials of one family and length as multiple-choice items: choice 0 is the true key."""
+    if family not in FAMILIES:
+        raise ValueError(f"retrieval family {family!r} must be one of {', '.join(FAMILIES)}")
     out = []
     for t in range(trials):
-        tr = make_trial(tokenizer, length, t, seed, distractors)
+        tr = (make_trial(tokenizer, length, t, seed, distractors) if family == "passkey" else
+              make_needle_trial(tokenizer, length, t, seed, distractors, source=source, data_dir=data_dir))
         keys = (tr.key,) + tr.distractors
-        out.append(MCItem(f"passkey_{length}", t, (tr.text,) * len(keys), tuple(" " + k for k in keys), keys, 0,
+        out.append(MCItem(f"{family}_{length}", t, (tr.text,) * len(keys), tuple(" " + k for k in keys), keys, 0,
                           f"{tr.depth:.2f}"))
     return out
 
 
-def score_passkey(model, tokenizer, lengths=(1024, 2048, 4096, 8192), trials: int = 50, seed: int = 0,
-                  distractors: int = 9, batch_size: int = 1, progress: bool = True) -> dict:
-    """Pass-key retrieval at each length: acc / exact / margin per length with every trial's numbers (for paired
-    tests). Lengths beyond the model's context are refused."""
+def passkey_items(tokenizer, length: int, trials: int, seed: int = 0, distractors: int = 9) -> list[MCItem]:
+    """The pass-key trials of one length as multiple-choice items: choice 0 is the true key."""
+    return retrieval_items(tokenizer, "passkey", length, trials, seed, distractors)
+
+
+def score_retrieval(model, tokenizer, family: str = "passkey", lengths=(1024, 2048, 4096, 8192), trials: int = 50,
+                    seed: int = 0, distractors: int = 9, batch_size: int = 1, progress: bool = True, *,
+                    source: str = "evaluation", data_dir=None) -> dict:
+    """Retrieval of one family at each length: acc / exact / margin per length with every trial's numbers (for
+    paired tests). Lengths beyond the model's context are refused."""
     from .scoring import model_max_length, score_requests
     from .tasks import TaskError
 
@@ -91,9 +199,10 @@ def score_passkey(model, tokenizer, lengths=(1024, 2048, 4096, 8192), trials: in
     if too_long:
         raise TaskError(f"pass-key length(s) {too_long} do not fit the model's context of {limit} tokens: use lengths "
                         f"up to {limit - 8}")
-    out = {"seed": seed, "trials": trials, "distractors": distractors, "chance": 1 / (distractors + 1), "lengths": {}}
+    out = {"family": family, "source": source, "seed": seed, "trials": trials, "distractors": distractors,
+           "chance": 1 / (distractors + 1), "lengths": {}}
     for n in lengths:
-        items = passkey_items(tokenizer, n, trials, seed, distractors)
+        items = retrieval_items(tokenizer, family, n, trials, seed, distractors, source=source, data_dir=data_dir)
         reqs = encode_items(tokenizer, items)
         scores = score_requests(model, reqs, batch_size=batch_size, method="prefix", progress=progress)
         rows = []
@@ -108,8 +217,15 @@ def score_passkey(model, tokenizer, lengths=(1024, 2048, 4096, 8192), trials: in
     return out
 
 
-def format_passkey(res: dict) -> str:
-    lines = [f"pass key ({res['trials']} trials per length, {res['distractors']} distractor keys, chance "
+def score_passkey(model, tokenizer, lengths=(1024, 2048, 4096, 8192), trials: int = 50, seed: int = 0,
+                  distractors: int = 9, batch_size: int = 1, progress: bool = True) -> dict:
+    """Pass-key retrieval (`score_retrieval` of the passkey family)."""
+    return score_retrieval(model, tokenizer, "passkey", lengths, trials, seed, distractors, batch_size, progress)
+
+
+def format_retrieval(res: dict) -> str:
+    what = {"passkey": "pass key in filler", "needle": "fact in prose"}[res.get("family", "passkey")]
+    lines = [f"{what} ({res['trials']} trials per length, {res['distractors']} distractor keys, chance "
              f"{res['chance']:.0%}, seed {res['seed']})", f"{'length':>7} {'acc':>6} {'exact':>6} {'margin':>8}"]
     for n, r in res["lengths"].items():
         lines.append(f"{n:>7} {r['acc']:>6.0%} {r['exact']:>6.0%} {r['margin']:>8.2f}")

@@ -88,6 +88,9 @@ class HealConfig:
     weights_dtype: str = _f("float32", "frozen weights of student and teacher: float32, or bfloat16 (half the memory; "
                             "needs precision bf16; adapters, optimiser state and losses stay fp32)")
     shuffle_rows: int = _f(256, "rows shuffled together when packing the training text")
+    retrieval_share: float = _f(0.0, "share of training rows turned into synthetic retrieval examples built from "
+                                "their own text (a fact line at a random depth, asked for at the row's end; "
+                                "corpus.retrieval_row), so the teacher's long-range copying is distilled")
     segment_chars: int = _f(8192, "characters per training-text segment (the unit the data order shuffles)")
     progress: bool = _f(True, "show a progress bar")
     data_dir: str | None = _f(None, "the evaluation data directory whose splits are refused as training data")
@@ -114,7 +117,7 @@ class HealConfig:
         for name in ("attn_lr", "block_lr", "lr", "temperature", "lora_alpha"):
             if not 0 < getattr(self, name) < math.inf:
                 problems.append(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
-        for name in ("attn_fraction", "block_fraction", "warmup", "lora_dropout"):
+        for name in ("attn_fraction", "block_fraction", "warmup", "lora_dropout", "retrieval_share"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)!r}")
         if not all(0 <= v < math.inf for v in (self.ce_weight, self.weight_decay, self.max_grad_norm)):
@@ -156,7 +159,8 @@ class HealConfig:
         if d["local"] == "attn":  # block_fraction and block_lr change nothing then
             del d["block_fraction"], d["block_lr"]
         for k, v in {"local": "attn", "kd_topk": 0, "teacher_cache": None, "teacher_cache_blocks": True,
-                     "parallel": "replicate", "weights_dtype": "float32", "schedule": "cosine"}.items():
+                     "parallel": "replicate", "weights_dtype": "float32", "schedule": "cosine",
+                     "retrieval_share": 0.0}.items():
             if d[k] == v:
                 del d[k]
         return d

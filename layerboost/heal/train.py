@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from ..corpus import PackedRows, TrainingDataError, documents
+from ..corpus import PackedRows, TrainingDataError, documents, retrieval_rows
 from ..plan import LayerPlan
 from ..surgery import CheckpointError, save
 from ..teacher_cache import TeacherCache, model_fingerprint
@@ -368,7 +368,8 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
         return documents(str(data), seed=cfg.seed, data_dir=cfg.data_dir, segment_chars=cfg.segment_chars)
 
     docs()  # raises now for missing data or evaluation splits, before the model is touched
-    stream = PackedRows(docs, tokenizer, cfg.seq_len, cfg.seed, cfg.shuffle_rows)
+    stream = PackedRows(docs, tokenizer, cfg.seq_len, cfg.seed, cfg.shuffle_rows,
+                        retrieval_rows(tokenizer, cfg.retrieval_share, cfg.seed) if cfg.retrieval_share else None)
     precision = _resolve_precision(cfg.precision, d.device)
     if cfg.weights_dtype == "bfloat16" and precision != "bf16":
         raise HealConfigError(f"weights_dtype bfloat16 computes in bf16, but precision resolves to {precision} here: "
@@ -466,6 +467,7 @@ def _teacher_cache(cfg: HealConfig, data, model, tokenizer, precision: str, d: D
         "tokenizer": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
         "data": str(src.resolve()) if src.exists() else str(data), "seq_len": cfg.seq_len, "seed": cfg.seed,
         "shuffle_rows": cfg.shuffle_rows, "segment_chars": cfg.segment_chars, "precision": precision,
+        **({"retrieval_share": cfg.retrieval_share} if cfg.retrieval_share else {}),
         "device": d.device.type, "attn_implementation": model.config._attn_implementation})
 
 

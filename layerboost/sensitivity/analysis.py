@@ -62,6 +62,7 @@ def analyze(
     selection_size: int = 100,
     selection_seed: int = 0,
     windows: tuple[int, ...] = (), long_seqs: int = 4, long_len: int = 2048,
+    retrieval: dict | None = None,
 ) -> dict:
     """Full sensitivity analysis; writes `out_dir/sensitivity.json` (resumable per layer) and returns it.
 
@@ -73,6 +74,9 @@ def analyze(
     one-shot result that returns them (the CLI and `run` pass the plan's attention-free layer count).
 
     `windows`: also measure each layer as swa at these windows and as none on long rows (`window_costs`).
+    `retrieval`: also measure each layer's part in long-context retrieval (`retrieval.retrieval_signal`'s keyword
+    arguments: length, trials, window, seed), kept in its own store (out_dir/retrieval), so an existing analysis
+    rerun with it resumes and adds it.
     """
     from ..evaluate import Partition, prepare_tasks
 
@@ -120,27 +124,39 @@ def analyze(
         result["timing"]["proxies_seconds"] = time.perf_counter() - t1
     if windows:  # per-layer, per-kind costs on long rows
         result["window_costs"] = window_costs(model, tokenizer, sorted(windows), data_dir, long_seqs, long_len, Store(out, fingerprint), progress)
+    if retrieval:
+        from .retrieval import retrieval_signal
+
+        fp = {"model": fingerprint["model"], "retrieval": retrieval}
+        result["retrieval"] = retrieval_signal(model, tokenizer, **retrieval, data_dir=data_dir, progress=progress,
+                                               store=Store(out / "retrieval", fp))
     if callable(iterative_steps):
         iterative_steps = check_steps(iterative_steps(result))
     if iterative_steps:
         t1 = time.perf_counter()
-        proxy = iterative_score in PROXY_SCORES
-        calib = calibration_tokens(tokenizer, data_dir, calib_seqs, calib_len) if proxy else None
-        hist = remove_iteratively(model, iterative_score, iterative_steps, items=items, calib=calib, out_dir=out,
-                                  batch_tokens=batch_tokens, progress=progress)
-        proxies = result.get("proxies", {})
-        one_shot = {"drop": drops, "margin": result["sensitivity_margin"], "kl": proxies.get("kl"),
-                    "cosine": proxies.get("cosine")}[iterative_score]
-        result["iterative"] = {
-            "history": [{k: (v if k != "scores" else {str(a): b for a, b in v.items()}) for k, v in h.items()}
-                        for h in hist],
-            "score": iterative_score,
-            "disagreements": ranking_disagreements(dict(enumerate(one_shot)), hist) if one_shot is not None else [],
-        }
+        calib = calibration_tokens(tokenizer, data_dir, calib_seqs, calib_len) if iterative_score in PROXY_SCORES else None
+        result["iterative"] = _iterative(model, result, iterative_score, iterative_steps, items, calib, out,
+                                         batch_tokens, progress)
         result["timing"]["iterative_seconds"] = time.perf_counter() - t1
     result["timing"]["total_seconds"] = time.perf_counter() - t0
     write_json(out / "sensitivity.json", result)
     return result
+
+
+def _iterative(model, result: dict, score: str, steps: int, items, calib, out: Path, batch_tokens: int,
+               progress: bool) -> dict:
+    """The iterative mode's history (`steps` removals by `score`) and where it disagrees with the one-shot ranking."""
+    hist = remove_iteratively(model, score, steps, items=items, calib=calib, out_dir=out, batch_tokens=batch_tokens,
+                              progress=progress)
+    proxies = result.get("proxies", {})
+    one_shot = {"drop": result["sensitivity"], "margin": result["sensitivity_margin"], "kl": proxies.get("kl"),
+                "cosine": proxies.get("cosine")}[score]
+    return {
+        "history": [{k: (v if k != "scores" else {str(a): b for a, b in v.items()}) for k, v in h.items()}
+                    for h in hist],
+        "score": score,
+        "disagreements": ranking_disagreements(dict(enumerate(one_shot)), hist) if one_shot is not None else [],
+    }
 
 
 def sensitivity_table(result: dict, plan=None) -> str:

@@ -78,6 +78,8 @@ def auto_measures(policy) -> bool:
 def iterative_steps_for(policy, config=None, iterative="auto"):
     """The `iterative_steps` argument of `analyze`: a count as given, or for "auto" a function of the one-shot
     result: the attention-free layers `policy` places from the one-shot scores where `auto_measures`, else 0."""
+    import dataclasses
+
     from ..plan import make_plan
 
     if iterative != "auto":
@@ -86,7 +88,8 @@ def iterative_steps_for(policy, config=None, iterative="auto"):
     def steps(result: dict) -> int:
         if not auto_measures(policy):
             return 0
-        return make_plan(policy, plan_scores(result, policy.score, "one-shot"), config).counts()["none"]
+        counting = dataclasses.replace(policy, keep_retrieval=0)  # keeping layers softmax moves none of the count
+        return make_plan(counting, plan_scores(result, policy.score, "one-shot"), config).counts()["none"]
 
     return steps
 

@@ -145,6 +145,25 @@ def quality_table(evals: dict[str, dict]) -> list[str]:
     return rows + ["", "; ".join(notes) + "."]
 
 
+def retrieval_table(evals: dict[str, dict]) -> list[str]:
+    """Markdown rows of long-context retrieval (eval.retrieval_lengths): per model, family and length, the share of
+    trials whose true key beats every distractor and the share answered exactly (greedy)."""
+    names = [n for n in evals if evals[n] and evals[n].get("retrieval")]
+    if not names:
+        return []
+    first = evals[names[0]]["retrieval"]
+    cols = [(f, n) for f, r in first.items() for n in r["lengths"]]
+    rows = ["| model | " + " | ".join(f"{f} {n}" for f, n in cols) + " |", "|---|" + "---|" * len(cols)]
+    for name in names:
+        r = evals[name]["retrieval"]
+        rows.append(f"| {name} | " + " | ".join(f"{_pct(r[f]['lengths'][n]['acc'])} / {_pct(r[f]['lengths'][n]['exact'])}"
+                                                 for f, n in cols) + " |")
+    any_r = next(iter(first.values()))
+    return ["Long-context retrieval (true key ranked first among it and "
+            f"{any_r['distractors']} distractors / greedy answer exact; {any_r['trials']} trials per cell, chance "
+            f"{_pct(any_r['chance'])}): passkey hides a key in filler text, needle a fact in WikiText-2 prose.", ""] + rows + [""]
+
+
 def _plan_ranking(cfg: dict, sens: dict) -> tuple[str, str]:
     """The score and the ranking ("iterative" / "one-shot") the run's plan was chosen by."""
     from ..plan import PlanPolicy
@@ -206,6 +225,7 @@ def write_report(run_dir: str | Path) -> Path:
     evals = {n: read_json(d / "eval" / f"{n}.json") for n in ("base", "converted", "healed")}
     lines += accuracy_table(evals) + [""]
     lines += quality_table(evals) + [""]
+    lines += retrieval_table(evals)
     heal = read_json(d / "heal" / "heal.json")
     if heal:
         st = heal.get("stage_tokens", {})

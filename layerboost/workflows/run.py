@@ -46,6 +46,16 @@ class AnalyzeConfig:
                                       # --windows); the speed policy needs them (default there: its own, or 64/256/1024)
     long_seqs: int = 4
     long_len: int = 2048
+    retrieval: bool = False  # each layer's part in long-context retrieval (analyze --retrieval); plan.keep_retrieval
+    retrieval_len: int = 2048
+    retrieval_trials: int = 8
+    retrieval_window: int = 64
+    retrieval_seed: int = 1  # not 0: seed 0 draws the trials eval reports
+
+    def retrieval_settings(self) -> dict | None:
+        """analyze's `retrieval` argument (None: not measured)."""
+        return dict(length=self.retrieval_len, trials=self.retrieval_trials, window=self.retrieval_window,
+                    seed=self.retrieval_seed) if self.retrieval else None
 
 
 PlanConfig = PlanPolicy  # the run config's `plan:` section
@@ -68,6 +78,8 @@ class EvalConfig:
     heldout_tokens: int = 4096  # held-out text for KL(base || model), agreement and perplexity; 0 = skip
     wikitext_docs: int | None = 8  # WikiText-2 test documents for word perplexity; 0 = skip, null = all
     wikitext_max_length: int | None = None  # rolling window (null: the model's context, as lm-eval)
+    retrieval_lengths: list[int] = field(default_factory=list)  # pass key and fact-in-prose at these prompt lengths
+    retrieval_trials: int = 20  # per family and length (seed 0, evaluation text); [] lengths = skip
 
 
 @dataclass
@@ -125,6 +137,11 @@ class RunConfig:
             out.append(f"eval.wikitext_docs must be >= 0 or null, got {self.eval.wikitext_docs}")
         if self.eval.heldout_tokens < 0:
             out.append(f"eval.heldout_tokens must be >= 0, got {self.eval.heldout_tokens}")
+        if not isinstance(self.eval.retrieval_lengths, list) or any(
+                not isinstance(n, int) or isinstance(n, bool) or n < 16 for n in self.eval.retrieval_lengths):
+            out.append(f"eval.retrieval_lengths must be a list of token counts >= 16, got {self.eval.retrieval_lengths!r}")
+        if self.eval.retrieval_trials < 1:
+            out.append(f"eval.retrieval_trials must be >= 1, got {self.eval.retrieval_trials}")
         from ..sensitivity import PLAN_SCORES, PROXY_SCORES
 
         if p.score not in PLAN_SCORES:
@@ -154,9 +171,19 @@ class RunConfig:
                             ("analyze.calib_seqs", a.calib_seqs, 1),
                             ("analyze.batch_tokens", a.batch_tokens, 1), ("analyze.selection_size", a.selection_size, 1),
                             ("eval.batch_size", self.eval.batch_size, 1), ("threads", self.threads, 1),
-                            ("plan.context", p.context, 1)):
+                            ("plan.context", p.context, 1), ("analyze.retrieval_len", a.retrieval_len, 2),
+                            ("analyze.retrieval_trials", a.retrieval_trials, 1),
+                            ("analyze.retrieval_window", a.retrieval_window, 1)):
             if v is not None and v < low:
                 out.append(f"{key} must be >= {low}, got {v}")
+        if p.keep_retrieval and not a.retrieval:
+            out.append(f"plan.keep_retrieval {p.keep_retrieval} needs analyze.retrieval: true (the signal it keeps "
+                       "layers by)")
+        if a.retrieval and a.retrieval_seed == 0:
+            out.append("analyze.retrieval_seed 0 draws the trials eval reports: choose layers with another seed")
+        if a.retrieval and a.retrieval_window >= a.retrieval_len:
+            out.append(f"analyze.retrieval_window {a.retrieval_window} must be below analyze.retrieval_len "
+                       f"{a.retrieval_len}")
         if self.device != "auto":
             import torch
 
@@ -364,7 +391,8 @@ def check_before_work(cfg: RunConfig) -> None:
                 speed_model(cfg, config)
                 plan = LayerPlan.uniform("softmax", n)
             else:
-                plan = make_plan(cfg.plan, [0.0] * n, config)
+                plan = make_plan(cfg.plan, [0.0] * n, config,
+                                 retrieval=[0.0] * n if cfg.plan.keep_retrieval else None)
                 check_fits(plan, config, (cfg.analyze.swa_window,))
         except PlanError as e:
             raise ConfigError(f"plan: {e} ({cfg.model} has {n} layers)") from e
@@ -413,6 +441,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     from .report import plot_sensitivity, table_scores, write_report
     from ..bench import bench_side_by_side
     from ..sensitivity import analyze, iterative_steps_for, load_sensitivity, plan_scores, ranking_used
+    from ..sensitivity.retrieval import retrieval_scores
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -435,7 +464,7 @@ def run(cfg: RunConfig, log=print) -> Path:
                 iterative_steps=iterative_steps_for(cfg.plan, model.config, a.iterative),
                 batch_tokens=a.batch_tokens, selection_size=a.selection_size, selection_seed=a.selection_seed,
                 iterative_score=cfg.plan.score, windows=tuple(analyze_windows(cfg)), long_seqs=a.long_seqs,
-                long_len=a.long_len)
+                long_len=a.long_len, retrieval=a.retrieval_settings())
         return {"sensitivity": str(r.dir / "analyze" / "sensitivity.json")}
 
     r.run_stage("analyze", do_analyze)
@@ -448,7 +477,8 @@ def run(cfg: RunConfig, log=print) -> Path:
         config = base()[0].config
         costs = (sens.get("window_costs") or {}).get("kl")
         speed, geometry = speed_model(cfg, config)
-        plan = make_plan(p, scores, config, log=log, costs=costs, speed=speed, geometry=geometry)
+        plan = make_plan(p, scores, config, log=log, costs=costs, speed=speed, geometry=geometry,
+                         retrieval=retrieval_scores(sens, p))
         plan.save(r.dir / "plan.json")
         plot_sensitivity(sens, plan, r.dir / "sensitivity.png", score=p.score, ranking=used)
         log(plan.table(table_scores(scores, p.score, used)))  # the score that chose it
@@ -556,6 +586,11 @@ def _eval_stage(r: Run, models: dict[str, Path | None], base) -> dict:
         if rows is not None:
             res["heldout"] = {k: v for k, v in heldout_metrics(base()[0], model, rows).items()
                               if k not in ("kl_rows", "nll_rows")}
+        if e.retrieval_lengths:
+            from ..evaluate.retrieval import FAMILIES, score_retrieval
+
+            res["retrieval"] = {f: score_retrieval(model, tok, f, e.retrieval_lengths, e.retrieval_trials, seed=0,
+                                                   data_dir=cfg.data_dir) for f in FAMILIES}
         res["model"], res["stage_hash"] = str(path or cfg.model), r.hashes["eval"]
         f = r.dir / "eval" / f"{name}.json"
         f.write_text(json.dumps(res, indent=1))

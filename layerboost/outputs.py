@@ -62,12 +62,21 @@ def _owner_line(m: dict) -> str:
     return f"`layerboost {m['command']}`" + (f" (model {m['model']})" if m.get("model") else "")
 
 
-def _differs(old: dict, settings: dict) -> list[str]:
-    """Names of the settings that differ from a manifest's (all of them when it does not list its settings)."""
+def _differs(old: dict, settings: dict, defaults: dict | None = None, extends: dict | None = None) -> list[str]:
+    """Names of the settings that differ from a manifest's (all of them when it does not list its settings).
+
+    defaults: each option's default; an option the manifest does not list (added since it was written) had that
+        value then. extends: {switch: the settings it governs} of measurements that only add to an output (analyze
+        --retrieval): while the manifest's switch is off, turning it on and its settings differ in nothing.
+    """
     prev = old.get("settings")
     if not isinstance(prev, dict):
         return sorted(settings)
-    return sorted(k for k in set(prev) | set(settings) if prev.get(k) != json.loads(json.dumps(settings.get(k), default=str)))
+    norm = json.loads(json.dumps(defaults or {}, default=str))
+    new = json.loads(json.dumps(settings, default=str))
+    skip = {k for switch, governed in (extends or {}).items() if not prev.get(switch, norm.get(switch))
+            for k in (switch, *governed)}
+    return sorted(k for k in (set(prev) | set(new)) - skip if prev.get(k, norm.get(k)) != new.get(k, norm.get(k)))
 
 
 def _check_enclosing(path: Path, command: str) -> None:
@@ -81,10 +90,11 @@ def _check_enclosing(path: Path, command: str) -> None:
             return
 
 
-def check_folder(out: Path, command: str, settings: dict, resume_hint: str, force: bool, key: str | None = None) -> None:
+def check_folder(out: Path, command: str, settings: dict, resume_hint: str, force: bool, key: str | None = None,
+                 defaults: dict | None = None, extends: dict | None = None) -> None:
     """Raise OutputError unless `out` is new, empty, or this command's with these settings (or force). `key` (default
     `command`) names the part of a command that owns its own settings, e.g. `bench latency` beside `bench throughput`
-    in one bench folder."""
+    in one bench folder; `defaults` and `extends`: see `_differs`."""
     if force:
         return
     _check_enclosing(out, command)
@@ -102,8 +112,8 @@ def check_folder(out: Path, command: str, settings: dict, resume_hint: str, forc
         raise OutputError(f"--out {out} was written by {_owner_line(m)}, not by `layerboost {command}`: choose another "
                           "--out, or pass --force to replace its results")
     mine = m.get("parts", {}).get(key or command)
-    if mine is not None and mine.get("settings_hash") != settings_hash(settings):
-        diff = _differs(mine, settings)
+    diff = _differs(mine, settings, defaults, extends) if mine is not None else []
+    if mine is not None and mine.get("settings_hash") != settings_hash(settings) and diff:
         raise OutputError(f"--out {out} holds a `layerboost {key or command}` made with other settings "
                           f"({', '.join(diff[:6])} differ): {resume_hint}choose another --out, or pass --force to "
                           "replace it")
@@ -178,24 +188,26 @@ def _files(out: Path) -> dict[str, int]:
 
 @contextmanager
 def claim(out: str | os.PathLike, command: str, settings: dict, *, model: str | None = None, force: bool = False,
-          resume_hint: str = "", key: str | None = None) -> Iterator[Path]:
+          resume_hint: str = "", key: str | None = None, defaults: dict | None = None,
+          extends: dict | None = None) -> Iterator[Path]:
     """Own folder `out` for `command` while the block runs: the checks of `check_folder` (before and again under
     the lock), the lock, and the manifest. Its `parts` record each command key's settings, argv, state
     (`running`, then `complete` with the files written, or `failed` / `interrupted`)."""
     out, key = Path(out), key or command
     check_writable(out)
-    check_folder(out, command, settings, resume_hint, force, key)  # before the folder or its lock is created
+    check_folder(out, command, settings, resume_hint, force, key, defaults, extends)  # before the folder or its lock
     created = not out.exists()
     try:
-        yield from _claimed(out, command, settings, model, force, resume_hint, key)
+        yield from _claimed(out, command, settings, model, force, resume_hint, key, defaults, extends)
     finally:
         if created and out.is_dir() and not any(out.iterdir()):  # refused or failed before writing: no trace
             out.rmdir()
 
 
-def _claimed(out: Path, command: str, settings: dict, model, force: bool, resume_hint: str, key: str):
+def _claimed(out: Path, command: str, settings: dict, model, force: bool, resume_hint: str, key: str, defaults=None,
+             extends=None):
     with folder_lock(out, command):
-        check_folder(out, command, settings, resume_hint, force, key)  # a writer may have finished in between
+        check_folder(out, command, settings, resume_hint, force, key, defaults, extends)  # a writer may have finished
         settings = json.loads(json.dumps(settings, default=str))
         old = read_manifest(out)
         manifest = old if old is not None and old["command"] == command else {"command": command, "model": model,

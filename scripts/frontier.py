@@ -26,7 +26,7 @@ import torch
 
 from layerboost import speed as S
 from layerboost.models import model_config
-from layerboost.plan import LayerPlan, PlanPolicy, make_plan, plan_by_target, summed_cost
+from layerboost.plan import LayerPlan, Pick, PlanPolicy, make_plan, plan_by_target, summed_cost
 from layerboost.sensitivity import load_sensitivity
 from layerboost.util import write_json
 
@@ -99,13 +99,14 @@ def heal(args) -> int:
 
 HELDOUT_TOKENS = 16 * 2048  # held-out KL on 16 rows of 2,048 contiguous tokens
 PASSKEY_LENGTHS = (1024, 2048, 4096, 8192)
+ACC_ITEMS = 500  # seeded items of the evaluation partition per task (MMLU: 20 per subject), each row the same
 
 
 def evaluate(args) -> int:
     """Every measure of the base and each healed row, one file per (model, measure), so a killed evaluation resumes:
     held-out KL on long rows, WikiText-2 (every document, 2,048-token windows, float32), accuracy on the evaluation
-    partition (bfloat16, per item, as the comparison), retrieval (pass key in filler and a fact in WikiText-2 prose, 50
-    trials per length, seed 0)."""
+    partition (bfloat16, per item, 500 seeded items per task and MMLU 20 per subject), retrieval (bfloat16; `--families`: pass key in filler, and a fact in
+    WikiText-2 prose; 50 trials per length, seed 0)."""
     import copy
 
     import layerboost as lb
@@ -118,6 +119,9 @@ def evaluate(args) -> int:
 
     root = Path(args.out)
     base, tok = lb.load_model(MODEL)
+    # --smoke: the same code on a few items (checks the phase in a minute; its files are not results)
+    heldout_tokens, lengths, trials, limit, docs = ((2 * 256, (256,), 2, 4, 1) if args.smoke else
+                                                    (HELDOUT_TOKENS, PASSKEY_LENGTHS, 50, ACC_ITEMS, None))
     rows = args.rows.split(",") if args.rows else ["base"] + sorted(
         p.parent.name for p in (root / "heal").glob("*/heal.json"))
     part = Partition("evaluation", 100, 0)
@@ -129,22 +133,24 @@ def evaluate(args) -> int:
         model = copy.deepcopy(base) if name == "base" else lb.load(root / "heal" / name)
         model.eval()
         if read_json(folder / "heldout.json") is None:
-            heldout = heldout if heldout is not None else heldout_rows(tok, args.data, HELDOUT_TOKENS, 2048)
+            heldout = heldout if heldout is not None else heldout_rows(tok, args.data, heldout_tokens,
+                                                                       256 if args.smoke else 2048)
             write_json(folder / "heldout.json", {**heldout_metrics(base, model.float(), heldout),
                                                  "rows": list(heldout.shape)})
         if read_json(folder / "wikitext.json") is None:
-            wiki = prepare_task(tok, "wikitext", limit=None, seed=0)
+            wiki = prepare_task(tok, "wikitext", limit=docs, seed=0)
             lls = score_rolling(model.float(), tok, wiki.requests, max_length=2048, desc="wikitext")
             write_json(folder / "wikitext.json", {**perplexity_metrics(wiki.requests, lls), "doc_logliks": lls,
                                                   "dtype": "float32", "max_length": 2048})
-        for family in ("passkey", "needle"):  # 50 trials per length, seed 0, evaluation text
-            if read_json(folder / f"{family}.json") is None:
-                write_json(folder / f"{family}.json", score_retrieval(model.float(), tok, family, PASSKEY_LENGTHS, 50,
-                                                                      seed=0))
         if tasks is None:
-            tasks = [prepare_task(tok, t, limit=None, seed=0, partition=part, per_stratum=20 if t == "mmlu" else None)
+            tasks = [prepare_task(tok, t, limit=limit, seed=0, partition=part,
+                                  per_stratum=(1 if args.smoke else 20) if t == "mmlu" else None)
                      for t in ("piqa", "arc_easy", "arc_challenge", "winogrande", "mmlu")]
         acc_model = model.to(torch.bfloat16)
+        for family in args.families.split(","):  # 50 trials per length, seed 0, evaluation text
+            if read_json(folder / f"{family}.json") is None:
+                write_json(folder / f"{family}.json", {**score_retrieval(acc_model, tok, family, lengths, trials,
+                                                                         seed=0), "dtype": "bfloat16"})
         for prep in tasks:
             if read_json(folder / f"{prep.task.name}.json") is None:
                 write_json(folder / f"{prep.task.name}.json", {**task_items(acc_model, tok, prep, batch_size=32),
@@ -181,10 +187,88 @@ def bench(args) -> int:
     return 0
 
 
+def _row_measures(ev: Path, base: dict | None) -> dict:
+    """One row's measures from its eval folder, with paired tests against the base's (`base`: the base's raw files)."""
+    from layerboost.stats import mcnemar, paired_bootstrap
+    from layerboost.util import read_json
+
+    wiki, held = read_json(ev / "wikitext.json"), read_json(ev / "heldout.json")
+    out = {"wikitext": wiki and wiki["word_perplexity"], "heldout_kl": held and held["kl"]}
+    acc = {t: read_json(ev / f"{t}.json") for t in ("piqa", "arc_easy", "arc_challenge", "winogrande", "mmlu")}
+    if all(acc.values()):
+        out["accuracy"] = {t: a[a["column"]] for t, a in acc.items()}
+        out["accuracy"]["average"] = sum(out["accuracy"].values()) / len(acc)
+    for family in ("passkey", "needle"):
+        r = read_json(ev / f"{family}.json")
+        if r:
+            out[family] = {n: {k: v[k] for k in ("acc", "exact", "margin")} for n, v in r["lengths"].items()}
+    if base is None:
+        return out
+    tests = {}
+    if wiki and base.get("wikitext"):  # per document: nats per word, hybrid minus base
+        a, b = wiki["doc_logliks"], base["wikitext"]["doc_logliks"]
+        tests["wikitext_nll"] = paired_bootstrap([-x for x in a], [-x for x in b])
+    if held and base.get("heldout"):
+        tests["heldout_kl"] = paired_bootstrap(held["kl_rows"], [0.0] * len(held["kl_rows"]))
+    if all(acc.values()) and all(base.get(t) for t in acc):
+        ca = [it["correct"] for t in acc for it in acc[t]["items"]]
+        cb = [it["correct"] for t in acc for it in base[t]["items"]]
+        strata = [t for t in acc for _ in acc[t]["items"]]
+        tests["accuracy"] = {**paired_bootstrap(ca, cb, strata=strata), "mcnemar": mcnemar(ca, cb)}
+    for family in ("passkey", "needle"):
+        r, rb = read_json(ev / f"{family}.json"), base.get(family)
+        if r and rb:
+            tests[family] = {n: {"acc": mcnemar([t["acc"] for t in v["trials"]], [t["acc"] for t in rb["lengths"][n]["trials"]]),
+                                 "margin": paired_bootstrap([t["margin"] for t in v["trials"]],
+                                                            [t["margin"] for t in rb["lengths"][n]["trials"]])}
+                             for n, v in r["lengths"].items() if n in rb["lengths"]}
+    out["vs_base"] = tests
+    return out
+
+
+def _goals(rows: dict, base: dict) -> dict:
+    """The issue's goals, each met or not with its numbers (None: not measured yet)."""
+    from layerboost.stats import paired_bootstrap
+    from layerboost.util import read_json
+
+    def fast(r, at=1.5):
+        return (r.get("decode_x_base") or {}).get("4096", 0) >= at
+
+    picks = {n: r for n, r in rows.items() if n.startswith("pick-") and fast(r) and r.get("heldout_kl") is not None}
+    goal1 = {}
+    for n, r in picks.items():
+        acc_d = (r.get("vs_base", {}).get("accuracy") or {})
+        pk4 = (r.get("passkey") or {}).get("4096", {}).get("acc")
+        bpk4 = (base.get("passkey") or {}).get("4096", {}).get("acc")
+        goal1[n] = {"decode_4096": r["decode_x_base"]["4096"], "wikitext_x_base": r.get("wikitext_x_base"),
+                    "heldout_kl": r["heldout_kl"], "accuracy_diff": acc_d.get("diff"), "accuracy_ci95": acc_d.get("ci95"),
+                    "passkey_4096": pk4, "base_passkey_4096": bpk4,
+                    "met": bool(r.get("wikitext_x_base") is not None and r["wikitext_x_base"] <= 1.2
+                                and r["heldout_kl"] <= 0.10 and acc_d.get("diff") is not None and acc_d["diff"] >= -0.005
+                                and pk4 is not None and bpk4 is not None and pk4 >= bpk4 - 0.05)}
+    goal2 = {}
+    root = rows.get("_root")
+    for n, r in picks.items():
+        x = r["decode_x_base"]["4096"]
+        fam = {m: q for m, q in rows.items() if m.startswith("third-") and q.get("decode_x_base", {}).get("4096")
+               and abs(q["decode_x_base"]["4096"] / x - 1) <= 0.03 and q.get("heldout_kl") is not None}
+        for m in fam:
+            ea, eb = Path(root) / "eval" / n, Path(root) / "eval" / m
+            wa, wb = read_json(ea / "wikitext.json"), read_json(eb / "wikitext.json")
+            ha, hb = read_json(ea / "heldout.json"), read_json(eb / "heldout.json")
+            t_w = paired_bootstrap([-v for v in wa["doc_logliks"]], [-v for v in wb["doc_logliks"]]) if wa and wb else None
+            t_k = paired_bootstrap(ha["kl_rows"], hb["kl_rows"])
+            goal2[f"{n} vs {m}"] = {"wikitext_nll": t_w, "heldout_kl": t_k,
+                                    "met": bool(t_w and t_w["diff"] < 0 and t_w["p"] < 0.05 and t_k["diff"] < 0
+                                                and t_k["p"] < 0.05)}
+    return {"pick_at_1.5x_near_base": goal1 or None, "pick_beats_equal_speed_10_10_10": goal2 or None}
+
+
 def report(args) -> int:
-    """The frontier table and figure from what is measured so far: WikiText-2 ratio to the base against measured
-    llama.cpp decode at 4,096 tokens, the frontier (no row both faster and better) drawn; how well the predicted loss
-    ranks the healed held-out KL (Spearman over the rows); raw numbers in frontier.json beside the figure."""
+    """The frontier table and figure from what is measured so far: WikiText-2 ratio to the base and long-row
+    held-out KL against measured llama.cpp decode at 4,096 tokens, the frontier (no row both faster and better)
+    drawn; every row's accuracy and retrieval with paired tests against the base; how well the predicted loss ranks
+    the healed held-out KL (Spearman over the rows); the goals met or not. Raw numbers in frontier.json."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,41 +279,55 @@ def report(args) -> int:
 
     root, docs = Path(args.out), Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    speed = (read_json(root / "bench.json") or {}).get("rows", {})
-    base_wiki = (read_json(root / "eval" / "base" / "wikitext.json") or {}).get("word_perplexity")
+    bench_rows = (read_json(root / "bench.json") or {}).get("rows", {})
+    ev_base = root / "eval" / "base"
+    base_raw = {k: read_json(ev_base / f"{k}.json") for k in ("wikitext", "heldout", "passkey", "needle", "piqa",
+                                                              "arc_easy", "arc_challenge", "winogrande", "mmlu")}
+    base = _row_measures(ev_base, None)
     rows = {}
     for p in sorted((root / "plans").glob("*.json")):
-        d, ev = json.loads(p.read_text()), root / "eval" / p.stem
-        wiki, held = read_json(ev / "wikitext.json"), read_json(ev / "heldout.json")
-        x = speed.get(p.stem, {}).get("x_base", {})
-        rows[p.stem] = {"plan": "".join(LayerPlan.load(p).kinds[i][0] for i in range(30)), "predicted": d["predicted"],
-                        "wikitext_x_base": wiki["word_perplexity"] / base_wiki if wiki and base_wiki else None,
-                        "heldout_kl": held.get("kl") if held else None,
-                        "decode_x_base": {str(k): v for k, v in x.items()},
-                        "passkey": (read_json(ev / "passkey.json") or {}).get("lengths")}
-    have = [r for r in rows.values() if r["heldout_kl"] is not None]
-    rho = spearman([r["predicted"]["loss"] for r in have], [r["heldout_kl"] for r in have]) if len(have) > 2 else None
-    write_json(docs / "frontier.json", {"rows": rows, "spearman_predicted_loss_vs_heldout_kl": rho,
-                                        "base_wikitext": base_wiki})
-    pts = sorted(((r["decode_x_base"].get("4096"), r["wikitext_x_base"], n) for n, r in rows.items()
-                  if r["decode_x_base"].get("4096") and r["wikitext_x_base"]), reverse=True)
+        d, plan = json.loads(p.read_text()), LayerPlan.load(p)
+        x = bench_rows.get(p.stem, {})
+        m = _row_measures(root / "eval" / p.stem, base_raw) if (root / "eval" / p.stem).is_dir() else {}
+        rows[p.stem] = {"plan": "".join({"softmax": "S", "swa": "W", "none": "-"}[k] for k in plan.kinds),
+                        "label": Pick(plan, 0.0, None, 0.0).label(), "how": d.get("how"), "predicted": d["predicted"],
+                        "decode_x_base": {str(k): v for k, v in x.get("x_base", {}).items()},
+                        "runs_in": x.get("runs_in"), "healed": (root / "heal" / p.stem / "heal.json").is_file(), **m,
+                        "wikitext_x_base": m["wikitext"] / base["wikitext"] if m.get("wikitext") and base.get("wikitext")
+                        else None}
+    have = [r for r in rows.values() if r.get("heldout_kl") is not None]
+    rho = {"heldout_kl": spearman([r["predicted"]["loss"] for r in have], [r["heldout_kl"] for r in have]),
+           "wikitext": spearman([r["predicted"]["loss"] for r in have if r["wikitext_x_base"]],
+                                [r["wikitext_x_base"] for r in have if r["wikitext_x_base"]])} if len(have) > 2 else None
+    goals = _goals({**rows, "_root": str(root)}, base)
+    write_json(docs / "frontier.json", {"base": {**base, "decode_tok_s": bench_rows.get("base", {}).get("tok_s")},
+                                        "rows": rows, "spearman_predicted_loss": rho, "goals": goals,
+                                        "bench": {k: v for k, v in (read_json(root / "bench.json") or {}).items()
+                                                  if k not in ("rows", "records")}})
+    pts = [(r["decode_x_base"].get("4096"), r, n) for n, r in rows.items()
+           if r["decode_x_base"].get("4096") and r.get("wikitext_x_base")]
     if pts:
-        fig, ax = plt.subplots(figsize=(6.4, 4.2))
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts])
-        for x, y, n in pts:
-            ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        front, best = [], float("inf")
-        for x, y, n in pts:  # fastest first: a point is on the frontier when nothing faster is better
-            if y < best:
-                front.append((x, y))
-                best = y
-        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", label="frontier")
-        ax.set_xlabel("llama.cpp decode at 4,096 tokens (x base, measured)")
-        ax.set_ylabel("WikiText-2 perplexity (x base)")
-        ax.legend()
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, key, label in ((axes[0], "wikitext_x_base", "WikiText-2 word perplexity (x base)"),
+                               (axes[1], "heldout_kl", "held-out KL(base || row), 2,048-token rows (nats/token)")):
+            xs = sorted(((x, r[key], n) for x, r, n in pts if r.get(key) is not None), reverse=True)
+            ax.scatter([p[0] for p in xs], [p[1] for p in xs], c=["C1" if n.startswith("pick") else "C0" for *_, n in xs])
+            for x, y, n in xs:
+                ax.annotate(n, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            front, best = [], float("inf")
+            for x, y, n in xs:  # fastest first: on the frontier when nothing faster is better
+                if y < best:
+                    front.append((x, y))
+                    best = y
+            ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", label="frontier")
+            ax.set_xlabel("llama.cpp decode at 4,096 tokens (x base, measured)")
+            ax.set_ylabel(label)
+            ax.legend()
+        fig.suptitle("SmolLM2-135M hybrids healed 200k tokens each (orange: the planner's picks)")
         fig.tight_layout()
         fig.savefig(docs / "frontier.png", dpi=150)
-    print(json.dumps({"rows": len(rows), "with_speed_and_quality": len(pts), "spearman": rho}))
+    print(json.dumps({"rows": len(rows), "with_speed_and_quality": len(pts), "spearman": rho,
+                      "goals": {k: (None if v is None else {n: g["met"] for n, g in v.items()}) for k, v in goals.items()}}))
     return 0
 
 
@@ -256,6 +354,8 @@ def main() -> int:
     e = sub.add_parser("evaluate")
     e.add_argument("--out", required=True)
     e.add_argument("--rows")
+    e.add_argument("--families", default="passkey", help="retrieval families (passkey,needle)")
+    e.add_argument("--smoke", action="store_true", help="a few items of each measure, to check the phase")
     e.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus"))
     b = sub.add_parser("bench")
     b.add_argument("--out", required=True)

@@ -383,3 +383,34 @@ def test_lm_eval_adapter_offline_and_missing_path(files, tmp_path, capsys, monke
     tasks, include = argv[argv.index("--tasks") + 1], Path(argv[argv.index("--include_path") + 1])
     assert tasks == "lb_piqa,hellaswag"  # hellaswag ships no local data: lm-eval's own task, untouched
     assert (include / "lb_piqa.yaml").is_file() and len((include / "lb_piqa.jsonl").read_text().splitlines()) == 8
+
+
+def test_options_added_since_and_added_measurements_extend_an_output(tmp_path):
+    """A folder recorded before an option existed resumes when the option is at its default (it had that value
+    then); a measurement that only adds (analyze --retrieval) extends an output made without it; anything else that
+    differs is still refused."""
+    from layerboost.outputs import OutputError
+
+    out = tmp_path / "a"
+    with claim(out, "analyze", {"limit": 10}):
+        (out / "sensitivity.json").write_text("{}")
+    defaults = {"limit": 200, "keep_retrieval": 0, "retrieval": False, "retrieval_len": 2048}
+    extends = {"retrieval": ("retrieval_len", "keep_retrieval")}
+    with claim(out, "analyze", {"limit": 10, "keep_retrieval": 0, "retrieval": False, "retrieval_len": 2048},
+               defaults=defaults, extends=extends):
+        pass
+    with claim(out, "analyze", {"limit": 10, "keep_retrieval": 2, "retrieval": True, "retrieval_len": 4096},
+               defaults=defaults, extends=extends):
+        pass
+    assert read_manifest(out)["parts"]["analyze"]["settings"]["retrieval_len"] == 4096  # recorded from now on
+    with pytest.raises(OutputError, match=r"\(retrieval_len differ\)"):  # measured with 4096: 2048 is another
+        with claim(out, "analyze", {"limit": 10, "keep_retrieval": 2, "retrieval": True, "retrieval_len": 2048},
+                   defaults=defaults, extends=extends):
+            pass
+    with pytest.raises(OutputError, match=r"\(limit differ\)"):
+        with claim(out, "analyze", {"limit": 11, "keep_retrieval": 2, "retrieval": True, "retrieval_len": 4096},
+                   defaults=defaults, extends=extends):
+            pass
+    with pytest.raises(OutputError, match=r"\(keep_retrieval, retrieval, retrieval_len differ\)"):  # no defaults
+        with claim(out, "analyze", {"limit": 10}):
+            pass

@@ -26,16 +26,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The defaults of the (sub-)command `args` ran: what an option added since an output was written had then."""
+    while True:
+        sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or getattr(args, sub.dest, None) not in sub.choices:
+            return {a.dest: a.default for a in parser._actions if a.dest != argparse.SUPPRESS}
+        parser = sub.choices[getattr(args, sub.dest)]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command. A user's mistake ends in one `error: ...` line on stderr and exit status 2, Ctrl-C
     in one line and exit status 130; `--debug` (anywhere on the command line) shows the traceback instead.
     Anything else is a bug and keeps its traceback."""
     argv, debug = normalise_argv(sys.argv[1:] if argv is None else list(argv))
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0), or a bad argument (2; its `error:` line is printed)
         return e.code if isinstance(e.code, int) else 2
     args.debug = debug
+    args.defaults = command_defaults(parser, args)
     try:
         with claimed_output(args):
             return args.func(args)

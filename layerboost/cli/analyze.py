@@ -60,7 +60,9 @@ def add_parser(sub) -> None:
     p.add_argument("--threads", type=positive(), help="torch CPU threads (default: torch's)")
     policy_args(p)
     add_force(p, "folder")
-    p.set_defaults(func=run)
+    # --retrieval adds a measurement (its own store): an analysis made without it is extended, not refused
+    p.set_defaults(func=run, extends={"retrieval": ("retrieval_len", "retrieval_trials", "retrieval_window",
+                                                    "retrieval_seed", "keep_retrieval")})
 
 
 def run(args) -> int:

@@ -37,7 +37,7 @@ def one_line(e: Exception) -> str:
 
 
 NOT_SETTINGS = {"func", "debug", "force", "out", "resume", "no_progress", "progress", "checkpoint_every", "parallel",
-                "threads", "device", "command", "writes",
+                "threads", "device", "command", "writes", "defaults", "extends",
                 "written_by"}  # what may change between a command and its rerun into the same output
 
 
@@ -65,7 +65,7 @@ def claimed_output(args):
     hint = "resume it with the settings it was made with (--resume), or " if args.command == "heal" else ""
     key = " ".join(x for x in (args.command, getattr(args, "bench_command", None)) if x)
     return claim(out, args.command, settings, model=getattr(args, "model", None), force=args.force, resume_hint=hint,
-                 key=key)
+                 key=key, defaults=getattr(args, "defaults", None), extends=getattr(args, "extends", None))
 
 
 def normalise_argv(argv: list[str]) -> tuple[list[str], bool]:

@@ -50,6 +50,9 @@ def schema1_renamed(entry: dict) -> dict:
     return {SCHEMA1_KEYS.get(k, k): v for k, v in entry.items()}
 
 
+RESULT_KEYS = {"window_costs", "retrieval"}  # sensitivity.json keys that hold results, named like settings
+
+
 def check_analysis_dir(out, settings: dict) -> None:
     """Refuse an `out` folder holding an analysis made with other settings, so it is never overwritten;
     with the same settings the analysis resumes there. Only the keys of `settings` the folder recorded
@@ -67,7 +70,8 @@ def check_analysis_dir(out, settings: dict) -> None:
             old = None
         if not isinstance(old, dict) or f.name == "sensitivity.json" and "sensitivity" not in old:
             raise AnalysisError(f"{f} exists but is not an analysis result: refusing to overwrite it; choose another --out")
-        diff = [k for k, v in settings.items() if k in old and old[k] != json.loads(json.dumps(v))]
+        results = RESULT_KEYS if f.name == "sensitivity.json" else set()  # there, these hold results: fingerprint.json
+        diff = [k for k, v in settings.items() if k in old and k not in results and old[k] != json.loads(json.dumps(v))]
         if diff:
             raise AnalysisError(f"{out} holds another analysis ({', '.join(f'{k} {old[k]!r}' for k in diff)}; now "
                                 f"{', '.join(f'{settings[k]!r}' for k in diff)}): refusing to overwrite it; "

@@ -211,8 +211,13 @@ def test_every_row_end_to_end_and_resume(tiny_dir, tmp_path, one_thread):
     # continuous measures only: every row still gets held-out KL with paired tests, no accuracy columns
     quick = tiny_compare(tiny_dir, tmp_path / "quick", rows=["base", "converted", "pattern"])
     quick.eval.multiple_choice = False
+    quick.eval.retrieval_lengths, quick.eval.retrieval_trials = [96], 3
     qmd = C.compare(quick, log=lambda *a: None).read_text()
     assert "piqa" not in qmd.split("## Paired")[0].split("| row")[1] and "| pattern | - | - | - |" in qmd
+    qres = json.loads((tmp_path / "quick" / "comparison.json").read_text())
+    r = qres["rows"]["pattern"]["retrieval"]["needle"]["lengths"]["96"]
+    assert "## Long-context retrieval" in qmd and f"| {100 * r['acc']:.0f} / {100 * r['exact']:.0f} |" in qmd
+    assert "| pattern | needle 96 |" in qmd and qres["significance"]["pattern_vs_base"]["passkey"]["96"]["acc"]["p"] <= 1
     # other settings in the same folder are refused
     cfg = tiny_compare(tiny_dir, out)
     cfg.window = 4

@@ -248,6 +248,16 @@ def test_synthetic_retrieval_rows_resume_and_reach_the_heal(tmp_path):
     assert json.loads((out / "heal_state" / "config.json").read_text())["config"]["retrieval_share"] == 0.5
 
 
+def test_rows_no_longer_than_the_window_are_named():
+    from layerboost.heal.config import window_note
+
+    plan = lb.LayerPlan.from_kinds(["softmax", "swa", "none", "swa"], window=512)
+    assert "never reach past the plan's window of 512" in window_note(HealConfig(seq_len=512), plan)
+    assert "--seq-len 2048" in window_note(HealConfig(seq_len=256), plan)
+    assert window_note(HealConfig(seq_len=513), plan) is None
+    assert window_note(HealConfig(seq_len=64), lb.LayerPlan.from_kinds(["softmax", "none"])) is None
+
+
 def test_budget_stops_exactly(tmp_path):
     out = _heal(tmp_path, "o", 1000, attn_fraction=0.3)
     log = _log(out)

@@ -186,3 +186,16 @@ class HealConfig:
                 if key.get("config", {}).get(k, v) == v:
                     key.get("config", {}).pop(k, None)
         return key
+
+
+def window_note(cfg: HealConfig, plan: LayerPlan) -> str | None:
+    """A hint when no training row is longer than the plan's widest window: a layer windowed at W computes exactly
+    what softmax computes on the first W tokens, so rows no longer than W never train it as a window (and retrieval
+    past W, the thing windows break, is never distilled)."""
+    widest = max((s.window for s in plan.layers if s.window), default=None)
+    if widest is None or cfg.seq_len > widest:
+        return None
+    return (f"heal: note: rows of {cfg.seq_len} tokens never reach past the plan's window of {widest}: its windowed "
+            "layers train as if they were softmax. Heal on rows at least as long as the context the plan is for "
+            f"(--seq-len {max(2 * widest, 2048)} or more), and see --retrieval-share")
+

@@ -25,7 +25,7 @@ from ..teacher_cache import TeacherCache, model_fingerprint
 from ..util import write_json
 from .checkpoint import (find_checkpoint, full_params, load_checkpoint, load_optimizer, load_params, save_checkpoint,
                          save_snapshot)
-from .config import HealConfig, HealConfigError, HealDivergedError, STAGES, STATE_SCHEMA
+from .config import HealConfig, HealConfigError, HealDivergedError, STAGES, STATE_SCHEMA, window_note
 from .dist import Dist, all_reduce, barrier, distribute, reshard, setup_dist
 from .losses import attn_step, block_step, kd_step, probe
 from .student import Hybrid, build_hybrid, heal_params, stage_params
@@ -360,6 +360,9 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
     model, tokenizer, original = _load_original(model_or_name, tokenizer, cfg, d)
     if not isinstance(plan, LayerPlan):
         plan = LayerPlan.load(plan)
+    note = window_note(cfg, plan)
+    if note and d.main:
+        print(note, file=sys.stderr)
     key = cfg.resume_key(str(data), plan, str(model_name))
     ck = _checkpoint_to_resume(out, key, resume)
 

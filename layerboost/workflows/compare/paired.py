@@ -35,6 +35,13 @@ def significance(a: dict, b: dict) -> dict:
     from ...stats import mcnemar, paired_bootstrap
 
     out = {"heldout_kl": paired_bootstrap(a["heldout"]["kl_rows"], b["heldout"]["kl_rows"])}
+    for family, r in (a.get("retrieval") or {}).items():  # per length, over the same trials
+        rb = (b.get("retrieval") or {}).get(family)
+        if rb:
+            out[family] = {n: {"acc": mcnemar([t["acc"] for t in v["trials"]], [t["acc"] for t in rb["lengths"][n]["trials"]]),
+                               "margin": paired_bootstrap([t["margin"] for t in v["trials"]],
+                                                          [t["margin"] for t in rb["lengths"][n]["trials"]])}
+                           for n, v in r["lengths"].items() if n in rb["lengths"]}
     if "eval" in a and "eval" in b:
         ca, ma, ta, ka = pooled_items(a)
         cb, mb, _, kb = pooled_items(b)

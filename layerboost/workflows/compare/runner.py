@@ -158,6 +158,16 @@ class Comparison:
             out[prep.task.name] = res
         return out
 
+    def retrieval_row(self, model) -> dict:
+        """{"retrieval": {family: score_retrieval(...)}} at eval.retrieval_lengths (empty when none are asked for)."""
+        from ...evaluate.retrieval import FAMILIES, score_retrieval
+
+        e = self.cfg.eval
+        if not e.retrieval_lengths:
+            return {}
+        return {"retrieval": {f: score_retrieval(model, self.tok, f, e.retrieval_lengths, e.retrieval_trials, seed=0,
+                                                 data_dir=self.cfg.data_dir) for f in FAMILIES}}
+
     def wikitext_row(self, name: str, model) -> dict:
         from ...evaluate import perplexity_metrics, score_rolling
 
@@ -223,6 +233,7 @@ class Comparison:
         if not light:
             res["wikitext"] = self.wikitext_row(name, model)
             res["bench"] = self.bench_plan(plan)
+            res.update(self.retrieval_row(model))
         res["seconds"] = round(time.perf_counter() - t0, 1)
         _write(f, res)
         return res

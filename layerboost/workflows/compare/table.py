@@ -67,6 +67,7 @@ def write_comparison(out: Path, results: dict, cfg: CompareConfig, sens: dict) -
               "positions where both pick the same next token. Speed: decode ms per step of the base over the row's "
               f"at context {cfg.bench.prompt + cfg.bench.length}, batch {cfg.bench.batch}, measured side by side; "
               "KV: cache bytes at that context.", ""]
+    lines += _retrieval_lines(results)
     # significance against layerboost and against base
     sig = {}
     measured = {n: r for n, r in results.items() if "heldout" in r and not n.startswith("random_s")}
@@ -85,6 +86,17 @@ def write_comparison(out: Path, results: dict, cfg: CompareConfig, sens: dict) -
             mc = f"{m['a_only']} / {m['b_only']} (p={m['p']:.3g})" if m else "-"
             lines.append(f"| {n} | {mc} | {_fmt_sig(s, 'accuracy')} | {_fmt_sig(s, 'margin')} | "
                          f"{_fmt_sig(s, 'heldout_kl')} |")
+        retr = [(n, f, k) for n, r in measured.items() if n != ref
+                for f, per in significance(r, measured[ref]).items() if f in ("passkey", "needle") for k in per]
+        if retr:
+            lines += ["", "| row | retrieval at length | right only here / only in ref (McNemar p) | margin diff [95% CI] p |",
+                      "|---|---|---|---|"]
+            for n, f, k in retr:
+                t = sig[f"{n}_vs_{ref}"][f][k]
+                m = t["acc"]
+                lines.append(f"| {n} | {f} {k} | {m['a_only']} / {m['b_only']} (p={m['p']:.3g}) | "
+                             f"{t['margin']['diff']:+.3f} [{t['margin']['ci95'][0]:+.3f}, {t['margin']['ci95'][1]:+.3f}] "
+                             f"p={t['margin']['p']:.3g} |")
         lines += ["", "A difference is significant at the 5% level when p < 0.05 (the interval excludes 0); "
                   "bootstrap over items within each task (10,000 resamples), held-out KL over held-out rows.", ""]
     randoms = {n: r["heldout"]["kl"] for n, r in results.items() if n.startswith("random_s")}
@@ -102,3 +114,23 @@ def write_comparison(out: Path, results: dict, cfg: CompareConfig, sens: dict) -
     path = out / "comparison.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _retrieval_lines(results: dict) -> list[str]:
+    """A table of long-context retrieval per row (eval.retrieval_lengths): true key ranked first / greedy exact."""
+    rows = {n: r["retrieval"] for n, r in results.items() if r.get("retrieval")}
+    if not rows:
+        return []
+    first = next(iter(rows.values()))
+    cols = [(f, k) for f, r in first.items() for k in r["lengths"]]
+    any_r = next(iter(first.values()))
+    lines = ["## Long-context retrieval", "",
+             f"True key ranked first among it and {any_r['distractors']} distractors / greedy answer exact, percent of "
+             f"{any_r['trials']} trials (chance {100 * any_r['chance']:.0f}%): passkey hides a key in filler text, "
+             "needle a fact in WikiText-2 prose.", "",
+             "| row | " + " | ".join(f"{f} {k}" for f, k in cols) + " |", "|---|" + "---|" * len(cols)]
+    for n, r in rows.items():
+        lines.append(f"| {n} | " + " | ".join(f"{100 * r[f]['lengths'][k]['acc']:.0f} / {100 * r[f]['lengths'][k]['exact']:.0f}"
+                                              for f, k in cols) + " |")
+    return lines + [""]
+

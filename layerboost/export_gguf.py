@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .kinds import KINDS
+from .plan import EMPTY_FULL_CACHE, empty_full_cache
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 LLAMA_ARCHS = ("llama", "deci", "granite_swa")  # what a Llama / Mistral model can be written as
@@ -104,6 +105,8 @@ def problems(model: nn.Module, gguf_type: str, arch: str | None = None) -> list[
                        "re-plan with attention (softmax or swa) in layer 0")
         if chosen == "llama" and set(kinds) != {"softmax"}:
             out.append("the llama architecture holds softmax layers only: leave the architecture to choose itself")
+        if chosen == "deci" and empty_full_cache(kinds):
+            out.append(EMPTY_FULL_CACHE)
         if chosen == "granite_swa" and "none" in kinds:
             out.append("granite_swa has no layer without attention: use the deci architecture for plans with none")
         windows = sorted({s.window for s in plan.layers if s.kind == "swa"})

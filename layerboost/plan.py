@@ -623,11 +623,20 @@ class PlanPolicy:
 TARGETS = ("layerboost", "llama.cpp", "transformers")
 
 
+EMPTY_FULL_CACHE = ("no softmax layer beside none layers: llama.cpp's full-attention cache would hold only the none "
+                    "layers' empty caches, and it fails to create a context (measured); keep one softmax layer")
+
+
+def empty_full_cache(kinds: list[str]) -> bool:
+    """A plan of swa and none layers without softmax: llama.cpp (deci + windows) cannot create its context."""
+    return "none" in kinds and "softmax" not in kinds
+
+
 def target_problems(plan: LayerPlan, target: str) -> list[str]:
     """Why `target` cannot run `plan`, one line each (empty: it can).
 
     llama.cpp (GGUF export): softmax, swa and none layers, one window, attention in layer 0 (it reads head sizes
-    there). transformers (export --format transformers): softmax and swa layers, one window.
+    there), a softmax layer wherever there is a none layer. transformers (export --format transformers): softmax and swa layers, one window.
     """
     if target == "layerboost":
         return []
@@ -639,6 +648,8 @@ def target_problems(plan: LayerPlan, target: str) -> list[str]:
         out.append(f"layers {bad} are {kinds[bad[0]]}: {target} runs only {', '.join(allowed)} layers")
     if target == "llama.cpp" and kinds[0] == "none":
         out.append("layer 0 is none: llama.cpp reads head sizes from layer 0; keep attention there")
+    if target == "llama.cpp" and empty_full_cache(kinds):
+        out.append(EMPTY_FULL_CACHE)
     windows = sorted({s.window for s in plan.layers if s.window is not None})
     if len(windows) > 1:
         out.append(f"several windows {windows}: {target} holds one window per model")

@@ -146,6 +146,7 @@ def test_types_and_tied_embeddings(tmp_path, tokenizer, gguf_type, ggml_type):
 @pytest.mark.parametrize("kinds,window,expect", [
     (["none", "softmax", "softmax", "softmax"], W, "layer 0 is none"),
     (["softmax", "linear_swa", "softmax", "softmax"], W, "no linear attention"),
+    (["swa", "none", "swa", "none"], W, "keep one softmax layer"),  # the context could not be created
 ])
 def test_plans_the_engine_cannot_run_are_refused_before_writing(tmp_path, tokenizer, kinds, window, expect):
     m = hybrid(kinds, window=window)

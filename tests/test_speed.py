@@ -248,3 +248,19 @@ def test_keep_retrieval_keeps_the_retrieving_layers_softmax_in_every_policy(fitt
     with pytest.raises(PlanError, match=r"layers \[7, 19\] retrieve most but the policy placed them"):
         make_plan(PlanPolicy("thresholds", softmax_above=100, none_below=0, keep_retrieval=2), scores,
                   retrieval=retrieval)
+
+
+def test_llama_cpp_plans_keep_a_softmax_layer_beside_none_layers(fitted):
+    """A deci file of swa and none layers only fails to create its context in llama.cpp (measured: pick-1.7 of the
+    frontier, 0/22/8): the planner never places one for llama.cpp and export refuses one."""
+    from layerboost.plan import target_problems
+
+    costs = random_costs(30)
+    for target in (1.7, 1.9, 2.1):
+        pick, front = plan_by_target(costs, PlanPolicy("speed", speedup=target, context=4096, target="llama.cpp"),
+                                     fitted)
+        assert all("softmax" in p.plan.kinds for p in front if "none" in p.plan.kinds)
+    bad = LayerPlan.from_kinds(["swa"] * 22 + ["none"] * 8, window=512)
+    assert "keep one softmax layer" in " ".join(target_problems(bad, "llama.cpp"))
+    assert target_problems(LayerPlan.from_kinds(["swa"] * 30, window=512), "llama.cpp") == []
+    assert target_problems(bad, "layerboost") == []

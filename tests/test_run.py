@@ -164,10 +164,34 @@ def test_speed_policy_in_the_run_config(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(SP, "llama_cpp_build", lambda: {"version": "test", "binary": "x", "patch": None})
     data = tiny_config(tiny_dir, tmp_path / "run").to_dict()
     data["plan"] = {"policy": "speed", "speedup": 1.5, "context": 256, "target": "llama.cpp", "windows": [8, 16]}
+    data["calibrate"] = "never"
     cfg = R.RunConfig.from_dict(data)
     assert R.analyze_windows(cfg) == [8, 16]
     with pytest.raises(R.ConfigError, match="layerboost speed calibrate --model"):
         R.check_before_work(cfg)
+    # calibrate auto (the default): no refusal; the plan stage measures the model first, at the plan's context
+    data["calibrate"] = "auto"
+    cfg = R.RunConfig.from_dict(data)
+    R.check_before_work(cfg)
+    from layerboost.models import model_config
+
+    config, calls = model_config(str(tiny_dir)), []
+
+    def fake_calibrate(model, tok, work, *, depths, rounds, threads, log):
+        calls.append((depths, rounds))
+        from test_speed import synthetic_records
+
+        key = SP.llama_cpp_key(model.config, "f32", threads)
+        fitted = SP.SpeedModel.fit("llama.cpp", key, SP.Geometry("llama.cpp"), synthetic_records())
+        fitted.save(SP.key_path(key))
+
+    monkeypatch.setattr(SP, "calibrate_llama_cpp", fake_calibrate)
+    assert R.needs_calibration(cfg, config)
+    speed, _ = R.speed_model(cfg, config, log=lambda m: None, model=lb.load_model(str(tiny_dir))[0], tokenizer=None,
+                             work=tmp_path / "speed")
+    assert calls == [((0, 256), 1)] and speed is not None and not R.needs_calibration(cfg, config)
+    with pytest.raises(R.ConfigError, match="calibrate must be auto or never"):
+        R.RunConfig.from_dict({**data, "calibrate": "sometimes"})
     data["plan"] = {"policy": "speed", "kv_budget": 0.5, "target": "layerboost"}
     cfg = R.RunConfig.from_dict(data)
     assert R.analyze_windows(cfg) == [64, 256, 1024] and R.speed_model(cfg, None) == (None, None)
@@ -175,7 +199,6 @@ def test_speed_policy_in_the_run_config(tiny_dir, tmp_path, monkeypatch):
         R.check_before_work(cfg)
     data["plan"]["windows"] = [8, 16]
     R.check_before_work(R.RunConfig.from_dict(data))
-    from layerboost.models import model_config
 
     data["plan"]["target"] = "llama.cpp"  # a KV budget there is counted in llama.cpp's cache cells, as plan does
     speed, geometry = R.speed_model(R.RunConfig.from_dict(data), model_config(str(tiny_dir)))

@@ -98,6 +98,9 @@ class RunConfig:
     dtype: str = "float32"
     device: str = "auto"
     threads: int | None = None
+    # the speed policy's llama.cpp speed model, when this machine has none cached: auto measures one before the plan
+    # (the calibration plans at depths 0 and plan.context, one round: about 3 min on 2 cores); never refuses instead
+    calibrate: str = "auto"
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     plan: PlanConfig = field(default_factory=PlanConfig)
     heal: RunHeal = field(default_factory=RunHeal)
@@ -125,6 +128,8 @@ class RunConfig:
                 out.append(f"tasks: {e}")
         p = self.plan
         out += [f"plan: {m}" for m in p.problems()]
+        if self.calibrate not in ("auto", "never"):
+            out.append(f"calibrate must be auto or never, got {self.calibrate!r}")
         try:
             self.dtype = dtype_name(self.dtype)
         except UsageError as e:
@@ -388,7 +393,8 @@ def check_before_work(cfg: RunConfig) -> None:
         try:
             if cfg.plan.policy == "speed":  # placed after the analysis; what it needs is checked now
                 check_fits(None, config, (cfg.analyze.swa_window, *analyze_windows(cfg)))
-                speed_model(cfg, config)
+                if not needs_calibration(cfg, config):  # (which reads the llama.cpp build: the tools are there)
+                    speed_model(cfg, config)
                 plan = LayerPlan.uniform("softmax", n)
             else:
                 plan = make_plan(cfg.plan, [0.0] * n, config,
@@ -411,8 +417,21 @@ def analyze_windows(cfg: RunConfig) -> list[int]:
     return list(cfg.plan.windows or (64, 256, 1024)) if cfg.plan.policy == "speed" else []
 
 
-def speed_model(cfg: RunConfig, config):
+def needs_calibration(cfg: RunConfig, config) -> bool:
+    """Whether the run measures a llama.cpp speed model before its plan (calibrate auto, a speedup target in
+    llama.cpp, none cached for this machine, build, model shape and weight type)."""
+    from .. import speed as S
+
+    p = cfg.plan
+    if cfg.calibrate != "auto" or p.policy != "speed" or p.speedup is None or p.target != "llama.cpp":
+        return False
+    return S.cached(S.llama_cpp_key(config, "f32", cfg.threads or 2)) is None
+
+
+def speed_model(cfg: RunConfig, config, log=None, model=None, tokenizer=None, work: Path | None = None):
     """(speed model, cache geometry) of the speed policy's target (speed.for_policy; both None for other policies).
+    With `model` and `work` given and `needs_calibration`, the llama.cpp speed model is measured first (depths 0
+    and plan.context, one round) and cached.
 
     Raises:
         PlanError: a speedup target with no calibrated model (naming the command that calibrates it).
@@ -422,6 +441,14 @@ def speed_model(cfg: RunConfig, config):
 
     if cfg.plan.policy != "speed":
         return None, None
+    if model is not None and work is not None and needs_calibration(cfg, config):
+        (log or print)(f"[plan] no llama.cpp speed model for this machine yet: measuring one (the calibration plans "
+                       f"at depths 0 and {cfg.plan.context}, one round; `layerboost speed calibrate` measures more)")
+        try:
+            S.calibrate_llama_cpp(model, tokenizer, work, depths=(0, cfg.plan.context), rounds=1, threads=cfg.threads or 2,
+                                  log=log or print)
+        except LlamaCppMissing as e:
+            raise PlanError(str(e)) from e
     try:
         return S.for_policy(cfg.plan, config, model=cfg.model, threads=cfg.threads or 2)
     except (S.SpeedModelError, LlamaCppMissing) as e:
@@ -476,7 +503,8 @@ def run(cfg: RunConfig, log=print) -> Path:
         scores = plan_scores(sens, p.score, used)
         config = base()[0].config
         costs = (sens.get("window_costs") or {}).get("kl")
-        speed, geometry = speed_model(cfg, config)
+        speed, geometry = speed_model(cfg, config, log=log, model=base()[0], tokenizer=base()[1],
+                                      work=r.dir / "speed")
         plan = make_plan(p, scores, config, log=log, costs=costs, speed=speed, geometry=geometry,
                          retrieval=retrieval_scores(sens, p))
         plan.save(r.dir / "plan.json")

@@ -183,6 +183,24 @@ def heldout_rows(tokenizer, data: str | os.PathLike, n_tokens: int, seq_len: int
     raise TrainingDataError(f"{data} holds {len(buf)} held-out tokens, fewer than the {n_rows * width} asked for")
 
 
+def check_heldout(data: str | os.PathLike, n_tokens: int, seq_len: int = 512) -> None:
+    """Before any work: fail when the local files under `data` cannot give `heldout_rows` its `n_tokens`, without a
+    tokenizer: a block of B bytes gives at most B tokens and an EOS, and a row prefix is shorter than 16 tokens.
+
+    Raises:
+        TrainingDataError: no local files, or too little held-out text for any tokenizer.
+    """
+    files = text_files(data)
+    blocks = [(f, b) for f in files for b in range(1, (f.stat().st_size + HELDOUT_BLOCK - 1) // HELDOUT_BLOCK)
+              if is_heldout_block(f.name, b)]
+    most = sum(min(HELDOUT_BLOCK, f.stat().st_size - b * HELDOUT_BLOCK) + 1 for f, b in blocks)
+    need = -(-n_tokens // seq_len) * (seq_len - 16)
+    if most < need:
+        raise TrainingDataError(f"{data} holds {len(blocks)} held-out blocks of {HELDOUT_BLOCK} bytes (at most {most} "
+                                f"tokens), fewer than the {n_tokens} held-out tokens asked for: give more text, or "
+                                "lower eval.heldout_tokens (0 skips the held-out measures)")
+
+
 def _file_documents(files: list[Path], seed: int, segment_chars: int) -> Iterator[str]:
     index = [(n, o, ln) for n, o, ln in segment_index(files, segment_chars) if not overlaps_heldout(files[n].name, o, ln)]
     random.Random(seed).shuffle(index)
@@ -216,13 +234,21 @@ def _hub_documents(data: str, seed: int, text_field: str, buffer: int) -> Iterat
     path, config, split = parse_hub_spec(data)
     if path in _eval_hub_datasets() and split != "train":
         raise TrainingDataError(f"refusing to train on the evaluation split {split!r} of {path!r}")
+    if hub_offline():  # hub data is streamed, which no offline cache serves
+        raise TrainingDataError(f"training data {data!r} is streamed from the Hugging Face hub, which is offline here "
+                                "(HF_HUB_OFFLINE / HF_DATASETS_OFFLINE): pass a local file or folder of .txt, or go online")
     return _hub_stream(path, config, split, seed, text_field, buffer)
 
 
 def _hub_stream(path, config, split, seed, text_field, buffer) -> Iterator[str]:
     import datasets  # heavy: only for hub data
 
-    ds = datasets.load_dataset(path, config, split=split, streaming=True).shuffle(seed=seed, buffer_size=buffer)
+    try:
+        ds = datasets.load_dataset(path, config, split=split, streaming=True).shuffle(seed=seed, buffer_size=buffer)
+    except (ConnectionError, OSError) as e:  # unreachable, or no such dataset (DatasetNotFoundError is an OSError)
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise TrainingDataError(f"training data hub:{path} cannot be read from the Hugging Face hub ({reason}): check "
+                                "its name, or pass a local file or folder of .txt") from None
     for row in ds:
         text = row[text_field]
         if text and text.strip():

@@ -7,11 +7,13 @@
     gguf          one file for llama.cpp, every plan of softmax, swa and none layers (export_gguf.py)
 
 Anything a format cannot hold exactly is refused before a file is written, and the export is written
-to a temporary folder that is renamed into place at the end, so a failed export leaves nothing behind.
+to a temporary file or folder (`.NAME.<pid>.part`) that is moved into place at the end, so a failed export
+leaves nothing behind; the part a killed export left is removed by the next export to the same name.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -23,7 +25,8 @@ import torch.nn as nn
 from .export_gguf import GGUF_TYPES, GGUFExportError, write_gguf
 from .kinds import KINDS
 from .surgery import ARCHITECTURES, NATIVE_WINDOW_KEY
-from .util import dtype_name
+from .outputs import OWN_FILES
+from .util import dtype_name, usual_modes
 
 FORMATS = ("transformers", "deci", "gguf")
 
@@ -75,7 +78,7 @@ class ExportError(ValueError):
 
 def export(model_or_path, out_dir: str | os.PathLike, format: str = "transformers", tokenizer=None,
            dtype: torch.dtype | str = torch.float32, gguf_arch: str | None = None,
-           tokenizer_pre: str | None = None) -> Path:
+           tokenizer_pre: str | None = None, overwrite: bool = False) -> Path:
     """Write a converted hybrid in a format that loads without layerboost.
 
     Args:
@@ -87,6 +90,8 @@ def export(model_or_path, out_dir: str | os.PathLike, format: str = "transformer
             f32, f16, bf16, q8_0 (a torch dtype is taken as its name).
         gguf_arch, tokenizer_pre: "gguf" only: override the llama.cpp architecture chosen from the plan, and
             name the llama.cpp pre-tokenizer of a tokenizer layerboost does not recognise.
+        overwrite: replace an existing file, or the files of the same names in a folder that holds others
+            (`layerboost export --force`); by default an export never replaces a file.
 
     Returns:
         the output folder.
@@ -99,10 +104,12 @@ def export(model_or_path, out_dir: str | os.PathLike, format: str = "transformer
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r}; known formats: {', '.join(FORMATS)}")
     if format == "gguf":
-        return _export_gguf(model_or_path, out, tokenizer, dtype, gguf_arch, tokenizer_pre)
+        return _export_gguf(model_or_path, out, tokenizer, dtype, gguf_arch, tokenizer_pre, overwrite)
     if not isinstance(dtype, torch.dtype):
         raise ExportError(f"dtype {dtype!r} is for GGUF files: the {format} format writes float32, bfloat16 or float16")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file: choose a new output folder")
+    if out.exists() and not overwrite and any(p.name not in OWN_FILES for p in out.iterdir()):
         raise ExportError(f"{out} exists and is not an empty folder: choose a new output folder")
     if isinstance(model_or_path, (str, os.PathLike)):
         from .models import load_model
@@ -115,31 +122,47 @@ def export(model_or_path, out_dir: str | os.PathLike, format: str = "transformer
     if problems:
         raise ExportError("\n".join(problems))
 
-    tmp = out.with_name(f".{out.name}.export-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = _part(out)
     try:
         (_write_transformers if format == "transformers" else _write_deci)(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        tmp.rename(out)
+        usual_modes(tmp)
+        if out.exists():  # empty but for layerboost's manifest and lock, or overwrite
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
+            tmp.rmdir()
+        else:
+            tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+def _part(out: Path) -> Path:
+    """This process's temporary name for `out`; the parts that killed exports left beside it are removed."""
+    from .outputs import alive
+
+    for old in out.parent.glob(f".{glob.escape(out.name)}.*.part"):
+        pid = old.name[len(out.name) + 2:-len(".part")]
+        if pid.isdigit() and not alive(int(pid)):
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+    return out.with_name(f".{out.name}.{os.getpid()}.part")
+
+
 _GGUF_NAMES = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
 
 
-def _export_gguf(model_or_path, out: Path, tokenizer, dtype, arch, tokenizer_pre) -> Path:
+def _export_gguf(model_or_path, out: Path, tokenizer, dtype, arch, tokenizer_pre, overwrite: bool) -> Path:
     gguf_type = _GGUF_NAMES.get(dtype, dtype)
     if gguf_type not in GGUF_TYPES:
         raise ExportError(f"GGUF type {dtype!r} is not written; choose one of {', '.join(GGUF_TYPES)}")
     if out.suffix != ".gguf":
         raise ExportError(f"{out}: a GGUF export is one file; give a name ending in .gguf")
-    if out.exists():
+    if out.is_dir():
+        raise ExportError(f"{out} is a folder: a GGUF export is one file; give a new file name ending in .gguf")
+    if out.exists() and not overwrite:
         raise ExportError(f"{out} exists: choose a new file name (an export never replaces a file)")
     if not out.parent.is_dir():
         raise ExportError(f"folder {out.parent} does not exist: create it or choose another --out")
@@ -151,7 +174,7 @@ def _export_gguf(model_or_path, out: Path, tokenizer, dtype, arch, tokenizer_pre
     else:
         model = model_or_path
     try:
-        return write_gguf(model, tokenizer, out, gguf_type, arch=arch, tokenizer_pre=tokenizer_pre)
+        return write_gguf(model, tokenizer, out, gguf_type, arch=arch, tokenizer_pre=tokenizer_pre, tmp=_part(out))
     except GGUFExportError as e:
         raise ExportError(str(e)) from None
 

@@ -174,8 +174,9 @@ def _gemma3_problems(model: nn.Module, plan, gguf_type: str, arch: str | None) -
 
 
 def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, gguf_type: str = "f32",
-               arch: str | None = None, tokenizer_pre: str | None = None) -> Path:
-    """Write `model` (a layerboost hybrid or a plain Llama/Mistral) and `tokenizer` as one GGUF file.
+               arch: str | None = None, tokenizer_pre: str | None = None, tmp: str | os.PathLike | None = None) -> Path:
+    """Write `model` (a layerboost hybrid or a plain Llama/Mistral) and `tokenizer` as one GGUF file, through
+    the temporary file `tmp` (default `.NAME.<pid>.part` beside it), renamed into place at the end.
 
     Raises:
         GGUFExportError: the model, plan or tokenizer cannot be written exactly (one problem per line);
@@ -199,7 +200,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | os.PathLike, gguf_type: 
     plan = getattr(model, "layerboost_plan", None) or native_plan(model.config)
     arch = arch or gguf_arch(plan, model.config.model_type)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.{os.getpid()}.part")
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         if arch == "gemma3":

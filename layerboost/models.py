@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .compat import detach_gguf_quantizer
+from .util import usual_modes
 
 @dataclass(frozen=True)
 class Embedded:
@@ -91,6 +92,7 @@ def _load_gguf(gguf: Path, dtype: torch.dtype):
     tmp = cached.with_name(f"{cached.name}.tmp{os.getpid()}")
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    usual_modes(tmp)
     try:
         tmp.rename(cached)  # atomic: a killed first load leaves no half-written cache
     except OSError:  # another process finished first; its copy is identical
@@ -122,9 +124,12 @@ def check_model_name(name_or_path: str) -> None:
     """
     name = str(name_or_path)
     path = Path(name).expanduser()
-    if name in EMBEDDED_MODELS or path.suffix == ".gguf" and path.is_file():
+    if name in EMBEDDED_MODELS:
         return
+    if path.suffix == ".gguf" and path.is_file():
+        return check_gguf(path)
     if path.is_dir():
+        _check_finished(path)
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model folder {name} has no config.json (save_pretrained, `layerboost convert` and "
                                  "`heal` write it): restore it, or pass the folder that holds the whole model")
@@ -135,6 +140,54 @@ def check_model_name(name_or_path: str) -> None:
         what = "is not a model folder or a .gguf file" if path.exists() else "does not exist"
         raise ModelLoadError(f"model {name!r} {what}: pass a model folder (with config.json), a .gguf file, "
                              f"an embedded model ({', '.join(EMBEDDED_MODELS)}) or a hub id like org/name")
+
+
+def _check_finished(folder: Path) -> None:
+    """Raise ModelLoadError when the layerboost command that writes `folder` (its manifest, outputs.py) is still
+    writing it, or stopped before it finished: its files are then incomplete, and that command is the fix."""
+    from .outputs import alive, read_manifest
+
+    m = read_manifest(folder)
+    for key, part in ((m or {}).get("parts") or {}).items():
+        state = part.get("state") if isinstance(part, dict) else None
+        if state == "complete" or state is None:
+            continue
+        if state == "running" and isinstance(part.get("pid"), int) and alive(part["pid"]):
+            raise ModelLoadError(f"model folder {folder} is being written by `layerboost {key}` (pid {part['pid']}): "
+                                 "wait for it to finish")
+        how = {"running": "was killed", "failed": "failed", "interrupted": "was interrupted"}.get(state, state)
+        resumable = any((folder / "heal_state" / n / "state.json").is_file() for n in ("checkpoint", "checkpoint.old"))
+        fix = ("correct what made it fail and run it again" if state == "failed" else "continue it with --resume"
+               if key == "heal" and resumable else "run it again")  # heal_state: heal/checkpoint.py
+        raise ModelLoadError(f"model folder {folder} is incomplete: the `layerboost {key}` that writes it {how} "
+                             f"before it finished; {fix} to complete it")
+
+
+def check_gguf(path: Path) -> None:
+    """A GGUF file transformers can read as a model (its header's architecture), before anything is loaded.
+
+    Raises:
+        ModelLoadError: a llama.cpp-only architecture, such as the `deci` and `granite_swa` files that
+            `layerboost export --format gguf` writes for hybrids with attention-free or sliding-window layers.
+    """
+    if (_gguf_cache_dir(path) / "config.json").is_file():  # read before
+        return
+    import gguf
+    from transformers import CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        field = gguf.GGUFReader(str(path)).fields.get("general.architecture")
+        arch = field.contents() if field is not None else None
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({' '.join(str(e).split())[:200]})") from None
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES or arch not in CONFIG_MAPPING:
+        raise ModelLoadError(f"{path} is a llama.cpp file of architecture {arch!r}, which transformers cannot load "
+                             f"({GGUF_READ}); for a layerboost hybrid pass its folder (the `convert` or `heal` output) "
+                             "instead, and run the file in llama.cpp")
+
+
+GGUF_READ = "--model reads GGUF files of plain llama, mistral, qwen2, qwen3 or gemma3 models"
 
 
 def _local(path: Path, what: str, load):

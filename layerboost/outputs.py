@@ -8,7 +8,9 @@ Every command that writes claims its output first (`claim`), before any work:
   or a manifest of another command or of other settings, is refused with one line naming the owner and
   the fix (`--force`, another `--out`, or `--resume` where the command resumes).
 - a file (a plan, a results JSON) records the same in its own `written_by` key; an existing file without it,
-  or written by another command or settings, is refused the same way.
+  or written by another command or settings, is refused the same way (a file that cannot hold the key, a GGUF
+  export, is never replaced without --force). While a command writes it, a file is locked like a folder, by
+  `.NAME.lock` beside it, removed at the end.
 - a path inside a folder that another command owns (a run's eval/ results, a model's folder) is refused.
 - one writer per folder: an advisory lock (`fcntl.flock` on `.layerboost.lock`, holding the writer's pid and
   command) is taken before the checks and held until the command ends; a second command on the same
@@ -91,10 +93,11 @@ def _check_enclosing(path: Path, command: str) -> None:
 
 
 def check_folder(out: Path, command: str, settings: dict, resume_hint: str, force: bool, key: str | None = None,
-                 defaults: dict | None = None, extends: dict | None = None) -> None:
+                 defaults: dict | None = None, extends: dict | None = None, replace_failed: bool = False) -> None:
     """Raise OutputError unless `out` is new, empty, or this command's with these settings (or force). `key` (default
     `command`) names the part of a command that owns its own settings, e.g. `bench latency` beside `bench throughput`
-    in one bench folder; `defaults` and `extends`: see `_differs`."""
+    in one bench folder; `defaults` and `extends`: see `_differs`; replace_failed: a part that failed (and left
+    nothing to resume) may be replaced by other settings."""
     if force:
         return
     _check_enclosing(out, command)
@@ -112,6 +115,8 @@ def check_folder(out: Path, command: str, settings: dict, resume_hint: str, forc
         raise OutputError(f"--out {out} was written by {_owner_line(m)}, not by `layerboost {command}`: choose another "
                           "--out, or pass --force to replace its results")
     mine = m.get("parts", {}).get(key or command)
+    if mine is not None and replace_failed and mine.get("state") == "failed":
+        return  # a failed attempt that cannot be resumed: the corrected command replaces it
     diff = _differs(mine, settings, defaults, extends) if mine is not None else []
     if mine is not None and mine.get("settings_hash") != settings_hash(settings) and diff:
         raise OutputError(f"--out {out} holds a `layerboost {key or command}` made with other settings "
@@ -119,14 +124,17 @@ def check_folder(out: Path, command: str, settings: dict, resume_hint: str, forc
                           "replace it")
 
 
-def check_file(path: Path, command: str, settings: dict, force: bool) -> None:
-    """Raise OutputError unless `path` is new, or a JSON file this command wrote with these settings (or force)."""
+def check_file(path: Path, command: str, settings: dict, force: bool, marked: bool = True) -> None:
+    """Raise OutputError unless `path` is new, or a JSON file this command wrote with these settings (or force).
+    marked=False: a file that cannot record its writer (a .gguf), never replaced without force."""
     check_writable(path, folder=False)
     if force:
         return
     _check_enclosing(path, command)
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return
+    if not marked:
+        raise OutputError(f"--out {path} exists: choose a new file name, or pass --force to replace it")
     try:
         mark = json.loads(path.read_text()).get("written_by")
     except (OSError, ValueError, AttributeError):
@@ -143,7 +151,43 @@ def check_file(path: Path, command: str, settings: dict, force: bool) -> None:
 def folder_lock(out: Path, command: str) -> Iterator[None]:
     """Hold the advisory lock of `out` (created if needed) for the duration; fail at once if it is held."""
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    with _lock(out / LOCK, out, command):
+        yield
+
+
+def file_lock_path(path: Path) -> Path:
+    """The lock of an output file: a hidden file beside it, there only while a command writes the file."""
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextmanager
+def file_lock(path: Path, command: str) -> Iterator[None]:
+    """Hold the lock of output file `path` for the duration (fail at once if it is held); the lock file goes at
+    the end. A contender that opened the lock file just before its holder removed it finds it gone and tries
+    again, so two writers never both hold it."""
+    lock = file_lock_path(path)
+    for _ in range(100):
+        with _lock(lock, path, command) as fd:
+            if _same_file(fd, lock):
+                try:
+                    yield
+                finally:
+                    lock.unlink(missing_ok=True)  # still holding it: the next writer opens a new file
+                return
+    raise OutputError(f"--out {path}: could not take its lock {lock}: remove that file if no command is writing there")
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), path.stat())
+    except FileNotFoundError:
+        return False
+
+
+@contextmanager
+def _lock(lock: Path, out: Path, command: str) -> Iterator[int]:
+    """flock `lock` (created if needed) and write the holder's line into it; fail at once if another holds it."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -153,7 +197,7 @@ def folder_lock(out: Path, command: str) -> Iterator[None]:
         line = f"pid {os.getpid()} (layerboost {command})\n".encode()
         os.pwrite(fd, line, 0)  # the first line names the holder at once; then the rest of an older line goes
         os.ftruncate(fd, len(line))
-        yield
+        yield fd
     finally:
         os.close(fd)  # releases the lock
 
@@ -164,13 +208,13 @@ def _holder(fd: int) -> str:
     for _ in range(40):
         line = os.pread(fd, 4096, 0).decode(errors="replace").split("\n")[0].strip()
         m = re.match(r"pid (\d+) ", line)
-        if m and _alive(int(m.group(1))):
+        if m and alive(int(m.group(1))):
             return line
         time.sleep(0.025)
     return "another process"
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -187,27 +231,47 @@ def _files(out: Path) -> dict[str, int]:
 
 
 @contextmanager
+def claim_file(path: str | os.PathLike, command: str, settings: dict, force: bool = False,
+               marked: bool = True) -> Iterator[Path]:
+    """Own output file `path` for `command` while the block runs: the checks of `check_file` (before and again
+    under the lock), and the file's lock, so that a second command writing the same file fails at once."""
+    path = Path(path)
+    check_file(path, command, settings, force, marked)
+    made = [p for p in path.absolute().parents if not p.exists()]  # the folders this claim creates
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with file_lock(path, command):
+            check_file(path, command, settings, force, marked)  # a writer may have finished in between
+            yield path
+    finally:
+        for folder in made:  # refused or failed before writing: no trace
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+
+
+@contextmanager
 def claim(out: str | os.PathLike, command: str, settings: dict, *, model: str | None = None, force: bool = False,
           resume_hint: str = "", key: str | None = None, defaults: dict | None = None,
-          extends: dict | None = None) -> Iterator[Path]:
+          extends: dict | None = None, replace_failed: bool = False) -> Iterator[Path]:
     """Own folder `out` for `command` while the block runs: the checks of `check_folder` (before and again under
     the lock), the lock, and the manifest. Its `parts` record each command key's settings, argv, state
     (`running`, then `complete` with the files written, or `failed` / `interrupted`)."""
     out, key = Path(out), key or command
     check_writable(out)
-    check_folder(out, command, settings, resume_hint, force, key, defaults, extends)  # before the folder or its lock
+    check_folder(out, command, settings, resume_hint, force, key, defaults, extends, replace_failed)  # before its lock
     created = not out.exists()
     try:
-        yield from _claimed(out, command, settings, model, force, resume_hint, key, defaults, extends)
+        yield from _claimed(out, command, settings, model, force, resume_hint, key, defaults, extends, replace_failed)
     finally:
         if created and out.is_dir() and not any(out.iterdir()):  # refused or failed before writing: no trace
             out.rmdir()
 
 
 def _claimed(out: Path, command: str, settings: dict, model, force: bool, resume_hint: str, key: str, defaults=None,
-             extends=None):
+             extends=None, replace_failed=False):
     with folder_lock(out, command):
-        check_folder(out, command, settings, resume_hint, force, key, defaults, extends)  # a writer may have finished
+        check_folder(out, command, settings, resume_hint, force, key, defaults, extends,
+                     replace_failed)  # a writer may have finished
         settings = json.loads(json.dumps(settings, default=str))
         old = read_manifest(out)
         manifest = old if old is not None and old["command"] == command else {"command": command, "model": model,

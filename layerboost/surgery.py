@@ -17,7 +17,7 @@ from .cache import install_cache_hook
 from .compat import detach_gguf_quantizer
 from .kinds import kind
 from .plan import NATIVE_WINDOW_KEY, LayerPlan, check_native, native_window
-from .util import write_json
+from .util import usual_modes, write_json
 
 @dataclass(frozen=True)
 class Architecture:
@@ -182,6 +182,7 @@ def save(model: nn.Module, out_dir: str | Path, tokenizer=None) -> Path:
         _tag_config(out / "config.json")
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    usual_modes(out)
     return out
 
 

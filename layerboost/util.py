@@ -117,6 +117,16 @@ def read_json(path: str | os.PathLike):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def usual_modes(folder: str | os.PathLike) -> None:
+    """Give the files directly in `folder` the mode a plain `open()` gives under this umask (0644 under the usual
+    022): safetensors writes its weights 0600, which left a model's weights the one file others could not read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in Path(folder).iterdir():
+        if f.is_file() and not f.is_symlink():
+            f.chmod(0o666 & ~mask)
+
+
 def write_json(path: str | os.PathLike, obj, indent: int | None = 1, **kwargs) -> Path:
     """`obj` as JSON, written atomically."""
     return atomic_write(path, json.dumps(obj, indent=indent, **kwargs) + "\n")

@@ -440,3 +440,131 @@ def test_plan_refuses_a_model_other_than_the_analysed_one(capsys, tmp_path, file
     (tmp_path / "S").write_text(json.dumps({"schema_version": 2, "sensitivity": [0.0] * 30, "layers": []}))
     fails(capsys, ["plan", "--sensitivity", tmp_path / "S", "--softmax", "2", "--none", "1", "--model", files / "model",
                    "--score", "drop", "--out", tmp_path / "p.json"], "analysed a model of 30 layers", "has 4")
+
+
+# ---- issue 36: what used to end in a traceback or an unclear line ------------------------------------------
+
+
+def test_bad_text_and_empty_paths_are_one_line(files, tmp_path, capsys, monkeypatch):
+    gen = ["generate", "--model", files / "model", "--max-new-tokens", "2"]
+    fails(capsys, [*gen, "--prompt", "w5\udcff"], "--prompt", "not UTF-8")  # the byte \xff, as Python reads it
+    fails(capsys, convert_args(files, str(tmp_path / "x\udcffy")), "--out", "not UTF-8")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.chdir(tmp_path)
+    fails(capsys, ["generate", "--model", "", "--prompt", "w5"], "--model is empty")
+    fails(capsys, convert_args(files, ""), "--out is empty")
+    fails(capsys, ["eval", "--model", files / "model", "--tasks", "piqa", "--out", ""], "--out is empty")
+    assert list(tmp_path.iterdir()) == []  # nothing written into "."
+
+
+def convert_args(files, out):
+    return ["convert", "--model", files / "model", "--plan", files / "plan.json", "--out", out]
+
+
+def test_generate_temperature_and_prompt_length(files, capsys):
+    gen = ["generate", "--model", files / "model", "--prompt"]
+    fails(capsys, [*gen, "w5", "--temperature", "1e-300"], "too small to sample with", "give 0 for greedy")
+    fails(capsys, [*gen, " ".join(["w5"] * 600)], "the prompt is 600 tokens", "context is 512", "shorten the prompt")
+    fails(capsys, [*gen, " ".join(["w5"] * 500), "--max-new-tokens", "20"], "ask for at most 12 new tokens")
+
+
+def test_eval_selection_size_zero(files, capsys):
+    fails(capsys, ["eval", "--model", files / "model", "--tasks", "piqa", "--data-dir", files / "data",
+                   "--partition", "evaluation", "--selection-size", "0"], "--selection-size", "> 0")
+
+
+@pytest.mark.parametrize("content, fragment", [(None, "cannot be read"), ("{not json", "is not valid JSON"),
+                                               ('{"base": 0.5}', "no accuracy for 'hybrid'")])
+def test_bench_eval_json_checked_before_measuring(files, tmp_path, capsys, monkeypatch, content, fragment):
+    import layerboost.cli.bench as bench_cli
+
+    if content is not None:
+        (tmp_path / "acc.json").write_text(content)
+    monkeypatch.setattr(bench_cli, "load_models", lambda *a, **k: pytest.fail("measured before reading --eval-json"))
+    fails(capsys, ["bench", "throughput", *BENCH, "--concurrency", "2", "--output", "2", "--eval-json",
+                   tmp_path / "acc.json", "--out", tmp_path / "b"], "--eval-json", fragment)
+    assert not (tmp_path / "b").exists()
+
+
+def test_heal_hub_data_offline(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fails(capsys, heal_args(files, tmp_path / "h", "hub:wikitext"), "streamed from the Hugging Face hub", "offline",
+          "local file")
+    assert not (tmp_path / "h").exists()
+
+
+def test_a_hybrid_gguf_as_model_says_which_gguf_files_are_read(files, tmp_path, capsys):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "h.gguf"), "deci")  # what `export --format gguf` writes for none layers
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    for argv in (["generate", "--model", tmp_path / "h.gguf", "--prompt", "w5"],
+                 ["eval", "--model", tmp_path / "h.gguf", "--tasks", "piqa", "--data-dir", files / "data"]):
+        fails(capsys, argv, "architecture 'deci'", "--model reads GGUF files of plain", "pass its folder")
+    help_text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
+    assert "a .gguf file of a plain" in " ".join(help_text.split())
+
+
+def test_killed_convert_folder_says_rerun_convert(files, tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main([str(a) for a in convert_args(files, out)]) == 0
+    capsys.readouterr()
+    (out / "tokenizer.json").unlink()  # killed before the tokenizer was written
+    m = json.loads((out / ".layerboost.json").read_text())
+    m["parts"]["convert"].update(state="running", pid=999999)  # no such process
+    (out / ".layerboost.json").write_text(json.dumps(m))
+    fails(capsys, ["generate", "--model", out, "--prompt", "w5"], "is incomplete", "`layerboost convert`",
+          "was killed", "run it again")
+
+
+def test_a_failed_heal_does_not_block_the_corrected_rerun(files, tmp_path, capsys):
+    from layerboost.outputs import read_manifest
+
+    out = tmp_path / "h"
+    line = fails(capsys, heal_args(files, out, files / "data" / "corpus", "--attn-lr", "1e30"), "the heal diverged",
+                 "--attn-lr", "the same --out is fine")
+    assert "--resume" not in line and "checkpoint" not in line
+    assert read_manifest(out)["parts"]["heal"]["state"] == "failed"
+    assert main([str(a) for a in heal_args(files, out, files / "data" / "corpus")]) == 0, capsys.readouterr().err
+    assert read_manifest(out)["parts"]["heal"]["state"] == "complete"
+
+
+def test_run_checks_the_heldout_text_before_the_first_stage(files, tmp_path, capsys):
+    fails(capsys, run_config(files, tmp_path), "held-out tokens asked for", "eval.heldout_tokens")
+    assert not (tmp_path / "run").exists()
+
+
+def test_empty_run_config(tmp_path, capsys):
+    (tmp_path / "empty.yaml").write_text("")
+    fails(capsys, ["run", tmp_path / "empty.yaml", "--out", tmp_path / "r"], "is empty", "default.yaml")
+    (tmp_path / "list.yaml").write_text("- a\n")
+    fails(capsys, ["run", tmp_path / "list.yaml", "--out", tmp_path / "r"], "not a mapping of settings")
+
+
+def test_interrupted_heal_names_resume(files, tmp_path):
+    import argparse
+
+    from layerboost.cli import interrupted
+
+    args = argparse.Namespace(command="heal", resume=False, out=str(tmp_path / "h"))
+    assert "run the same command again to start it" in interrupted(args)
+    (tmp_path / "h" / "heal_state" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "h" / "heal_state" / "checkpoint" / "state.json").write_text("{}")
+    assert "with --resume to continue" in interrupted(args)
+    assert "again to resume" in interrupted(argparse.Namespace(command="heal", resume=True, out=args.out))
+
+
+def test_switch_help_says_what_passing_it_does(capsys):
+    sub = build_parser()._subparsers._group_actions[0].choices
+    heal_help = {a.option_strings[0]: a.help for a in sub["heal"]._actions if a.option_strings}
+    for flag in ("--no-progress", "--no-attn-lora", "--no-attn-distill", "--no-train-attention-params",
+                 "--no-teacher-cache-blocks"):
+        assert heal_help[flag].startswith("turn off what is on by default: "), heal_help[flag]
+    text = sub["heal"].format_help()
+    assert "(default: True)" not in text
+    latency = sub["bench"]._subparsers._group_actions[0].choices["latency"].format_help()
+    description = latency.split("options:")[0].split("\n\n", 1)[1]  # after the usage lines
+    assert len(description.splitlines()) < 6 and "module by module" not in latency, description

@@ -414,3 +414,107 @@ def test_options_added_since_and_added_measurements_extend_an_output(tmp_path):
     with pytest.raises(OutputError, match=r"\(keep_retrieval, retrieval, retrieval_len differ\)"):  # no defaults
         with claim(out, "analyze", {"limit": 10}):
             pass
+
+
+# ---- issue 36: export, eval and report take the same rules ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gguf_hybrid(files):
+    """A saved hybrid whose byte-level BPE tokenizer a GGUF file can hold."""
+    import layerboost as lb
+    from test_gguf import hybrid, tokenizer
+
+    lb.save(hybrid(["softmax", "swa", "none", "softmax"]), files / "gguf_hybrid", tokenizer=tokenizer.__wrapped__())
+    return files / "gguf_hybrid"
+
+
+def export_args(model, out, fmt="gguf", *more):
+    return ["export", "--model", model, "--format", fmt, "--out", out, *more]
+
+
+def race(argvs, timeout=300):
+    """Start every command at once as real processes; their (exit status, stderr)."""
+    procs = [subprocess.Popen([*CLI, *map(str, a)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for a in argvs]
+    return [(p.wait(timeout=timeout), p.stderr.read()) for p in procs]
+
+
+@pytest.mark.slow  # starts processes
+def test_two_gguf_exports_to_one_path_race(gguf_hybrid, tmp_path):
+    out = tmp_path / "h.gguf"
+    results = race([export_args(gguf_hybrid, out)] * 2)
+    assert sorted(code for code, _ in results) == [0, 2], results
+    err = next(e for code, e in results if code == 2)
+    assert "Traceback" not in err and ("is being written by pid" in err or "exists: choose a new file name" in err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.gguf"]  # no lock or part left
+
+
+@pytest.mark.slow  # starts processes
+def test_two_evals_with_other_settings_to_one_file_race(files, tmp_path):
+    out = tmp_path / "r.json"
+    args = ["eval", "--model", files / "model", "--tasks", "piqa", "--data-dir", files / "data", "--no-progress",
+            "--out", out]
+    results = race([[*args, "--limit", "4"], [*args, "--limit", "6"]])
+    assert sorted(code for code, _ in results) == [0, 2], results
+    err = next(e for code, e in results if code == 2)
+    assert "Traceback" not in err and ("is being written by pid" in err or "with other settings" in err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_export_claims_its_output(files, gguf_hybrid, tmp_path, capsys):
+    fake_run_folder(tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+    fails(capsys, export_args(gguf_hybrid, tmp_path / "run" / "h.gguf"), "is inside", "`layerboost run`")
+    ok(capsys, convert(files, tmp_path / "m"))
+    fails(capsys, export_args(gguf_hybrid, tmp_path / "m", "transformers"), "was written by `layerboost convert`")
+    assert snapshot(tmp_path / "run") == before
+    out = tmp_path / "h.gguf"
+    ok(capsys, export_args(gguf_hybrid, out))
+    first = out.read_bytes()
+    fails(capsys, export_args(gguf_hybrid, out, "gguf", "--dtype", "f16"), "exists: choose a new file name", "--force")
+    assert out.read_bytes() == first
+    ok(capsys, export_args(gguf_hybrid, out, "gguf", "--dtype", "f16", "--force"))
+    assert out.read_bytes() != first
+
+
+def test_export_into_a_folder_it_cannot_write(gguf_hybrid, tmp_path, capsys):
+    if os.geteuid() == 0:  # root writes anywhere a mode allows nothing; /proc refuses everyone
+        where = Path("/proc/self")
+    else:
+        where = tmp_path / "ro"
+        where.mkdir(mode=0o555)
+    fails(capsys, export_args(gguf_hybrid, where / "h.gguf"), "is not writable", "choose a folder you can write to")
+
+
+def test_a_killed_exports_part_goes_with_the_next_export(gguf_hybrid, tmp_path, capsys):
+    (tmp_path / ".h.gguf.999999.part").write_bytes(b"half a file")  # left by a killed export (no such pid)
+    ok(capsys, export_args(gguf_hybrid, tmp_path / "h.gguf"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.gguf"]
+
+
+def test_weights_have_the_mode_of_every_other_file(files, tmp_path, capsys):
+    ok(capsys, convert(files, tmp_path / "m"))
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir() if p.name != LOCK}
+    assert len(set(modes.values())) == 1, modes
+
+
+def test_report_keeps_an_edited_report_and_never_writes_through_a_link(tmp_path, capsys):
+    run = tmp_path / "run"
+    fake_run_folder(run)
+    (run / "stages").mkdir()
+    ok(capsys, ["report", "--run", run])
+    ok(capsys, ["report", "--run", run])  # its own report, unchanged: rewritten
+    report = run / "report.md"
+    report.write_text(report.read_text().replace("# layerboost run report", "# my notes on this run"))
+    fails(capsys, ["report", "--run", run], "report.md was edited since layerboost wrote it", "--force")
+    assert report.read_text().startswith("# my notes")
+    ok(capsys, ["report", "--run", run, "--force"])
+    assert report.read_text().startswith("# layerboost run report")
+    target = tmp_path / "elsewhere.md"
+    target.write_text("someone's file")
+    report.unlink()
+    report.symlink_to(target)
+    fails(capsys, ["report", "--run", run], "report.md is a link", "--force")
+    ok(capsys, ["report", "--run", run, "--force"])
+    assert target.read_text() == "someone's file" and not report.is_symlink()

@@ -131,16 +131,29 @@ def plot_latency(data: dict, path: Path) -> None:
 
 def read_accuracy(path: str) -> dict[str, float]:
     """Accuracy per model from an eval JSON: {"base": 0.52, "hybrid": 0.50}, or values that are objects
-    with one of "accuracy", "acc", "average", "mean" (optionally under a top-level "models")."""
-    data = json.loads(Path(path).read_text())
-    data = data.get("models", data)
+    with one of "accuracy", "acc", "average", "mean" (optionally under a top-level "models").
+
+    Raises:
+        BenchError: the file is missing, not JSON, or holds no accuracy for one of the models.
+    """
+    from .models import BenchError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise BenchError(f"--eval-json {path} cannot be read ({getattr(e, 'strerror', None) or e}): give the "
+                         "accuracy file, e.g. {\"base\": 0.5, \"hybrid\": 0.48}") from None
+    except ValueError as e:
+        raise BenchError(f"--eval-json {path} is not valid JSON ({e}): give e.g. {{\"base\": 0.5, \"hybrid\": 0.48}}") \
+            from None
+    data = data.get("models", data) if isinstance(data, dict) else {}
     out = {}
     for n in ("base", "hybrid"):
         v = data.get(n)
         if isinstance(v, dict):
             v = next((v[k] for k in ("accuracy", "acc", "average", "mean") if k in v), None)
         if not isinstance(v, (int, float)):
-            raise ValueError(f"{path}: no accuracy for {n!r}; expected {{'base': 0.5, 'hybrid': 0.48}} or "
+            raise BenchError(f"--eval-json {path}: no accuracy for {n!r}; expected {{'base': 0.5, 'hybrid': 0.48}} or "
                              "{'base': {'accuracy': 0.5}, ...}")
         out[n] = float(v)
     return out

@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from . import analyze, bench, compare, convert, evaluate, export, generate, heal, plan, report, run, speed
-from .errors import claimed_output, normalise_argv, one_line, user_errors
+from .errors import check_text_arguments, claimed_output, normalise_argv, one_line, user_errors
 from .options import Parser
 
 COMMANDS = (convert, generate, evaluate, analyze, plan, heal, bench, run, compare, report, export, speed)
@@ -35,6 +35,19 @@ def command_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         parser = sub.choices[getattr(args, sub.dest)]
 
 
+def interrupted(args: argparse.Namespace) -> str:
+    """The line after Ctrl-C: how to go on. A heal goes on from its last checkpoint only with --resume."""
+    if args.command == "heal" and not args.resume:
+        from pathlib import Path
+
+        from ..heal.checkpoint import find_checkpoint
+
+        if find_checkpoint(Path(args.out) / "heal_state") is not None:
+            return "interrupted; the heal keeps its last checkpoint: run the same command with --resume to continue"
+        return "interrupted before the heal's first checkpoint: run the same command again to start it"
+    return "interrupted; finished work is kept: run the same command again to resume"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one sub-command. A user's mistake ends in one `error: ...` line on stderr and exit status 2, Ctrl-C
     in one line and exit status 130; `--debug` (anywhere on the command line) shows the traceback instead.
@@ -48,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args.debug = debug
     args.defaults = command_defaults(parser, args)
     try:
+        check_text_arguments(args)
         with claimed_output(args):
             return args.func(args)
     except user_errors() as e:
@@ -58,6 +72,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("error: interrupted; finished work is kept (a heal keeps its last checkpoint): run the same command "
-              "again to resume", file=sys.stderr)
+        print(f"error: {interrupted(args)}", file=sys.stderr)
         return 130

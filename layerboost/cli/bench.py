@@ -14,7 +14,7 @@ from ..util import check_writable, environment, parse_dtype
 from ..bench.measure import bench_latency, bench_throughput, log
 from ..bench.models import RANDOM_CONFIGS, SCHEMA_VERSION, load_models
 from ..bench.output import latency_table, read_accuracy, save_result, throughput_table
-from .options import RawHelpFormatter, add_device_dtype, model_fits, positive
+from .options import add_device_dtype, model_fits, positive
 
 
 def _package_doc() -> str:
@@ -36,7 +36,8 @@ def _ints(text: str) -> list[int]:
 
 def _common(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="smollm2-135m (embedded), a .gguf file, or a local HF folder (the base model)")
+    src.add_argument("--model", help="smollm2-135m (embedded), a .gguf file of a plain model (not a hybrid's), or a "
+                     "local HF folder (the base model)")
     src.add_argument("--random-config", choices=sorted(RANDOM_CONFIGS),
                      help="a random-weight model with a real checkpoint's shape (speed does not depend on weights)")
 
@@ -65,7 +66,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="bench_command", required=True)
 
     lat = sub.add_parser("latency", help="decode latency and memory vs decode length (batch 16), base vs hybrid",
-                         description=_package_doc(), formatter_class=RawHelpFormatter)
+                         description="Decode latency and memory of the base model and its hybrid at each decode "
+                         "length, measured alternately in one process (warm-up excluded, median of --repeats). How "
+                         "each number is measured: `python -m layerboost.bench --help`.")
     _common(lat)
     lat.add_argument("--batch", type=positive(), default=16, help="sequences decoded together")
     lat.add_argument("--prompt", type=positive(), default=128, help="prompt tokens")
@@ -78,7 +81,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     lat.add_argument("--profile", type=positive(zero=True), default=0, metavar="STEPS",
                      help="profile STEPS decode steps per model at the longest context")
     thr = sub.add_parser("throughput", help="tokens/s at concurrency 50/100/200, base vs hybrid",
-                         description=_package_doc(), formatter_class=RawHelpFormatter)
+                         description="Generated tokens per second of the base model and its hybrid at each "
+                         "concurrency level, measured alternately in one process. How each number is measured: "
+                         "`python -m layerboost.bench --help`.")
     _common(thr)
     thr.add_argument("--concurrency", type=_ints, default=[50, 100, 200], help="sequences in flight per level")
     thr.add_argument("--prompt", type=positive(), default=None, help="prompt tokens (default 1024)")
@@ -100,6 +105,7 @@ def run_bench_cli(args) -> int:
         check_writable(args.out)
     if args.model:
         model_fits(args.model, LayerPlan.load(args.plan) if args.plan else None, (args.window,))
+    accuracy = read_accuracy(args.eval_json) if getattr(args, "eval_json", None) else None  # before measuring
     budget = None  # CPU: the caches must fit this (GPU: out-of-memory is caught and recorded)
     if not gpu:
         if args.memory_budget_gb is not None:
@@ -133,8 +139,7 @@ def run_bench_cli(args) -> int:
         table = throughput_table(data)
     out.update(data)
     out["wall_s"] = time.perf_counter() - t0
-    table = save_result(Path(args.out), args.bench_command, out, read_accuracy(args.eval_json)
-                        if getattr(args, "eval_json", None) else None) if args.out else table
+    table = save_result(Path(args.out), args.bench_command, out, accuracy) if args.out else table
     if args.out:
         log(f"wrote {Path(args.out) / (args.bench_command + '.json')} and plots")
     print(f"{desc['name']} | {env['device']} {env['gpu'] or env['cpu']} | {env['dtype']} | threads {env['threads']} | "

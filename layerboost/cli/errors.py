@@ -47,25 +47,58 @@ def command_settings(args) -> dict:
 
 
 def claimed_output(args):
-    """Claim the command's --out before it runs (outputs.py): folders get a manifest and a lock, files are
-    checked for their writer. Commands without `writes`, an unset --out, and ranks > 0 of a launcher claim nothing."""
+    """Claim the command's --out before it runs (outputs.py): folders get a manifest and a lock, files a lock and
+    a check of their writer. `writes` is "folder", "file" (JSON that records its writer), "unmarked file" (never
+    replaced without --force), or a function of the arguments that returns one of them. Commands without
+    `writes`, an unset --out, and ranks > 0 of a launcher claim nothing."""
     import contextlib
     import os
 
-    from ..outputs import check_file, claim, written_by
+    from ..outputs import claim, claim_file, written_by
 
     writes, out = getattr(args, "writes", None), getattr(args, "out", None)
-    if writes is None or not out or int(os.environ.get("RANK", "0")) != 0:
+    writes = writes(args) if callable(writes) else writes
+    if writes is None or out is None or int(os.environ.get("RANK", "0")) != 0:
         return contextlib.nullcontext()
     settings = command_settings(args)
-    if writes == "file":
-        check_file(Path(out), args.command, settings, args.force)
+    if writes in ("file", "unmarked file"):
         args.written_by = written_by(args.command, settings)
-        return contextlib.nullcontext()
-    hint = "resume it with the settings it was made with (--resume), or " if args.command == "heal" else ""
+        return claim_file(Path(out), args.command, settings, args.force, marked=writes == "file")
+    hint, restart = "", False
+    if args.command == "heal":  # a heal resumes from its checkpoint; one that failed without one starts again
+        from ..heal.checkpoint import find_checkpoint
+
+        restart = find_checkpoint(Path(out) / "heal_state") is None
+        hint = "" if restart else "resume it with the settings it was made with (--resume), or "
     key = " ".join(x for x in (args.command, getattr(args, "bench_command", None)) if x)
     return claim(out, args.command, settings, model=getattr(args, "model", None), force=args.force, resume_hint=hint,
-                 key=key, defaults=getattr(args, "defaults", None), extends=getattr(args, "extends", None))
+                 key=key, defaults=getattr(args, "defaults", None), extends=getattr(args, "extends", None),
+                 replace_failed=restart)
+
+
+PATH_OPTIONS = ("model", "out", "plan", "data", "data_dir", "sensitivity", "run", "config", "eval_json", "analysis")
+
+
+def check_text_arguments(args) -> None:
+    """Every text argument is UTF-8 (a stray byte such as \\xff reaches Python as a lone surrogate that nothing
+    can encode), and a path option is not empty (`--out ""` would mean the current folder).
+
+    Raises:
+        UsageError: naming the option and the fix.
+    """
+    for name, value in sorted(vars(args).items()):
+        flag = "--" + name.replace("_", "-")
+        for v in value if isinstance(value, (list, tuple)) else (value,):
+            if not isinstance(v, str):
+                continue
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                shown = v.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                raise UsageError(f"{flag} {shown!r} holds bytes that are not UTF-8 text: give it in UTF-8 (rename "
+                                 "the file or folder, or fix the text's encoding)") from None
+            if name in PATH_OPTIONS and not v.strip():
+                raise UsageError(f"{flag} is empty: give a path (use . for the current folder)")
 
 
 def normalise_argv(argv: list[str]) -> tuple[list[str], bool]:

@@ -17,7 +17,9 @@ from .options import add_device_dtype, add_force, add_limit, int_list, positive
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `layerboost eval` options to a parser."""
 
-    parser.add_argument("--model", required=True, help="smollm2-135m, a .gguf file, an HF or layerboost folder, or a hub id")
+    parser.add_argument("--model", required=True, help="smollm2-135m, a .gguf file of a plain "
+                        "llama, mistral, qwen2/3 or gemma3 model (a hybrid's GGUF runs in llama.cpp only), an HF or "
+                        "layerboost folder, or a hub id")
     parser.add_argument(
         "--tasks",
         default=",".join(PAPER_TASKS),
@@ -34,7 +36,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--partition", default="all", choices=["all", "evaluation", "selection"],
                         help="score the whole split, or only the evaluation (or selection) part of the seeded "
                              "selection/evaluation partition that `analyze` and `compare` use")
-    parser.add_argument("--selection-size", type=int, default=100, help="documents per task in the selection part")
+    parser.add_argument("--selection-size", type=positive(), default=100, help="documents per task in the selection part")
     parser.add_argument("--selection-seed", type=int, default=0, help="seed of the partition")
     parser.add_argument("--mmlu-per-subject", type=int, default=None, metavar="N",
                         help="MMLU only: N items from each of its 57 subjects (seeded) instead of --limit")

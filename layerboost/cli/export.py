@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 from ..util import DTYPES
 from .options import dtype_arg
 
@@ -28,7 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("--model", required=True, help="a saved hybrid folder (layerboost convert / heal output)")
     p.add_argument("--format", required=True, choices=["transformers", "deci", "gguf"], help="output format")
     p.add_argument("--out", required=True, help="new output folder (must not exist, or be empty); for gguf a new "
-                   "file name ending in .gguf")
+                   "file name ending in .gguf (--force to replace one)")
     p.add_argument("--dtype", type=gguf_dtype_arg, default="float32", choices=list(DTYPES) + list(GGUF_ONLY_TYPES),
                    help="weights dtype written (fp32/f32, bf16, fp16/f16 are accepted too); gguf also takes q8_0")
     p.add_argument("--gguf-arch", choices=["llama", "deci", "granite_swa"], default=None,
@@ -36,20 +34,20 @@ def add_parser(sub) -> None:
                    "deci with none layers, granite_swa for softmax + swa)")
     p.add_argument("--tokenizer-pre", default=None, metavar="NAME",
                    help="gguf: llama.cpp's pre-tokenizer name for a tokenizer layerboost does not recognise")
-    p.set_defaults(func=run)
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing file, or write into a folder that other commands or files own")
+    p.set_defaults(func=run, writes=lambda args: "unmarked file" if args.format == "gguf" else "folder")
 
 
 def run(args) -> int:
     from ..export import ExportError, export
 
+    dtype = args.dtype if args.dtype in GGUF_ONLY_TYPES else DTYPES[args.dtype]
     try:
-        dtype = args.dtype if args.dtype in GGUF_ONLY_TYPES else DTYPES[args.dtype]
         out = export(args.model, args.out, format=args.format, dtype=dtype, gguf_arch=args.gguf_arch,
-                     tokenizer_pre=args.tokenizer_pre)
-    except ExportError as e:
-        for line in str(e).splitlines():
-            print(f"error: {line}", file=sys.stderr)
-        return 2
+                     tokenizer_pre=args.tokenizer_pre, overwrite=args.force)
+    except ExportError as e:  # every problem found, on the one `error:` line
+        raise ExportError("; ".join(line.strip() for line in str(e).splitlines() if line.strip())) from None
     print(f"wrote {out} ({args.format} format)")
     if args.format == "gguf":
         from ..export_gguf import describe

@@ -35,9 +35,11 @@ def add_heal_arguments(p: argparse.ArgumentParser) -> None:
         flag, text = "--" + f.name.replace("_", "-"), f.metadata["help"].replace("%", "%%")  # argparse formats help
         if f.name == "device":
             add_device_dtype(g, dtype=False)
-        elif isinstance(f.default, bool):  # a switch that is on by default is turned off by --no-NAME
-            g.add_argument(("--no-" + flag[2:]) if f.default else flag, dest=f.name, action="store_false" if f.default
-                           else "store_true", help=text)
+        elif isinstance(f.default, bool) and f.default:  # a switch that is on by default: --no-NAME turns it off
+            g.add_argument("--no-" + flag[2:], dest=f.name, action="store_false",
+                           help=f"turn off what is on by default: {text}")
+        elif isinstance(f.default, bool):
+            g.add_argument(flag, dest=f.name, action="store_true", help=text)
         else:
             default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
             kind = {"int": int, "float": float}.get(str(f.type), str)

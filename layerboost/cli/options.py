@@ -19,10 +19,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class RawHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """HelpFormatter whose description keeps its own line breaks."""
-
-
 class Parser(argparse.ArgumentParser):
     """argparse whose --help shows every default and whose errors are one `error: ...` line (exit status 2).
 
@@ -149,7 +145,8 @@ def add_force(p: argparse.ArgumentParser, writes: str) -> None:
 
 def model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="smollm2-135m (embedded), a .gguf file, a local HF or layerboost folder, or a hub id")
+                   help="smollm2-135m (embedded), a .gguf file of a plain llama, mistral, qwen2/3 or gemma3 model (a "
+                   "hybrid's GGUF runs in llama.cpp only), a local HF or layerboost folder, or a hub id")
     add_device_dtype(p)
 
 

@@ -140,10 +140,13 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
         rec["train_s"] = round(run.train_s, 3)
         run.log(rec)
         if math.isnan(rec["loss"]) or (scaler is None and math.isinf(rec["loss"])):  # diverged: stop before a checkpoint or a saved model can hold it
+            kept = find_checkpoint(run.work)
             raise HealDivergedError(
                 f"the heal diverged: stage {stage} step {step} has loss {rec['loss']} (learning rate "
-                f"{rec['lr']:.3g}); no healed model was saved and the last checkpoint ({run.work}) is from before. "
-                f"Start again with a lower --{'lr' if stage == 'kd' else stage + '-lr'} in a new --out")
+                f"{rec['lr']:.3g}); no healed model was saved"
+                + (f" (the last checkpoint, {kept}, is from before)" if kept is not None else "")
+                + f". Start again with a lower --{'lr' if stage == 'kd' else stage + '-lr'}"
+                + (" in a new --out" if kept is not None else " (the same --out is fine)"))
         run.maybe_probe(run.offset + done - n_global, run.offset + done)
         if bar is not None:
             bar.update(n_global)

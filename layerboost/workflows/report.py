@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from ..kinds import KINDS
-from ..util import read_json
+from ..util import UsageError, atomic_write, read_json
 
 
 def _span(counts: dict) -> str:
@@ -173,11 +174,54 @@ def _plan_ranking(cfg: dict, sens: dict) -> tuple[str, str]:
     return policy.score, ranking_used(sens, policy.score, policy.ranking, policy.thresholds)
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Build `report.md` in a run folder from the JSON each stage wrote (numbers are copied, not recomputed)."""
+REPORT_MARK = "<!-- written by layerboost; sha256 of the text above: {} -->"
+
+
+def _mark(text: str) -> str:
+    import hashlib
+
+    return REPORT_MARK.format(hashlib.sha256(text.encode()).hexdigest()[:16])
+
+
+def report_changed(path: Path) -> str | None:
+    """Why `path` (a run's report.md) is not layerboost's to rewrite: a link, a file without layerboost's last
+    line, or one whose text changed since (edited); None when it is missing or as written."""
+    if path.is_symlink():
+        return f"{path} is a link (to {os.readlink(path)})"
+    if not path.exists():
+        return None
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return f"{path} is not a report layerboost wrote"
+    body, _, last = text.rstrip("\n").rpartition("\n")
+    if not last.startswith(REPORT_MARK.split("{")[0]):
+        return f"{path} is not a report layerboost wrote (or an older layerboost, without its last line)"
+    if last != _mark(body + "\n"):
+        return f"{path} was edited since layerboost wrote it"
+    return None
+
+
+def write_report(run_dir: str | Path, force: bool = True) -> Path:
+    """Build `report.md` in a run folder from the JSON each stage wrote (numbers are copied, not recomputed).
+    The file ends in a line with the hash of its text, so a report edited since is known (`report_changed`);
+    it is replaced (never written through a link), and with force=False refused when `report_changed`.
+
+    Raises:
+        UsageError: force=False and report.md is a link, edited, or not layerboost's.
+    """
+    d = Path(run_dir)
+    why = None if force else report_changed(d / "report.md")
+    if why:
+        raise UsageError(f"{why}: move it away, or pass --force to replace it")
+    text = report_text(d)
+    return atomic_write(d / "report.md", text + _mark(text) + "\n")
+
+
+def report_text(d: Path) -> str:
+    """report.md's text, from the stage outputs in run folder `d`."""
     import yaml
 
-    d = Path(run_dir)
     lines = [f"# layerboost run report: `{d.name}`", ""]
     cfg_path = d / "config.yaml"
     cfg = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -270,6 +314,4 @@ def write_report(run_dir: str | Path) -> Path:
     if not envs:
         lines.append("- not recorded (stage records written before layerboost recorded environments)")
     lines.append("")
-    out = d / "report.md"
-    out.write_text("\n".join(lines))
-    return out
+    return "\n".join(lines)

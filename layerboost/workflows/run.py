@@ -265,6 +265,12 @@ def load_config(cls, path_or_name: str, shipped: list[str]):
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    if data is None:
+        raise ConfigError(f"config {path} is empty: write its settings (start from a copy of {CONFIG_DIR / 'default.yaml'}), "
+                          "or give no config to run the shipped default")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} holds a YAML {type(data).__name__}, not a mapping of settings (model: ..., "
+                          f"plan: ...): start from a copy of {CONFIG_DIR / 'default.yaml'}")
     return cls.from_dict(data)
 
 
@@ -376,7 +382,7 @@ def check_before_work(cfg: RunConfig) -> None:
         ConfigError, ModelLoadError, TrainingDataError, UsageError: naming the problem.
     """
     from ..util import check_writable
-    from ..corpus import documents
+    from ..corpus import check_heldout, documents
     from ..models import model_config
     from ..plan import check_fits
 
@@ -407,6 +413,8 @@ def check_before_work(cfg: RunConfig) -> None:
             raise ConfigError("analyze.iterative / plan.ranking: " + "; ".join(problems))
     if cfg.heal.enabled or cfg.eval.heldout_tokens:
         documents(heal_data(cfg.heal.data, cfg.data_dir), seed=0, data_dir=cfg.data_dir)
+    if cfg.eval.heldout_tokens:  # eval reads it after healing: too little text must fail now
+        check_heldout(heal_data(cfg.heal.data, cfg.data_dir), cfg.eval.heldout_tokens)
 
 
 def analyze_windows(cfg: RunConfig) -> list[int]:

@@ -107,7 +107,7 @@ class LayerPlan:
 
     @classmethod
     def from_dict(cls, data: dict, num_layers: int | None = None) -> "LayerPlan":
-        if not isinstance(data, dict) or "layers" not in data:
+        if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
             raise PlanError("a plan must be a JSON object with a 'layers' list (and 'schema_version')")
         version = data.get("schema_version", SCHEMA_VERSION)
         if version != SCHEMA_VERSION:

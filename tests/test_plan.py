@@ -69,3 +69,9 @@ def test_target_llama_cpp_keeps_attention_in_layer_0_and_refuses_what_it_cannot_
     assert {s.kind for s in ok.layers} == {"softmax", "swa"}
     with pytest.raises(PlanError, match="target 'vllm' must be one of"):
         make_plan(PlanPolicy("counts", softmax=3, swa=3, none=0, target="vllm"), scores)
+
+
+def test_a_plan_whose_layers_are_not_a_list_is_one_clear_error():
+    for bad in ({"schema_version": 1, "layers": None}, {"schema_version": 1, "layers": "swa"}, {"layers": 3}, []):
+        with pytest.raises(PlanError, match="a JSON object with a 'layers' list"):
+            LayerPlan.from_dict(bad)

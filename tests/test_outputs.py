@@ -188,9 +188,8 @@ def test_a_second_writer_fails_at_once_naming_the_holder(files, tmp_path, capsys
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        t0 = time.perf_counter()
         fails(capsys, convert(files, out), f"is being written by pid {holder.pid} (layerboost heal)", "wait for it")
-        assert time.perf_counter() - t0 < 10
+        assert holder.poll() is None  # refused while the holder still holds it: the writer did not wait for the lock
     finally:
         holder.kill()
         holder.wait()

@@ -542,6 +542,21 @@ def test_the_long_budget_schedule_note():
     assert cli.schedule_note(HealConfig(tokens="2M", lr=1e-3)) is None
 
 
+def test_hints_link_to_sections_that_exist(monkeypatch):
+    """The heal hints quote no numbers; they link to the section that holds them, and that section exists."""
+    import re
+
+    import layerboost.cli.heal as cli
+    from layerboost.heal import HealConfig
+
+    doc = Path(__file__).resolve().parents[1] / cli.HEALING_DOC
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-") for h in
+               re.findall(r"^#+ (.+)$", doc.read_text(), flags=re.M)}
+    monkeypatch.setattr(cli, "allocator", lambda: "glibc")
+    for note in (cli.allocator_note("cpu"), cli.schedule_note(HealConfig(tokens="2M"))):
+        assert cli.HEALING_DOC in note and note.split("#")[-1].rstrip(")") in anchors
+
+
 def test_a_diverging_heal_stops_and_saves_no_model(tmp_path):
     """A loss that goes to NaN / inf ends the heal with HealDivergedError before anything is saved as healed; a
     non-finite learning rate or clipping norm is refused before any work."""

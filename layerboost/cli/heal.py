@@ -71,28 +71,30 @@ def _check_before_loading(args: argparse.Namespace, cfg: HealConfig) -> None:
     documents(str(args.data), seed=cfg.seed, data_dir=cfg.data_dir, segment_chars=cfg.segment_chars)
 
 
+HEALING_DOC = "docs/experiments/healing.md"
+
+
 def allocator_note(device: str) -> str | None:
     """A hint for healing on CPU with the C library's malloc, which hands freed buffers back to the kernel and
-    faults them in again at every step (measured in docs/experiments/healing.md). jemalloc keeping freed memory
-    avoids that, but in five long heals here it kept growing to 12-24 GB (0.6-2.5 GB in use where measured), so
-    the hint gives both sides and does not choose."""
+    faults them in again at every step. jemalloc keeping freed memory avoids that but can grow without bound, so
+    the hint gives both sides and does not choose; the measurements live in the linked section, not here."""
     if not device.startswith("cpu") or allocator() != "glibc":
         return None
-    return ("heal: note: on CPU, healing ran 1.3x-2.3x faster with jemalloc keeping its memory "
-            "(apt install libjemalloc2; LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 "
-            "layerboost heal ...), but in 5 of our long heals it grew to 12-24 GB (0.6-2.5 GB in use where measured): "
-            "run it under a memory limit; a killed heal continues with --resume (see the guide)")
+    return ("heal: note: on CPU, healing ran faster with jemalloc keeping its memory (apt install libjemalloc2; "
+            "LD_PRELOAD=libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 layerboost heal ...), but in "
+            "long heals its memory grew to many times what was in use: run it under a memory limit; a killed heal "
+            f"continues with --resume ({HEALING_DOC}#healing-on-a-cpu-the-c-allocator-2026-12-05)")
 
 
 def schedule_note(cfg: HealConfig) -> str | None:
-    """A hint when a stage 2 of 1M tokens or more runs the default schedule (cosine from 3e-3, chosen at 67k
-    tokens): at 1M, linear decay from the same peak ended lower in held-out KL (docs/experiments/healing.md,
-    the stage-2 schedule study). One small model and two seeds, so it is a hint, not a new default."""
+    """A hint when a stage 2 of 1M tokens or more runs the default schedule (cosine from 3e-3, chosen at a short
+    budget): at 1M, linear decay from the same peak ended lower in held-out KL. One small model and two seeds, so
+    it is a hint, not a new default; the numbers live in the linked section."""
     if cfg.stage_tokens["kd"] < 1_000_000 or cfg.schedule != "cosine" or cfg.lr != 3e-3:
         return None
     return ("heal: note: for a stage 2 of 1M tokens or more, consider --schedule linear: at 1M tokens it ended lower in "
-            "held-out KL than this default (cosine) in both seeds measured, by 0.006 and, where cosine spiked at its "
-            "high rate, 0.069 nats/token (SmolLM2-135M; docs/experiments/healing.md)")
+            f"held-out KL than this default (cosine) in both seeds measured ({HEALING_DOC}"
+            "#the-stage-2-schedule-for-long-budgets)")
 
 
 def run_heal_cli(args: argparse.Namespace) -> int:

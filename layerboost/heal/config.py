@@ -37,9 +37,8 @@ class HealConfig:
     """Every healing setting, each with its meaning (`dataclasses.fields(HealConfig)[i].metadata["help"]`, the one
     home `layerboost heal --help` reads too). Construction parses budgets (`"10M"`) and validates everything at once.
 
-    Defaults measured by scripts/bench_heal_recipes.py (docs/experiments/healing.md): stage-2 lr 3e-3
-    reached the old recipe's (lr 2e-4) final held-out KL in about a quarter of the time, 5e-3 broke down; rows of
-    256 tokens healed better than 512 at equal tokens; 40% attention transfer and the block stage did not pay.
+    The defaults were chosen by scripts/bench_heal_recipes.py; what was measured and why is in
+    docs/experiments/healing.md#healing-recipes-time-to-quality.
     """
 
     tokens: int | str = _f(PAPER_TOKENS, "total token budget of both stages (input tokens of packed rows), e.g. "

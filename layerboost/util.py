@@ -89,13 +89,6 @@ def check_writable(path, what: str = "--out", folder: bool = True) -> None:
         raise UsageError(f"{what} {path} is not writable ({e.strerror} in {parent}): choose a folder you can write to") from e
 
 
-def check_new_folder(path, what: str = "--out") -> None:
-    """A writable output folder that holds no model yet: nothing a user made is overwritten."""
-    check_writable(path, what)
-    if (Path(path) / "config.json").is_file():
-        raise UsageError(f"{what} {path} already holds a model (config.json): choose a new folder, or delete it first")
-
-
 def atomic_write(path: str | os.PathLike, data: str | bytes | Callable[[Path], None]) -> Path:
     """Write `data` (text, bytes, or a function that writes the file it is given) to a temporary file beside
     `path`, then rename it over `path`: a killed writer leaves the old file or the new one, never half of one."""

@@ -256,3 +256,23 @@ def test_accuracy_dtype_changes_until_a_row_is_scored(tiny_dir, tmp_path, one_th
     cfg = tiny_compare(tiny_dir, out, rows=["base", "converted"])
     with pytest.raises(ConfigError, match=r"other settings \(eval\)"):
         C.compare(cfg, log=lambda *a: None)
+
+
+def test_comparison_plans_are_placed_as_every_plan_is():
+    """Rows are placed through plan.make_plan: on a model whose local layers slide natively (Gemma 3), no row asks
+    such a layer for softmax or a wider window, the sensitivity rows included (issue 37)."""
+    from layerboost.workflows.compare.rows import row_plans
+
+    types = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    config = tiny_model("gemma3", layers=6, layer_types=types, window=8).config
+    kl = [0.6, 0.1, 0.9, 0.2, 0.5, 0.8]
+    sens = {"n_layers": 6, "sensitivity": [0.0] * 6, "sensitivity_margin": [0.0] * 6,
+            "proxies": {"kl": kl, "cosine": kl[::-1]}}
+    cfg = tiny_compare("unused", "unused", rows=["base", "converted", "pattern", "random", "lolcats", "llm_drop"])
+    cfg.window = 16  # wider than the native window of 8
+    for name, (plan, mode, desc) in row_plans(cfg, sens, config).items():
+        if plan is None or isinstance(plan, str):  # the base; "median": the random seed chosen after measuring
+            continue
+        for i, spec in enumerate(plan.layers):
+            if types[i] == "sliding_attention":
+                assert spec.kind != "softmax" and (spec.window or 0) <= 8, (name, i, spec)

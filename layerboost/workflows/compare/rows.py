@@ -12,14 +12,25 @@ def plan_hash(plan) -> str:
     return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def row_plans(cfg: CompareConfig, sens: dict, n_layers: int, iterative_plan=None) -> dict:
-    """name -> (plan or None, heal mode or None, description) for every row to run, in order."""
+def row_plans(cfg: CompareConfig, sens: dict, config, iterative_plan=None) -> dict:
+    """name -> (plan or None, heal mode or None, description) for every row to run, in order. Every plan is placed
+    for the model `config` describes as any other plan is (plan.make_plan: a layer that slides natively keeps its
+    own window)."""
     from ... import plan as P
-    from ...plan import LayerPlan, LayerSpec
+    from ...plan import LayerPlan, LayerSpec, PlanPolicy
     from ...sensitivity import plan_scores
 
+    n_layers = config.num_hidden_layers
+
+    def counts(scores, softmax, swa, none):
+        pol = PlanPolicy("counts", softmax=softmax, swa=swa, none=none, window=cfg.window, ranking="one-shot")
+        return P.make_plan(pol, scores, config)
+
+    def placed(plan):  # a fixed layout (random, pattern, every layer linear) capped like a placed one
+        return P.cap_to_native(plan, config)[0]
+
     def by(score):  # one-shot: the iterative signal is its own row
-        return P.plan_by_counts(plan_scores(sens, score, "one-shot"), cfg.softmax, cfg.swa, cfg.none, cfg.window)
+        return counts(plan_scores(sens, score, "one-shot"), cfg.softmax, cfg.swa, cfg.none)
 
     main = by(cfg.score)
     rows: dict = {}
@@ -34,21 +45,21 @@ def row_plans(cfg: CompareConfig, sens: dict, n_layers: int, iterative_plan=None
             rows[r] = (main, "kd", f"sensitivity plan ({cfg.score}), logit distillation only")
         elif r == "random":
             for s in cfg.random_seeds:
-                rows[f"random_s{s}"] = (P.plan_random(n_layers, cfg.softmax, cfg.swa, cfg.none, s, cfg.window), None,
+                rows[f"random_s{s}"] = (placed(P.plan_random(n_layers, cfg.softmax, cfg.swa, cfg.none, s, cfg.window)), None,
                                         f"random placement, seed {s}, unhealed (held-out text only)")
             rows["random"] = ("median", "both", "random placement (seed with the median unhealed KL), healed")
         elif r == "pattern":
-            rows[r] = (P.plan_pattern(n_layers, cfg.softmax, cfg.swa, cfg.none, cfg.window), "both",
+            rows[r] = (placed(P.plan_pattern(n_layers, cfg.softmax, cfg.swa, cfg.none, cfg.window)), "both",
                        "interleaved pattern, healed")
         elif r in ("lolcats", "lolcats_gate"):
             mix = "lolcats" if r == "lolcats" else "gate"
             spec = LayerSpec("linear_swa", cfg.linear_window, cfg.linear_feature_dim, mix)
-            rows[r] = (LayerPlan((spec,) * n_layers), "both",
+            rows[r] = (placed(LayerPlan((spec,) * n_layers)), "both",
                        f"every layer linear_swa (window {cfg.linear_window}, feature dim {cfg.linear_feature_dim}, "
                        f"mix {mix}), healed")
         elif r == "llm_drop":
             scores = plan_scores(sens, "cosine", "one-shot")
-            rows[r] = (P.plan_by_counts(scores, n_layers - cfg.none, 0, cfg.none, cfg.window), "both",
+            rows[r] = (counts(scores, n_layers - cfg.none, 0, cfg.none), "both",
                        f"{cfg.none} attention-free layers by the cosine proxy, the rest softmax, healed")
         elif split_seed(r)[1] is not None:
             base, seed = split_seed(r)
@@ -81,4 +92,5 @@ def iterative_plan(model, tok, cfg: CompareConfig, out: Path):
                                                seed=0, partition=part))
     hist = remove_iteratively(model, cfg.score, cfg.none, items=items, calib=calib, out_dir=out)
     scores = iterative_scores(hist, len(model.model.layers))
-    return P.plan_by_counts(scores, cfg.softmax, cfg.swa, cfg.none, cfg.window)
+    pol = P.PlanPolicy("counts", softmax=cfg.softmax, swa=cfg.swa, none=cfg.none, window=cfg.window, ranking="one-shot")
+    return P.make_plan(pol, scores, model.config)

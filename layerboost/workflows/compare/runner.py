@@ -267,9 +267,8 @@ class Comparison:
         if c.threads:
             torch.set_num_threads(c.threads)
         sens = self.analysis()
-        n_layers = sens["n_layers"]
         it_plan = iterative_plan(self.base, self.tok, c, self.dir / "iterative") if "signal_iterative" in c.rows else None
-        plans = row_plans(c, sens, n_layers, it_plan)
+        plans = row_plans(c, sens, self.base.config, it_plan)
         results, todo = {}, []
         for name, (plan, mode, desc) in plans.items():
             if plan == "same":

@@ -9,7 +9,6 @@ resume inside themselves.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -20,6 +19,7 @@ from typing import Any
 import yaml
 
 from ..evaluate.tasks import PAPER_TASKS
+from ..outputs import settings_hash
 from ..plan import LayerPlan, PlanError, PlanPolicy, make_plan
 from ..util import UsageError, dtype_name, environment, parse_dtype, resolve_device, write_json
 
@@ -312,10 +312,6 @@ def _type_ok(annotation: str, value) -> bool:
 # ---- stage bookkeeping ----------------------------------------------------------------------------
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _iterative_inputs(c: RunConfig) -> list:
     """The plan settings the analysis' iterative mode depends on: its score, and (auto) the settings that set
     the plan's attention-free count. None with the mode off, so such a run's analyze hash stays as it was."""
@@ -349,7 +345,7 @@ class Run:
             "report": [],
         }[stage]
         upstream = [self.hashes[s] for s in STAGES[: STAGES.index(stage)] if s in self.hashes]
-        return _hash([c.model, c.dtype, own, upstream])
+        return settings_hash([c.model, c.dtype, own, upstream])
 
     def record(self, stage: str) -> dict | None:
         f = self.dir / "stages" / f"{stage}.json"

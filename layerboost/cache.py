@@ -1,164 +1,22 @@
-"""A heterogeneous per-layer KV cache for hybrid models.
-
-    softmax     FullLayer         keys/values grow with every token
-    swa         WindowLayer       only the last `window` keys/values (bounded)
-    linear_swa  LinearWindowLayer the last `window` keys/values + an fp32 linear-attention state
-    none        EmptyLayer        nothing (only counts tokens)
-
-Every layer counts the tokens it has seen, so sequence length and positions never depend on
-which kind layer 0 is (transformers reads layer 0 by default; an empty layer 0 would say 0).
-Masks are sized to every position seen (`get_mask_sizes`); windowed layers use the last columns.
+"""A heterogeneous per-layer KV cache for hybrid models: one cache layer per decoder layer, of the kind the
+plan gives it (each kind's module in layerboost/kinds/ defines its layer; every layer counts the tokens it
+has seen, so positions never depend on which kind layer 0 is).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 
 from .compat import CACHE_KWARGS
 from .kinds import kind
+from .kinds.common import CountingLayer
 from .plan import LayerPlan
 
 
-class _CountingLayer(CacheLayerMixin):
-    """Shared bookkeeping: `seen` = tokens this layer has processed."""
-
-    is_sliding = False  # masks must span every position; windowed layers cut them themselves
-    is_croppable = False
-
-    def __init__(self):
-        super().__init__()
-        self.seen = 0
-
-    def lazy_initialization(self, key_states, value_states):
-        self.device, self.is_initialized = key_states.device, True
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.keys, self.values) if t is not None]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
-    def reset(self) -> None:
-        self.keys = self.values = None
-        self.seen = 0
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for name in ("keys", "values", "state", "normalizer"):
-            t = getattr(self, name, None)
-            if t is not None:
-                setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        for name in ("keys", "values", "state", "normalizer"):
-            t = getattr(self, name, None)
-            if t is not None:
-                setattr(self, name, t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for name in ("keys", "values", "state", "normalizer"):
-            t = getattr(self, name, None)
-            if t is not None:
-                setattr(self, name, t[indices, ...])
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError(
-            f"{type(self).__name__} cannot roll back tokens (assisted/speculative decoding is not supported "
-            "by layerboost hybrid caches)"
-        )
-
-
-class FullLayer(_CountingLayer):
-    """softmax layers: (B, nkv, T, hs) keys and values that grow."""
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if self.keys is None:
-            self.keys, self.values = key_states, value_states
-        else:
-            self.keys = torch.cat([self.keys, key_states], dim=-2)
-            self.values = torch.cat([self.values, value_states], dim=-2)
-        self.is_initialized = True
-        self.seen += key_states.shape[-2]
-        return self.keys, self.values
-
-
-class WindowLayer(_CountingLayer):
-    """swa layers: keep the last `window` keys/values.
-
-    `update` returns the kept keys followed by the new ones (so a query can see its whole window
-    even in a multi-token prefill), then keeps only the last `window`.
-    """
-
-    def __init__(self, window: int):
-        super().__init__()
-        self.window = window
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        if self.keys is None:
-            k_all, v_all = key_states, value_states
-        else:
-            k_all = torch.cat([self.keys, key_states], dim=-2)
-            v_all = torch.cat([self.values, value_states], dim=-2)
-        # .contiguous() copies the kept slice so the long prefill tensors can be freed.
-        self.keys = k_all[..., -self.window :, :].contiguous()
-        self.values = v_all[..., -self.window :, :].contiguous()
-        self.is_initialized = True
-        self.seen += key_states.shape[-2]
-        return k_all, v_all
-
-
-class LinearWindowLayer(WindowLayer):
-    """linear_swa layers: the window plus `state` (B, nh, F, hs) and `normalizer` (B, nh, F), fp32.
-
-    The attention module folds the keys that leave the window into the state (`fold`).
-    """
-
-    def __init__(self, window: int):
-        super().__init__(window)
-        self.state: torch.Tensor | None = None
-        self.normalizer: torch.Tensor | None = None
-
-    def fold(self, d_state: torch.Tensor, d_normalizer: torch.Tensor) -> None:
-        if self.state is None:
-            self.state, self.normalizer = d_state.float(), d_normalizer.float()
-        else:
-            self.state = self.state + d_state
-            self.normalizer = self.normalizer + d_normalizer
-
-    def tensors(self) -> list[torch.Tensor]:
-        return super().tensors() + [t for t in (self.state, self.normalizer) if t is not None]
-
-    def reset(self) -> None:
-        super().reset()
-        self.state = self.normalizer = None
-
-
-class EmptyLayer(_CountingLayer):
-    """Cacheless layers (none): no attention, nothing stored; `advance` keeps the token count."""
-
-    def advance(self, n_tokens: int) -> None:
-        self.seen += n_tokens
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        raise RuntimeError("an attention-free layer has no keys or values to cache")
-
-
-CACHE_LAYERS = {"full": lambda spec: FullLayer(), "window": lambda spec: WindowLayer(spec.window),
-                "linear_window": lambda spec: LinearWindowLayer(spec.window), None: lambda spec: EmptyLayer()}
-
-
-def make_cache_layer(spec) -> _CountingLayer:
-    """The cache layer for the cache type of `spec`'s kind (kinds.py)."""
-    return CACHE_LAYERS[kind(spec.kind).cache](spec)
+def make_cache_layer(spec) -> CountingLayer:
+    """The cache layer `spec`'s kind keeps (its record's `cache_layer`)."""
+    return kind(spec.kind).cache_layer(spec)
 
 
 class HybridCache(Cache):
@@ -183,12 +41,8 @@ class HybridCache(Cache):
 
 
 def expected_cache_bytes(plan: LayerPlan, config, batch: int, seq_len: int, dtype=torch.float32) -> int:
-    """Bytes a `HybridCache` holds after `seq_len` tokens (the formula the tests check).
-
-    softmax: 2 * B * nkv * T * hs * bytes; swa: 2 * B * nkv * min(T, W) * hs * bytes;
-    linear_swa: the swa window + fp32 state B * nh * F * hs + normaliser B * nh * F (F = 2 * feature_dim);
-    none: 0.
-    """
+    """Bytes a `HybridCache` holds after `seq_len` tokens (the formula the tests check): per layer,
+    2 * B * nkv * (the kind's cached tokens) * hs * bytes + B * (the kind's running-state bytes)."""
     nh, nkv = config.num_attention_heads, config.num_key_value_heads
     hs = getattr(config, "head_dim", None) or config.hidden_size // nh
     el = torch.empty((), dtype=dtype).element_size()

@@ -9,14 +9,9 @@ exactly the HF forward) and copies what each layer keeps into preallocated buffe
 The position is a (1,) tensor that stays on the device, so no tensor shape depends on it and the
 step never synchronises with the host: `torch.compile` (CUDA graphs on a GPU) captures it once.
 
-    softmax     FullKV         (B, nkv, Tmax, hs) keys and values, token t written at slot t;
-                               attention reads the first `span` slots under the mask slot <= t
-    swa         WindowKV       a ring of W slots, token t at slot t % W; attention reads every
-                               slot under the same mask (slot j is filled once t >= j)
-    linear_swa  LinearWindowKV the ring + fp32 state S (B, nh, F, hs) and normaliser z (B, nh, F);
-                               the key in the slot about to be overwritten (position t - W) is
-                               folded into S, z first (times 0 while t < W: no branch on t)
-    none        nothing        the layer's attention and input norm are skipped
+Each layer's buffers and decode step come from its kind (layerboost/kinds/<kind>.py: the record's
+`decode_buffers`, e.g. softmax's FullKV, swa's ring); a kind without buffers (`none`) skips the layer's
+attention sublayer and its input norm.
 
 `span` (default `max_seq_len`) is the number of slots the softmax layers read. It changes only
 when the caller sets it; a step with span n costs what a step of an engine sized for n tokens
@@ -27,83 +22,21 @@ Decoding reuses the model's embeddings, norms, MLPs, q/k/v/o projections (and Qw
 q_norm/k_norm), rotary tables and lm_head, so greedy tokens equal `model.generate(do_sample=False)`
 (tests/test_engine.py), eager and compiled.
 
-Shapes: B batch, T tokens, nh query heads, nkv key/value heads, G = nh // nkv, hs head size,
-F linear-attention features. Prompts must have equal length (no padding): benchmarks use
-equal-length prompts, and a padding mask raises `ValueError`.
+Shapes: B batch, T tokens, nh query heads, nkv key/value heads, hs head size. Prompts must have equal
+length (no padding): benchmarks use equal-length prompts, and a padding mask raises `ValueError`.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .attention import LinearSlidingWindowAttention, repeat_kv
-from .cache import FullLayer, HybridCache, LinearWindowLayer, WindowLayer, expected_cache_bytes
-from .compat import apply_rope
+from .cache import HybridCache, expected_cache_bytes
 from .kinds import kind
-from .plan import LayerSpec, native_plan
+from .kinds.common import DecodeShape
+from .plan import native_plan
 from .runner import DecoderRunner
-from .surgery import UnsupportedModelError, plan_of
-
-
-class FullKV(nn.Module):
-    """softmax layers: every token's keys and values, (B, nkv, Tmax, hs)."""
-
-    def __init__(self, b, nkv, tmax, hs, dtype, device):
-        super().__init__()
-        self.register_buffer("k", torch.zeros(b, nkv, tmax, hs, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(b, nkv, tmax, hs, dtype=dtype, device=device), persistent=False)
-
-    def load(self, layer: FullLayer) -> None:
-        n = layer.keys.shape[-2]
-        self.k[:, :, :n].copy_(layer.keys)
-        self.v[:, :, :n].copy_(layer.values)
-
-    def held_bytes(self, n_tokens: int) -> int:
-        return 2 * self.k[:, :, :n_tokens].numel() * self.k.element_size()
-
-
-class WindowKV(nn.Module):
-    """swa layers: a ring buffer of `slots` = min(W, Tmax) positions, token t at slot t % slots."""
-
-    def __init__(self, b, nkv, slots, hs, dtype, device):
-        super().__init__()
-        self.slots = slots
-        self.register_buffer("k", torch.zeros(b, nkv, slots, hs, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(b, nkv, slots, hs, dtype=dtype, device=device), persistent=False)
-
-    def load(self, layer: WindowLayer) -> None:
-        n = layer.keys.shape[-2]  # the last min(seen, W) tokens, oldest first
-        pos = torch.arange(layer.seen - n, layer.seen, device=self.k.device)
-        self.k[:, :, pos % self.slots] = layer.keys
-        self.v[:, :, pos % self.slots] = layer.values
-
-    def held_bytes(self, n_tokens: int) -> int:
-        return 2 * self.k[:, :, : min(n_tokens, self.slots)].numel() * self.k.element_size()
-
-
-class LinearWindowKV(WindowKV):
-    """linear_swa layers: the ring plus the fp32 linear-attention state of every older token."""
-
-    def __init__(self, b, nkv, slots, hs, dtype, device, nh, features):
-        super().__init__(b, nkv, slots, hs, dtype, device)
-        self.register_buffer("state", torch.zeros(b, nh, features, hs, dtype=torch.float32, device=device),
-                             persistent=False)
-        self.register_buffer("normalizer", torch.zeros(b, nh, features, dtype=torch.float32, device=device),
-                             persistent=False)
-
-    def load(self, layer: LinearWindowLayer) -> None:
-        super().load(layer)
-        if layer.state is None:
-            self.state.zero_()
-            self.normalizer.zero_()
-        else:
-            self.state.copy_(layer.state)
-            self.normalizer.copy_(layer.normalizer)
-
-    def held_bytes(self, n_tokens: int) -> int:
-        return super().held_bytes(n_tokens) + (self.state.numel() + self.normalizer.numel()) * 4
+from .surgery import plan_of
 
 
 class CompileError(RuntimeError):
@@ -125,7 +58,7 @@ class Engine:
             recompile limit to 64.
 
     Raises:
-        UnsupportedModelError: unknown architecture, or a kind without engine buffers.
+        UnsupportedModelError: unknown architecture.
         CompileError (at the first decode step): inductor cannot compile here.
     """
 
@@ -140,21 +73,16 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         self.nh, self.nkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.hs = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.nh
-        self.groups = self.nh // self.nkv
         arch = self.runner.arch
         # The decoder layer's norms around each sublayer (Gemma 3 also normalises each sublayer's output)
         self.norms = [(layer.input_layernorm, getattr(layer, arch.mlp_in_norm),
                        getattr(layer, arch.attn_out_norm) if arch.attn_out_norm else None,
                        getattr(layer, arch.mlp_out_norm) if arch.mlp_out_norm else None) for layer in self.layers]
-        self.caches: list[nn.Module | None] = [self._make_cache(s, layer.self_attn) for s, layer
-                                               in zip(self.plan.layers, self.layers)]
-        # A cacheless kind other than `none` adds an output of its own (a function of the token's own state):
-        # its module provides `self_attn.decode(x)`; `none` adds nothing and is skipped.
-        self.own_output = [c is None and s.kind != "none" for s, c in zip(self.plan.layers, self.caches)]
-        missing = [f"layer {i} ({s.kind})" for i, (s, own, layer) in enumerate(zip(self.plan.layers, self.own_output,
-                   self.layers)) if own and not hasattr(layer.self_attn, "decode")]
-        if missing:
-            raise UnsupportedModelError("the engine cannot decode " + ", ".join(missing) + ": no self_attn.decode()")
+        shape = DecodeShape(batch_size, max_seq_len, self.nh, self.nkv, self.hs, self.dtype, self.device)
+        # Each layer's buffers and decode step, from its kind; None: the layer's attention sublayer is skipped
+        self.caches: list[nn.Module | None] = [
+            None if (make := kind(s.kind).decode_buffers) is None else make(s, layer.self_attn, shape)
+            for s, layer in zip(self.plan.layers, self.layers)]
         # Rotary tables for every position, computed once by the model's own rotary module: (1, Tmax, hs),
         # one pair per layer type where the family has several (`rope_of[i]` names layer i's)
         pos = torch.arange(max_seq_len, device=self.device)
@@ -169,21 +97,6 @@ class Engine:
         self.span = max_seq_len
         self.graphs = compile and self.device.type == "cuda"  # CUDA graphs replay into reused output buffers
         self._run = self._compile() if compile else self._step
-
-    def _make_cache(self, spec: LayerSpec, attn):
-        """Static buffers for the cache type of the layer's kind (kinds.py); None for cacheless kinds."""
-        b, t, args = self.batch_size, self.max_seq_len, (self.dtype, self.device)
-        cache = kind(spec.kind).cache
-        if cache == "full":
-            return FullKV(b, self.nkv, t, self.hs, *args)
-        if cache == "window":
-            return WindowKV(b, self.nkv, min(spec.window, t), self.hs, *args)
-        if cache == "linear_window":
-            features = attn.feature_map_q.weight.shape[-1] * 2
-            return LinearWindowKV(b, self.nkv, min(spec.window, t), self.hs, *args, nh=self.nh, features=features)
-        if cache is not None:
-            raise UnsupportedModelError(f"the engine has no buffers for cache type {cache!r} (kind {spec.kind!r})")
-        return None
 
     def _compile(self):
         if self.graphs:  # CUDA graphs need the tensors the step reads and writes at fixed addresses
@@ -218,13 +131,12 @@ class Engine:
 
     def weight_bytes(self) -> int:
         """Bytes of the parameters one decode step reads: every layer's MLP and post-attention norm,
-        attention (or its own output module) and input norm unless the layer is `none`, the final norm and the LM head
-        (a tied embedding counted once; the B embedding rows gathered are left out)."""
+        attention and input norm where the layer's kind has decode buffers (not `none`), the final norm and the LM
+        head (a tied embedding counted once; the B embedding rows gathered are left out)."""
         mods = [self.decoder.norm, self.model.lm_head]
-        for layer, cache, own, (in_norm, mlp_norm, attn_out, mlp_out) in zip(self.layers, self.caches, self.own_output,
-                                                                           self.norms):
+        for layer, cache, (in_norm, mlp_norm, attn_out, mlp_out) in zip(self.layers, self.caches, self.norms):
             mods += [layer.mlp, mlp_norm] + ([mlp_out] if mlp_out is not None else [])
-            if cache is not None or own:
+            if cache is not None:
                 mods += [layer.self_attn, in_norm] + ([attn_out] if attn_out is not None else [])
         params = {id(p): p for m in mods for p in m.parameters()}
         return sum(p.numel() * p.element_size() for p in params.values())
@@ -265,86 +177,16 @@ class Engine:
         return self.runner.logits(h[:, -1:])[:, 0]
 
     # ---- decode ---------------------------------------------------------------------------------
-    def _qkv(self, attn, x, cos, sin):
-        """q (B, nh, 1, hs), k and v (B, nkv, 1, hs) for one new token, RoPE applied."""
-        b = x.shape[0]
-        q = attn.q_proj(x).view(b, 1, self.nh, self.hs)
-        k = attn.k_proj(x).view(b, 1, self.nkv, self.hs)
-        v = attn.v_proj(x).view(b, self.nkv, 1, self.hs)  # T = 1: (B, 1, nkv, hs) has the same layout
-        if getattr(attn, "q_norm", None) is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rope(q.view(b, self.nh, 1, self.hs), k.view(b, self.nkv, 1, self.hs), cos, sin)
-        return q, k, v
-
-    def _attend(self, q, k, v, mask, scale):
-        """Grouped softmax attention of one query per head over n slots: q (B, nh, 1, hs), k/v (B, nkv, n, hs),
-        mask (n,) bool (True: the slot holds a visible token).
-
-        The G query heads sharing a kv head become G query rows (no key/value copies).
-        """
-        b = q.shape[0]
-        y = F.scaled_dot_product_attention(q.reshape(b, self.nkv, self.groups, self.hs), k, v,
-                                           attn_mask=mask.view(1, 1, 1, -1), scale=scale)
-        return y.reshape(b, 1, self.nh * self.hs)
-
-    def _linear_attend(self, attn: LinearSlidingWindowAttention, cache: LinearWindowKV, q, mask):
-        """LinearSlidingWindowAttention's formula for one query: weighted window softmax over the ring
-        + the linear state."""
-        b = q.shape[0]
-        qg = q.reshape(b, self.nkv, self.groups, self.hs)  # (B, nkv, G, hs)
-        s = torch.matmul(qg, cache.k.transpose(-1, -2)).float() * attn.scaling  # (B, nkv, G, slots)
-        s = s.masked_fill(~mask, float("-inf"))  # the slot just written is always visible: no empty row
-        a = torch.exp(s - s.amax(dim=-1, keepdim=True))
-        fw, fl = (f[None, :, None, None] for f in attn.mix_factors())  # (1, nh, 1, 1) each
-        num = fw * torch.matmul(a, cache.v.float()).view(b, self.nh, 1, self.hs)
-        den = fw * a.sum(dim=-1).view(b, self.nh, 1, 1)
-        fq = attn.feature_map_q(q)  # (B, nh, 1, F)
-        num = num + fl * torch.matmul(fq, cache.state)
-        den = den + fl * torch.matmul(fq, cache.normalizer.unsqueeze(-1))
-        return (num / den).to(q.dtype).view(b, 1, self.nh * self.hs)
-
-    def _fold(self, attn, cache: LinearWindowKV, slot, pos) -> None:
-        """Fold the key leaving the window (position t - W, still in `slot`) into the fp32 state.
-
-        Done every step, times 0 while t < W (the slot then holds nothing, or a key still in the window).
-        """
-        leaving = (pos >= attn.window).float()  # (1,)
-        k_old = repeat_kv(cache.k.index_select(2, slot), self.groups)  # (B, nh, 1, hs)
-        v_old = repeat_kv(cache.v.index_select(2, slot), self.groups).float()
-        fk = attn.feature_map_k(k_old) * leaving  # (B, nh, 1, F)
-        cache.state.add_(torch.matmul(fk.transpose(-1, -2), v_old))
-        cache.normalizer.add_(fk[:, :, 0])
-
-    def _attention(self, cache, attn, x, cos, sin, pos, valid, span: int):
-        q, k, v = self._qkv(attn, x, cos, sin)
-        if isinstance(cache, FullKV):
-            cache.k.index_copy_(2, pos, k)
-            cache.v.index_copy_(2, pos, v)
-            return attn.o_proj(self._attend(q, cache.k[:, :, :span], cache.v[:, :, :span], valid[:span], attn.scaling))
-        slot = pos % cache.slots  # (1,)
-        if isinstance(cache, LinearWindowKV):
-            self._fold(attn, cache, slot, pos)
-        cache.k.index_copy_(2, slot, k)
-        cache.v.index_copy_(2, slot, v)
-        mask = valid[: cache.slots]  # ring slot j holds a token once t >= j
-        if isinstance(cache, LinearWindowKV):
-            return attn.o_proj(self._linear_attend(attn, cache, q, mask))
-        return attn.o_proj(self._attend(q, cache.k, cache.v, mask, attn.scaling))
-
     def _step(self, tokens: torch.Tensor, pos: torch.Tensor, span: int) -> torch.Tensor:
         """tokens (B, 1) at position pos (1,) -> logits (B, V); writes the caches in place. No shape depends on pos."""
         h = self.decoder.embed_tokens(tokens)  # (B, 1, D)
         # (1, 1, hs) per layer type: broadcast over B
         rope = {t: (cos.index_select(1, pos), sin.index_select(1, pos)) for t, (cos, sin) in self.rope.items()}
         valid = self.slot_index <= pos  # (Tmax,): slot j holds a token (full: position j; ring: once t >= j)
-        for layer, cache, own, rt, (in_norm, mlp_norm, attn_out, mlp_out) in zip(
-                self.layers, self.caches, self.own_output, self.rope_of, self.norms):
-            a = None
-            if cache is not None:
-                a = self._attention(cache, layer.self_attn, in_norm(h), *rope[rt], pos, valid, span)
-            elif own:  # attention-free, with an output of its own; `none` layers: no input norm, nothing
-                a = layer.self_attn.decode(in_norm(h))
-            if a is not None:
+        for layer, cache, rt, (in_norm, mlp_norm, attn_out, mlp_out) in zip(
+                self.layers, self.caches, self.rope_of, self.norms):
+            if cache is not None:  # the kind's decode step; no buffers (`none`): no input norm, nothing
+                a = cache.step(layer.self_attn, in_norm(h), *rope[rt], pos, valid, span)
                 h = h + (a if attn_out is None else attn_out(a))
             m = layer.mlp(mlp_norm(h))
             h = h + (m if mlp_out is None else mlp_out(m))
@@ -395,4 +237,4 @@ class Engine:
         return torch.cat([input_ids, first, rest], dim=1)
 
 
-__all__ = ["CompileError", "Engine", "FullKV", "LinearWindowKV", "WindowKV"]
+__all__ = ["CompileError", "Engine"]

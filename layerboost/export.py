@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .export_gguf import GGUF_TYPES, GGUFExportError, write_gguf
-from .kinds import KINDS
+from .kinds import KINDS, writable
 from .surgery import ARCHITECTURES, NATIVE_WINDOW_KEY
 from .outputs import OWN_FILES
 from .util import dtype_name, usual_modes
@@ -186,6 +186,11 @@ def _layers(plan, kind: str) -> list[int]:
     return [i for i, s in enumerate(plan.layers) if s.kind == kind]
 
 
+def _windows(plan) -> list[int]:
+    """The windows of the layers transformers writes as sliding layers."""
+    return sorted({s.window for s in plan.layers if KINDS[s.kind].export_as("transformers") == "sliding_attention"})
+
+
 def _problems(model: nn.Module, fmt: str) -> list[str]:
     """Everything that stops an exact export of `model` in `fmt`, one line each."""
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -214,21 +219,12 @@ def _problems(model: nn.Module, fmt: str) -> list[str]:
                        f"rotary table ({thetas}), so "
                        "the export would rotate them differently: keep those layers' own type (a smaller window on a "
                        "sliding layer exports)")
-    # Which kinds the format cannot write comes from their records (kinds.py); the advice is the format's.
-    advice = {
-        "linear_swa": f"no {fmt} model has linear attention beside a window; re-plan those layers as swa"
-                      + (" or softmax" if fmt == "transformers" else ", softmax or none"),
-        "none": "no transformers architecture has a decoder layer without attention; use --format deci "
-                "(softmax + none), or re-plan those layers as swa or softmax",
-        "swa": "the deci format's window_length is ignored by vLLM, SGLang, TensorRT-LLM and mlx-lm (they would "
-               "attend to every token); re-plan those layers as softmax or none, or export a softmax + swa plan "
-               "with --format transformers",
-    }
+    # Which kinds the format cannot write, and what to do instead, come from their records (layerboost/kinds/).
     for name, record in KINDS.items():
         where = _layers(plan, name)
         if where and record.export_as(fmt) is None:
-            out.append(f"layers {where} are {name}: " + advice.get(name, f"the {fmt} format has no {name} layer"))
-    windows = sorted({s.window for s in plan.layers if s.kind == "swa"})
+            out.append(f"layers {where} are {name}: " + record.refusal(fmt, writable(fmt)))
+    windows = _windows(plan)
     if fmt == "transformers":
         if len(windows) > 1:
             out.append(f"the plan has several windows {windows}: config.sliding_window holds one; "
@@ -267,7 +263,7 @@ def _write_transformers(model: nn.Module, out: Path) -> None:
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     plan, src = model.layerboost_plan, model.config
-    windows = {s.window for s in plan.layers if s.kind == "swa"}
+    windows = set(_windows(plan))
     target_type = TRANSFORMERS_TARGETS[src.model_type]
     data = src.to_dict()
     dropped = ("model_type", "architectures", "layerboost_plan", "layerboost_version", "transformers_version",

@@ -28,8 +28,30 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .kinds import KINDS
+from .kinds import KINDS, writable
 from .plan import EMPTY_FULL_CACHE, empty_full_cache
+
+# What llama.cpp holds for a layer, as each kind's record names it for the "gguf" format
+FULL, SLIDING, EMPTY = "full_attention", "sliding_attention", "no_attention"
+
+
+def layer_types(plan) -> list[str | None]:
+    """Each layer's llama.cpp type (FULL, SLIDING or EMPTY: 0 heads), None where llama.cpp has none."""
+    return [KINDS[s.kind].export_as("gguf") for s in plan.layers]
+
+
+def _windows(plan) -> list[int]:
+    return sorted({s.window for s, t in zip(plan.layers, layer_types(plan)) if t == SLIDING})
+
+
+def _refusals(plan) -> list[str]:
+    """One line per kind llama.cpp cannot run, with what to do instead (from the kinds' records)."""
+    out = []
+    for name, record in KINDS.items():
+        where = [i for i, s in enumerate(plan.layers) if s.kind == name]
+        if where and record.export_as("gguf") is None:
+            out.append(f"layers {where} are {name}: " + record.refusal("gguf", writable("gguf")))
+    return out
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 LLAMA_ARCHS = ("llama", "deci", "granite_swa")  # what a Llama / Mistral model can be written as
@@ -54,10 +76,10 @@ def gguf_arch(plan, model_type: str = "llama") -> str:
     """The llama.cpp architecture a plan of a `model_type` model exports to (see the module docstring)."""
     if model_type == "gemma3_text":
         return "gemma3"
-    kinds = {s.kind for s in plan.layers}
-    if kinds == {"softmax"}:
+    types = set(layer_types(plan))
+    if types == {FULL}:
         return "llama"
-    if "swa" in kinds and "none" not in kinds:
+    if SLIDING in types and EMPTY not in types:
         return "granite_swa"
     return "deci"
 
@@ -94,22 +116,18 @@ def problems(model: nn.Module, gguf_type: str, arch: str | None = None) -> list[
         chosen = arch or gguf_arch(plan)
         if arch is not None and arch not in LLAMA_ARCHS:
             return [f"a {cfg.model_type} model is written as {', '.join(LLAMA_ARCHS)}, not {arch!r}"]
-        kinds = [s.kind for s in plan.layers]
-        unsupported = sorted({k for k in kinds if k not in ("softmax", "swa", "none")})
-        if unsupported:
-            where = [i for i, k in enumerate(kinds) if k in unsupported]
-            out.append(f"layers {where} are {', '.join(unsupported)}: llama.cpp has no linear attention beside a "
-                       "window; re-plan those layers as swa, softmax or none")
-        if kinds[0] == "none" and chosen == "deci":
-            out.append("layer 0 is none: llama.cpp reads head sizes from layer 0, so the file would not load; "
+        kinds, types = [s.kind for s in plan.layers], layer_types(plan)
+        out += _refusals(plan)
+        if types[0] == EMPTY and chosen == "deci":
+            out.append(f"layer 0 is {kinds[0]}: llama.cpp reads head sizes from layer 0, so the file would not load; "
                        "re-plan with attention (softmax or swa) in layer 0")
-        if chosen == "llama" and set(kinds) != {"softmax"}:
+        if chosen == "llama" and set(types) != {FULL}:
             out.append("the llama architecture holds softmax layers only: leave the architecture to choose itself")
         if chosen == "deci" and empty_full_cache(kinds):
             out.append(EMPTY_FULL_CACHE)
-        if chosen == "granite_swa" and "none" in kinds:
+        if chosen == "granite_swa" and EMPTY in types:
             out.append("granite_swa has no layer without attention: use the deci architecture for plans with none")
-        windows = sorted({s.window for s in plan.layers if s.kind == "swa"})
+        windows = _windows(plan)
         if len(windows) > 1:
             out.append(f"the plan has several windows {windows}: llama.cpp holds one window per model; "
                        "re-plan with one window")
@@ -141,18 +159,17 @@ def _gemma3_problems(model: nn.Module, plan, gguf_type: str, arch: str | None) -
     if arch not in (None, "gemma3"):
         out.append(f"a Gemma 3 model exports to the gemma3 architecture, not {arch}")
     plan = plan or native_plan(cfg)
-    kinds = [s.kind for s in plan.layers]
-    bad = [i for i, k in enumerate(kinds) if k not in ("softmax", "swa")]
+    kinds, types = [s.kind for s in plan.layers], layer_types(plan)
+    bad = [i for i, t in enumerate(types) if t not in (FULL, SLIDING)]
     if bad:
         out.append(f"layers {bad} are {kinds[bad[0]]}: llama.cpp's gemma3 runs softmax and swa layers only; re-plan "
                    "them as swa or softmax")
-    windows = sorted({s.window for s in plan.layers if s.kind == "swa"})
+    windows = _windows(plan)
     if len(windows) > 1:
         out.append(f"the plan has several windows {windows}: llama.cpp holds one window per model; give every "
                    "sliding layer the same window")
-    types, rope = cfg.layer_types, cfg.rope_parameters
-    moved = [i for i, k in enumerate(kinds) if k in ("softmax", "swa")
-             and (k == "swa") != (types[i] == "sliding_attention")
+    rope = cfg.rope_parameters
+    moved = [i for i, t in enumerate(types) if t in (FULL, SLIDING) and t != cfg.layer_types[i]
              and rope["sliding_attention"] != rope["full_attention"]]
     if moved:
         out.append(f"layers {moved} change type (full <-> sliding), but llama.cpp's gemma3 rotates sliding layers with "
@@ -239,16 +256,16 @@ def _write_common(w, cfg, plan, gguf_type: str, head_dim: int) -> None:
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    windows = {s.window for s in plan.layers if s.kind == "swa"}
+    windows = _windows(plan)
     if windows:
-        w.add_sliding_window(windows.pop())
-        w.add_sliding_window_pattern([s.kind == "swa" for s in plan.layers])
+        w.add_sliding_window(windows[0])
+        w.add_sliding_window_pattern([t == SLIDING for t in layer_types(plan)])
 
 
 def _write_config(w, cfg, plan, arch: str, gguf_type: str) -> None:
     n = cfg.num_hidden_layers
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    attends = [s.kind != "none" for s in plan.layers]
+    attends = [t != EMPTY for t in layer_types(plan)]
     _write_common(w, cfg, plan, gguf_type, head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
@@ -361,9 +378,9 @@ def _write_tensors(w, model: nn.Module, plan, arch: str, gguf_type: str) -> None
     _add(w, "output_norm.weight", state["model.norm.weight"], gguf_type)
     if not cfg.tie_word_embeddings:
         _add(w, "output.weight", state["lm_head.weight"], gguf_type)
-    for i, spec in enumerate(plan.layers):
+    for i, t in enumerate(layer_types(plan)):
         p = f"model.layers.{i}."
-        if KINDS[spec.kind].cache is not None:  # attends: q/k/v/o and the input norm
+        if t != EMPTY:  # attends: q/k/v/o and the input norm
             _add(w, f"blk.{i}.attn_norm.weight", state[p + "input_layernorm.weight"], gguf_type)
             _add(w, f"blk.{i}.attn_q.weight", _rope_rows(state[p + "self_attn.q_proj.weight"], cfg.num_attention_heads),
                  gguf_type)

@@ -8,7 +8,9 @@ import torch
 
 import layerboost as lb
 from layerboost import LayerPlan, LayerSpec, expected_cache_bytes
-from layerboost.engine import CompileError, Engine, FullKV, WindowKV
+from layerboost.engine import CompileError, Engine
+from layerboost.kinds.softmax import FullKV
+from layerboost.kinds.swa import WindowKV
 from layerboost.plan import relative_cost
 
 from conftest import tiny_model

@@ -7,7 +7,7 @@ import torch
 
 import layerboost as lb
 from layerboost import HybridCache, LayerPlan, LayerSpec, expected_cache_bytes
-from layerboost.attention import LinearSlidingWindowAttention
+from layerboost.kinds.linear_swa import LinearSlidingWindowAttention
 
 from conftest import tiny_model
 
@@ -282,7 +282,7 @@ def test_linear_swa_matches_plain_reference(mix, length):
 def test_blocked_linear_swa_equals_all_pairs_with_gradients(length, window):
     """The long-prefill form (blocks of `window` queries, running state) against the all-pairs form:
     same outputs and same gradients for q, k, v, the feature maps' outputs and both mix factors."""
-    from layerboost.attention import _all_pairs_linear_swa, _blocked_linear_swa
+    from layerboost.kinds.linear_swa import _all_pairs_linear_swa, _blocked_linear_swa
     g = torch.Generator().manual_seed(1)
     b, nh, hs, f = 2, 3, 8, 10
 

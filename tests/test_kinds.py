@@ -9,8 +9,12 @@ import layerboost as lb
 from layerboost import kinds as K
 from layerboost.attention import attention_kind, build_attention
 from layerboost.bench import kinds_string
-from layerboost.cache import EmptyLayer, FullLayer, HybridCache, LinearWindowLayer, WindowLayer, expected_cache_bytes
+from layerboost.cache import HybridCache, expected_cache_bytes
 from layerboost.engine import Engine
+from layerboost.kinds.linear_swa import LinearWindowLayer
+from layerboost.kinds.none import EmptyLayer
+from layerboost.kinds.softmax import FullLayer
+from layerboost.kinds.swa import WindowLayer
 from layerboost.plan import LayerSpec, relative_cost
 
 from conftest import tiny_model
@@ -75,17 +79,16 @@ def test_a_new_kind_needs_only_its_record(monkeypatch, one_thread):
 
 
 @torch.no_grad()
-def test_a_new_cacheless_kind_decodes_through_its_module(monkeypatch, one_thread):
-    """A cacheless record other than `none` is decoded by the engine through its module's `decode` (here
-    NoAttention's zeros, so the model equals the `none` one): the engine path a cacheless kind with an output
-    of its own would take."""
+def test_a_new_cacheless_kind_decodes_like_none(monkeypatch, one_thread):
+    """A cacheless record other than `none` (here a copy of it) has no engine buffers: the engine skips its
+    attention sublayer, and generate, engine and HF alike, equals the `none` model's."""
     zero = dataclasses.replace(K.kind("none"), name="zero", letter="z", colour="#111111")
     monkeypatch.setitem(K.KINDS, "zero", zero)
     m, ref = tiny_model("qwen2", layers=3), tiny_model("qwen2", layers=3)
     lb.convert(m, lb.LayerPlan.from_kinds(["zero", "softmax", "zero"]))
     lb.convert(ref, lb.LayerPlan.from_kinds(["none", "softmax", "none"]))
     engine = Engine(m, batch_size=2, max_seq_len=24)
-    assert engine.own_output == [True, False, True]
+    assert [c is None for c in engine.caches] == [True, False, True]
     ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(1))
     for model in (m, ref):
         model.generation_config.eos_token_id = None

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from layerboost import heal as H
 from layerboost.heal import losses as L
-from layerboost.attention import LinearSlidingWindowAttention, SlidingWindowAttention
+from layerboost.kinds.linear_swa import LinearSlidingWindowAttention
+from layerboost.kinds.swa import SlidingWindowAttention
 from layerboost.plan import LayerSpec
 
 from conftest import tiny_model

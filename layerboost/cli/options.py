@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from .. import kinds as K
 from ..util import DTYPE_ALIASES, DTYPES, UsageError, check_writable, resolve_device
 
 
@@ -154,7 +155,7 @@ def policy_from_args(args):
     """The plan policy the arguments describe (None if no policy was given)."""
     from ..plan import PlanPolicy
 
-    common = dict(window=args.window, kind="linear_swa" if args.linear else "swa", score=args.score,
+    common = dict(window=args.window, kind=args.kind, score=args.score,
                   ranking=args.ranking, target=args.target, keep_retrieval=args.keep_retrieval)
     given = [name for name, on in (
         ("--speedup/--kv-budget", args.speedup is not None or args.kv_budget is not None),
@@ -187,6 +188,15 @@ def policy_from_args(args):
     return None
 
 
+class _WindowedKind(argparse.Action):
+    """--kind K, and its alias --linear (--kind linear_swa). Also sets `linear` (K is linear_swa) for the
+    commands that still read that flag (cli/analyze.py's default policy)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        name = self.const if self.nargs == 0 else values
+        namespace.kind, namespace.linear = name, name == "linear_swa"
+
+
 def policy_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("plan policy (most sensitive layers keep softmax, least sensitive lose attention)")
     g.add_argument("--softmax", type=positive(zero=True), help="number of softmax layers (counts: give two of three)")
@@ -200,7 +210,13 @@ def policy_args(p: argparse.ArgumentParser) -> None:
                    help="kv: KV-cache bytes; decode: bytes read per decoded token (weights + KV)")
     g.add_argument("--context", type=positive(), default=4096, help="context length the budget is computed at")
     g.add_argument("--window", type=positive(), default=64, help="window of the sliding-window layers")
-    g.add_argument("--linear", action="store_true", help="use linear_swa instead of swa for windowed layers")
+    from ..plan import PlanPolicy
+
+    g.add_argument("--kind", choices=K.WINDOWED, default=PlanPolicy.kind, action=_WindowedKind,
+                   help=f"the windowed layers' kind (default {PlanPolicy.kind})")
+    g.add_argument("--linear", nargs=0, action=_WindowedKind, const="linear_swa", dest="kind", default=argparse.SUPPRESS,
+                   help="the same as --kind linear_swa")
+    p.set_defaults(linear=False)
     g.add_argument("--score", choices=["drop", "margin", "kl", "cosine"], default="kl",
                    help="rank layers by KL(base || variant) on calibration text (default), the cosine proxy, the "
                         "gold-answer margin drop, or the accuracy drop (the paper's Eq. 3); analyze --iterative "

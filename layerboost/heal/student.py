@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from ..attention import LinearSlidingWindowAttention, NoAttention
-from ..kinds import kind
+from ..kinds import ORIGINAL, kind, own_parameters
 from ..plan import LayerPlan, native_plan
 from ..runner import DecoderRunner
 from ..surgery import architecture, convert, decoder_parts, plan_of
@@ -40,7 +39,7 @@ class Hybrid:
         originals: layer -> (original attention, original input norm), for every modified layer;
             kept outside the module tree so they are neither trained nor saved.
         prefix: layers [0, prefix) are identical in teacher and student (no change, no adapters).
-        windowed: modified layers whose kind is swa / linear_swa (stage 1 trains their attention).
+        windowed: modified layers of a windowed kind (stage 1 trains their attention).
         runner: embeds rows and runs layers i..j (the same layers serve as teacher and student).
     """
 
@@ -58,7 +57,7 @@ class Hybrid:
 
     @property
     def modified(self) -> list[int]:
-        """Layers whose kind is not softmax (the block stage's layers)."""
+        """Layers whose kind is not the original's (the block stage's layers)."""
         return sorted(self.originals)
 
     @contextlib.contextmanager
@@ -107,7 +106,7 @@ class Hybrid:
 
 def _lora_layer_indices(cfg: HealConfig, plan: LayerPlan) -> list[int]:
     n = len(plan)
-    modified = [i for i, s in enumerate(plan.layers) if s.kind != "softmax"]
+    modified = [i for i, s in enumerate(plan.layers) if s.kind != ORIGINAL]
     if cfg.lora_layers == "all":
         return list(range(n))
     if cfg.lora_layers == "modified":
@@ -186,39 +185,25 @@ def _lora_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return out
 
 
-def _attention_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The attention kinds' own parameters (`OWN`: linear_swa's feature maps and gate)."""
-    out = []
-    for name, mod in module.named_modules():
-        if isinstance(mod, (LinearSlidingWindowAttention, NoAttention)):
-            for sub in mod.OWN:
-                obj = getattr(mod, sub)
-                if isinstance(obj, nn.Parameter):
-                    out.append((f"{name}.{sub}", obj))
-                else:
-                    out += [(f"{name}.{sub}.{n}", p) for n, p in obj.named_parameters()]
-    return out
-
-
 def heal_params(h: Hybrid) -> dict[str, nn.Parameter]:
     """Every parameter healing can change (LoRA A/B everywhere + the kinds' own parameters): the checkpoint."""
-    return dict(_lora_params(h.peft_model) + _attention_params(h.peft_model))
+    return dict(_lora_params(h.peft_model) + own_parameters(h.peft_model))
 
 
 def stage_params(h: Hybrid, stage: str, cfg: HealConfig) -> list[nn.Parameter]:
     """Trainable parameters of a stage: stage 1 touches only the windowed layers' attention, the block stage
     every modified layer (its LoRA adapters, attention and MLP, and its kind's own parameters)."""
     if stage == "block":
-        return [p for i in h.modified for _, p in _attention_params(h.layers[i]) + _lora_params(h.layers[i])]
+        return [p for i in h.modified for _, p in own_parameters(h.layers[i]) + _lora_params(h.layers[i])]
     if stage == "attn":
         out = []
         for i in h.windowed:
             attn = h.layers[i].self_attn
-            out += [p for _, p in _attention_params(attn)]
+            out += [p for _, p in own_parameters(attn)]
             if cfg.attn_lora:
                 out += [p for _, p in _lora_params(attn)]
         return out
     out = [p for _, p in _lora_params(h.peft_model)]
     if cfg.train_attention_params:
-        out += [p for _, p in _attention_params(h.peft_model)]
+        out += [p for _, p in own_parameters(h.peft_model)]
     return out

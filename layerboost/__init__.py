@@ -8,7 +8,8 @@ __version__ = _version()
 from .cache import HybridCache, expected_cache_bytes  # noqa: E402
 from .export import ExportError, export  # noqa: E402
 from .models import load_model  # noqa: E402
-from .plan import KINDS, LayerPlan, LayerSpec, PlanError  # noqa: E402
+from .kinds import KINDS  # noqa: E402  (the registry: name -> record)
+from .plan import LayerPlan, LayerSpec, PlanError  # noqa: E402
 from .surgery import CheckpointError, UnsupportedModelError, convert, load, save  # noqa: E402
 
 __all__ = [

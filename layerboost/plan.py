@@ -15,11 +15,6 @@ from . import kinds as K
 
 SCHEMA_VERSION = 1
 
-# The kinds' records live in kinds.py (the package reads them there); these name tuples stay importable.
-KINDS = K.NAMES
-WINDOWED_KINDS = K.WINDOWED
-CACHELESS_KINDS = K.CACHELESS
-
 
 class PlanError(ValueError):
     """A plan is invalid; the message lists every problem found."""
@@ -30,7 +25,7 @@ class LayerSpec:
     """One decoder layer's attention.
 
     Args:
-        kind: one of `KINDS`.
+        kind: a registered kind's name (`layerboost.kinds.KINDS`).
         window: tokens of softmax context for `swa` / `linear_swa` (the token itself included).
         feature_dim: linear-attention features per head for `linear_swa` (default: head_dim).
         mix: how `linear_swa` weighs window and linear terms, one of `kinds.LINEAR_MIXES` (default "gate").

@@ -33,7 +33,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     import layerboost as lb
-    from layerboost import attention
+    from layerboost.kinds import linear_swa as attention  # where the linear_swa forms live
     from layerboost.plan import LayerPlan, LayerSpec
 
     model = lb.load_model(args.model)[0]

@@ -98,8 +98,8 @@ def run(args) -> int:
     if policy is not None and policy.policy == "speed":
         raise UsageError("--speedup / --kv-budget place a plan from window costs and a speed model: analyze with --windows, "
                          "then run `layerboost plan --sensitivity OUT/sensitivity.json --speedup ...`")
-    policy = policy or lb.plan.PlanPolicy(  # no policy given: thirds, --window and --linear apply
-        "fractions", fractions=[1 / 3, 1 / 3], window=args.window, kind="linear_swa" if args.linear else "swa",
+    policy = policy or lb.plan.PlanPolicy(  # no policy given: thirds, --window and --kind apply
+        "fractions", fractions=[1 / 3, 1 / 3], window=args.window, kind=args.kind,
         score=args.score, ranking=args.ranking, target=args.target)
 
     def policy_fits(config):  # the plan policy and the iterative mode, tried on the model's layers before the analysis

@@ -97,6 +97,8 @@ def _load_gguf(gguf: Path, dtype: torch.dtype):
         tmp.rename(cached)  # atomic: a killed first load leaves no half-written cache
     except OSError:  # another process finished first; its copy is identical
         shutil.rmtree(tmp, ignore_errors=True)
+    # named as every later load names it (the cached copy), so outputs that record the model match on a rerun
+    model.config._name_or_path = tok.name_or_path = str(cached)
     return model.to(dtype), tok
 
 

@@ -59,3 +59,14 @@ def test_cli_convert_and_generate(tmp_path):
     LayerPlan.uniform("none", 29).save(bad)
     r = run("convert", "--model", "smollm2-135m", "--plan", str(bad), "--out", str(tmp_path / "x"))
     assert r.returncode != 0 and "29 layers but the model has 30" in r.stderr
+
+
+@pytest.mark.slow
+def test_the_embedded_model_is_named_alike_on_its_first_and_later_loads(tmp_path, monkeypatch):
+    """The first load dequantises the embedded GGUF into the cache; every load names the model by that copy, so an
+    output that records the model (an analysis, a heal's resume key) matches when the same command runs again."""
+    monkeypatch.setenv("LAYERBOOST_CACHE", str(tmp_path / "cache"))
+    first, tok1 = lb.load_model("smollm2-135m")
+    again, tok2 = lb.load_model("smollm2-135m")
+    assert first.config._name_or_path == again.config._name_or_path == tok1.name_or_path == tok2.name_or_path
+    assert first.config._name_or_path.startswith(str(tmp_path / "cache"))

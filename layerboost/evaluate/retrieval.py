@@ -32,6 +32,7 @@ from functools import lru_cache
 from .requests import MCItem, encode_items
 
 FAMILIES = ("passkey", "needle")
+ANSWER_ROOM = 8  # tokens kept free for the answer: a trial of `length` fits a model whose context is `length`
 SOURCES = ("evaluation", "selection")
 
 INTRO = ("There is an important piece of information hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -66,7 +67,8 @@ def _keys(rnd: random.Random, n: int) -> list[str]:
 
 
 def make_trial(tokenizer, length: int, trial: int, seed: int = 0, distractors: int = 9) -> Trial:
-    """One prompt of about `length` tokens (within one filler sentence) with the needle at a random depth."""
+    """One prompt of about `length` - ANSWER_ROOM tokens (within one filler sentence) with the needle at a random
+    depth: prompt and answer fit in `length`."""
     rnd = random.Random(f"passkey:{seed}:{length}:{trial}")
     keys = _keys(rnd, distractors + 1)
     depth = rnd.uniform(0.05, 0.95)
@@ -77,8 +79,9 @@ def make_trial(tokenizer, length: int, trial: int, seed: int = 0, distractors: i
 
     fixed = n_tokens(INTRO + needle + QUESTION)
     per = n_tokens(FILLER * 20) / 20
-    reps = max(2, int((length - fixed) / per))
-    while reps > 2 and n_tokens(INTRO + FILLER * reps + needle + QUESTION) > length:
+    room = length - ANSWER_ROOM
+    reps = max(2, int((room - fixed) / per))
+    while reps > 2 and n_tokens(INTRO + FILLER * reps + needle + QUESTION) > room:
         reps -= 1
     at = round(depth * reps)
     text = INTRO + FILLER * at + needle + FILLER * (reps - at) + QUESTION
@@ -143,7 +146,8 @@ def make_needle_trial(tokenizer, length: int, trial: int, seed: int = 0, distrac
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     sentences = [x for x in re.split(r"(?<=[.!?])\s+", _prose(source, data_dir, rnd, 6 * length + 2000)) if x.strip()]
-    budget, sizes, total = length - n_tokens(fact + question) - 8, [], 0
+    room = length - ANSWER_ROOM
+    budget, sizes, total = room - n_tokens(fact + question) - 8, [], 0
     for x in sentences:
         sizes.append(n_tokens(x) + 1)
         total += sizes[-1]
@@ -157,10 +161,10 @@ def make_needle_trial(tokenizer, length: int, trial: int, seed: int = 0, distrac
         return " ".join(sentences[:at] + [fact] + sentences[at:k]) + question, at
 
     text, at = build(k)
-    while k > 1 and n_tokens(text) > length:
+    while k > 1 and n_tokens(text) > room:
         k -= 1
         text, at = build(k)
-    while k < len(sentences) and n_tokens(build(k + 1)[0]) <= length:  # sentence counts overestimate the joined text
+    while k < len(sentences) and n_tokens(build(k + 1)[0]) <= room:  # sentence counts overestimate the joined text
         k += 1
         text, at = build(k)
     return Trial(length, trial, keys[0], tuple(keys[1:]), at / max(k, 1), text)
@@ -195,10 +199,10 @@ def score_retrieval(model, tokenizer, family: str = "passkey", lengths=(1024, 20
     from .tasks import TaskError
 
     limit = model_max_length(model, tokenizer)
-    too_long = [n for n in lengths if n + 8 > limit]
+    too_long = [n for n in lengths if n > limit]
     if too_long:
-        raise TaskError(f"pass-key length(s) {too_long} do not fit the model's context of {limit} tokens: use lengths "
-                        f"up to {limit - 8}")
+        raise TaskError(f"retrieval length(s) {too_long} do not fit the model's context of {limit} tokens: use lengths "
+                        f"up to {limit}")
     out = {"family": family, "source": source, "seed": seed, "trials": trials, "distractors": distractors,
            "chance": 1 / (distractors + 1), "lengths": {}}
     for n in lengths:

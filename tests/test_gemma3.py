@@ -165,7 +165,8 @@ def test_heal_a_gemma_hybrid(tmp_path):
     """Both healing stages run on Gemma 3; layers planned as they are natively are not 'modified'."""
     from layerboost.heal import HealConfig, build_hybrid, distill_kl, heal
 
-    from test_heal import ByteTok, _corpus, _heldout
+    from conftest import ByteTok
+    from test_heal import _corpus, _heldout
 
     h = build_hybrid(gemma(), PLAN, HealConfig(tokens=1000, lora_rank=4))
     assert h.modified == [0, 1, 3, 5] and h.windowed == [0, 3, 5]  # layer 4 is swa 8 = its native self

@@ -22,7 +22,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from conftest import tiny_model  # noqa: E402
+from conftest import ByteTok, tiny_model  # noqa: E402
 
 import layerboost as lb  # noqa: E402
 from layerboost.corpus import PackedRows, TrainingDataError, documents, parse_tokens  # noqa: E402
@@ -35,22 +35,6 @@ KINDS = ["softmax", "swa", "none", "linear_swa"]
 WINDOW = 8
 TEXT = (Path(os.environ.get("LAYERBOOST_DATA_DIR", HERE.parent.parent / "shared" / "data"))
         / "corpus" / "novels" / "Anon_Clara_1864.txt")
-
-
-class ByteTok:
-    """Bytes as token ids (1..127; 0 is EOS) so text fits a 128-token tiny model."""
-
-    eos_token_id = 0
-    pad_token_id = 0
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [min(127, b) or 1 for b in text.encode()]}
-
-    def decode(self, ids):
-        return bytes(ids).decode(errors="replace")
-
-    def save_pretrained(self, path):
-        Path(path, "bytetok.json").write_text("{}")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ Each kind's module holds its attention module (built from the original one, reus
 `OWN` naming its own trainable parameters), its transformers-side cache layer (`HybridCache`, generate), its
 engine buffers with their decode step, its sizes, and what each export format calls it, all gathered in one
 `Kind` record (record.py). Adding a kind: one module like these, `register(KIND)`, and its tests (parity with
-a plain reference, generate with the cache, the engine, save/load); tests/test_kinds.py adds one from the
+a plain reference, generate with the cache, the engine, save/load); tests/test_toy_kind.py adds one from the
 test file alone.
 """
 

@@ -189,6 +189,7 @@ def bench(args) -> int:
 
 def _row_measures(ev: Path, base: dict | None) -> dict:
     """One row's measures from its eval folder, with paired tests against the base's (`base`: the base's raw files)."""
+    from layerboost.evaluate.retrieval import paired
     from layerboost.stats import mcnemar, paired_bootstrap
     from layerboost.util import read_json
 
@@ -218,10 +219,7 @@ def _row_measures(ev: Path, base: dict | None) -> dict:
     for family in ("passkey", "needle"):
         r, rb = read_json(ev / f"{family}.json"), base.get(family)
         if r and rb:
-            tests[family] = {n: {"acc": mcnemar([t["acc"] for t in v["trials"]], [t["acc"] for t in rb["lengths"][n]["trials"]]),
-                                 "margin": paired_bootstrap([t["margin"] for t in v["trials"]],
-                                                            [t["margin"] for t in rb["lengths"][n]["trials"]])}
-                             for n, v in r["lengths"].items() if n in rb["lengths"]}
+            tests[family] = paired(r, rb)
     out["vs_base"] = tests
     return out
 

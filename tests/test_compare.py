@@ -216,7 +216,7 @@ def test_every_row_end_to_end_and_resume(tiny_dir, tmp_path, one_thread):
     assert "piqa" not in qmd.split("## Paired")[0].split("| row")[1] and "| pattern | - | - | - |" in qmd
     qres = json.loads((tmp_path / "quick" / "comparison.json").read_text())
     r = qres["rows"]["pattern"]["retrieval"]["needle"]["lengths"]["96"]
-    assert "## Long-context retrieval" in qmd and f"| {100 * r['acc']:.0f} / {100 * r['exact']:.0f} |" in qmd
+    assert "## Long-context retrieval" in qmd and f"| {100 * r['acc']:.1f} / {100 * r['exact']:.1f} |" in qmd
     assert "| pattern | needle 96 |" in qmd and qres["significance"]["pattern_vs_base"]["passkey"]["96"]["acc"]["p"] <= 1
     # other settings in the same folder are refused
     cfg = tiny_compare(tiny_dir, out)

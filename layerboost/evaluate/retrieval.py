@@ -221,6 +221,34 @@ def score_retrieval(model, tokenizer, family: str = "passkey", lengths=(1024, 20
     return out
 
 
+def settings_problems(lengths, trials) -> list[str]:
+    """What is wrong with a config's eval.retrieval_lengths / eval.retrieval_trials (run and compare)."""
+    out = []
+    if not isinstance(lengths, list) or any(not isinstance(n, int) or isinstance(n, bool) or n < 16 for n in lengths):
+        out.append(f"eval.retrieval_lengths must be a list of token counts >= 16, got {lengths!r}")
+    if trials < 1:
+        out.append(f"eval.retrieval_trials must be >= 1, got {trials}")
+    return out
+
+
+def score_families(model, tokenizer, lengths, trials: int, data_dir=None) -> dict:
+    """{family: score_retrieval(...)} of every family at `lengths`, seed 0 (what run and compare report)."""
+    return {f: score_retrieval(model, tokenizer, f, lengths, trials, seed=0, data_dir=data_dir) for f in FAMILIES}
+
+
+def paired(a: dict, b: dict) -> dict:
+    """a against b (two score_retrieval results of one family, the same trials), per length both scored: McNemar on
+    the trials' `acc`, and a paired bootstrap of their margins."""
+    from ..stats import mcnemar, paired_bootstrap
+
+    def col(r, n, key):
+        return [t[key] for t in r["lengths"][n]["trials"]]
+
+    return {n: {"acc": mcnemar(col(a, n, "acc"), col(b, n, "acc")),
+                "margin": paired_bootstrap(col(a, n, "margin"), col(b, n, "margin"))}
+            for n in a["lengths"] if n in b["lengths"]}
+
+
 def score_passkey(model, tokenizer, lengths=(1024, 2048, 4096, 8192), trials: int = 50, seed: int = 0,
                   distractors: int = 9, batch_size: int = 1, progress: bool = True) -> dict:
     """Pass-key retrieval (`score_retrieval` of the passkey family)."""

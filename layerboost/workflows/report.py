@@ -146,23 +146,25 @@ def quality_table(evals: dict[str, dict]) -> list[str]:
     return rows + ["", "; ".join(notes) + "."]
 
 
-def retrieval_table(evals: dict[str, dict]) -> list[str]:
-    """Markdown rows of long-context retrieval (eval.retrieval_lengths): per model, family and length, the share of
-    trials whose true key beats every distractor and the share answered exactly (greedy)."""
-    names = [n for n in evals if evals[n] and evals[n].get("retrieval")]
+def retrieval_table(results: dict[str, dict], first: str = "model") -> list[str]:
+    """Markdown lines of long-context retrieval (eval.retrieval_lengths): per model (a run's evaluations, a
+    comparison's rows: anything holding a "retrieval" result), family and length, the share of trials whose true key
+    beats every distractor and the share answered exactly (greedy)."""
+    names = [n for n in results if results[n] and results[n].get("retrieval")]
     if not names:
         return []
-    first = evals[names[0]]["retrieval"]
-    cols = [(f, n) for f, r in first.items() for n in r["lengths"]]
-    rows = ["| model | " + " | ".join(f"{f} {n}" for f, n in cols) + " |", "|---|" + "---|" * len(cols)]
+    fam = results[names[0]]["retrieval"]
+    cols = [(f, n) for f, r in fam.items() for n in r["lengths"]]
+    rows = [f"| {first} | " + " | ".join(f"{f} {n}" for f, n in cols) + " |", "|---|" + "---|" * len(cols)]
     for name in names:
-        r = evals[name]["retrieval"]
+        r = results[name]["retrieval"]
         rows.append(f"| {name} | " + " | ".join(f"{_pct(r[f]['lengths'][n]['acc'])} / {_pct(r[f]['lengths'][n]['exact'])}"
                                                  for f, n in cols) + " |")
-    any_r = next(iter(first.values()))
+    any_r = next(iter(fam.values()))
     return ["Long-context retrieval (true key ranked first among it and "
-            f"{any_r['distractors']} distractors / greedy answer exact; {any_r['trials']} trials per cell, chance "
-            f"{_pct(any_r['chance'])}): passkey hides a key in filler text, needle a fact in WikiText-2 prose.", ""] + rows + [""]
+            f"{any_r['distractors']} distractors / greedy answer exact, percent; {any_r['trials']} trials per cell, "
+            f"chance {_pct(any_r['chance'])}): passkey hides a key in filler text, needle a fact in WikiText-2 prose.",
+            ""] + rows + [""]
 
 
 def _plan_ranking(cfg: dict, sens: dict) -> tuple[str, str]:

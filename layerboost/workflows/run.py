@@ -142,11 +142,9 @@ class RunConfig:
             out.append(f"eval.wikitext_docs must be >= 0 or null, got {self.eval.wikitext_docs}")
         if self.eval.heldout_tokens < 0:
             out.append(f"eval.heldout_tokens must be >= 0, got {self.eval.heldout_tokens}")
-        if not isinstance(self.eval.retrieval_lengths, list) or any(
-                not isinstance(n, int) or isinstance(n, bool) or n < 16 for n in self.eval.retrieval_lengths):
-            out.append(f"eval.retrieval_lengths must be a list of token counts >= 16, got {self.eval.retrieval_lengths!r}")
-        if self.eval.retrieval_trials < 1:
-            out.append(f"eval.retrieval_trials must be >= 1, got {self.eval.retrieval_trials}")
+        from ..evaluate.retrieval import settings_problems
+
+        out += settings_problems(self.eval.retrieval_lengths, self.eval.retrieval_trials)
         from ..sensitivity import PLAN_SCORES, PROXY_SCORES
 
         if p.score not in PLAN_SCORES:
@@ -619,10 +617,9 @@ def _eval_stage(r: Run, models: dict[str, Path | None], base) -> dict:
             res["heldout"] = {k: v for k, v in heldout_metrics(base()[0], model, rows).items()
                               if k not in ("kl_rows", "nll_rows")}
         if e.retrieval_lengths:
-            from ..evaluate.retrieval import FAMILIES, score_retrieval
+            from ..evaluate.retrieval import score_families
 
-            res["retrieval"] = {f: score_retrieval(model, tok, f, e.retrieval_lengths, e.retrieval_trials, seed=0,
-                                                   data_dir=cfg.data_dir) for f in FAMILIES}
+            res["retrieval"] = score_families(model, tok, e.retrieval_lengths, e.retrieval_trials, cfg.data_dir)
         res["model"], res["stage_hash"] = str(path or cfg.model), r.hashes["eval"]
         f = r.dir / "eval" / f"{name}.json"
         f.write_text(json.dumps(res, indent=1))

@@ -135,11 +135,9 @@ class CompareConfig:
                      ("eval.wikitext_max_length", self.eval.wikitext_max_length)):
             if v is not None and v < 1:
                 out.append(f"{k} must be >= 1 or null, got {v}")
-        if not isinstance(self.eval.retrieval_lengths, list) or any(
-                not isinstance(n, int) or isinstance(n, bool) or n < 16 for n in self.eval.retrieval_lengths):
-            out.append(f"eval.retrieval_lengths must be a list of token counts >= 16, got {self.eval.retrieval_lengths!r}")
-        if self.eval.retrieval_trials < 1:
-            out.append(f"eval.retrieval_trials must be >= 1, got {self.eval.retrieval_trials}")
+        from ...evaluate.retrieval import settings_problems
+
+        out += settings_problems(self.eval.retrieval_lengths, self.eval.retrieval_trials)
         if self.eval.heldout_tokens < 2 or self.eval.heldout_seq_len < 2:
             out.append("eval.heldout_tokens and eval.heldout_seq_len must be >= 2")
         if "random" in self.rows and len(self.random_seeds) < 1:

@@ -32,16 +32,14 @@ def pooled_items(row: dict) -> tuple[list[float], list[float], list[str], list[t
 def significance(a: dict, b: dict) -> dict:
     """Paired tests of row a against row b: over the same items (when both were evaluated) and the same
     held-out rows."""
+    from ...evaluate.retrieval import paired
     from ...stats import mcnemar, paired_bootstrap
 
     out = {"heldout_kl": paired_bootstrap(a["heldout"]["kl_rows"], b["heldout"]["kl_rows"])}
     for family, r in (a.get("retrieval") or {}).items():  # per length, over the same trials
         rb = (b.get("retrieval") or {}).get(family)
         if rb:
-            out[family] = {n: {"acc": mcnemar([t["acc"] for t in v["trials"]], [t["acc"] for t in rb["lengths"][n]["trials"]]),
-                               "margin": paired_bootstrap([t["margin"] for t in v["trials"]],
-                                                          [t["margin"] for t in rb["lengths"][n]["trials"]])}
-                           for n, v in r["lengths"].items() if n in rb["lengths"]}
+            out[family] = paired(r, rb)
     if "eval" in a and "eval" in b:
         ca, ma, ta, ka = pooled_items(a)
         cb, mb, _, kb = pooled_items(b)

@@ -160,13 +160,12 @@ class Comparison:
 
     def retrieval_row(self, model) -> dict:
         """{"retrieval": {family: score_retrieval(...)}} at eval.retrieval_lengths (empty when none are asked for)."""
-        from ...evaluate.retrieval import FAMILIES, score_retrieval
+        from ...evaluate.retrieval import score_families
 
         e = self.cfg.eval
         if not e.retrieval_lengths:
             return {}
-        return {"retrieval": {f: score_retrieval(model, self.tok, f, e.retrieval_lengths, e.retrieval_trials, seed=0,
-                                                 data_dir=self.cfg.data_dir) for f in FAMILIES}}
+        return {"retrieval": score_families(model, self.tok, e.retrieval_lengths, e.retrieval_trials, self.cfg.data_dir)}
 
     def wikitext_row(self, name: str, model) -> dict:
         from ...evaluate import perplexity_metrics, score_rolling

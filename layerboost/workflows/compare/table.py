@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 from ...util import write_json
+from ..report import retrieval_table
 from .config import CompareConfig
 from .paired import significance
 from .plots import plot_comparison
@@ -67,7 +68,8 @@ def write_comparison(out: Path, results: dict, cfg: CompareConfig, sens: dict) -
               "positions where both pick the same next token. Speed: decode ms per step of the base over the row's "
               f"at context {cfg.bench.prompt + cfg.bench.length}, batch {cfg.bench.batch}, measured side by side; "
               "KV: cache bytes at that context.", ""]
-    lines += _retrieval_lines(results)
+    retrieval = retrieval_table(results, "row")
+    lines += ["## Long-context retrieval", ""] + retrieval if retrieval else []
     # significance against layerboost and against base
     sig = {}
     measured = {n: r for n, r in results.items() if "heldout" in r and not n.startswith("random_s")}
@@ -114,23 +116,3 @@ def write_comparison(out: Path, results: dict, cfg: CompareConfig, sens: dict) -
     path = out / "comparison.md"
     path.write_text("\n".join(lines))
     return path
-
-
-def _retrieval_lines(results: dict) -> list[str]:
-    """A table of long-context retrieval per row (eval.retrieval_lengths): true key ranked first / greedy exact."""
-    rows = {n: r["retrieval"] for n, r in results.items() if r.get("retrieval")}
-    if not rows:
-        return []
-    first = next(iter(rows.values()))
-    cols = [(f, k) for f, r in first.items() for k in r["lengths"]]
-    any_r = next(iter(first.values()))
-    lines = ["## Long-context retrieval", "",
-             f"True key ranked first among it and {any_r['distractors']} distractors / greedy answer exact, percent of "
-             f"{any_r['trials']} trials (chance {100 * any_r['chance']:.0f}%): passkey hides a key in filler text, "
-             "needle a fact in WikiText-2 prose.", "",
-             "| row | " + " | ".join(f"{f} {k}" for f, k in cols) + " |", "|---|" + "---|" * len(cols)]
-    for n, r in rows.items():
-        lines.append(f"| {n} | " + " | ".join(f"{100 * r[f]['lengths'][k]['acc']:.0f} / {100 * r[f]['lengths'][k]['exact']:.0f}"
-                                              for f, k in cols) + " |")
-    return lines + [""]
-

@@ -364,8 +364,8 @@ def measure_llama_cpp(files: dict[str, Path], plans: dict[str, LayerPlan], depth
 
 def write_plan_ggufs(model, tokenizer, plans: dict[str, LayerPlan], folder: Path, gguf_type: str) -> dict[str, Path]:
     """One GGUF file per plan (the model converted, unhealed: speed does not depend on the weights). A file already
-    there is reused: its name holds the plan's name, a digest of the model's shape and the type, so a folder shared
-    by two models never serves one the other's file."""
+    there is reused: its name holds the plan's name, a digest of the model's shape and of the plan itself, and the
+    type, so a folder shared by two models, or a plan placed again under its old name, never serves a stale file."""
     import copy
 
     from .export_gguf import write_gguf
@@ -375,7 +375,8 @@ def write_plan_ggufs(model, tokenizer, plans: dict[str, LayerPlan], folder: Path
     shape = hashlib.sha256(json.dumps(model_shape(model.config), sort_keys=True).encode()).hexdigest()[:8]
     files = {}
     for name, plan in plans.items():
-        path = folder / (name.replace("/", "-").replace(" ", "_") + f"-{shape}-{gguf_type}.gguf")
+        layout = hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()[:6]
+        path = folder / (name.replace("/", "-").replace(" ", "_") + f"-{shape}{layout}-{gguf_type}.gguf")
         if not path.exists():
             m = model
             if set(plan.kinds) != {"softmax"}:

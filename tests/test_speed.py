@@ -264,3 +264,20 @@ def test_llama_cpp_plans_keep_a_softmax_layer_beside_none_layers(fitted):
     assert "keep one softmax layer" in " ".join(target_problems(bad, "llama.cpp"))
     assert target_problems(LayerPlan.from_kinds(["swa"] * 30, window=512), "llama.cpp") == []
     assert target_problems(bad, "layerboost") == []
+
+
+
+def test_plan_gguf_files_are_named_by_the_plan_so_a_replaced_plan_is_written_again(tmp_path, monkeypatch):
+    import layerboost.export_gguf as G
+    from conftest import tiny_model
+
+    written = []
+    monkeypatch.setattr(G, "write_gguf", lambda m, tok, path, t: (written.append(path), Path(path).write_bytes(b"x")))
+    model = tiny_model()
+    n = model.config.num_hidden_layers
+    first = LayerPlan.from_dict({"layers": [{"kind": "softmax"}] + [{"kind": "swa", "window": 8}] * (n - 1)})
+    again = LayerPlan.from_dict({"layers": [{"kind": "softmax"}] + [{"kind": "swa", "window": 16}] * (n - 1)})
+    a = S.write_plan_ggufs(model, None, {"pick": first}, tmp_path, "f32")["pick"]
+    assert S.write_plan_ggufs(model, None, {"pick": first}, tmp_path, "f32")["pick"] == a and len(written) == 1
+    b = S.write_plan_ggufs(model, None, {"pick": again}, tmp_path, "f32")["pick"]
+    assert b != a and len(written) == 2 and b.name.startswith("pick-")

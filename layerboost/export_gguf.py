@@ -7,10 +7,10 @@ architecture that computes exactly what layerboost computes:
     deci         softmax + none: a layer with 0 heads has no attention and no cache (stock llama.cpp)
     granite_swa  softmax + swa: per-layer sliding windows (stock llama.cpp). Its attention sinks are written
                  as a logit of -30000 per head, which is an exact zero weight, and its multipliers as 1
-    deci + swa   softmax + swa + none: deci with `attention.sliding_window` and a per-layer
-                 `attention.sliding_window_pattern`, which llama.cpp reads once
-                 engines/llama.cpp/deci-sliding-window.patch is applied (engines/llama.cpp/build.sh);
-                 stock llama.cpp would ignore the window and attend to every token
+    layerboost-deci  softmax + swa + none: deci's layers with `attention.sliding_window` and a per-layer
+                 `attention.sliding_window_pattern`, under a name that only the llama.cpp patched by
+                 engines/llama.cpp/deci-sliding-window.patch registers (engines/llama.cpp/build.sh): a stock
+                 llama.cpp refuses the file (unknown architecture) instead of running it with every token in view
     gemma3       Gemma 3 plans of softmax + swa (stock llama.cpp): the per-layer pattern from the plan, one
                  window; llama.cpp gives sliding layers the local rotary table, so every layer keeps its type
 
@@ -54,7 +54,8 @@ def _refusals(plan) -> list[str]:
     return out
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-LLAMA_ARCHS = ("llama", "deci", "granite_swa")  # what a Llama / Mistral model can be written as
+DECI_SWA = "layerboost-deci"  # deci with per-layer windows: registered by the patched build only
+LLAMA_ARCHS = ("llama", "deci", "granite_swa", DECI_SWA)  # what a Llama / Mistral model can be written as
 SINK_LOGIT = -30000.0  # exp(-30000 - max) is 0 in float32: a sink that takes no weight
 
 # llama.cpp `tokenizer.ggml.pre` names of the Hugging Face pre-tokenizers recognised here, keyed by the
@@ -79,8 +80,8 @@ def gguf_arch(plan, model_type: str = "llama") -> str:
     types = set(layer_types(plan))
     if types == {FULL}:
         return "llama"
-    if SLIDING in types and EMPTY not in types:
-        return "granite_swa"
+    if SLIDING in types:
+        return DECI_SWA if EMPTY in types else "granite_swa"
     return "deci"
 
 
@@ -91,9 +92,12 @@ def describe(path: str | os.PathLike) -> str:
     fields = gguf.GGUFReader(str(path)).fields
     arch = fields["general.architecture"].contents()
     window = fields.get(f"{arch}.attention.sliding_window")
-    if arch == "deci" and window is not None:
+    if arch == DECI_SWA:
+        return (f"architecture {DECI_SWA} (deci with sliding windows): runs in llama.cpp with engines/llama.cpp/deci-"
+                "sliding-window.patch (engines/llama.cpp/build.sh); a stock llama.cpp refuses it (unknown architecture)")
+    if arch == "deci" and window is not None:  # written before the name layerboost-deci
         return ("architecture deci with sliding windows: runs in llama.cpp with engines/llama.cpp/deci-sliding-"
-                "window.patch (engines/llama.cpp/build.sh); stock llama.cpp would attend to every token")
+                "window.patch (engines/llama.cpp/build.sh); stock llama.cpp would attend to every token: export again")
     return f"architecture {arch}: runs in stock llama.cpp (tested with the version engines/llama.cpp/build.sh pins)"
 
 
@@ -118,15 +122,21 @@ def problems(model: nn.Module, gguf_type: str, arch: str | None = None) -> list[
             return [f"a {cfg.model_type} model is written as {', '.join(LLAMA_ARCHS)}, not {arch!r}"]
         kinds, types = [s.kind for s in plan.layers], layer_types(plan)
         out += _refusals(plan)
-        if types[0] == EMPTY and chosen == "deci":
+        if types[0] == EMPTY and chosen in (DECI_SWA, "deci"):
             out.append(f"layer 0 is {kinds[0]}: llama.cpp reads head sizes from layer 0, so the file would not load; "
                        "re-plan with attention (softmax or swa) in layer 0")
         if chosen == "llama" and set(types) != {FULL}:
             out.append("the llama architecture holds softmax layers only: leave the architecture to choose itself")
-        if chosen == "deci" and empty_full_cache(kinds):
+        if chosen in (DECI_SWA, "deci") and empty_full_cache(kinds):
             out.append(EMPTY_FULL_CACHE)
+        if chosen == "deci" and SLIDING in types:
+            out.append(f"deci has no sliding windows in a stock llama.cpp, which would attend to every token: leave the "
+                       f"architecture to choose itself ({DECI_SWA}, which only the patched llama.cpp runs)")
+        if chosen == DECI_SWA and not (SLIDING in types and EMPTY in types):
+            out.append(f"{DECI_SWA} is for plans of sliding windows and none layers: leave the architecture to choose "
+                       "itself")
         if chosen == "granite_swa" and EMPTY in types:
-            out.append("granite_swa has no layer without attention: use the deci architecture for plans with none")
+            out.append(f"granite_swa has no layer without attention: use {DECI_SWA} for plans with none")
         windows = _windows(plan)
         if len(windows) > 1:
             out.append(f"the plan has several windows {windows}: llama.cpp holds one window per model; "
@@ -139,7 +149,7 @@ def problems(model: nn.Module, gguf_type: str, arch: str | None = None) -> list[
     if cfg.hidden_act != "silu":
         out.append(f"hidden_act {cfg.hidden_act!r}: llama.cpp's Llama architectures run silu MLPs")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if head_dim * cfg.num_attention_heads != cfg.hidden_size and (plan is None or gguf_arch(plan) == "deci"):
+    if head_dim * cfg.num_attention_heads != cfg.hidden_size and (plan is None or gguf_arch(plan) in (DECI_SWA, "deci")):
         out.append(f"head_dim {head_dim} x {cfg.num_attention_heads} heads != hidden_size: deci reads no head size")
     return out + _q8_problems(model, gguf_type)
 
@@ -269,7 +279,7 @@ def _write_config(w, cfg, plan, arch: str, gguf_type: str) -> None:
     _write_common(w, cfg, plan, gguf_type, head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    if arch == "deci":  # per-layer head counts; 0 heads = no attention
+    if arch in (DECI_SWA, "deci"):  # per-layer head counts; 0 heads = no attention
         w.add_head_count([cfg.num_attention_heads if a else 0 for a in attends])
         w.add_head_count_kv([cfg.num_key_value_heads if a else 0 for a in attends])
         w.add_feed_forward_length([cfg.intermediate_size] * n)

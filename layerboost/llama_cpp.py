@@ -71,8 +71,9 @@ class Server:
 
 
 @contextmanager
-def serve(gguf: str | os.PathLike, ctx: int = 2048, threads: int = 2, flash_attn: str = "on", kv_type: str = "f16"):
-    """Start llama-server on `gguf` (one slot), yield a `Server`, stop it afterwards.
+def serve(gguf: str | os.PathLike, ctx: int = 2048, threads: int = 2, flash_attn: str = "on", kv_type: str = "f16",
+          extra=()):
+    """Start llama-server on `gguf` (one slot; `extra`: more of its flags), yield a `Server`, stop it afterwards.
 
     kv_type, flash_attn: comparisons with layerboost's float32 need kv_type "f32" and flash_attn "off": llama.cpp's
     CPU flash-attention kernel and its default f16 cache round to half precision (log-probabilities of SmolLM2
@@ -81,7 +82,7 @@ def serve(gguf: str | os.PathLike, ctx: int = 2048, threads: int = 2, flash_attn
     port = _free_port()
     cmd = [str(tool("llama-server")), "-m", str(gguf), "-c", str(ctx), "-t", str(threads), "-np", "1",
            "-fa", flash_attn, "-ctk", kv_type, "-ctv", kv_type, "--host", "127.0.0.1", "--port", str(port),
-           "--no-webui"]
+           "--no-webui", *extra]
     log = tempfile.NamedTemporaryFile("w", prefix="llama-server-", suffix=".log", delete=False)  # kept for errors
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

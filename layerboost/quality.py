@@ -38,7 +38,8 @@ def heldout_metrics(base, model, rows: torch.Tensor, batch: int = 2, chunk: int 
     """KL(base || model), argmax agreement and perplexities on `rows` (B, T) of held-out token ids.
 
     Returns:
-        {"kl", "agree", "ppl", "ppl_base", "tokens", "kl_rows": per row, "nll_rows": per row (model)}.
+        {"kl", "agree", "ppl", "ppl_base", "tokens", "seq_len" (tokens per row), "kl_rows": per row,
+        "nll_rows": per row (model)}.
     """
     dev = next(model.parameters()).device
     kl_rows, nll_rows, nll_base, agree, n = [], [], 0.0, 0, 0
@@ -58,7 +59,8 @@ def heldout_metrics(base, model, rows: torch.Tensor, batch: int = 2, chunk: int 
             n += mb.shape[1]
     n_next = rows.shape[0] * (rows.shape[1] - 1)
     return {"kl": sum(kl_rows) / len(kl_rows), "agree": agree / n, "ppl": math.exp(sum(nll_rows) / len(nll_rows)),
-            "ppl_base": math.exp(nll_base / n_next), "tokens": n, "kl_rows": kl_rows, "nll_rows": nll_rows}
+            "ppl_base": math.exp(nll_base / n_next), "tokens": n, "seq_len": rows.shape[1], "kl_rows": kl_rows,
+            "nll_rows": nll_rows}
 
 
 __all__ = ["heldout_metrics", "logprob_sums", "next_tokens"]

@@ -78,9 +78,10 @@ class Geometry:
 
     def features(self, plan: LayerPlan, depth: int, parallel: int = 1) -> dict[str, float]:
         """The model's regressors for one decode step of `plan` at `depth` (see the module docstring)."""
-        from .export_gguf import gguf_arch
+        from .export_gguf import DECI_SWA, gguf_arch
 
         arch = gguf_arch(plan, self.model_type) if self.engine == "llama.cpp" else "layerboost"
+        arch = "deci" if arch == DECI_SWA else arch  # the same graph as deci, windows on: one overhead
         attending = [s for s in plan.layers if s.kind != "none"]
         out = {f"arch:{arch}": 1.0, "attn": float(len(attending)),
                "tok": float(sum(self.read(s, depth) for s in attending))}

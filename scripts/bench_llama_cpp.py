@@ -13,8 +13,8 @@ Measured: llama-bench decode (tg64 by default) after 0/1024/4096/8192 tokens of 
 llama-batched-bench with 1/4/8/16 parallel sequences (512-token prompts, 64 new tokens each); the KV cache
 llama.cpp allocates for a 4096- and an 8192-token context and the process's peak RSS (llama-completion).
 Flash attention is on everywhere (llama.cpp's CPU default `auto` turns it on; without it V rows are padded).
-q8_0 runs with weight repacking off (`--repack 0` / `-nr`): on this machine's AMX units, llama.cpp's repacked
-Q8_0 matmul crashes (SIGSEGV in ggml_backend_amx_mul_mat) as soon as a batch of tokens is processed.
+q8_0 runs with llama.cpp's defaults: engines/llama.cpp/build.sh leaves out the AMX kernels that crashed on
+CPUs with AMX (SIGSEGV in ggml_backend_amx_mul_mat as soon as a batch of tokens was processed).
 """
 
 from __future__ import annotations
@@ -52,10 +52,6 @@ def families() -> dict[str, tuple[list[str] | None, str | None]]:
         "softmax+swa": (["softmax", "softmax", "swa"] * 10, None),
         "default": (third, None),
     }
-
-
-def no_repack(gtype: str) -> list[str]:
-    return ["-nr"] if gtype == "q8_0" else []
 
 
 def kv_and_rss(gguf: Path, ctx: int, extra=()) -> dict:
@@ -111,19 +107,17 @@ def main() -> int:
                   "command": " ".join(sys.argv), "window": WINDOW, "reps": args.reps, "n_gen": args.n_gen, "results": {}}
     for (name, gtype), path in files.items():
         rows["results"][f"{name}/{gtype}"] = {"decode": {d: [] for d in DEPTHS}, "pp512": [], "batched": {},
-                                               "memory": [kv_and_rss(path, 4096, no_repack(gtype)),
-                                                          kv_and_rss(path, 8192, no_repack(gtype))]}
+                                               "memory": [kv_and_rss(path, 4096), kv_and_rss(path, 8192)]}
     for rep in range(args.reps):
         for (name, gtype), path in files.items():
             res = rows["results"][f"{name}/{gtype}"]
-            for r in bench(path, depths=DEPTHS, n_gen=args.n_gen, n_prompt=512, reps=1, threads=args.threads,
-                           extra=["--repack", "0"] if gtype == "q8_0" else []):
+            for r in bench(path, depths=DEPTHS, n_gen=args.n_gen, n_prompt=512, reps=1, threads=args.threads):
                 if r["n_gen"] > 0:
                     res["decode"][r["n_depth"]].append(r["avg_ts"])
                 elif r["n_depth"] == 0:
                     res["pp512"].append(r["avg_ts"])
             if not args.skip_batched:
-                for r in batched_bench(path, parallel=PARALLEL, threads=args.threads, extra=no_repack(gtype)):
+                for r in batched_bench(path, parallel=PARALLEL, threads=args.threads):
                     res["batched"].setdefault(r["pl"], []).append(r["speed_tg"])
             (out / "llama_cpp_bench.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")  # so far
             print(f"round {rep + 1}/{args.reps} {name}/{gtype}: decode {[round(v[-1], 1) for v in res['decode'].values()]} "

@@ -74,7 +74,7 @@ def _unrope(rows: np.ndarray, heads: int) -> np.ndarray:
     (["softmax"] * 4, "llama"),
     (["softmax", "none", "softmax", "none"], "deci"),
     (["softmax", "swa", "swa", "softmax"], "granite_swa"),
-    (["softmax", "swa", "none", "softmax"], "deci"),
+    (["softmax", "swa", "none", "softmax"], "layerboost-deci"),
 ])
 def test_keys_arrays_and_tensors_read_back(tmp_path, tokenizer, kinds, arch):
     m = hybrid(kinds)
@@ -87,9 +87,9 @@ def test_keys_arrays_and_tensors_read_back(tmp_path, tokenizer, kinds, arch):
     assert f[f"{arch}.rope.dimension_count"] == 16 and f[f"{arch}.rope.freq_base"] == cfg.rope_parameters["rope_theta"]
     attends = [k != "none" for k in kinds]
     heads = f[f"{arch}.attention.head_count"]
-    if arch == "deci":
+    if "deci" in arch:
         assert heads == [4 if a else 0 for a in attends]
-        assert f["deci.attention.head_count_kv"] == [2 if a else 0 for a in attends]
+        assert f[f"{arch}.attention.head_count_kv"] == [2 if a else 0 for a in attends]
     else:
         assert heads == 4 and f[f"{arch}.attention.head_count_kv"] == 2
     if "swa" in kinds:
@@ -153,6 +153,30 @@ def test_plans_the_engine_cannot_run_are_refused_before_writing(tmp_path, tokeni
     with pytest.raises(GGUFExportError, match=expect):
         write_gguf(m, tokenizer, tmp_path / "m.gguf")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_windows_with_none_layers_get_a_name_only_the_patched_llama_cpp_knows(tmp_path, tokenizer):
+    """A file of swa + none layers is written as layerboost-deci: a stock llama.cpp does not know the name, so it
+    refuses the file instead of running deci with every token in view (what it did with such files named deci)."""
+    from pathlib import Path
+
+    import gguf
+
+    from layerboost.export_gguf import DECI_SWA, describe
+
+    m = hybrid(["softmax", "swa", "none", "softmax"])
+    with pytest.raises(GGUFExportError, match="stock llama.cpp, which would attend to every token"):
+        write_gguf(m, tokenizer, tmp_path / "d.gguf", arch="deci")
+    with pytest.raises(GGUFExportError, match="is for plans of sliding windows and none layers"):
+        write_gguf(hybrid(["softmax", "none", "softmax", "none"]), tokenizer, tmp_path / "d.gguf", arch=DECI_SWA)
+    path = write_gguf(m, tokenizer, tmp_path / "m.gguf")
+    assert read(path)[0]["general.architecture"] == DECI_SWA and "a stock llama.cpp refuses it" in describe(path)
+    # Stock llama.cpp's architectures: the gguf package's list (kept in step with llama.cpp's) lacks the name, and
+    # the patch is what registers it, on lines it adds
+    assert DECI_SWA not in gguf.MODEL_ARCH_NAMES.values() and "deci" in gguf.MODEL_ARCH_NAMES.values()
+    patch = (Path(lb.__file__).parents[1] / "engines/llama.cpp/deci-sliding-window.patch").read_text().splitlines()
+    named = [line for line in patch if f'"{DECI_SWA}"' in line]
+    assert named and all(line.startswith("+") for line in named)
 
 
 def test_several_windows_and_unknown_tokenizers_are_refused(tmp_path, tokenizer):
@@ -273,6 +297,24 @@ def test_llama_cpp_generates_layerboosts_greedy_tokens(tmp_path, smol, wikitext,
 
 
 @pytest.mark.slow
+def test_llama_cpp_keeps_layerboosts_tokens_after_its_window_cache_wraps(tmp_path, smol, wikitext):
+    """With micro-batches of 64, llama.cpp's sliding-window cache holds 256 cells (PAD256(window + micro-batch)):
+    a prompt of 600 tokens and 40 more generated overwrite its cells twice over. The tokens stay layerboost's."""
+    from layerboost import speed as S
+    from layerboost.llama_cpp import serve
+
+    _, tok = smol
+    m = _model(smol, "default")
+    path = write_gguf(m, tok, tmp_path / "default.gguf", "f32")
+    cells = S.Geometry("llama.cpp", ubatch=64).kv_cells(lb.LayerSpec("swa", window=WINDOW), 1024)
+    ids = tok(" ".join(ln.strip() for ln in wikitext.read_text().splitlines()[:400]))["input_ids"][:600]
+    assert cells == 256 and len(ids) == 600 > 2 * cells
+    with serve(path, ctx=1024, kv_type="f32", flash_attn="off", extra=["-ub", "64", "-b", "64"]) as server:
+        compared, ties = compare_greedy(server, m, ids, 40)
+    assert compared == 40 and ties <= 1
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMOL_PLANS))
 def test_llama_cpp_perplexity_equals_layerboosts(tmp_path, smol, wikitext, name):
     """llama-perplexity on 4 chunks of 256 tokens equals layerboost's on the same chunks (relative 5e-4)."""
@@ -301,7 +343,7 @@ def test_serve_stage_writes_both_files_and_measures_them_in_llama_cpp(tmp_path, 
     assert all(v > 0 for by in rec["decode_tok_s"].values() for v in by.values())
     assert "deci-sliding-window.patch" in rec["needs"] and "| 256 | " in rec["table"]
     f, _ = read(rec["files"]["hybrid"])
-    assert f["deci.attention.sliding_window_pattern"] == [False, True, False, False]
+    assert f["layerboost-deci.attention.sliding_window_pattern"] == [False, True, False, False]
     assert read(rec["files"]["base"])[0]["general.architecture"] == "llama"
 
 
@@ -448,7 +490,23 @@ def test_llama_cpp_runs_each_gguf_type_of_the_default_plan(tmp_path, smol, wikit
     text = tmp_path / "text.txt"
     text.write_text(wikitext.read_text()[:20000])
     ours = reference_perplexity(m, tok(text.read_text())["input_ids"], ctx=256, chunks=4)
-    # -nr: this llama.cpp's AMX kernels for repacked Q8_0 crash on a prompt on CPUs that have AMX
-    theirs = perplexity(path, text, ctx=256, chunks=4, kv_type="f32", flash_attn="off",
-                        extra=["-nr"] if gguf_type == "q8_0" else [])
+    theirs = perplexity(path, text, ctx=256, chunks=4, kv_type="f32", flash_attn="off")  # llama.cpp's defaults
     assert abs(theirs - ours) / ours < tol, (theirs, ours)
+
+
+@pytest.mark.slow
+def test_the_built_llama_cpp_has_no_amx_kernels_and_runs_q8_0_with_its_defaults(tmp_path, tokenizer):
+    """build.sh leaves out llama.cpp's AMX kernels, which die on the first prompt of a q8_0 file on CPUs with AMX:
+    the tools report no AMX_INT8, and a q8_0 hybrid answers a prompt of a few hundred tokens with default flags."""
+    import subprocess
+
+    from layerboost.llama_cpp import tool
+
+    _llama_cpp()
+    path = write_gguf(hybrid(["softmax", "swa", "none", "softmax"]), tokenizer, tmp_path / "q8.gguf", "q8_0")
+    for threads in ("1", "2"):
+        cmd = [str(tool("llama-completion")), "-m", str(path), "-p", "the cat sat on the mat " * 20, "-n", "8",
+               "-t", threads, "-no-cnv", "--temp", "0"]
+        done = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "system_info" in done.stderr and "AMX_INT8 = 1" not in done.stderr

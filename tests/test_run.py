@@ -52,7 +52,7 @@ def tiny_config(model_dir, out):
         "plan": {"policy": "counts", "softmax": 2, "swa": 1, "none": 1, "window": 8, "keep_retrieval": 1},
         "heal": {"tokens": 2048, "options": {"seq_len": 64, "batch_size": 2, "checkpoint_every": 2, "progress": False}},
         "eval": {"limit": 4, "wikitext_docs": 1, "wikitext_max_length": 64, "heldout_tokens": 128,
-                 "retrieval_lengths": [96], "retrieval_trials": 2},
+                 "heldout_seq_len": 32, "retrieval_lengths": [96], "retrieval_trials": 2},
         "bench": {"latency": {"batch": 2, "prompt": 8, "lengths": [8, 16], "repeats": 1, "warmup": 1},
                   "throughput": {"concurrency": [2, 4], "prompt": 8, "output": 4}},
     })
@@ -112,12 +112,13 @@ def test_pipeline_artefacts_consistent_and_resumable(tiny_dir, tmp_path, monkeyp
     removed = hist[0]["removed"]
     assert plan == lb.plan.plan_by_counts(ranked, 2, 1, 1, 8)
     assert plan[removed].kind == ("softmax" if removed in kept else "none")
-    assert "KL(base || variant)" in md
+    assert "KL(base || variant)" in md and "128 tokens in rows of 32 tokens" in md
     for name in ("base", "converted", "healed"):
         ev = json.loads((d / "eval" / f"{name}.json").read_text())
         assert f"| {name} | " in md and f"{100 * ev['average']['value']:.1f} |" in md
         # continuous measures next to accuracy; evaluation items come from the evaluation partition
         assert f"{ev['heldout']['kl']:.4f} | {ev['heldout']['agree']:.3f} |" in md
+        assert ev["heldout"]["seq_len"] == 32 and ev["heldout"]["tokens"] == 4 * 32  # rows of heldout_seq_len
         assert f"| {name} | {ev['tasks']['wikitext']['word_perplexity']:.2f} |" in md
         assert ev["tasks"]["piqa"]["partition"]["part"] == "evaluation"
         r = ev["retrieval"]["needle"]["lengths"]["96"]

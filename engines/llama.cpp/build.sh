@@ -2,7 +2,9 @@
 # Build the llama.cpp tools layerboost's GGUF exports are tested and benchmarked in:
 # the llama.cpp vendored by llama-cpp-python==$LLAMA_CPP_PYTHON (llama.cpp 0c1e57098), fetched from
 # the package registry as a source package, with deci-sliding-window.patch applied (per-layer sliding
-# windows in the `deci` architecture, so one model holds softmax, sliding-window and no-attention layers).
+# windows in the `deci` architecture, so one model holds softmax, sliding-window and no-attention layers;
+# such files are named `layerboost-deci`, an architecture only this build registers, so a stock llama.cpp
+# refuses them instead of running them with every token in view).
 #
 #   engines/llama.cpp/build.sh            # -> $LAYERBOOST_LLAMA_CPP (default ~/.cache/layerboost/llama.cpp)
 #
@@ -37,7 +39,13 @@ if ! cmp -s "$PATCH" "$DEST/applied.patch" 2>/dev/null; then
     cp "$PATCH" "$DEST/applied.patch"
 fi
 
+# No AMX kernels: on CPUs with AMX this llama.cpp's AMX path for quantized weights (q8_0 among them) dies on the
+# first prompt (SIGILL with one thread, SIGSEGV with two: its tile config and the per-thread tile permission,
+# upstream ggml-org/llama.cpp#26954). Explicit -mno-amx-* win over -march=native; float weights never use AMX here.
+NO_AMX=""
+if [ "$(uname -m)" = "x86_64" ]; then NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"; fi
 cmake -S "$SRC" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \
+      -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
       -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF > "$DEST/cmake.log" 2>&1 || { tail -30 "$DEST/cmake.log"; exit 1; }
 # shellcheck disable=SC2086
 cmake --build "$DEST/build" -j "$JOBS" --target $TARGETS > "$DEST/build.log" 2>&1 || { tail -30 "$DEST/build.log"; exit 1; }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..export_gguf import DECI_SWA, LLAMA_ARCHS
 from ..util import DTYPES
 from .options import dtype_arg
 
@@ -21,7 +22,7 @@ def add_parser(sub) -> None:
                        "config.layer_types (Llama/Mistral -> Ministral, Qwen2/Qwen3 keep theirs). deci: softmax + none "
                        "plans in the DeciLM / Nemotron-NAS block_configs format (vLLM, SGLang, TensorRT-LLM, mlx-lm). "
                        "gguf: one llama.cpp file, any plan of softmax, swa and none (softmax + swa + none needs the "
-                       "patched llama.cpp of engines/llama.cpp/build.sh). "
+                       "patched llama.cpp of engines/llama.cpp/build.sh; a stock one refuses the file). "
                        "Plans a format cannot hold exactly are refused before anything is written.")
     p.add_argument("--model", required=True, help="a saved hybrid folder (layerboost convert / heal output)")
     p.add_argument("--format", required=True, choices=["transformers", "deci", "gguf"], help="output format")
@@ -29,9 +30,10 @@ def add_parser(sub) -> None:
                    "file name ending in .gguf (--force to replace one)")
     p.add_argument("--dtype", type=gguf_dtype_arg, default="float32", choices=list(DTYPES) + list(GGUF_ONLY_TYPES),
                    help="weights dtype written (fp32/f32, bf16, fp16/f16 are accepted too); gguf also takes q8_0")
-    p.add_argument("--gguf-arch", choices=["llama", "deci", "granite_swa"], default=None,
+    p.add_argument("--gguf-arch", choices=list(LLAMA_ARCHS), default=None,
                    help="gguf: the llama.cpp architecture (default: chosen from the plan: llama for softmax only, "
-                   "deci with none layers, granite_swa for softmax + swa)")
+                   f"deci for softmax + none, granite_swa for softmax + swa, {DECI_SWA} for all three, which only "
+                   "the patched llama.cpp runs)")
     p.add_argument("--tokenizer-pre", default=None, metavar="NAME",
                    help="gguf: llama.cpp's pre-tokenizer name for a tokenizer layerboost does not recognise")
     p.add_argument("--force", action="store_true",

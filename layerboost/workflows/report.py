@@ -140,7 +140,8 @@ def quality_table(evals: dict[str, dict]) -> list[str]:
         notes.append(f"WikiText-2: {w['n']} test documents, rolling windows of "
                      f"{w.get('max_length') or 'the model context'} tokens")
     if first.get("heldout"):
-        notes.append(f"held-out text: {first['heldout']['tokens']} tokens of the training corpus that healing and "
+        per_row = f" in rows of {first['heldout']['seq_len']} tokens" if first["heldout"].get("seq_len") else ""
+        notes.append(f"held-out text: {first['heldout']['tokens']} tokens{per_row} of the training corpus that healing and "
                      "calibration never read")
     notes.append("gold margin: gold-answer log-likelihood minus the best other choice's, averaged over tasks (nats)")
     return rows + ["", "; ".join(notes) + "."]

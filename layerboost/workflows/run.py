@@ -76,6 +76,7 @@ class EvalConfig:
     seed: int = 0
     batch_size: int = 32
     heldout_tokens: int = 4096  # held-out text for KL(base || model), agreement and perplexity; 0 = skip
+    heldout_seq_len: int = 512  # tokens per held-out row: a window of W is invisible on rows of W tokens or fewer
     wikitext_docs: int | None = 8  # WikiText-2 test documents for word perplexity; 0 = skip, null = all
     wikitext_max_length: int | None = None  # rolling window (null: the model's context, as lm-eval)
     retrieval_lengths: list[int] = field(default_factory=list)  # pass key and fact-in-prose at these prompt lengths
@@ -142,6 +143,8 @@ class RunConfig:
             out.append(f"eval.wikitext_docs must be >= 0 or null, got {self.eval.wikitext_docs}")
         if self.eval.heldout_tokens < 0:
             out.append(f"eval.heldout_tokens must be >= 0, got {self.eval.heldout_tokens}")
+        if self.eval.heldout_seq_len < 2:
+            out.append(f"eval.heldout_seq_len must be >= 2 tokens, got {self.eval.heldout_seq_len}")
         from ..evaluate.retrieval import settings_problems
 
         out += settings_problems(self.eval.retrieval_lengths, self.eval.retrieval_trials)
@@ -408,7 +411,7 @@ def check_before_work(cfg: RunConfig) -> None:
     if cfg.heal.enabled or cfg.eval.heldout_tokens:
         documents(heal_data(cfg.heal.data, cfg.data_dir), seed=0, data_dir=cfg.data_dir)
     if cfg.eval.heldout_tokens:  # eval reads it after healing: too little text must fail now
-        check_heldout(heal_data(cfg.heal.data, cfg.data_dir), cfg.eval.heldout_tokens)
+        check_heldout(heal_data(cfg.heal.data, cfg.data_dir), cfg.eval.heldout_tokens, cfg.eval.heldout_seq_len)
 
 
 def analyze_windows(cfg: RunConfig) -> list[int]:
@@ -601,7 +604,8 @@ def _eval_stage(r: Run, models: dict[str, Path | None], base) -> dict:
                 for t in cfg.tasks]
     if e.wikitext_docs != 0:
         prepared.append(prepare_task(tok, "wikitext", data_dir=cfg.data_dir, limit=e.wikitext_docs, seed=e.seed))
-    rows = heldout_rows(tok, heal_data(cfg.heal.data, cfg.data_dir), e.heldout_tokens, 512) if e.heldout_tokens else None
+    rows = (heldout_rows(tok, heal_data(cfg.heal.data, cfg.data_dir), e.heldout_tokens, e.heldout_seq_len)
+            if e.heldout_tokens else None)
     dtype, device = parse_dtype(cfg.dtype), resolve_device(cfg.device)
     for name, path in todo.items():
         model = base()[0] if path is None else load_model(str(path), dtype=dtype, device=device)[0]

@@ -23,12 +23,11 @@ import torch
 import torch.nn as nn
 
 from .export_gguf import GGUF_TYPES, GGUFExportError, write_gguf
-from .kinds import KINDS, writable
+from .kinds import KINDS
+from .targets import FORMATS, by_format
 from .surgery import ARCHITECTURES, NATIVE_WINDOW_KEY
 from .outputs import OWN_FILES
 from .util import dtype_name, usual_modes
-
-FORMATS = ("transformers", "deci", "gguf")
 
 # Source model_type -> the native transformers class of the export (format "transformers").
 # Llama and Mistral go to Ministral: MinistralForCausalLM has Llama's modules and weight names unchanged
@@ -182,10 +181,6 @@ def _export_gguf(model_or_path, out: Path, tokenizer, dtype, arch, tokenizer_pre
 # ---- checks -----------------------------------------------------------------------------------------
 
 
-def _layers(plan, kind: str) -> list[int]:
-    return [i for i, s in enumerate(plan.layers) if s.kind == kind]
-
-
 def _windows(plan) -> list[int]:
     """The windows of the layers transformers writes as sliding layers."""
     return sorted({s.window for s in plan.layers if KINDS[s.kind].export_as("transformers") == "sliding_attention"})
@@ -219,17 +214,10 @@ def _problems(model: nn.Module, fmt: str) -> list[str]:
                        f"rotary table ({thetas}), so "
                        "the export would rotate them differently: keep those layers' own type (a smaller window on a "
                        "sliding layer exports)")
-    # Which kinds the format cannot write, and what to do instead, come from their records (layerboost/kinds/).
-    for name, record in KINDS.items():
-        where = _layers(plan, name)
-        if where and record.export_as(fmt) is None:
-            out.append(f"layers {where} are {name}: " + record.refusal(fmt, writable(fmt)))
+    out += by_format(fmt).problems(plan)  # the kinds it writes (from their records), one window
     windows = _windows(plan)
     if fmt == "transformers":
-        if len(windows) > 1:
-            out.append(f"the plan has several windows {windows}: config.sliding_window holds one; "
-                       "re-plan with one window")
-        elif windows == [1]:
+        if windows == [1]:
             out.append("window 1 cannot be exported: transformers' sliding cache keeps sliding_window - 1 tokens and "
                        "treats 0 as 'keep all' (generate then differs); use a window of at least 2")
         if mtype == "llama" and (getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False)):

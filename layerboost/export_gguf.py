@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .kinds import KINDS, writable
-from .plan import EMPTY_FULL_CACHE, empty_full_cache
+from .kinds import KINDS
+from .targets import TARGETS
 
 # What llama.cpp holds for a layer, as each kind's record names it for the "gguf" format
 FULL, SLIDING, EMPTY = "full_attention", "sliding_attention", "no_attention"
@@ -44,14 +44,6 @@ def _windows(plan) -> list[int]:
     return sorted({s.window for s, t in zip(plan.layers, layer_types(plan)) if t == SLIDING})
 
 
-def _refusals(plan) -> list[str]:
-    """One line per kind llama.cpp cannot run, with what to do instead (from the kinds' records)."""
-    out = []
-    for name, record in KINDS.items():
-        where = [i for i, s in enumerate(plan.layers) if s.kind == name]
-        if where and record.export_as("gguf") is None:
-            out.append(f"layers {where} are {name}: " + record.refusal("gguf", writable("gguf")))
-    return out
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 DECI_SWA = "layerboost-deci"  # deci with per-layer windows: registered by the patched build only
@@ -120,15 +112,10 @@ def problems(model: nn.Module, gguf_type: str, arch: str | None = None) -> list[
         chosen = arch or gguf_arch(plan)
         if arch is not None and arch not in LLAMA_ARCHS:
             return [f"a {cfg.model_type} model is written as {', '.join(LLAMA_ARCHS)}, not {arch!r}"]
-        kinds, types = [s.kind for s in plan.layers], layer_types(plan)
-        out += _refusals(plan)
-        if types[0] == EMPTY and chosen in (DECI_SWA, "deci"):
-            out.append(f"layer 0 is {kinds[0]}: llama.cpp reads head sizes from layer 0, so the file would not load; "
-                       "re-plan with attention (softmax or swa) in layer 0")
+        types = layer_types(plan)
+        out += TARGETS["llama.cpp"].problems(plan)  # kinds, layer 0, a softmax beside none, one window
         if chosen == "llama" and set(types) != {FULL}:
             out.append("the llama architecture holds softmax layers only: leave the architecture to choose itself")
-        if chosen in (DECI_SWA, "deci") and empty_full_cache(kinds):
-            out.append(EMPTY_FULL_CACHE)
         if chosen == "deci" and SLIDING in types:
             out.append(f"deci has no sliding windows in a stock llama.cpp, which would attend to every token: leave the "
                        f"architecture to choose itself ({DECI_SWA}, which only the patched llama.cpp runs)")
@@ -137,10 +124,6 @@ def problems(model: nn.Module, gguf_type: str, arch: str | None = None) -> list[
                        "itself")
         if chosen == "granite_swa" and EMPTY in types:
             out.append(f"granite_swa has no layer without attention: use {DECI_SWA} for plans with none")
-        windows = _windows(plan)
-        if len(windows) > 1:
-            out.append(f"the plan has several windows {windows}: llama.cpp holds one window per model; "
-                       "re-plan with one window")
     rope = dict(getattr(cfg, "rope_parameters", None) or {})
     if rope.get("rope_type", "default") != "default":
         out.append(f"rope_type {rope.get('rope_type')!r} is not written yet: only the default rotary embedding")
@@ -170,14 +153,11 @@ def _gemma3_problems(model: nn.Module, plan, gguf_type: str, arch: str | None) -
         out.append(f"a Gemma 3 model exports to the gemma3 architecture, not {arch}")
     plan = plan or native_plan(cfg)
     kinds, types = [s.kind for s in plan.layers], layer_types(plan)
+    out += TARGETS["llama.cpp"].window_problems(plan)
     bad = [i for i, t in enumerate(types) if t not in (FULL, SLIDING)]
     if bad:
         out.append(f"layers {bad} are {kinds[bad[0]]}: llama.cpp's gemma3 runs softmax and swa layers only; re-plan "
                    "them as swa or softmax")
-    windows = _windows(plan)
-    if len(windows) > 1:
-        out.append(f"the plan has several windows {windows}: llama.cpp holds one window per model; give every "
-                   "sliding layer the same window")
     rope = cfg.rope_parameters
     moved = [i for i, t in enumerate(types) if t in (FULL, SLIDING) and t != cfg.layer_types[i]
              and rope["sliding_attention"] != rope["full_attention"]]

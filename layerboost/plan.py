@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import kinds as K
+from .targets import EMPTY_FULL_CACHE, TARGETS, empty_full_cache, target_problems  # noqa: F401 (plan's API)
 
 SCHEMA_VERSION = 1
 
@@ -438,7 +439,7 @@ def target_candidates(costs: dict[str, list[float]], policy: "PlanPolicy", speed
     base_kv = cells(base)
     picks, seen = [], set()
     for w in windows:
-        for loss, plan in _placements(costs, n, w, policy.target == "llama.cpp"):
+        for loss, plan in _placements(costs, n, w, TARGETS[policy.target].attention_in_layer0):
             if config is not None:
                 plan = cap_to_native(plan, config)[0]
             if plan in seen or target_problems(plan, policy.target) or not _runs_in(plan, policy):
@@ -614,43 +615,6 @@ class PlanPolicy:
         return out
 
 
-# Where a model will be served, and what each target cannot run (layerboost's own runtime runs every plan).
-TARGETS = ("layerboost", "llama.cpp", "transformers")
-
-
-EMPTY_FULL_CACHE = ("no softmax layer beside none layers: llama.cpp's full-attention cache would hold only the none "
-                    "layers' empty caches, and it fails to create a context (measured); keep one softmax layer")
-
-
-def empty_full_cache(kinds: list[str]) -> bool:
-    """A plan of swa and none layers without softmax: llama.cpp (deci + windows) cannot create its context."""
-    return "none" in kinds and "softmax" not in kinds
-
-
-def target_problems(plan: LayerPlan, target: str) -> list[str]:
-    """Why `target` cannot run `plan`, one line each (empty: it can).
-
-    llama.cpp (GGUF export): softmax, swa and none layers, one window, attention in layer 0 (it reads head sizes
-    there), a softmax layer wherever there is a none layer. transformers (export --format transformers): softmax and swa layers, one window.
-    """
-    if target == "layerboost":
-        return []
-    kinds = [s.kind for s in plan.layers]
-    allowed = {"llama.cpp": ("softmax", "swa", "none"), "transformers": ("softmax", "swa")}[target]
-    out = []
-    bad = [i for i, k in enumerate(kinds) if k not in allowed]
-    if bad:
-        out.append(f"layers {bad} are {kinds[bad[0]]}: {target} runs only {', '.join(allowed)} layers")
-    if target == "llama.cpp" and kinds[0] == "none":
-        out.append("layer 0 is none: llama.cpp reads head sizes from layer 0; keep attention there")
-    if target == "llama.cpp" and empty_full_cache(kinds):
-        out.append(EMPTY_FULL_CACHE)
-    windows = sorted({s.window for s in plan.layers if s.window is not None})
-    if len(windows) > 1:
-        out.append(f"several windows {windows}: {target} holds one window per model")
-    return out
-
-
 # A converted model keeps the window the original model applied to each layer here; `config.sliding_window`
 # itself is then lifted (see `convert`).
 NATIVE_WINDOW_KEY = "layerboost_native_sliding_window"
@@ -733,7 +697,7 @@ def make_plan(policy: PlanPolicy, scores, config=None, log=None, costs=None, spe
         raise PlanError("invalid plan policy:\n  - " + "\n  - ".join(policy.problems()))
     p, w, k = policy, policy.window, policy.kind
     keep = kept_for_retrieval(retrieval, p.keep_retrieval)
-    if p.target == "llama.cpp" and len(scores):  # layer 0 keeps attention there: rank it above every layer
+    if TARGETS[p.target].attention_in_layer0 and len(scores):  # layer 0 keeps attention: rank it above every layer
         scores = [max(scores) + 1.0] + list(scores[1:])
     if keep and len(scores):  # the retrieving layers rank above every other
         top = max(scores) + 2.0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .. import kinds as K
+from ..targets import TARGETS
 from ..util import DTYPE_ALIASES, DTYPES, UsageError, check_writable, resolve_device
 
 
@@ -241,9 +242,10 @@ def policy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--keep-retrieval", type=positive(zero=True), default=0, metavar="K",
                    help="keep softmax in the K layers whose attention alone brings back most of a long-context answer "
                         "(needs analyze --retrieval), whatever the other scores say")
-    g.add_argument("--target", choices=["layerboost", "llama.cpp", "transformers"], default="layerboost",
-                   help="what will serve the model: only plans it runs are placed (llama.cpp: softmax/swa/none, one "
-                        "window, attention in layer 0; transformers: softmax/swa, one window; layerboost: any)")
+    g.add_argument("--target", choices=list(TARGETS), default="layerboost",
+                   help="what will serve the model: only plans it runs are placed (" + "; ".join(
+                       f"{t.name}: {'/'.join(t.kinds())}" + (", one window" if t.one_window else "")
+                       + (", attention in layer 0" if t.attention_in_layer0 else "") for t in TARGETS.values()) + ")")
 
 
 def config_with_overrides(cls, args):

@@ -180,6 +180,8 @@ def test_speed_policy_in_the_run_config(tiny_dir, tmp_path, monkeypatch):
 
     def fake_calibrate(model, tok, work, *, depths, rounds, threads, log):
         calls.append((depths, rounds))
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "plan-f32.gguf").write_bytes(b"GGUF")  # what calibration writes, gigabytes of it in a real run
         from test_speed import synthetic_records
 
         key = SP.llama_cpp_key(model.config, "f32", threads)
@@ -191,6 +193,7 @@ def test_speed_policy_in_the_run_config(tiny_dir, tmp_path, monkeypatch):
     speed, _ = R.speed_model(cfg, config, log=lambda m: None, model=lb.load_model(str(tiny_dir))[0], tokenizer=None,
                              work=tmp_path / "speed")
     assert calls == [((0, 256), 1)] and speed is not None and not R.needs_calibration(cfg, config)
+    assert list((tmp_path / "speed").glob("*.gguf")) == []  # the fitted model is cached; its files are removed
     with pytest.raises(R.ConfigError, match="calibrate must be auto or never"):
         R.RunConfig.from_dict({**data, "calibrate": "sometimes"})
     data["plan"] = {"policy": "speed", "kv_budget": 0.5, "target": "layerboost"}

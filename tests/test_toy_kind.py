@@ -15,7 +15,8 @@ from layerboost.attention import attention_kind
 from layerboost.engine import Engine
 from layerboost.export import ExportError
 from layerboost.heal import HealConfig, build_hybrid, heal
-from layerboost.heal.student import heal_params, stage_params
+from layerboost.heal.stages import stage_params
+from layerboost.heal.student import heal_params
 from layerboost.kinds.common import attention_weight_elements
 from layerboost.kinds.swa import SlidingWindowAttention, WindowKV, WindowLayer, window_tokens
 

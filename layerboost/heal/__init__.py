@@ -35,15 +35,17 @@ single-process run with the same global batch.
 Shapes: B rows, T tokens per row, D hidden size, V vocabulary, N = B * T positions.
 
 The package, module by module: config (HealConfig), student (the one network in two roles), losses (each
-stage's step and loss, the probe), checkpoint, dist (several processes: FSDP2), train (the loop: `heal`).
+stage's step and loss, the probe), stages (the stages as objects: what each trains, its rate, step and log line),
+checkpoint, dist (several processes: FSDP2), train (the loop: `heal`).
 Its command line is layerboost.cli.heal.
 """
 
 from .checkpoint import load_snapshot
 from .config import LORA_TARGETS, PAPER_TOKENS, STAGES, HealConfig, HealConfigError
 from .losses import attention_mse, attn_step, distill_kl, kd_step, probe
-from .student import Hybrid, build_hybrid, stage_params
+from .stages import STAGE, Stage, stage_params
+from .student import Hybrid, build_hybrid
 from .train import heal, merge_and_save
 
-__all__ = ["HealConfig", "HealConfigError", "Hybrid", "LORA_TARGETS", "PAPER_TOKENS", "STAGES", "attention_mse", "attn_step", "build_hybrid",
+__all__ = ["HealConfig", "HealConfigError", "Hybrid", "LORA_TARGETS", "PAPER_TOKENS", "STAGE", "STAGES", "Stage", "attention_mse", "attn_step", "build_hybrid",
            "distill_kl", "heal", "kd_step", "load_snapshot", "merge_and_save", "probe", "stage_params"]

@@ -188,22 +188,3 @@ def _lora_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 def heal_params(h: Hybrid) -> dict[str, nn.Parameter]:
     """Every parameter healing can change (LoRA A/B everywhere + the kinds' own parameters): the checkpoint."""
     return dict(_lora_params(h.peft_model) + own_parameters(h.peft_model))
-
-
-def stage_params(h: Hybrid, stage: str, cfg: HealConfig) -> list[nn.Parameter]:
-    """Trainable parameters of a stage: stage 1 touches only the windowed layers' attention, the block stage
-    every modified layer (its LoRA adapters, attention and MLP, and its kind's own parameters)."""
-    if stage == "block":
-        return [p for i in h.modified for _, p in own_parameters(h.layers[i]) + _lora_params(h.layers[i])]
-    if stage == "attn":
-        out = []
-        for i in h.windowed:
-            attn = h.layers[i].self_attn
-            out += [p for _, p in own_parameters(attn)]
-            if cfg.attn_lora:
-                out += [p for _, p in _lora_params(attn)]
-        return out
-    out = [p for _, p in _lora_params(h.peft_model)]
-    if cfg.train_attention_params:
-        out += [p for _, p in own_parameters(h.peft_model)]
-    return out

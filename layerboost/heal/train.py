@@ -27,8 +27,9 @@ from .checkpoint import (find_checkpoint, full_params, load_checkpoint, load_opt
                          save_snapshot)
 from .config import HealConfig, HealConfigError, HealDivergedError, STAGES, STATE_SCHEMA, window_note
 from .dist import Dist, all_reduce, barrier, distribute, reshard, setup_dist
-from .losses import attn_step, block_step, kd_step, probe
-from .student import Hybrid, build_hybrid, heal_params, stage_params
+from .losses import probe
+from .stages import STAGE
+from .student import Hybrid, build_hybrid, heal_params
 
 
 def lr_at(step: int, total: int, peak: float, warmup: float, schedule: str = "cosine") -> float:
@@ -119,7 +120,7 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
         rows = _step_rows(run, min(step_tokens, n_tokens - done))
         n_global = sum(len(r) for r in rows)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total, peak, cfg.warmup, cfg.schedule if stage == "kd" else "cosine")
+            g["lr"] = lr_at(step, total, peak, cfg.warmup, STAGE[stage].schedule(cfg))
         stats, den = _step_gradients(run, stage, rows, first_row, scaler)
         if scaler is not None:
             scaler.unscale_(opt)
@@ -145,7 +146,7 @@ def _train_stage(run: _Run, stage: str, n_tokens: int, resume: dict | None) -> N
                 f"the heal diverged: stage {stage} step {step} has loss {rec['loss']} (learning rate "
                 f"{rec['lr']:.3g}); no healed model was saved"
                 + (f" (the last checkpoint, {kept}, is from before)" if kept is not None else "")
-                + f". Start again with a lower --{'lr' if stage == 'kd' else stage + '-lr'}"
+                + f". Start again with a lower {STAGE[stage].lr_flag()}"
                 + (" in a new --out" if kept is not None else " (the same --out is fine)"))
         run.maybe_probe(run.offset + done - n_global, run.offset + done)
         if bar is not None:
@@ -173,14 +174,14 @@ def _stage_optimiser(run: _Run, stage: str):
     those parameters require gradients."""
     cfg, h, d = run.cfg, run.h, run.dist
     reshard(d)  # the modules hold their sharded parameters, which the optimiser must hold too
-    params = stage_params(h, stage, cfg)
+    params = STAGE[stage].params(h, cfg)
     for p in heal_params(h).values():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     if not params:
         raise HealConfigError(f"stage {stage!r} has nothing to train (a plan with only `none` layers and attn_lora off?)")
-    peak = {"attn": cfg.attn_lr, "block": cfg.block_lr, "kd": cfg.lr}[stage]
+    peak = STAGE[stage].peak_lr(cfg)
     opt = torch.optim.AdamW(params, lr=peak, weight_decay=cfg.weight_decay, foreach=False)
     scaler = torch.amp.GradScaler(d.device.type) if run.precision == "fp16" else None
     return params, opt, scaler, peak
@@ -209,7 +210,6 @@ def _step_gradients(run: _Run, stage: str, rows: list[torch.Tensor], first_row: 
     n_global = sum(len(r) for r in rows)
     n_ce = n_global - len(rows)
     scale = scaler.get_scale() if scaler is not None else 1.0
-    stats = torch.zeros({"attn": len(h.windowed), "block": len(h.modified), "kd": 2}[stage])
     mine = rows[d.rank::d.world]
     ids = list(range(first_row, first_row + len(rows)))[d.rank::d.world]  # stream rows: the cache's keys
     batches = [(torch.stack(mine[i:j]).to(d.device), ids[i:j]) for i, j in _micro_batch_spans(mine, cfg.batch_size)]
@@ -218,39 +218,14 @@ def _step_gradients(run: _Run, stage: str, rows: list[torch.Tensor], first_row: 
         # the extra ones repeat the step's first row with weight 0
         most = max(len(list(_micro_batch_spans(rows[r::d.world], cfg.batch_size))) for r in range(d.world))
         batches += [(rows[0][None].to(d.device), None)] * (most - n_real)
-    den = None
-    if stage == "block":
-        err, den = block_step(h, batches, run.precision, d, scale, run.cache if cfg.teacher_cache_blocks else None,
-                              n_real=n_real)
-        stats += err.cpu()
-    for k, (mb, mb_rows) in enumerate(batches):
-        w = scale if k < n_real else 0.0
-        if stage == "attn":
-            got = attn_step(h, mb, n_global, run.precision, w).cpu()
-        elif stage == "kd":
-            got = kd_step(h, mb, n_global, max(1, n_ce), cfg, run.precision, w, mb_rows,
-                          run.cache if k < n_real else None).cpu()
-        else:
-            continue
-        if k < n_real:
-            stats += got
+    stats, den = STAGE[stage].step(h, batches, n_real, n_global, n_ce, cfg, run.precision, d, scale, run.cache)
     all_reduce(stats, d)
     return stats, den
 
 
 def _step_losses(run: _Run, stage: str, stats: torch.Tensor, den, rows: list[torch.Tensor]) -> dict:
     """A step's log fields from its summed statistics: the loss, and per layer or per term what makes it."""
-    h, cfg = run.h, run.cfg
-    n_global = sum(len(r) for r in rows)
-    if stage == "attn":
-        per_layer = (stats / (n_global * h.decoder.config.hidden_size)).tolist()
-        return {"loss": sum(per_layer) / len(per_layer), "mse": dict(zip(map(str, h.windowed), per_layer))}
-    if stage == "block":
-        rel = (stats / den.cpu()).tolist()  # relative error of each modified block
-        return {"loss": sum(rel) / len(rel), "rel": dict(zip(map(str, h.modified), rel))}
-    n_ce = n_global - len(rows)
-    kl, ce = stats[0].item() / n_global, stats[1].item() / max(1, n_ce)
-    return {"loss": cfg.temperature ** 2 * kl + cfg.ce_weight * ce, "kl": kl, "ce": ce if cfg.ce_weight > 0 else None}
+    return STAGE[stage].losses(run.h, run.cfg, stats, den, sum(len(r) for r in rows), len(rows))
 
 
 def _interrupted(run: _Run) -> bool:

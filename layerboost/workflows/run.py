@@ -454,6 +454,8 @@ def speed_model(cfg: RunConfig, config, log=None, model=None, tokenizer=None, wo
                                   log=log or print)
         except LlamaCppMissing as e:
             raise PlanError(str(e)) from e
+        for f in work.glob("*.gguf"):  # the calibration plans' files (GBs): the fitted model is cached, they are done
+            f.unlink()
     try:
         return S.for_policy(cfg.plan, config, model=cfg.model, threads=cfg.threads or 2)
     except (S.SpeedModelError, LlamaCppMissing) as e:

@@ -552,3 +552,40 @@ def test_a_diverging_heal_stops_and_saves_no_model(tmp_path):
     for bad in ({"lr": float("inf")}, {"max_grad_norm": float("nan")}, {"attn_lr": float("nan")}):
         with pytest.raises(HealConfigError, match="finite"):
             HealConfig(tokens=1000, **bad)
+
+
+def test_heal_starts_from_the_converted_student(tmp_path, capsys):
+    """The student is a converted model saved by `convert` (here with linear_swa feature maps and gate moved off
+    their initial values), the original the teacher: the step-0 probe is the student's KL to the original, not a
+    fresh conversion's."""
+    from layerboost.cli import main
+    from layerboost.quality import heldout_metrics
+
+    plan = lb.LayerPlan.from_kinds(["softmax", "linear_swa", "none", "softmax"], window=WINDOW)
+    student = tiny_model("llama", layers=4)
+    lb.convert(student, plan)
+    from layerboost.kinds import own_parameters
+
+    g = torch.Generator().manual_seed(123)  # the student's own parameters are not what a fresh conversion gives
+    with torch.no_grad():
+        for _, p in own_parameters(student):
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    assert own_parameters(student)
+    lb.save(student, tmp_path / "converted", tokenizer=None)
+    rows = _heldout()
+    want = heldout_metrics(tiny_model("llama", layers=4), student, rows)["kl"]
+    out = heal(tiny_model("llama", layers=4), plan, data=_corpus(tmp_path), out=tmp_path / "h", tokens=256,
+               tokenizer=ByteTok(), student=tmp_path / "converted", probe_rows=rows, probe_at=(0.0,), **FAST)
+    first = next(r for r in _log(out) if r.get("probe"))
+    assert first["tokens"] == 0 and first["kl"] == pytest.approx(want, rel=1e-5)
+    fresh = heal(tiny_model("llama", layers=4), plan, data=_corpus(tmp_path), out=tmp_path / "f", tokens=256,
+                 tokenizer=ByteTok(), probe_rows=rows, probe_at=(0.0,), **FAST)
+    assert next(r for r in _log(fresh) if r.get("probe"))["kl"] != pytest.approx(want, rel=1e-3)
+    with pytest.raises(HealConfigError, match="another plan"):
+        heal(tiny_model("llama", layers=4), _plan(), data=_corpus(tmp_path), out=tmp_path / "x", tokens=256,
+             tokenizer=ByteTok(), student=tmp_path / "converted", **FAST)
+    # the command line: --student of a plain folder, and neither --plan nor --student, each one line
+    base = ["heal", "--model", "x", "--data", str(_corpus(tmp_path)), "--tokens", "1k", "--out", str(tmp_path / "c")]
+    assert main(base + ["--student", str(tmp_path)]) == 2
+    assert "is not a folder `layerboost convert` wrote" in capsys.readouterr().err
+    assert main(base) == 2 and "give --plan" in capsys.readouterr().err

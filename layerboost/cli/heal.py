@@ -21,7 +21,9 @@ from .options import add_device_dtype, add_force, model_fits
 def add_heal_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of `layerboost heal`."""
     p.add_argument("--model", required=True, help="the original model: smollm2-135m, a .gguf, an HF folder or hub id")
-    p.add_argument("--plan", required=True, help="plan JSON (from `layerboost plan`)")
+    p.add_argument("--plan", default=None, help="plan JSON (from `layerboost plan`); with --student, its plan by default")
+    p.add_argument("--student", default=None, help="a folder `layerboost convert` wrote from --model: healing starts "
+                   "from its weights (--model stays the teacher); default: --model converted to --plan here")
     p.add_argument("--data", required=True,
                    help="training text: a file or folder of .txt, or hub:PATH[:CONFIG][:SPLIT]; eval splits are refused")
     p.add_argument("--tokens", default=None, help="token budget of both stages, e.g. 10M (the paper's; the default, said "
@@ -56,7 +58,14 @@ def _check_before_loading(args: argparse.Namespace, cfg: HealConfig) -> None:
 
     if is_layerboost_dir(args.model):
         raise HealConfigError(f"--model {args.model} is already a layerboost hybrid: heal takes the original model (the "
-                              "teacher) and --plan, and converts it itself")
+                              "teacher) as --model, and the hybrid as --student")
+    if args.student is not None and not is_layerboost_dir(args.student):
+        raise HealConfigError(f"--student {args.student} is not a folder `layerboost convert` wrote (no layerboost "
+                              "plan in its config.json): convert the original first, or leave --student out")
+    if args.plan is None:
+        if args.student is None:
+            raise HealConfigError("give --plan (a plan JSON from `layerboost plan`), or --student (a converted model)")
+        args.plan = str(Path(args.student) / "plan.json")
     model_fits(args.model, LayerPlan.load(args.plan))
     check_writable(args.out)
     out = Path(args.out)
@@ -108,7 +117,8 @@ def run_heal_cli(args: argparse.Namespace) -> int:
     for note in (allocator_note(resolve_device(cfg.device)), schedule_note(cfg)):
         if note:
             print(note, file=sys.stderr)
-    out = heal(args.model, args.plan, data=args.data, out=args.out, resume=args.resume, config=cfg)
+    out = heal(args.model, args.plan, data=args.data, out=args.out, resume=args.resume, config=cfg,
+               student=args.student)
     if setup_dist(cfg.device, cfg.parallel).main:
         print(out)
     return 0
@@ -124,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("heal", help="heal a hybrid by distillation from the original model (LoRA + attention transfer)",
-                       description="Convert the model to the plan, then distil: attention transfer for windowed layers "
+                       description="Convert the model to the plan (or start from --student), then distil: attention transfer for windowed layers "
                        "(stage 1), LoRA logit distillation (stage 2); merge adapters and save. Resumable.")
     add_heal_arguments(p)
     add_force(p, "folder")

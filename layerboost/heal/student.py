@@ -120,11 +120,14 @@ def _lora_layer_indices(cfg: HealConfig, plan: LayerPlan) -> list[int]:
     return idx
 
 
-def build_hybrid(model: nn.Module, plan: LayerPlan, cfg: HealConfig) -> Hybrid:
+def build_hybrid(model: nn.Module, plan: LayerPlan, cfg: HealConfig, student: dict | None = None) -> Hybrid:
     """Convert `model` (the original, in place), add LoRA with peft, and keep the teacher's attention aside.
+    `student`: the state dict of the converted model to start from (a `convert` output: its kinds' own parameters
+    as that conversion drew them), loaded after the conversion; None: the conversion's own.
 
     Raises:
-        HealConfigError: the model is already converted (the teacher's attention would be gone).
+        HealConfigError: the model is already converted (the teacher's attention would be gone), or `student`
+            does not fit the converted model.
     """
     import peft
     from peft import LoraConfig, get_peft_model
@@ -144,6 +147,11 @@ def build_hybrid(model: nn.Module, plan: LayerPlan, cfg: HealConfig) -> Hybrid:
         raise ValueError("the plan changes no layer: there is nothing to heal")
     torch.manual_seed(cfg.seed)  # a kind that initialises parameters at random draws them from the seed
     convert(model, plan)
+    if student is not None:
+        missing, unexpected = model.load_state_dict(student, strict=False)
+        if missing or unexpected:
+            raise HealConfigError(f"the student does not fit the original converted to the plan: missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}; give the converted model of this original and plan")
     for p in model.parameters():
         p.requires_grad_(False)
 

@@ -301,10 +301,22 @@ def _resolve_precision(p: str, device: torch.device) -> str:
     return p
 
 
+def _student_state(path, plan: LayerPlan) -> dict:
+    """The float32 state dict of the converted model in `path`, whose plan must be `plan`."""
+    from ..surgery import load, plan_of
+
+    m = load(path, dtype=torch.float32)
+    if plan_of(m) is None or plan_of(m).layers != plan.layers:
+        raise HealConfigError(f"the student {path} was converted to another plan than the one given: convert the "
+                              "original to this plan, or heal with the student's plan")
+    return m.state_dict()
+
+
 def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.PathLike, out: str | os.PathLike,
          tokens: int | str | None = None, attn_distill: bool = True, tokenizer=None, resume: bool = False,
          config: HealConfig | None = None, probe_rows: torch.Tensor | None = None,
-         probe_at: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0), snapshots: bool = False, **options) -> Path:
+         probe_at: tuple[float, ...] = (0.0, 0.1, 0.3, 1.0), snapshots: bool = False,
+         student: str | os.PathLike | None = None, **options) -> Path:
     """Convert the model to `plan`, heal it by distillation from the original, save the merged hybrid in `out`.
 
     Args:
@@ -323,6 +335,8 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
             the budget, so a healing curve can be drawn. Probes run in fp32 whatever the training precision.
         snapshots: also save the trainable parameters at every probe (`heal_state/snapshots/<tokens>.safetensors`,
             read back by `load_snapshot`), so the model at each point of the curve can be evaluated later.
+        student: a folder `convert` wrote from this original and `plan` (run's `converted/`): healing starts from
+            its weights (the kinds' own parameters as that conversion drew them), the original staying the teacher.
 
     Returns:
         `out`, the saved hybrid's folder.
@@ -342,6 +356,9 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
     if note and d.main:
         print(note, file=sys.stderr)
     key = cfg.resume_key(str(data), plan, str(model_name))
+    student_state = _student_state(student, plan) if student is not None else None
+    if student is not None:
+        key["student"] = str(student)
     ck = _checkpoint_to_resume(out, key, resume)
 
     # The stream is checked (eval splits refused) before any model work.
@@ -359,7 +376,8 @@ def heal(model_or_name, plan: LayerPlan | str | os.PathLike, *, data: str | os.P
     if cfg.kd_topk > vocab:
         raise HealConfigError(f"kd_topk {cfg.kd_topk} is larger than the vocabulary ({vocab})")
     cache = _teacher_cache(cfg, data, model, tokenizer, precision, d) if cfg.teacher_cache else None
-    h = build_hybrid(model, plan, cfg)
+    h = build_hybrid(model, plan, cfg, student_state)
+    del student_state
     _fp32_masters(h)
     distribute(h, d)  # FSDP2 units when several processes run (a no-op for one)
     h.peft_model.to(d.device)

@@ -563,7 +563,8 @@ def run(cfg: RunConfig, log=print) -> Path:
 
 
 def _heal_stage(r: Run, plan) -> dict:
-    """Heal the plan's hybrid into RUN/heal (resuming inside; a folder made with other settings starts over)."""
+    """Heal the converted model (RUN/converted, the student) from the original (the teacher) into RUN/heal
+    (resuming inside; a folder made with other settings starts over)."""
     import shutil
 
     from ..heal import heal
@@ -576,7 +577,8 @@ def _heal_stage(r: Run, plan) -> dict:
         shutil.rmtree(work)  # made with other settings: its checkpoints cannot be resumed
     mark.write_text(r.hashes["heal"])
     out = heal(cfg.model, plan, data=heal_data(h.data, cfg.data_dir), tokens=h.tokens, out=work,
-               attn_distill=h.attn_distill, data_dir=cfg.data_dir, resume=True, **h.options)
+               attn_distill=h.attn_distill, data_dir=cfg.data_dir, resume=True, student=r.dir / "converted",
+               **h.options)
     return {"model": str(out)}
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 from ..kinds import own_parameters
 from .config import HealConfig
 from .losses import attn_step, block_step, kd_step
-from .student import Hybrid, _lora_params
+from .student import Hybrid, lora_params
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class AttnStage(Stage):
             attn = h.layers[i].self_attn
             out += [p for _, p in own_parameters(attn)]
             if cfg.attn_lora:
-                out += [p for _, p in _lora_params(attn)]
+                out += [p for _, p in lora_params(attn)]
         return out
 
     def n_stats(self, h):
@@ -95,7 +95,7 @@ class BlockStage(Stage):
     """The block-wise local stage: each modified layer reproduces the teacher's whole decoder block."""
 
     def params(self, h, cfg):
-        return [p for i in h.modified for _, p in own_parameters(h.layers[i]) + _lora_params(h.layers[i])]
+        return [p for i in h.modified for _, p in own_parameters(h.layers[i]) + lora_params(h.layers[i])]
 
     def n_stats(self, h):
         return len(h.modified)
@@ -119,7 +119,7 @@ class KDStage(Stage):
         return cfg.schedule
 
     def params(self, h, cfg):
-        out = [p for _, p in _lora_params(h.peft_model)]
+        out = [p for _, p in lora_params(h.peft_model)]
         if cfg.train_attention_params:
             out += [p for _, p in own_parameters(h.peft_model)]
         return out

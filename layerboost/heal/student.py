@@ -181,7 +181,7 @@ def build_hybrid(model: nn.Module, plan: LayerPlan, cfg: HealConfig, student: di
                   lora_layers, DecoderRunner(model), adapter_layers)
 
 
-def _lora_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+def lora_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
     from peft.tuners.lora import LoraLayer
 
     out = []
@@ -195,4 +195,4 @@ def _lora_params(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def heal_params(h: Hybrid) -> dict[str, nn.Parameter]:
     """Every parameter healing can change (LoRA A/B everywhere + the kinds' own parameters): the checkpoint."""
-    return dict(_lora_params(h.peft_model) + own_parameters(h.peft_model))
+    return dict(lora_params(h.peft_model) + own_parameters(h.peft_model))

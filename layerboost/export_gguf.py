@@ -44,10 +44,10 @@ def _windows(plan) -> list[int]:
     return sorted({s.window for s, t in zip(plan.layers, layer_types(plan)) if t == SLIDING})
 
 
-
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 DECI_SWA = "layerboost-deci"  # deci with per-layer windows: registered by the patched build only
-LLAMA_ARCHS = ("llama", "deci", "granite_swa", DECI_SWA)  # what a Llama / Mistral model can be written as
+DECI_ARCHS = ("deci", DECI_SWA)  # per-layer head counts: a layer of 0 heads has no attention and no cache
+LLAMA_ARCHS = ("llama", "granite_swa", *DECI_ARCHS)  # what a Llama / Mistral model can be written as
 SINK_LOGIT = -30000.0  # exp(-30000 - max) is 0 in float32: a sink that takes no weight
 
 # llama.cpp `tokenizer.ggml.pre` names of the Hugging Face pre-tokenizers recognised here, keyed by the
@@ -132,7 +132,7 @@ def problems(model: nn.Module, gguf_type: str, arch: str | None = None) -> list[
     if cfg.hidden_act != "silu":
         out.append(f"hidden_act {cfg.hidden_act!r}: llama.cpp's Llama architectures run silu MLPs")
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if head_dim * cfg.num_attention_heads != cfg.hidden_size and (plan is None or gguf_arch(plan) in (DECI_SWA, "deci")):
+    if head_dim * cfg.num_attention_heads != cfg.hidden_size and (plan is None or gguf_arch(plan) in DECI_ARCHS):
         out.append(f"head_dim {head_dim} x {cfg.num_attention_heads} heads != hidden_size: deci reads no head size")
     return out + _q8_problems(model, gguf_type)
 
@@ -259,7 +259,7 @@ def _write_config(w, cfg, plan, arch: str, gguf_type: str) -> None:
     _write_common(w, cfg, plan, gguf_type, head_dim)
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
-    if arch in (DECI_SWA, "deci"):  # per-layer head counts; 0 heads = no attention
+    if arch in DECI_ARCHS:
         w.add_head_count([cfg.num_attention_heads if a else 0 for a in attends])
         w.add_head_count_kv([cfg.num_key_value_heads if a else 0 for a in attends])
         w.add_feed_forward_length([cfg.intermediate_size] * n)

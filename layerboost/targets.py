@@ -24,7 +24,6 @@ class Target:
         name: the engine's name, the word `plan --target` and the run config take.
         format: the export format that writes it (`export --format`; a key of the kinds' `export` records);
             None: layerboost's own runtime, which runs every plan.
-        serves: the engines that load that format, for messages.
         one_window: the engine holds one sliding window per model.
         attention_in_layer0: layer 0 must attend (llama.cpp reads head sizes there).
         full_beside_empty: a layer without attention needs a layer with a full cache beside it (llama.cpp cannot
@@ -33,7 +32,6 @@ class Target:
 
     name: str
     format: str | None
-    serves: str = ""
     one_window: bool = False
     attention_in_layer0: bool = False
     full_beside_empty: bool = False
@@ -73,11 +71,10 @@ def empty_full_cache(kinds: list[str]) -> bool:
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
-    Target("layerboost", None, "layerboost's own runtime (every plan)"),
-    Target("llama.cpp", "gguf", "llama.cpp and the applications built on it", one_window=True,
-           attention_in_layer0=True, full_beside_empty=True),
-    Target("transformers", "transformers", "transformers, vLLM, SGLang", one_window=True),
-    Target("deci", "deci", "vLLM, SGLang, TensorRT-LLM and mlx-lm (DeciLM / Nemotron-NAS block_configs)"),
+    Target("layerboost", None),  # layerboost's own runtime: every plan
+    Target("llama.cpp", "gguf", one_window=True, attention_in_layer0=True, full_beside_empty=True),
+    Target("transformers", "transformers", one_window=True),  # transformers; vLLM through its Transformers backend
+    Target("deci", "deci"),  # vLLM, SGLang, TensorRT-LLM and mlx-lm (DeciLM / Nemotron-NAS block_configs)
 )}
 FORMATS = tuple(t.format for t in TARGETS.values() if t.format is not None)
 if sorted(FORMATS) != sorted(EXPORT_FORMATS):

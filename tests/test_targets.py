@@ -38,7 +38,7 @@ def test_each_rule_is_the_records_flag():
 
 
 def test_a_toy_target_is_one_record_and_every_planner_obeys_it():
-    toy = Target("toy-engine", "transformers", "a test engine", one_window=True, attention_in_layer0=True)
+    toy = Target("toy-engine", "transformers", one_window=True, attention_in_layer0=True)
     register(toy)
     try:
         with pytest.raises(ValueError, match="exists"):

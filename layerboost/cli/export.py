@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..export_gguf import DECI_SWA, LLAMA_ARCHS
+from ..targets import FORMATS
 from ..util import DTYPES
 from .options import dtype_arg
 
@@ -25,7 +26,7 @@ def add_parser(sub) -> None:
                        "patched llama.cpp of engines/llama.cpp/build.sh; a stock one refuses the file). "
                        "Plans a format cannot hold exactly are refused before anything is written.")
     p.add_argument("--model", required=True, help="a saved hybrid folder (layerboost convert / heal output)")
-    p.add_argument("--format", required=True, choices=["transformers", "deci", "gguf"], help="output format")
+    p.add_argument("--format", required=True, choices=list(FORMATS), help="output format")
     p.add_argument("--out", required=True, help="new output folder (must not exist, or be empty); for gguf a new "
                    "file name ending in .gguf (--force to replace one)")
     p.add_argument("--dtype", type=gguf_dtype_arg, default="float32", choices=list(DTYPES) + list(GGUF_ONLY_TYPES),

@@ -134,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("heal", help="heal a hybrid by distillation from the original model (LoRA + attention transfer)",
-                       description="Convert the model to the plan (or start from --student), then distil: attention transfer for windowed layers "
-                       "(stage 1), LoRA logit distillation (stage 2); merge adapters and save. Resumable.")
+                       description="Convert the model to the plan (or start from --student), then distil: attention "
+                       "transfer for windowed layers (stage 1), LoRA logit distillation (stage 2); merge adapters and "
+                       "save. Resumable.")
     add_heal_arguments(p)
     add_force(p, "folder")
     p.set_defaults(func=run_heal_cli)

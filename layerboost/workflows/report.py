@@ -141,8 +141,8 @@ def quality_table(evals: dict[str, dict]) -> list[str]:
                      f"{w.get('max_length') or 'the model context'} tokens")
     if first.get("heldout"):
         per_row = f" in rows of {first['heldout']['seq_len']} tokens" if first["heldout"].get("seq_len") else ""
-        notes.append(f"held-out text: {first['heldout']['tokens']} tokens{per_row} of the training corpus that healing and "
-                     "calibration never read")
+        notes.append(f"held-out text: {first['heldout']['tokens']} tokens{per_row} of the training corpus that healing "
+                     "and calibration never read")
     notes.append("gold margin: gold-answer log-likelihood minus the best other choice's, averaged over tasks (nats)")
     return rows + ["", "; ".join(notes) + "."]
 
